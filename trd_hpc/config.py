@@ -1,0 +1,350 @@
+"""Typed experiment configs: YAML files plus dotted ``key=value`` overrides.
+
+YAML and overrides are merged with OmegaConf (which also parses the override
+values: ``20000`` is an int, ``[1,2]`` a list, ``${cohort.seed}`` an
+interpolation); the merged tree is validated by pydantic models that reject
+unknown keys.  Every error names the dotted key and, for an unknown key, lists
+the valid ones at that level.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+# --------------------------------------------------------------------------- EMT cohort
+class RegionEffect(Strict):
+    """A per-subject offset ~ N(offset_mean, offset_sd) added to every voxel and
+    frame inside ``box`` (half-open [start, stop) per spatial axis) for subjects of
+    class ``applies_to``.  A negative mean is a hypoactivation."""
+
+    box: Box
+    applies_to: Literal["trd", "non_trd"]
+    offset_mean: float
+    offset_sd: float = Field(ge=0)
+
+
+def _default_regions() -> dict[str, RegionEffect]:
+    # Boxes in the 48 x 48 x 24 grid (x: left->right, y: posterior->anterior,
+    # z: inferior->superior).  The paper gives no coordinates; these sit where
+    # the structures are in a roughly centred brain.
+    return {
+        "right_amygdala": RegionEffect(
+            box=((30, 36), (22, 28), (6, 10)), applies_to="trd", offset_mean=0.5, offset_sd=0.1
+        ),
+        "dorsolateral_prefrontal": RegionEffect(
+            box=((8, 16), (36, 44), (14, 20)), applies_to="trd", offset_mean=-0.4, offset_sd=0.1
+        ),
+        "anterior_cingulate": RegionEffect(
+            box=((21, 27), (32, 38), (10, 16)), applies_to="non_trd", offset_mean=0.3, offset_sd=0.1
+        ),
+    }
+
+
+class FMRIConfig(Strict):
+    shape: tuple[int, int, int, int] = (48, 48, 24, 80)
+    noise_sd: float = Field(0.08, ge=0)
+    dtype: Literal["float16", "float32"] = "float16"
+
+
+class SNPConfig(Strict):
+    n_snps: int = Field(800, ge=1)
+    n_predictive: int = Field(100, ge=0)
+    probs_trd: tuple[float, float, float] = (0.40, 0.35, 0.25)
+    probs_non_trd: tuple[float, float, float] = (0.80, 0.15, 0.05)
+    # The paper does not say how the other 700 SNPs are drawn; one distribution
+    # shared by both classes (so they carry no signal).
+    probs_other: tuple[float, float, float] = (0.60, 0.30, 0.10)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SNPConfig":
+        for name in ("probs_trd", "probs_non_trd", "probs_other"):
+            p = getattr(self, name)
+            if any(x < 0 for x in p) or abs(sum(p) - 1.0) > 1e-6:
+                raise ValueError(f"{name} must be 3 non-negative probabilities summing to 1, got {p}")
+        if self.n_predictive > self.n_snps:
+            raise ValueError(f"n_predictive ({self.n_predictive}) exceeds n_snps ({self.n_snps})")
+        return self
+
+
+DEFAULT_CLINICAL = [
+    "severity", "illness_duration", "episode_count", "functional_capacity",
+    "anxiety_comorbidity", "age", "sleep_disturbance", "anhedonia",
+    "suicidal_ideation", "prior_medication_trials", "bmi", "substance_use",
+    "social_support", "cognitive_function", "childhood_adversity",
+]
+
+
+class ClinicalConfig(Strict):
+    names: list[str] = Field(default_factory=lambda: list(DEFAULT_CLINICAL))
+    sd: float = Field(0.8, ge=0)
+    trd_shifts: dict[str, float] = Field(
+        default_factory=lambda: {
+            "severity": 2.0, "illness_duration": 1.5, "episode_count": 1.2,
+            "functional_capacity": -1.5, "anxiety_comorbidity": 1.0,
+        }
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClinicalConfig":
+        unknown = sorted(set(self.trd_shifts) - set(self.names))
+        if unknown:
+            raise ValueError(f"trd_shifts names unknown variables {unknown}; variables: {self.names}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("clinical variable names must be unique")
+        return self
+
+
+class ThreeWaySplit(Strict):
+    train: float = 0.70
+    val: float = 0.15
+    test: float = 0.15
+
+    @model_validator(mode="after")
+    def _check(self) -> "ThreeWaySplit":
+        if min(self.train, self.val, self.test) <= 0 or abs(self.train + self.val + self.test - 1) > 1e-6:
+            raise ValueError("train, val and test fractions must be positive and sum to 1")
+        return self
+
+
+class EMTCohortConfig(Strict):
+    kind: Literal["emt"] = "emt"
+    n_subjects: int = Field(1000, ge=4)
+    seed: int = 42
+    subjects_per_shard: int = Field(128, ge=1)
+    fmri: FMRIConfig = Field(default_factory=FMRIConfig)
+    regions: dict[str, RegionEffect] = Field(default_factory=_default_regions)
+    snp: SNPConfig = Field(default_factory=SNPConfig)
+    clinical: ClinicalConfig = Field(default_factory=ClinicalConfig)
+    split: ThreeWaySplit = Field(default_factory=ThreeWaySplit)
+
+    @model_validator(mode="after")
+    def _check(self) -> "EMTCohortConfig":
+        spatial = self.fmri.shape[:3]
+        for name, r in self.regions.items():
+            for axis, ((lo, hi), size) in enumerate(zip(r.box, spatial)):
+                if not 0 <= lo < hi <= size:
+                    raise ValueError(
+                        f"regions.{name}.box axis {axis} = [{lo}, {hi}) is empty or outside 0..{size}"
+                    )
+        return self
+
+
+# --------------------------------------------------------------------------- volume cohort
+class AffineConfig(Strict):
+    rotation_deg: float = Field(5.0, ge=0)
+    scale: float = Field(0.05, ge=0, lt=1)
+    translation_vox: float = Field(2.0, ge=0)
+
+
+class WarpConfig(Strict):
+    """Gaussian random-field warp: white noise smoothed by a Gaussian of
+    ``smoothness_vox`` and scaled so its sd is ``amplitude_vox`` voxels."""
+
+    amplitude_vox: float = Field(1.0, ge=0)
+    smoothness_vox: float = Field(6.0, gt=0)
+
+
+class SeverityEffects(Strict):
+    """How far the prefrontal and hippocampal structures change at severity 1.0
+    (the top of the scale): fractional intensity loss and fractional shrinkage."""
+
+    prefrontal_intensity_loss: float = Field(0.5, ge=0, le=1)
+    prefrontal_shrink: float = Field(0.3, ge=0, lt=1)
+    hippocampus_intensity_loss: float = Field(0.5, ge=0, le=1)
+    hippocampus_shrink: float = Field(0.4, ge=0, lt=1)
+
+
+class VolumeSplit(Strict):
+    test: float = Field(0.15, gt=0, lt=1)
+    # Held out of the training part for early stopping / LR plateau.
+    val: float = Field(0.15, gt=0, lt=1)
+    folds: int = Field(5, ge=2)
+
+
+class VolumeCohortConfig(Strict):
+    kind: Literal["volume"] = "volume"
+    n_subjects: int = Field(1500, ge=6)
+    seed: int = 42
+    subjects_per_shard: int = Field(256, ge=1)
+    shape: tuple[int, int, int] = (64, 64, 16)
+    class_names: tuple[str, str, str] = ("non_responder", "partial_responder", "responder")
+    class_probs: tuple[float, float, float] = (0.25, 0.50, 0.25)
+    # Severity is uniform inside each class's range on a 0..severity_max scale.
+    # Contiguous ranges: a model that only knows the class scores MAE = width/4.
+    severity_max: float = Field(100.0, gt=0)
+    severity_ranges: tuple[tuple[float, float], tuple[float, float], tuple[float, float]] = (
+        (66.7, 100.0), (33.3, 66.7), (0.0, 33.3),
+    )
+    noise_sd: float = Field(0.01, ge=0)
+    intensity_shift: float = Field(0.05, ge=0, lt=1)
+    affine: AffineConfig = Field(default_factory=AffineConfig)
+    warp: WarpConfig = Field(default_factory=WarpConfig)
+    effects: SeverityEffects = Field(default_factory=SeverityEffects)
+    split: VolumeSplit = Field(default_factory=VolumeSplit)
+    # Volumes are stored raw (float32); z-score then [0, 1] rescaling is applied
+    # per volume by the loader (data.normalize_volumes), so other tools see the
+    # generated intensities.
+    stored_normalization: Literal["none"] = "none"
+
+    @model_validator(mode="after")
+    def _check(self) -> "VolumeCohortConfig":
+        p = self.class_probs
+        if any(x <= 0 for x in p) or abs(sum(p) - 1) > 1e-6:
+            raise ValueError(f"class_probs must be 3 positive numbers summing to 1, got {p}")
+        for k, (lo, hi) in enumerate(self.severity_ranges):
+            if not 0 <= lo < hi <= self.severity_max:
+                raise ValueError(f"severity_ranges[{k}] = ({lo}, {hi}) must lie inside 0..{self.severity_max}")
+        return self
+
+
+# --------------------------------------------------------------------------- data loading
+class DataConfig(Strict):
+    # Cohort directory.  `train` generates it from the cohort section when absent.
+    cohort: str = "data/cohort"
+    num_workers: int = Field(2, ge=0)
+    prefetch_factor: int = Field(2, ge=1)
+    # Subjects per contiguous run the sampler keeps together inside a shard.
+    locality_block: int = Field(16, ge=1)
+    normalize_volumes: bool = True
+
+
+class EMTExperiment(Strict):
+    task: Literal["emt"] = "emt"
+    cohort: EMTCohortConfig = Field(default_factory=EMTCohortConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
+class CNN3DExperiment(Strict):
+    task: Literal["cnn3d"] = "cnn3d"
+    cohort: VolumeCohortConfig = Field(default_factory=VolumeCohortConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
+ExperimentConfig = Union[EMTExperiment, CNN3DExperiment]
+CohortConfig = Union[EMTCohortConfig, VolumeCohortConfig]
+_TASKS: dict[str, type[BaseModel]] = {"emt": EMTExperiment, "cnn3d": CNN3DExperiment}
+_COHORTS: dict[str, type[BaseModel]] = {"emt": EMTCohortConfig, "volume": VolumeCohortConfig}
+
+
+# --------------------------------------------------------------------------- loading
+def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at ``loc`` (for listing valid keys)."""
+    import typing
+
+    model: Any = root
+    skip_key = False  # the next loc part is a dict key or list index
+    for part in loc[:-1]:
+        if skip_key:
+            skip_key = False
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        if typing.get_origin(ann) in (dict, list):
+            ann = typing.get_args(ann)[-1]
+            skip_key = True
+        model = ann
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return model
+    return None
+
+
+def _format_errors(err: ValidationError, root: type[BaseModel], source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(root, loc)
+            valid = sorted(owner.model_fields) if owner else []
+            lines.append(f"  unknown key '{key}'; valid keys here: {', '.join(valid)}")
+        else:
+            got = e.get("input")
+            got_s = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
+            lines.append(f"  '{key}': {e['msg']} (got {got_s})")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def merge_overrides(data: dict, overrides: list[str] | None, source: str = "") -> dict:
+    """Apply dotted ``key=value`` overrides (OmegaConf parses the values)."""
+    overrides = list(overrides or [])
+    for o in overrides:
+        if "=" not in o or o.startswith("="):
+            raise ConfigError(f"override '{o}' is not of the form key=value (e.g. cohort.n_subjects=2000)")
+    try:
+        base = OmegaConf.create(data)
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+        return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot apply overrides {overrides} to {source or 'config'}: {e}") from e
+
+
+def validate_experiment(data: dict, source: str = "config") -> ExperimentConfig:
+    task = data.get("task")
+    if task not in _TASKS:
+        raise ConfigError(
+            f"{source}: key 'task' must be one of {sorted(_TASKS)}, got {task!r}"
+        )
+    model = _TASKS[task]
+    try:
+        return model.model_validate(data)  # type: ignore[return-value]
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, model, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    data = merge_overrides(_read_yaml(path), overrides, str(path))
+    return validate_experiment(data, str(path))
+
+
+def validate_cohort(data: dict, source: str = "cohort config") -> CohortConfig:
+    kind = data.get("kind")
+    if kind not in _COHORTS:
+        raise ConfigError(f"{source}: key 'kind' must be one of {sorted(_COHORTS)}, got {kind!r}")
+    model = _COHORTS[kind]
+    try:
+        return model.model_validate(data)  # type: ignore[return-value]
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, model, source)) from None
+
+
+def to_dict(cfg: BaseModel) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,67 @@
+"""Synthetic EMT subjects (paper 000, section 2.1): 4-D fMRI, SNPs, clinical.
+
+Label 1 is TRD, 0 non-TRD.  Subject ``i`` is TRD when ``i`` is odd, so any
+cohort of even size is exactly balanced and a subject's class does not depend
+on the cohort size; the stratified splits shuffle subjects anyway.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from trd_hpc.config import EMTCohortConfig
+from trd_hpc.data.rng import subject_streams
+
+CLASS_NAMES = ("non_trd", "trd")
+
+
+def emt_label(index: int) -> int:
+    return index % 2
+
+
+def _genotypes(u: np.ndarray, probs) -> np.ndarray:
+    """Genotype 0/1/2 from uniforms by inverting the cumulative distribution."""
+    c0, c1 = probs[0], probs[0] + probs[1]
+    return (u >= c0).astype(np.uint8) + (u >= c1).astype(np.uint8)
+
+
+def make_emt_subject(cfg: EMTCohortConfig, index: int, fmri_out: np.ndarray) -> dict:
+    """Fill ``fmri_out`` (cfg.fmri.shape, float16 or float32) and return the rest.
+
+    The draws happen in a fixed order whatever the class, so changing one
+    region's parameters does not shift the other draws.
+    """
+    label = emt_label(index)
+    cls = CLASS_NAMES[label]
+    rng, g = subject_streams(cfg.seed, index)
+
+    offsets = {name: rng.normal(r.offset_mean, r.offset_sd) for name, r in cfg.regions.items()}
+    snp_u = rng.random(cfg.snp.n_snps)
+    clinical = rng.normal(0.0, cfg.clinical.sd, len(cfg.clinical.names))
+
+    # Bulk noise in float32 (the sd is applied in place), region offsets added to
+    # every frame inside the box, then one cast into the output buffer.
+    x = torch.randn(cfg.fmri.shape, generator=g, dtype=torch.float32)
+    x.mul_(cfg.fmri.noise_sd)
+    for name, r in cfg.regions.items():
+        if r.applies_to == cls:
+            (x0, x1), (y0, y1), (z0, z1) = r.box
+            x[x0:x1, y0:y1, z0:z1, :] += float(offsets[name])
+    torch.from_numpy(fmri_out).copy_(x)
+
+    n_pred = cfg.snp.n_predictive
+    snp = np.empty(cfg.snp.n_snps, dtype=np.uint8)
+    snp[:n_pred] = _genotypes(snp_u[:n_pred], cfg.snp.probs_trd if label else cfg.snp.probs_non_trd)
+    snp[n_pred:] = _genotypes(snp_u[n_pred:], cfg.snp.probs_other)
+
+    if label:
+        for var, shift in cfg.clinical.trd_shifts.items():
+            clinical[cfg.clinical.names.index(var)] += shift
+
+    return {
+        "snp": snp,
+        "clinical": clinical.astype(np.float32),
+        "label": np.int64(label),
+        "offsets": offsets,
+    }
