@@ -212,7 +212,7 @@ def write_shard(
         "n_subjects": n,
         "bytes": tmp.stat().st_size,
         "checksum": hasher.hexdigest(),
-        "labels": small[label_column(cfg)].astype(int).tolist(),
+        "labels": "".join(map(str, small[label_column(cfg)].astype(int).tolist())),
         "config_fingerprint": config_fingerprint(cfg),
     }
     os.replace(tmp, final)
@@ -276,44 +276,49 @@ def shard_content_checksum(path: Path, cfg: CohortConfig) -> str:
 class ShardReader:
     """Per-process reader of one shard.
 
-    The bulk image of a subject is one uncompressed chunk, so it is read with
-    a single ``os.preadv`` straight into the caller's buffer at the byte
-    offset HDF5 reports for that chunk (the same bytes h5py would return,
-    without its copies).  Filtered (compressed) shards fall back to h5py.
+    Each per-subject array is one uncompressed chunk, so it is read with a
+    single ``os.preadv`` straight into the caller's buffer at the byte offset
+    HDF5 reports for that chunk: the same bytes h5py would return, without
+    its intermediate copies.  Filtered (compressed) shards fall back to h5py.
+    The scalar columns of the shard (8 bytes a subject) are read once.
     """
 
     def __init__(self, path: Path, cfg: CohortConfig, n_subjects: int):
         self.path = Path(path)
         self.cols = schema(cfg)
-        self.bulk = self.cols[0]
         self.file = open_shard(self.path)
         check_shard_layout(self.file, self.path, cfg, n_subjects)
         self.n = n_subjects
-        d = self.file[self.bulk.name]
-        self._nbytes = int(np.prod(self.bulk.shape)) * np.dtype(self.bulk.dtype).itemsize
-        self._offsets = None
-        if d.compression is None and not d.id.get_create_plist().get_nfilters():
-            offs = []
-            for j in range(n_subjects):
-                info = d.id.get_chunk_info_by_coord((j,) + (0,) * len(self.bulk.shape))
-                if info.byte_offset is None or info.size != self._nbytes:
-                    offs = None
-                    break
-                offs.append(info.byte_offset)
-            self._offsets = offs
-        self._fd = os.open(self.path, os.O_RDONLY) if self._offsets is not None else None
-        # Scalars and small per-subject arrays of a shard are tiny next to one
-        # image: read them once per shard.
-        self.small = {c.name: self.file[c.name][...] for c in self.cols[1:]}
+        self.chunked = [c for c in self.cols if c.chunked]
+        self._nbytes = {c.name: int(np.prod(c.shape)) * np.dtype(c.dtype).itemsize for c in self.chunked}
+        self._offsets: dict[str, list[int] | None] = {c.name: self._chunk_offsets(c) for c in self.chunked}
+        direct = any(o is not None for o in self._offsets.values())
+        self._fd = os.open(self.path, os.O_RDONLY) if direct else None
+        self.scalars = {c.name: self.file[c.name][...] for c in self.cols if not c.chunked}
 
-    def read_bulk(self, j: int, out: np.ndarray) -> None:
-        if self._offsets is not None:
-            mv = memoryview(out).cast("B")
-            got = os.preadv(self._fd, [mv], self._offsets[j])
-            if got != self._nbytes:
-                raise CohortError(f"{self.path}: short read of subject row {j} ({got} of {self._nbytes} bytes)")
+    def _chunk_offsets(self, c: Column) -> list[int] | None:
+        d = self.file[c.name]
+        if d.id.get_create_plist().get_nfilters():
+            return None
+        offs = []
+        for j in range(self.n):
+            info = d.id.get_chunk_info_by_coord((j,) + (0,) * len(c.shape))
+            if info.byte_offset is None or info.size != self._nbytes[c.name]:
+                return None
+            offs.append(info.byte_offset)
+        return offs
+
+    def read(self, name: str, j: int, out: np.ndarray) -> None:
+        """Subject row ``j`` of chunked column ``name`` into ``out`` (C-contiguous)."""
+        offs = self._offsets[name]
+        if offs is not None:
+            got = os.preadv(self._fd, [memoryview(out).cast("B")], offs[j])
+            if got != self._nbytes[name]:
+                raise CohortError(
+                    f"{self.path}: short read of '{name}' row {j} ({got} of {self._nbytes[name]} bytes); truncated?"
+                )
         else:
-            self.file[self.bulk.name].read_direct(out[None], np.s_[j : j + 1], np.s_[0:1])
+            self.file[name].read_direct(out[None], np.s_[j : j + 1], np.s_[0:1])
 
     def close(self) -> None:
         if self._fd is not None:

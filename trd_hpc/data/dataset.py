@@ -1,0 +1,199 @@
+"""A torch Dataset over a cohort manifest.
+
+* h5py files are opened lazily, in the process that reads (each DataLoader
+  worker), and kept open: one handle per shard per worker, bounded by an LRU;
+  a handle inherited through ``fork`` is never used (h5py is not fork-safe).
+* ``__getitems__`` reads a whole batch straight into one preallocated tensor
+  per column (in shared memory inside a worker, so handing the batch to the
+  main process copies nothing), so the collate step is the identity.
+* Items are dicts of tensors plus ``subject_id`` and ``is_pad``; bulk images
+  keep their stored dtype (float16 fMRI halves the bytes moved; the trainer
+  casts on the device).
+* Memory: one batch per worker plus per-shard scalars, never the cohort.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from trd_hpc.data.manifest import Manifest, load_manifest
+from trd_hpc.data.sampler import ShardAwareSampler, decode
+from trd_hpc.data.shards import CohortError, ShardReader
+from trd_hpc.data.volume_cohort import normalize_volume
+
+_TORCH_DTYPES = {
+    "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8, "int64": torch.int64,
+}
+_abandoned: list = []  # handles inherited through fork: never used, never closed here
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor, in shared memory when inside a DataLoader worker."""
+    if shared:
+        try:
+            numel = int(np.prod(shape, dtype=np.int64))
+            proto = torch.empty(0, dtype=dtype)
+            storage = proto._typed_storage()._new_shared(numel, device="cpu")
+            return proto.new(storage).view(shape)
+        except (AttributeError, RuntimeError):  # private API moved: fall back
+            return torch.empty(shape, dtype=dtype).share_memory_()
+    return torch.empty(shape, dtype=dtype)
+
+
+class CohortDataset(Dataset):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        normalize_volumes: bool = True,
+        max_open_shards: int = 32,
+        check_files: bool = True,
+    ):
+        self.root = Path(root)
+        self.manifest: Manifest = load_manifest(self.root)
+        self.split = split
+        try:
+            ids = np.asarray(self.manifest.subjects(split), dtype=np.int64)
+        except KeyError as e:
+            raise CohortError(str(e.args[0])) from None
+        self.ids = np.sort(ids)
+        self.cols = self.manifest.columns  # type: ignore[attr-defined]
+        self.normalize_volumes = normalize_volumes and self.manifest.kind == "volume"
+        self.max_open_shards = max_open_shards
+        firsts = np.array([s["first_subject"] for s in self.manifest.shards], dtype=np.int64)
+        self._shard_pos = np.searchsorted(firsts, self.ids, side="right") - 1
+        self._row = self.ids - firsts[self._shard_pos]
+        if check_files:
+            self._check_files()
+        self._pid = None
+        self._readers: OrderedDict[int, ShardReader] = OrderedDict()
+        cfg = self.manifest.config
+        self.severity_max = float(getattr(cfg, "severity_max", 1.0))
+
+    def _check_files(self) -> None:
+        for k in np.unique(self._shard_pos):
+            s = self.manifest.shards[k]
+            p = self.root / s["file"]
+            if not p.exists():
+                raise CohortError(f"{p}: shard named in {self.root / 'manifest.json'} is missing")
+            if p.stat().st_size != s["bytes"]:
+                raise CohortError(
+                    f"{p}: size {p.stat().st_size} bytes, manifest says {s['bytes']} (truncated or replaced?); "
+                    f"run `trd-hpc cohort validate {self.root}`"
+                )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def shard_sizes(self) -> list[int]:
+        """Number of this split's subjects in each shard that holds some (in id order)."""
+        _, counts = np.unique(self._shard_pos, return_counts=True)
+        return counts.tolist()
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d["_readers"] = OrderedDict()
+        d["_pid"] = None
+        return d
+
+    def _reader(self, k: int) -> ShardReader:
+        if self._pid != os.getpid():
+            if self._readers:
+                _abandoned.append(self._readers)  # opened by the parent before a fork
+            self._readers = OrderedDict()
+            self._pid = os.getpid()
+        r = self._readers.get(k)
+        if r is None:
+            s = self.manifest.shards[k]
+            r = ShardReader(self.root / s["file"], self.manifest.config, s["n_subjects"])
+            self._readers[k] = r
+            if len(self._readers) > self.max_open_shards:
+                _, old = self._readers.popitem(last=False)
+                old.close()
+        else:
+            self._readers.move_to_end(k)
+        return r
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for r in self._readers.values():
+                r.close()
+        self._readers = OrderedDict()
+
+    def __getitem__(self, index: int) -> dict:
+        batch = self.__getitems__([index])
+        return {k: v[0] for k, v in batch.items()}
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        shared = torch.utils.data.get_worker_info() is not None
+        decoded = [decode(int(i)) for i in indices]
+        pos = np.array([p for p, _ in decoded], dtype=np.int64)
+        if len(pos) and (pos.min() < 0 or pos.max() >= len(self.ids)):
+            raise IndexError(f"position out of range 0..{len(self.ids) - 1} in split '{self.split}'")
+        b = len(pos)
+        out: dict[str, torch.Tensor] = {}
+        arrays: dict[str, np.ndarray] = {}
+        for c in self.cols:
+            if c.chunked:
+                t = _alloc((b, *c.shape), _TORCH_DTYPES[c.dtype], shared)
+                out[c.name] = t
+                arrays[c.name] = t.numpy()
+        scalars = {c.name: np.empty(b, dtype=c.dtype) for c in self.cols if not c.chunked}
+        for j, p in enumerate(pos):
+            r = self._reader(int(self._shard_pos[p]))
+            row = int(self._row[p])
+            for name, arr in arrays.items():
+                r.read(name, row, arr[j])
+            for name, arr in scalars.items():
+                arr[j] = r.scalars[name][row]
+        for name, arr in scalars.items():
+            out[name] = torch.from_numpy(arr)
+        out["is_pad"] = torch.tensor([pad for _, pad in decoded], dtype=torch.bool)
+        if "subject_id" in out and not torch.equal(out["subject_id"], torch.from_numpy(self.ids[pos])):
+            raise CohortError(f"{self.root}: subject ids in the shards do not match the manifest")
+        if self.manifest.kind == "volume":
+            v = out["volume"]
+            if self.normalize_volumes:
+                flat = v.view(b, -1)
+                for j in range(b):
+                    flat[j] = normalize_volume(flat[j])
+            out["volume"] = v.unsqueeze(1)  # channel axis for Conv3d
+            out["severity"] = out["severity"] / self.severity_max
+        return out
+
+
+def collate_batched(batch):
+    """``CohortDataset.__getitems__`` already returns a batch."""
+    return batch
+
+
+def make_loader(
+    dataset: CohortDataset,
+    batch_size: int,
+    sampler: ShardAwareSampler,
+    num_workers: int = 2,
+    prefetch_factor: int = 2,
+    pin_memory: bool | None = None,
+    persistent_workers: bool = False,
+) -> DataLoader:
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    kw = {}
+    if num_workers > 0:
+        kw = dict(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_batched,
+        pin_memory=pin_memory,
+        drop_last=False,
+        **kw,
+    )

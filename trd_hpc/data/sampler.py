@@ -1,0 +1,101 @@
+"""A distributed sampler that keeps reads inside shards and resumes mid-epoch.
+
+Every epoch the split's positions are cut into runs of ``block`` consecutive
+subjects inside one shard; the order of the runs and the order inside each run
+are shuffled by (seed, epoch), the result is padded to a multiple of the world
+size by repeating its first entries, and rank r takes the r-th contiguous
+slice.  So ranks are disjoint, together cover the split once per epoch, and
+each reads mostly neighbouring chunks of a few shards.
+
+Padding entries are yielded as ``-(position + 1)`` so the dataset can mark
+them (``is_pad``) and evaluation can drop them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+def encode_pad(position: int) -> int:
+    return -(position + 1)
+
+
+def decode(index: int) -> tuple[int, bool]:
+    """(position, is_pad) of a sampler index."""
+    return (-index - 1, True) if index < 0 else (index, False)
+
+
+class ShardAwareSampler(Sampler[int]):
+    def __init__(
+        self,
+        shard_sizes: list[int],
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        block: int = 16,
+        drop_last: bool = False,
+    ):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        self.shard_sizes = [int(s) for s in shard_sizes]
+        self.n = sum(self.shard_sizes)
+        self.num_replicas, self.rank = num_replicas, rank
+        self.shuffle, self.seed, self.block, self.drop_last = shuffle, seed, max(1, block), drop_last
+        self.epoch = 0
+        self.start = 0  # samples of this rank's epoch already consumed (resume)
+        if drop_last:
+            self.per_rank = self.n // num_replicas
+        else:
+            self.per_rank = math.ceil(self.n / num_replicas)
+
+    @classmethod
+    def for_dataset(cls, dataset, **kw) -> "ShardAwareSampler":
+        return cls(dataset.shard_sizes(), **kw)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.start = 0
+
+    def epoch_order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        blocks = []
+        base = 0
+        for size in self.shard_sizes:
+            for lo in range(0, size, self.block):
+                blocks.append(np.arange(base + lo, base + min(lo + self.block, size), dtype=np.int64))
+            base += size
+        for b in blocks:
+            rng.shuffle(b)
+        order = rng.permutation(len(blocks))
+        return np.concatenate([blocks[i] for i in order]) if blocks else np.zeros(0, np.int64)
+
+    def rank_indices(self) -> np.ndarray:
+        order = self.epoch_order()
+        total = self.per_rank * self.num_replicas
+        if total > self.n:
+            pads = np.resize(order, total - self.n)  # repeats the first entries (cyclically)
+            order = np.concatenate([order, -(pads + 1)])
+        else:
+            order = order[:total]
+        return order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+
+    def __iter__(self):
+        idx = self.rank_indices()[self.start :]
+        return iter(idx.tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "start": self.start, "seed": self.seed, "num_replicas": self.num_replicas}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.start = int(state["start"])
+        self.seed = int(state["seed"])
