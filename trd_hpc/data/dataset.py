@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -46,6 +47,35 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Te
     return torch.empty(shape, dtype=dtype)
 
 
+class BufferPool:
+    """Reuses batch buffers in the reading process once nobody holds them.
+
+    Fresh memory costs a page fault per 4 KiB on first touch, which caps a
+    loader at ~1.5 GB/s on a VM while a warm page cache reads at ~10 GB/s.  A
+    buffer is free again when neither Python (the batch dict, a caller's
+    variable) nor any tensor view or numpy array refers to it.
+    """
+
+    def __init__(self, per_key: int = 4):
+        self.per_key = per_key
+        self._bufs: dict[tuple, list[torch.Tensor]] = {}
+
+    @staticmethod
+    def _free(t: torch.Tensor) -> bool:
+        # refs: the pool's list, the loop variable, getrefcount's argument, this frame's argument
+        return sys.getrefcount(t) <= 4 and torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        bufs = self._bufs.setdefault((shape, dtype), [])
+        for t in bufs:
+            if self._free(t):
+                return t
+        t = torch.empty(shape, dtype=dtype)
+        if len(bufs) < self.per_key:
+            bufs.append(t)
+        return t
+
+
 class CohortDataset(Dataset):
     def __init__(
         self,
@@ -73,6 +103,7 @@ class CohortDataset(Dataset):
             self._check_files()
         self._pid = None
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
+        self._pool = BufferPool()
         cfg = self.manifest.config
         self.severity_max = float(getattr(cfg, "severity_max", 1.0))
 
@@ -100,6 +131,7 @@ class CohortDataset(Dataset):
         d = self.__dict__.copy()
         d["_readers"] = OrderedDict()
         d["_pid"] = None
+        d["_pool"] = BufferPool()
         return d
 
     def _reader(self, k: int) -> ShardReader:
@@ -141,11 +173,17 @@ class CohortDataset(Dataset):
         arrays: dict[str, np.ndarray] = {}
         for c in self.cols:
             if c.chunked:
-                t = _alloc((b, *c.shape), _TORCH_DTYPES[c.dtype], shared)
+                shape, dtype = (b, *c.shape), _TORCH_DTYPES[c.dtype]
+                # In a worker the batch goes to shared memory (no copy on hand-over);
+                # in the reading process, pooled buffers avoid fresh-page faults.
+                t = _alloc(shape, dtype, True) if shared else self._pool.get(shape, dtype)
                 out[c.name] = t
                 arrays[c.name] = t.numpy()
         scalars = {c.name: np.empty(b, dtype=c.dtype) for c in self.cols if not c.chunked}
-        for j, p in enumerate(pos):
+        # Read in file order (shard, row) so the disk sees ascending offsets;
+        # each row still lands in its shuffled batch position.
+        for j in np.lexsort((self._row[pos], self._shard_pos[pos])):
+            p = pos[j]
             r = self._reader(int(self._shard_pos[p]))
             row = int(self._row[p])
             for name, arr in arrays.items():

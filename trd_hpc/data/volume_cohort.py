@@ -101,11 +101,16 @@ def make_volume_subject(cfg: VolumeCohortConfig, index: int, out: np.ndarray) ->
     matrix = _rotation(angles) @ np.diag(1.0 / scale)
     centre = (np.array(shape) - 1) / 2.0
 
-    # Gaussian random field: smoothed white noise rescaled to the wanted sd.
+    # Gaussian random field: smoothed white noise rescaled to the wanted sd.  The
+    # field is smooth on the scale of `smoothness_vox`, so it is drawn on a grid
+    # 4x coarser (filter width scaled to match) and upsampled: 16x less work.
     w = cfg.warp
+    step = 4 if w.smoothness_vox >= 4 else 1
+    coarse = tuple(max(2, -(-n // step)) for n in shape)
     disp = []
     for axis in range(3):
-        f = ndimage.gaussian_filter(rng.standard_normal(shape), w.smoothness_vox, mode="wrap")
+        f = ndimage.gaussian_filter(rng.standard_normal(coarse), w.smoothness_vox / step, mode="wrap")
+        f = ndimage.zoom(f, [n / c for n, c in zip(shape, coarse)], order=1, mode="nearest", grid_mode=True)
         f *= w.amplitude_vox / (f.std() + 1e-12)
         if axis == 2:
             f *= shape[2] / shape[0]  # keep the warp proportional on the thin axis

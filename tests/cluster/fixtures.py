@@ -1,0 +1,106 @@
+"""pytest fixture ``slurm_cluster``: a real one-node SLURM cluster for the session.
+
+Use it from ``tests/conftest.py``::
+
+    from tests.cluster.fixtures import slurm_cluster  # noqa: F401
+
+and in a test::
+
+    @pytest.mark.slurm
+    def test_x(slurm_cluster, tmp_path):
+        job = slurm_cluster.sbatch(["--wrap", "python -c 'print(1)'"], cwd=tmp_path, wait=True)
+        assert slurm_cluster.job_state(job) == "COMPLETED"
+
+Needs root on Linux (Debian 12): it apt-get installs SLURM, munge, slurmdbd and
+MariaDB when missing, starts private daemons in a fresh folder
+``/tmp/trd-slurm-*`` (about 3 s), and at teardown cancels every job, stops the
+daemons it started (by PID file) and removes the folder. Elsewhere it skips,
+except under ``CI=true``, where the cluster must run and the test fails instead.
+Set ``TRD_KEEP_SLURM_STATE=1`` to keep the folder (configs and daemon logs).
+
+The fixture is reference-counted, so a test module may import it as well as
+``conftest.py`` without a second cluster being started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.slurm import (
+    STATE_PREFIX,
+    LocalSlurm,
+    SlurmError,
+    ensure_installed,
+    reap_stale_clusters,
+)
+
+_shared: dict[str, object] = {"cluster": None, "users": 0}
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _unavailable(reason: str) -> None:
+    if _in_ci():
+        pytest.fail(f"local SLURM cluster needed in CI but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def _start() -> LocalSlurm:
+    if not sys.platform.startswith("linux"):
+        _unavailable(f"the local SLURM cluster needs Linux, not {sys.platform}")
+    if os.geteuid() != 0:
+        _unavailable("the local SLURM cluster must be started as root (it runs daemons)")
+    if shutil.which("apt-get") is None and shutil.which("slurmctld", path="/usr/sbin") is None:
+        _unavailable("SLURM is not installed and there is no apt-get to install it")
+    ensure_installed()
+    reap_stale_clusters()
+    # /tmp, not pytest's tmp_path: the munge user must traverse the folder,
+    # and unix socket paths must stay short
+    state = Path(tempfile.mkdtemp(prefix=STATE_PREFIX, dir="/tmp"))
+    cluster = LocalSlurm(state)
+    try:
+        cluster.start()
+    except BaseException:
+        _remove(cluster)
+        raise
+    return cluster
+
+
+def _remove(cluster: LocalSlurm) -> None:
+    if os.environ.get("TRD_KEEP_SLURM_STATE"):
+        return
+    if not cluster.running():
+        shutil.rmtree(cluster.state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[LocalSlurm]:
+    """A running one-node SLURM cluster (see the module docstring)."""
+    cluster = _shared["cluster"]
+    if cluster is None:
+        try:
+            cluster = _start()
+        except SlurmError as exc:
+            pytest.fail(f"could not start the local SLURM cluster: {exc}", pytrace=False)
+        _shared["cluster"] = cluster
+    _shared["users"] = int(_shared["users"]) + 1
+    try:
+        yield cluster
+    finally:
+        _shared["users"] = int(_shared["users"]) - 1
+        if _shared["users"] == 0:
+            _shared["cluster"] = None
+            try:
+                cluster.cancel_all()
+            finally:
+                cluster.stop()
+                _remove(cluster)

@@ -1,0 +1,238 @@
+"""``trd-hpc bench load``: Dataset + DataLoader throughput against the raw disk read.
+
+In one run, on the same cohort:
+* raw: a plain sequential read of the shard files (cold page cache where this
+  machine lets us drop it, and warm);
+* ours: CohortDataset + ShardAwareSampler + DataLoader at num_workers 0, 1, 2;
+* common: float32 storage and a Dataset that opens the HDF5 file on every item
+  with h5py slicing and the default collate (what most projects do);
+* memory: peak RSS (main process + workers) over an epoch of a cohort and of
+  one 10x larger.
+Targets: ours >= 0.8 of raw, >= 1.5x the common approach, RSS flat.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from trd_hpc.config import load_config
+from trd_hpc.data.dataset import CohortDataset, make_loader
+from trd_hpc.data.generate import generate
+from trd_hpc.data.manifest import load_manifest
+from trd_hpc.data.sampler import ShardAwareSampler
+
+
+def drop_caches(files: list[Path]) -> bool:
+    """Evict the files from the page cache; True when it worked."""
+    ok = True
+    for p in files:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError):
+            ok = False
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+    except OSError:
+        pass
+    return ok
+
+
+def raw_read(files: list[Path], block: int = 16 << 20) -> tuple[float, int]:
+    buf = bytearray(block)
+    mv = memoryview(buf)
+    total = 0
+    t0 = time.perf_counter()
+    for p in files:
+        with open(p, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(mv)
+                if not n:
+                    break
+                total += n
+    return time.perf_counter() - t0, total
+
+
+class PeakRSS:
+    """Samples the RSS of this process and its children every 20 ms."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                rss = self.proc.memory_info().rss
+                for c in self.proc.children(recursive=True):
+                    try:
+                        rss += c.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, rss)
+            except psutil.Error:
+                pass
+            self._stop.wait(0.02)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def epoch(root: Path, workers: int, batch: int, bulk_name: str, cold_files: list[Path] | None = None) -> tuple[float, int, int]:
+    """Seconds, subjects and bulk bytes of the second of two epochs (steady state:
+    worker start-up and first-touch allocations excluded, as for the raw read's
+    buffer).  With ``cold_files`` the page cache is dropped before the timed epoch."""
+    ds = CohortDataset(root, "all")
+    sampler = ShardAwareSampler.for_dataset(ds, shuffle=True, seed=0, block=16)
+    loader = make_loader(ds, batch, sampler, num_workers=workers, prefetch_factor=2, persistent_workers=workers > 0)
+    for e in range(2):
+        sampler.set_epoch(e)
+        if e == 1 and cold_files:
+            drop_caches(cold_files)
+        n = nbytes = 0
+        t0 = time.perf_counter()
+        for b in loader:
+            n += len(b["subject_id"])
+            nbytes += b[bulk_name].numel() * b[bulk_name].element_size()
+            del b
+        dt = time.perf_counter() - t0
+    del loader
+    ds.close()
+    return dt, n, nbytes
+
+
+class CommonDataset(Dataset):
+    """The usual pattern: open the file for every item, slice with h5py."""
+
+    def __init__(self, root: Path):
+        m = load_manifest(root)
+        self.items = [(root / s["file"], j) for s in m.shards for j in range(s["n_subjects"])]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, j = self.items[i]
+        with h5py.File(path, "r") as f:
+            return {
+                "fmri": torch.from_numpy(f["fmri"][j]),
+                "snp": torch.from_numpy(f["snp"][j]),
+                "clinical": torch.from_numpy(f["clinical"][j]),
+                "label": int(f["label"][j]),
+            }
+
+
+def common_epoch(root: Path, workers: int, batch: int) -> tuple[float, int]:
+    loader = DataLoader(CommonDataset(root), batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=True)
+    for _ in range(2):  # second epoch timed, as for ours
+        n = 0
+        t0 = time.perf_counter()
+        for b in loader:
+            n += len(b["label"])
+        dt = time.perf_counter() - t0
+    return dt, n
+
+
+def run(a) -> int:
+    cfg = load_config(a.config or "configs/emt.yaml", a.overrides)
+    if cfg.cohort.kind != "emt":
+        raise ValueError("bench load compares against float32 fMRI storage: use an EMT config")
+    n = a.subjects or 48
+    batch = 12
+    scratch = Path(a.dir or tempfile.mkdtemp(prefix="trd-bench-load-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    figures: dict = {"benchmark": "load", "subjects": n, "batch": batch}
+    try:
+        base = cfg.cohort.model_copy(update={"n_subjects": n, "subjects_per_shard": max(n // 4, 1)})
+        ours_dir, common_dir = scratch / "f16", scratch / "f32"
+        print(f"making cohorts of {n} subjects in {scratch} ...", flush=True)
+        generate(base, ours_dir, workers=2, progress=False)
+        f32 = base.model_copy(update={"fmri": base.fmri.model_copy(update={"dtype": "float32"})})
+        generate(f32, common_dir, workers=2, progress=False)
+        files = sorted(ours_dir.glob("shard-*.h5"))
+        fmri_bytes_per_subject = int(np.prod(base.fmri.shape)) * 2
+
+        cold_ok = drop_caches(files)
+        dt, nbytes = raw_read(files)
+        figures["raw_cold_MB_per_s"] = nbytes / dt / 1e6
+        figures["cold_cache_dropped"] = cold_ok
+        dt, nbytes = raw_read(files)
+        figures["raw_warm_MB_per_s"] = nbytes / dt / 1e6
+        total_fraction = fmri_bytes_per_subject * n / nbytes  # fMRI share of the file bytes
+        figures["raw_warm_subjects_per_s"] = figures["raw_warm_MB_per_s"] * 1e6 * total_fraction / fmri_bytes_per_subject
+
+        for w in (0, 1, 2):
+            for cache in ("cold", "warm"):
+                dt, got, nb = epoch(ours_dir, w, batch, "fmri", files if cache == "cold" else None)
+                figures[f"ours_w{w}_{cache}_subjects_per_s"] = got / dt
+                figures[f"ours_w{w}_{cache}_MB_per_s"] = nb / dt / 1e6
+        best_warm = max(figures[f"ours_w{w}_warm_MB_per_s"] for w in (0, 1, 2))
+        best_cold = max(figures[f"ours_w{w}_cold_MB_per_s"] for w in (0, 1, 2))
+        # Raw moves every byte of the file; ours counts only the fMRI bytes (>99 %).
+        figures["ratio_to_raw_warm"] = best_warm / (figures["raw_warm_MB_per_s"] * total_fraction)
+        figures["ratio_to_raw_cold"] = best_cold / (figures["raw_cold_MB_per_s"] * total_fraction)
+
+        # Warm page cache for the float32 files too, so the comparison is of the code paths.
+        raw_read(sorted(common_dir.glob("shard-*.h5")))
+        dt, got = common_epoch(common_dir, 2, batch)
+        figures["common_w2_warm_subjects_per_s"] = got / dt
+        figures["speedup_vs_common"] = figures["ours_w2_warm_subjects_per_s"] / figures["common_w2_warm_subjects_per_s"]
+        shutil.rmtree(common_dir, ignore_errors=True)
+
+        big = base.model_copy(update={"n_subjects": 10 * n})
+        big_dir = scratch / "f16x10"
+        print(f"making a cohort of {10 * n} subjects for the memory check ...", flush=True)
+        generate(big, big_dir, workers=2, progress=False)
+        for name, root in (("1x", ours_dir), ("10x", big_dir)):
+            with PeakRSS() as rss:
+                epoch(root, 2, batch, "fmri")
+            figures[f"peak_rss_MB_{name}"] = rss.peak / 1e6
+        figures["rss_growth_10x"] = figures["peak_rss_MB_10x"] / figures["peak_rss_MB_1x"]
+    finally:
+        if not a.dir:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    f = figures
+    print(f"load: EMT fMRI {tuple(cfg.cohort.fmri.shape)} float16, batch {batch}, {n} subjects (10x: {10 * n})")
+    print(f"  raw sequential read : cold {f['raw_cold_MB_per_s']:7.0f} MB/s   warm {f['raw_warm_MB_per_s']:7.0f} MB/s"
+          + ("" if f["cold_cache_dropped"] else "  (could not drop the page cache)"))
+    for w in (0, 1, 2):
+        print(f"  ours num_workers={w}  : cold {f[f'ours_w{w}_cold_MB_per_s']:7.0f} MB/s "
+              f"({f[f'ours_w{w}_cold_subjects_per_s']:6.1f} subj/s)   warm {f[f'ours_w{w}_warm_MB_per_s']:7.0f} MB/s "
+              f"({f[f'ours_w{w}_warm_subjects_per_s']:6.1f} subj/s)")
+    print(f"  common (f32, open per item, workers=2, warm): {f['common_w2_warm_subjects_per_s']:.1f} subj/s")
+    print(f"  ratio to raw: warm {f['ratio_to_raw_warm']:.2f}, cold {f['ratio_to_raw_cold']:.2f} (target >= 0.8); "
+          f"speed-up vs common: {f['speedup_vs_common']:.1f}x (target >= 1.5)")
+    print(f"  peak RSS over an epoch: {f['peak_rss_MB_1x']:.0f} MB (1x), {f['peak_rss_MB_10x']:.0f} MB (10x): "
+          f"growth {f['rss_growth_10x']:.2f}x")
+    if a.json:
+        Path(a.json).write_text(json.dumps(figures, indent=1))
+    return 0

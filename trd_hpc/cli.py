@@ -1,0 +1,179 @@
+"""``trd-hpc``: the command line.  Thin: parse, load the config, call one function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from trd_hpc import __version__
+
+EPILOG = """\
+Overrides are dotted key=value pairs after the config, e.g.
+  trd-hpc generate configs/emt.yaml --out /data/emt cohort.n_subjects=20000 cohort.fmri.dtype=float32
+An unknown key or a value of the wrong type is an error that names the key.
+"""
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from trd_hpc.config import load_config
+    from trd_hpc.data.generate import generate
+
+    cfg = load_config(a.config, a.overrides)
+    out = Path(a.out or cfg.data.cohort)
+    res = generate(
+        cfg.cohort,
+        out,
+        num_shards=a.num_shards,
+        workers=a.workers,
+        shard_index=a.shard_index,
+        finalize_only=a.finalize,
+        verify_existing=not a.no_verify,
+        progress=not a.quiet,
+    )
+    parts = []
+    if res.made:
+        parts.append(f"made {len(res.made)}")
+    if res.remade:
+        parts.append(f"remade {len(res.remade)} (" + "; ".join(f"{k}: {v}" for k, v in sorted(res.remade.items())) + ")")
+    if res.kept:
+        parts.append(f"kept {len(res.kept)} verified")
+    rate = f", {res.subjects_written / res.seconds:.1f} subjects/s, {res.bytes_written / res.seconds / 1e6:.0f} MB/s" if res.subjects_written else ""
+    print(f"shards: {', '.join(parts) or 'none to do'} in {res.seconds:.1f} s{rate}")
+    if res.finalized:
+        print(f"manifest: {out / 'manifest.json'}")
+    else:
+        print(f"manifest not written yet: other shards are still missing (run with --finalize when all are done)")
+    return 0
+
+
+def _cmd_cohort_validate(a: argparse.Namespace) -> int:
+    from trd_hpc.data.validate import validate_cohort_dir
+
+    problems = validate_cohort_dir(a.dir, deep=not a.quick, progress=not a.quiet)
+    for p in problems:
+        print(f"BAD {p}", file=sys.stderr)
+    if problems:
+        print(f"{a.dir}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{a.dir}: OK")
+    return 0
+
+
+def _cmd_cohort_info(a: argparse.Namespace) -> int:
+    from trd_hpc.data.validate import cohort_summary
+
+    print(cohort_summary(a.dir))
+    return 0
+
+
+def _cmd_config_show(a: argparse.Namespace) -> int:
+    from trd_hpc.config import load_config, to_yaml
+
+    print(to_yaml(load_config(a.config, a.overrides)), end="")
+    return 0
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    if a.what == "generate":
+        from trd_hpc.bench.generate import run
+
+        return run(a)
+    if a.what == "load":
+        from trd_hpc.bench.load import run
+
+        return run(a)
+    raise SystemExit(f"unknown benchmark {a.what}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trd-hpc",
+        description="Synthetic multimodal cohorts and distributed training of the EMT and dual-path 3-D CNN.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"trd-hpc {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    g = sub.add_parser(
+        "generate",
+        help="write a synthetic cohort as sharded HDF5 plus manifest.json",
+        description="Write the cohort of CONFIG's `cohort` section. Re-running keeps shards that verify and "
+        "remakes missing or corrupt ones; the manifest is written when every shard is present.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g.add_argument("config", help="experiment YAML (configs/emt.yaml, configs/cnn3d_tiny.yaml, ...)")
+    g.add_argument("--out", help="cohort directory (default: the config's data.cohort)")
+    g.add_argument("--num-shards", type=int, help="number of shards (default: n_subjects / cohort.subjects_per_shard)")
+    g.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")
+    g.add_argument("--shard-index", type=int, help="write only this shard (one SLURM array task)")
+    g.add_argument("--finalize", action="store_true", help="only write the manifest (all shards must exist)")
+    g.add_argument("--no-verify", action="store_true", help="keep existing shards without re-reading their checksums")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_overrides(g)
+    g.set_defaults(func=_cmd_generate)
+
+    c = sub.add_parser("cohort", help="inspect a cohort directory")
+    csub = c.add_subparsers(dest="cohort_cmd", required=True, metavar="ACTION")
+    v = csub.add_parser("validate", help="check files against the manifest; exit 1 naming each bad file")
+    v.add_argument("dir")
+    v.add_argument("--quick", action="store_true", help="skip the content checksums (sizes, shapes, labels only)")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=_cmd_cohort_validate)
+    i = csub.add_parser("info", help="print a summary of a cohort")
+    i.add_argument("dir")
+    i.set_defaults(func=_cmd_cohort_info)
+
+    cf = sub.add_parser("config", help="show a resolved config")
+    cfsub = cf.add_subparsers(dest="config_cmd", required=True, metavar="ACTION")
+    s = cfsub.add_parser("show", help="print CONFIG with overrides applied and defaults filled in")
+    s.add_argument("config")
+    _add_overrides(s)
+    s.set_defaults(func=_cmd_config_show)
+
+    b = sub.add_parser("bench", help="measure throughput against this machine's limits")
+    b.add_argument("what", choices=["generate", "load"], help="generate: cohort writing; load: Dataset+DataLoader")
+    b.add_argument("--config", default=None, help="experiment YAML (default: configs/emt.yaml with few subjects)")
+    b.add_argument("--subjects", type=int, default=None, help="subjects to use (default depends on the benchmark)")
+    b.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
+    b.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    _add_overrides(b)
+    b.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trd_hpc.config import ConfigError
+    from trd_hpc.data.shards import CohortError
+
+    parser = build_parser()
+    # Overrides may come before or after the options (`generate CFG --out D k=v`).
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if e.startswith("-") or "=" not in e]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"this command takes no KEY=VALUE overrides: {' '.join(extra)}")
+        args.overrides = list(args.overrides or []) + extra
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (CohortError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""``trd-hpc cohort validate`` and ``cohort info``: check a cohort against its manifest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trd_hpc.config import EMTCohortConfig
+from trd_hpc.data.manifest import MANIFEST, Manifest, class_names, load_manifest
+from trd_hpc.data.shards import (
+    CohortError,
+    check_shard_layout,
+    label_column,
+    open_shard,
+    shard_content_checksum,
+)
+
+
+@dataclass
+class Problem:
+    file: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.message}"
+
+
+def _check_shard(m: Manifest, k: int, deep: bool) -> list[Problem]:
+    s = m.shards[k]
+    path = m.root / s["file"]
+    name = str(path)
+    if not path.exists():
+        return [Problem(name, "missing (named in manifest.json)")]
+    size = path.stat().st_size
+    if size != s["bytes"]:
+        return [Problem(name, f"size {size} bytes, manifest says {s['bytes']} (truncated or replaced)")]
+    try:
+        with open_shard(path) as f:
+            check_shard_layout(f, path, m.config, s["n_subjects"])
+            ids = f["subject_id"][...]
+            labels = f[label_column(m.config)][...]
+            first = int(f.attrs.get("first_subject", -1))
+    except (CohortError, OSError, KeyError) as e:
+        return [Problem(name, str(e).replace(f"{path}: ", ""))]
+    out = []
+    want_ids = np.arange(s["first_subject"], s["first_subject"] + s["n_subjects"])
+    if first != s["first_subject"] or not np.array_equal(ids, want_ids):
+        out.append(Problem(name, f"subject ids are not {want_ids[0]}..{want_ids[-1]} as the manifest says"))
+    if "".join(map(str, labels.astype(int).tolist())) != s["labels"]:
+        out.append(Problem(name, "labels differ from the manifest's"))
+    if deep:
+        try:
+            got = shard_content_checksum(path, m.config)
+        except (CohortError, OSError) as e:
+            return out + [Problem(name, f"unreadable while checksumming: {e}")]
+        if got != s["checksum"]:
+            out.append(Problem(name, f"checksum mismatch (content changed or corrupt): {got} != manifest {s['checksum']}"))
+    return out
+
+
+def _check_balance_and_splits(m: Manifest) -> list[Problem]:
+    out = []
+    man = str(m.root / MANIFEST)
+    labels = m.labels()
+    n = len(labels)
+    names = class_names(m.config)
+    counts = np.bincount(labels, minlength=len(names))
+    recorded = m.raw.get("class_counts", {})
+    if recorded and [recorded.get(c) for c in names] != counts.tolist():
+        out.append(Problem(man, f"class_counts {recorded} do not match the shard labels {counts.tolist()}"))
+    if isinstance(m.config, EMTCohortConfig):
+        if abs(int(counts[0]) - int(counts[1])) > n % 2:
+            out.append(Problem(man, f"classes not balanced: {dict(zip(names, counts.tolist()))}"))
+    else:
+        p = np.asarray(m.config.class_probs)
+        sd = np.sqrt(n * p * (1 - p))
+        bad = np.abs(counts - n * p) > 5 * sd + 1
+        if bad.any():
+            out.append(Problem(man, f"class counts {counts.tolist()} are far from class_probs {p.tolist()}"))
+    seen = np.zeros(n, dtype=np.int64)
+    for name, ids in m.splits.items():
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= n):
+            out.append(Problem(man, f"split '{name}' names subjects outside 0..{n - 1}"))
+            continue
+        seen[ids] += 1
+        frac = np.bincount(labels[ids], minlength=len(names)) / max(len(ids), 1)
+        overall = counts / n
+        if len(ids) >= 20 and np.abs(frac - overall).max() > 0.1:
+            out.append(Problem(man, f"split '{name}' is not stratified: class fractions {frac.round(3).tolist()}"))
+    if (seen > 1).any():
+        out.append(Problem(man, f"{int((seen > 1).sum())} subjects are in more than one split"))
+    if (seen == 0).any():
+        out.append(Problem(man, f"{int((seen == 0).sum())} subjects are in no split"))
+    if m.folds:
+        fold_seen = np.zeros(n, dtype=np.int64)
+        for f in m.folds:
+            fold_seen[np.asarray(f, dtype=np.int64)] += 1
+        if not (fold_seen == 1).all():
+            out.append(Problem(man, "folds do not cover every subject exactly once"))
+    return out
+
+
+def validate_cohort_dir(root: str | Path, deep: bool = True, progress: bool = True) -> list[Problem]:
+    """All problems found (empty when the cohort is sound)."""
+    root = Path(root)
+    try:
+        m = load_manifest(root)
+    except CohortError as e:
+        return [Problem(str(root / MANIFEST), str(e).split(": ", 1)[-1])]
+    from tqdm import tqdm
+
+    problems: list[Problem] = []
+    for k in tqdm(range(len(m.shards)), desc="validate", unit="shard", disable=not progress):
+        problems += _check_shard(m, k, deep)
+    expected_n = m.config.n_subjects
+    if m.n_subjects != expected_n:
+        problems.append(Problem(str(root / MANIFEST), f"shards hold {m.n_subjects} subjects, config says {expected_n}"))
+    problems += _check_balance_and_splits(m)
+    return problems
+
+
+def cohort_summary(root: str | Path) -> str:
+    m = load_manifest(root)
+    total = sum(s["bytes"] for s in m.shards)
+    cfg = m.config
+    lines = [
+        f"cohort      {Path(root).resolve()}",
+        f"kind        {m.kind} (schema {m.raw['schema_version']}, {m.raw.get('generator', '?')})",
+        f"subjects    {m.n_subjects} in {len(m.shards)} shards, {total / 1e9:.3f} GB",
+        f"seed        {cfg.seed}",
+    ]
+    for name, d in m.raw.get("datasets", {}).items():
+        lines.append(f"  {name:<11} {d['dtype']:<8} {tuple(d['shape'])}")
+    lines.append(f"classes     {m.raw.get('class_counts')}")
+    for name, ids in m.splits.items():
+        lines.append(f"  {name:<6} {len(ids):>7}  {m.raw.get('split_class_counts', {}).get(name, '')}")
+    if m.folds:
+        lines.append(f"folds       {len(m.folds)} x ~{len(m.folds[0])} subjects")
+    return "\n".join(lines)
