@@ -72,7 +72,11 @@ def prepare_dir(cfg: CohortConfig, out: Path, num_shards: int) -> None:
             have = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise CohortError(f"{path}: not valid JSON ({e}); delete it to start this cohort again") from None
-        diffs = _diff_keys(have, want)
+        diffs = _diff_keys(have.get("config"), want["config"], "cohort.")
+        if have.get("num_shards") != num_shards:
+            diffs.append(f"--num-shards ({have.get('num_shards')} on disk, {num_shards} asked)")
+        if have.get("schema_version") != SCHEMA_VERSION:
+            diffs.append(f"schema_version ({have.get('schema_version')} on disk, {SCHEMA_VERSION} here)")
         if diffs:
             raise CohortError(
                 f"{out} already holds a cohort made differently ({path}): "
