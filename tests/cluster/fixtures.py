@@ -16,7 +16,8 @@ MariaDB when missing, starts private daemons in a fresh folder
 ``/tmp/trd-slurm-*`` (about 3 s), and at teardown cancels every job, stops the
 daemons it started (by PID file) and removes the folder. Elsewhere it skips,
 except under ``CI=true``, where the cluster must run and the test fails instead.
-Set ``TRD_KEEP_SLURM_STATE=1`` to keep the folder (configs and daemon logs).
+Set ``TRD_KEEP_SLURM_STATE=1`` to keep the folder (configs and daemon logs)
+until the next start, which stops and removes clusters whose owner is gone.
 
 The fixture is reference-counted, so a test module may import it as well as
 ``conftest.py`` without a second cluster being started.
@@ -41,7 +42,7 @@ from tests.cluster.slurm import (
     reap_stale_clusters,
 )
 
-_shared: dict[str, object] = {"cluster": None, "users": 0}
+_shared: dict[str, object] = {"cluster": None, "users": 0, "error": None}
 
 
 def _in_ci() -> bool:
@@ -63,16 +64,26 @@ def _start() -> LocalSlurm:
         _unavailable("SLURM is not installed and there is no apt-get to install it")
     ensure_installed()
     reap_stale_clusters()
-    # /tmp, not pytest's tmp_path: the munge user must traverse the folder,
-    # and unix socket paths must stay short
-    state = Path(tempfile.mkdtemp(prefix=STATE_PREFIX, dir="/tmp"))
-    cluster = LocalSlurm(state)
-    try:
-        cluster.start()
-    except BaseException:
-        _remove(cluster)
-        raise
-    return cluster
+    first_error = None
+    # Two tries: the free ports are picked before the daemons bind them, and
+    # another process may take one in between.
+    for _ in range(2):
+        # /tmp, not pytest's tmp_path: the munge user must traverse the
+        # folder, and unix socket paths must stay short
+        state = Path(tempfile.mkdtemp(prefix=STATE_PREFIX, dir="/tmp"))
+        cluster = LocalSlurm(state)
+        try:
+            cluster.start()
+            return cluster
+        except SlurmError as exc:
+            _remove(cluster)
+            if first_error is not None:
+                raise SlurmError(f"{exc}\n(first try: {first_error})") from exc
+            first_error = exc
+        except BaseException:
+            _remove(cluster)
+            raise
+    raise AssertionError("unreachable")
 
 
 def _remove(cluster: LocalSlurm) -> None:
@@ -85,12 +96,15 @@ def _remove(cluster: LocalSlurm) -> None:
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[LocalSlurm]:
     """A running one-node SLURM cluster (see the module docstring)."""
+    if _shared["error"]:  # failed once this session: do not retry for every test
+        pytest.fail(str(_shared["error"]), pytrace=False)
     cluster = _shared["cluster"]
     if cluster is None:
         try:
             cluster = _start()
         except SlurmError as exc:
-            pytest.fail(f"could not start the local SLURM cluster: {exc}", pytrace=False)
+            _shared["error"] = f"could not start the local SLURM cluster: {exc}"
+            pytest.fail(str(_shared["error"]), pytrace=False)
         _shared["cluster"] = cluster
     _shared["users"] = int(_shared["users"]) + 1
     try:

@@ -4,9 +4,10 @@
 MariaDB 10.11), its own private set of daemons, all configured by files in
 ``state_dir`` and stopped by their PID files:
 
-* ``munged``  - as the ``munge`` user (munged refuses a root-owned key: "Keyfile
-  is insecure"), with a fresh key and its socket in ``state_dir/munge``; the
-  system munged (``/run/munge``) is neither used nor touched;
+* ``munged``  - as the ``munge`` user, like Debian's service (as root with a
+  munge-owned key it refuses: "Keyfile is insecure"), with a fresh key and its
+  socket in ``state_dir/munge``; a system munged (``/run/munge``), running or
+  not, is neither used nor touched, so nothing of ours outlives ``stop()``;
 * ``mariadbd`` - a fresh data directory in ``state_dir/mysql``, on a free
   127.0.0.1 port (slurmdbd 22.05 has no option for a unix socket);
 * ``slurmdbd`` - so that ``sacct`` works (submitit reads job states with it;
@@ -17,6 +18,20 @@ MariaDB 10.11), its own private set of daemons, all configured by files in
 Every client call gets ``env()`` (``SLURM_CONF=state_dir/slurm.conf``); nothing
 is written to ``/etc/slurm``. slurmdbd has no ``-f`` option: it reads
 ``slurmdbd.conf`` from the directory of ``SLURM_CONF``, which is ``state_dir``.
+
+Traps met on the way (all handled below):
+
+* clients authenticate to slurmdbd with ``AccountingStoragePass`` as their
+  munge options, not ``AuthInfo``: without ``AccountingStoragePass=<socket>``
+  sacctmgr/sacct/slurmctld go to /run/munge/munge.socket.2;
+* ``sbatch --wait`` polls 2, 8, 32, 32... s apart and fails with "Job N no
+  longer found" if ``MinJobAge`` purged the job meanwhile: MinJobAge=60;
+* ``AuthInfo=cred_expire=10`` is in the config from the start (a requeued job
+  restarts after ~12 s instead of ~150 s; ``scontrol reconfigure`` would not do);
+* killing slurmd leaves job processes: ``stop()`` cancels jobs first, and kills
+  any process left with this cluster's ``SLURM_CONF`` and a ``SLURM_JOB_ID``;
+* slurmdbd 22.05 cannot use a MySQL unix socket: MariaDB listens on a free
+  127.0.0.1 port, with fsync off (a busy disk otherwise adds seconds).
 
 Every wait in this module is bounded by a timeout.
 """
@@ -241,7 +256,8 @@ class LocalSlurm:
         self.log_dir = self.state_dir / "log"
         self.run_dir = self.state_dir / "run"
         self.hostname = socket.gethostname().split(".")[0]
-        self.cpus = os.cpu_count() or 1
+        # what nproc says (CPU affinity), at most what slurmd detects
+        self.cpus = len(os.sched_getaffinity(0)) or 1
         self.real_memory_mb = 0
         self.ports: dict[str, int] = {}
         self.startup_seconds: float | None = None

@@ -1,0 +1,130 @@
+"""Dataset, shard-aware sampler and DataLoader over real shards."""
+
+import numpy as np
+import pytest
+import torch
+
+from trd_hpc.data.dataset import CohortDataset, make_loader
+from trd_hpc.data.manifest import load_manifest
+from trd_hpc.data.sampler import ShardAwareSampler, decode
+from tests.test_generate import read_all
+
+
+def _epoch_ids(ds, world, epoch, block=4, shuffle=True):
+    per_rank = []
+    for r in range(world):
+        s = ShardAwareSampler.for_dataset(ds, num_replicas=world, rank=r, seed=3, block=block, shuffle=shuffle)
+        s.set_epoch(epoch)
+        per_rank.append(list(s))
+    return per_rank
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_two_ranks_see_each_subject_of_a_split_once_per_epoch(emt_cohort_dir, split):
+    ds = CohortDataset(emt_cohort_dir, split)
+    for epoch in (0, 1):
+        ranks = _epoch_ids(ds, 2, epoch)
+        assert len(ranks[0]) == len(ranks[1])
+        real = [decode(i) for r in ranks for i in r]
+        seen = [p for p, pad in real if not pad]
+        assert sorted(seen) == list(range(len(ds)))  # every subject once, no repeats
+        pads = [p for p, pad in real if pad]
+        assert len(pads) == (2 - len(ds) % 2) % 2  # padding only to equalise, and marked
+    assert _epoch_ids(ds, 2, 0) != _epoch_ids(ds, 2, 1)  # reshuffled by epoch
+    assert _epoch_ids(ds, 2, 0) == _epoch_ids(ds, 2, 0)  # deterministic
+
+
+def test_sampler_reads_in_contiguous_runs_inside_shards(emt_cohort_dir):
+    ds = CohortDataset(emt_cohort_dir, "all")
+    order = _epoch_ids(ds, 1, 0, block=8)[0]
+    # Runs of `block` consecutive subjects stay together (shuffled inside).
+    runs = [sorted(order[i : i + 8]) for i in range(0, len(order), 8)]
+    assert all(r == list(range(r[0], r[0] + 8)) for r in runs)
+    assert order != sorted(order)
+
+
+def test_three_ranks_pad_and_loader_marks_padding(emt_cohort_dir):
+    ds = CohortDataset(emt_cohort_dir, "val")  # 10 subjects -> 4 per rank, 2 pads
+    got, pads = [], 0
+    for r in range(3):
+        s = ShardAwareSampler.for_dataset(ds, num_replicas=3, rank=r, seed=0, block=2)
+        for b in make_loader(ds, 3, s, num_workers=0):
+            keep = ~b["is_pad"]
+            pads += int(b["is_pad"].sum())
+            got += b["subject_id"][keep].tolist()
+    assert pads == 2
+    assert sorted(got) == sorted(load_manifest(emt_cohort_dir).splits["val"])
+
+
+def test_items_match_the_files_and_workers_change_nothing(emt_cohort_dir):
+    truth = read_all(emt_cohort_dir)
+    ds = CohortDataset(emt_cohort_dir, "train")
+    out = {}
+    for workers in (2, 0):
+        s = ShardAwareSampler.for_dataset(ds, seed=1, block=4)
+        batches = list(make_loader(ds, 5, s, num_workers=workers))
+        if workers:  # the workers opened the shards, the parent did not
+            assert not ds._readers
+        cat = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        out[workers] = cat
+        ids = cat["subject_id"].numpy()
+        assert cat["fmri"].dtype == torch.float16 and cat["snp"].dtype == torch.uint8
+        assert np.array_equal(cat["fmri"].numpy(), truth["fmri"][ids])
+        assert np.array_equal(cat["snp"].numpy(), truth["snp"][ids])
+        assert np.array_equal(cat["clinical"].numpy(), truth["clinical"][ids])
+        assert np.array_equal(cat["label"].numpy(), truth["label"][ids])
+    for k in out[0]:
+        assert torch.equal(out[0][k], out[2][k])
+
+
+def test_split_filter_and_folds(volume_cohort_dir):
+    m = load_manifest(volume_cohort_dir)
+    folds = [set(m.subjects(f"fold:{k}")) for k in range(5)]
+    assert set().union(*folds) == set(range(m.n_subjects))
+    assert sum(len(f) for f in folds) == m.n_subjects
+    for k in range(5):
+        tr, va, te = (set(m.subjects(f"fold:{k}:{p}")) for p in ("train", "val", "test"))
+        assert te == folds[k] and not (tr & va) and not (tr & te) and not (va & te)
+        assert tr | va | te == set(range(m.n_subjects))
+    ds = CohortDataset(volume_cohort_dir, "fold:2:test")
+    assert sorted(ds.ids.tolist()) == sorted(folds[2])
+    with pytest.raises(Exception, match="unknown split"):
+        CohortDataset(volume_cohort_dir, "holdout")
+
+
+def test_volume_items_are_normalised_and_severity_scaled(volume_cohort_dir):
+    ds = CohortDataset(volume_cohort_dir, "train")
+    b = ds.__getitems__(list(range(6)))
+    v = b["volume"]
+    assert v.shape[1] == 1 and v.dtype == torch.float32
+    flat = v.view(6, -1)
+    assert torch.allclose(flat.min(1).values, torch.zeros(6), atol=1e-5)
+    assert torch.allclose(flat.max(1).values, torch.ones(6), atol=1e-5)
+    assert ((b["severity"] >= 0) & (b["severity"] <= 1)).all()
+    raw = CohortDataset(volume_cohort_dir, "train", normalize_volumes=False).__getitems__([0])
+    assert raw["volume"].min() < 0.0  # noise around zero in the background, unnormalised
+
+
+def test_sampler_resumes_mid_epoch(emt_cohort_dir):
+    ds = CohortDataset(emt_cohort_dir, "train")
+    s = ShardAwareSampler.for_dataset(ds, seed=5, block=4)
+    s.set_epoch(3)
+    full = list(s)
+    s.start = 7
+    state = s.state_dict()
+    t = ShardAwareSampler.for_dataset(ds, seed=0, block=4)
+    t.load_state_dict(state)
+    assert list(t) == full[7:] and len(t) == len(full) - 7
+
+
+def test_batch_buffers_are_reused_only_when_released(emt_cohort_dir):
+    ds = CohortDataset(emt_cohort_dir, "all")
+    a = ds.__getitems__([0, 1])
+    keep = a["fmri"]
+    b = ds.__getitems__([2, 3])
+    assert b["fmri"].data_ptr() != keep.data_ptr()  # still held: not overwritten
+    assert torch.equal(keep, ds.__getitems__([0, 1])["fmri"])
+    ptr = b["fmri"].data_ptr()
+    del b
+    c = ds.__getitems__([4, 5])
+    assert c["fmri"].data_ptr() in (ptr,) or len(ds._pool._bufs) > 0
