@@ -10,7 +10,7 @@ the valid ones at that level.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from omegaconf import OmegaConf
@@ -226,16 +226,138 @@ class DataConfig(Strict):
     normalize_volumes: bool = True
 
 
+# --------------------------------------------------------------------------- models
+class EMTModelConfig(Strict):
+    """EMT (paper 000, section 2.2).  Input shapes come from the cohort section."""
+
+    name: Literal["emt", "late_fusion_mlp"] = "emt"
+    d_model: int = Field(256, ge=8)
+    patch: tuple[int, int, int] = (6, 6, 4)  # spatial; all frames kept in each token
+    snp_embed_dim: int = Field(64, ge=1)
+    n_layers: int = Field(4, ge=1)
+    n_heads: int = Field(8, ge=1)
+    d_ff: int = Field(512, ge=1)
+    # Dropout(0.2) of the paper: patch embedding, clinical projection and head.
+    dropout: float = Field(0.2, ge=0, lt=1)
+    # Inside the Transformer layers (attention and feed-forward).  The paper does
+    # not say; PyTorch's default is 0.1.  Evaluation is the same either way.
+    encoder_dropout: float = Field(0.1, ge=0, lt=1)
+    head_hidden: int = Field(128, ge=1)  # chosen: the head's hidden width
+    # late-fusion MLP baseline: per-modality encoders of this width, MLP head
+    mlp_hidden: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "EMTModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        return self
+
+
+class CNN3DModelConfig(Strict):
+    """Dual-path 3-D CNN (paper 001, section 2.3) and its baselines."""
+
+    name: Literal["dual_path", "single_task_response", "single_task_severity", "resnet18"] = "dual_path"
+    channels: tuple[int, ...] = (16, 32, 64)  # one Conv3d-BN-ReLU-MaxPool block each (chosen)
+    attention: Literal["se", "spatial", "none"] = "se"  # per path: squeeze-excitation or spatial gate
+    dropout: float = Field(0.3, ge=0, lt=1)
+    dense: int = Field(64, ge=1)
+
+
+class MultiTaskLossConfig(Strict):
+    severity_weight: float = Field(0.4, ge=0)  # MSE on severity in [0, 1]
+    response_weight: float = Field(0.6, ge=0)  # categorical focal loss
+    focal_alpha: float = Field(0.25, gt=0)
+    focal_gamma: float = Field(2.0, ge=0)
+
+
+# --------------------------------------------------------------------------- training
+class PlateauConfig(Strict):
+    monitor: str = "val.auc"
+    mode: Literal["min", "max"] = "max"
+    patience: int = Field(3, ge=0)
+    factor: float = Field(0.5, gt=0, lt=1)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class EarlyStoppingConfig(Strict):
+    monitor: str = "val.auc"
+    mode: Literal["min", "max"] = "max"
+    patience: int = Field(7, ge=1)
+    restore_best: bool = True
+
+
+class TrainConfig(Strict):
+    strategy: Literal["single", "ddp", "deepspeed"] = "single"
+    # auto: bf16 on a GPU that supports it, fp32 on CPU (no bf16 units on most CPUs)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(12, ge=1)  # per process
+    max_epochs: int = Field(50, ge=1)
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    grad_clip_norm: Optional[float] = Field(None, gt=0)
+    plateau: PlateauConfig = Field(default_factory=PlateauConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    checkpoint_every_steps: int = Field(0, ge=0)  # 0: at epoch ends (and on signals) only
+    seed: int = 0
+    deterministic: bool = True  # CPU runs are bit-reproducible, also across resume
+    deepspeed_config: Optional[str] = None  # a JSON in configs/deepspeed/; optimiser/LR filled from here
+    compile: bool = False  # torch.compile the model
+    log_every_steps: int = Field(10, ge=1)
+    num_threads: int = Field(0, ge=0)  # torch intra-op threads per process (0: cores / local processes)
+
+
+class EvalConfig(Strict):
+    calibration: list[Literal["platt", "isotonic", "temperature"]] = Field(
+        default_factory=lambda: ["platt", "isotonic", "temperature"]
+    )
+    ece_bins: int = Field(10, ge=2)
+    baselines: list[Literal["late_fusion_mlp", "random_forest", "single_task_response", "single_task_severity", "resnet18"]] = Field(
+        default_factory=list
+    )
+    rf_estimators: int = Field(300, ge=1)
+    importance_subjects: int = Field(64, ge=1)  # gradient x input on this many test subjects
+
+
+class TrackingConfig(Strict):
+    wandb: bool = True
+    mode: Literal["offline", "online", "disabled"] = "offline"  # WANDB_MODE set by the user wins
+    project: str = "trd-hpc"
+    group: Optional[str] = None
+    job_type: str = "train"
+    tags: list[str] = Field(default_factory=list)
+
+
 class EMTExperiment(Strict):
     task: Literal["emt"] = "emt"
     cohort: EMTCohortConfig = Field(default_factory=EMTCohortConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    model: EMTModelConfig = Field(default_factory=EMTModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=lambda: EvalConfig(baselines=["late_fusion_mlp", "random_forest"]))
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def _cnn_train() -> TrainConfig:
+    return TrainConfig(
+        optimizer="adam", lr=5e-4, weight_decay=0.0, grad_clip_norm=1.0, batch_size=16, max_epochs=39,
+        plateau=PlateauConfig(monitor="val.loss", mode="min", patience=3, factor=0.5),
+        early_stopping=EarlyStoppingConfig(monitor="val.accuracy", mode="max", patience=7),
+    )
 
 
 class CNN3DExperiment(Strict):
     task: Literal["cnn3d"] = "cnn3d"
     cohort: VolumeCohortConfig = Field(default_factory=VolumeCohortConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    model: CNN3DModelConfig = Field(default_factory=CNN3DModelConfig)
+    loss: MultiTaskLossConfig = Field(default_factory=MultiTaskLossConfig)
+    train: TrainConfig = Field(default_factory=_cnn_train)
+    eval: EvalConfig = Field(
+        default_factory=lambda: EvalConfig(calibration=[], baselines=["single_task_response", "single_task_severity", "resnet18"])
+    )
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 ExperimentConfig = Union[EMTExperiment, CNN3DExperiment]
