@@ -34,6 +34,22 @@ def test_two_ranks_see_each_subject_of_a_split_once_per_epoch(emt_cohort_dir, sp
     assert _epoch_ids(ds, 2, 0) == _epoch_ids(ds, 2, 0)  # deterministic
 
 
+@pytest.mark.parametrize("world,batch", [(2, 3), (3, 2), (2, 5)])
+def test_striped_ranks_together_equal_one_process_with_the_global_batch(emt_cohort_dir, world, batch):
+    ds = CohortDataset(emt_cohort_dir, "train")  # 44 subjects
+    one = ShardAwareSampler.for_dataset(ds, seed=2, block=4, batch_size=world * batch)
+    order = list(one)
+    ranks = [list(ShardAwareSampler.for_dataset(ds, num_replicas=world, rank=r, seed=2, block=4, batch_size=batch))
+             for r in range(world)]
+    assert len({len(r) for r in ranks}) == 1
+    full = len(order) // (world * batch)
+    for k in range(full):  # every full global step: the same samples
+        step = sorted(i for r in ranks for i in r[k * batch:(k + 1) * batch])
+        assert step == sorted(order[k * world * batch:(k + 1) * world * batch])
+    seen = sorted(decode(i)[0] for r in ranks for i in r if not decode(i)[1])
+    assert seen == list(range(len(ds)))
+
+
 def test_sampler_reads_in_contiguous_runs_inside_shards(emt_cohort_dir):
     ds = CohortDataset(emt_cohort_dir, "all")
     order = _epoch_ids(ds, 1, 0, block=8)[0]

@@ -51,6 +51,39 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(a: argparse.Namespace) -> int:
+    from trd_hpc.train import signals
+
+    signals.install()  # before the slow imports, so an early pre-emption is not lost
+    from trd_hpc.config import load_config
+    from trd_hpc.train.run import train
+
+    cfg = load_config(a.config, a.overrides)
+    metrics = train(cfg, a.out, resume=a.resume, evaluate_after=not a.no_eval, progress=not a.quiet)
+    if metrics is not None:
+        keys = [k for k in ("test.auc", "test.ap", "test.accuracy", "test.severity_mae", "best_epoch") if k in metrics]
+        print("final: " + "  ".join(f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}" for k in keys))
+        report = Path(a.out) / "report.html"
+        if report.exists():
+            print(f"report: {report}")
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from trd_hpc.eval.pipeline import run_evaluation
+
+    m = run_evaluation(Path(a.run_dir), figures=not a.no_figures)
+    print(f"metrics: {Path(a.run_dir) / 'metrics.json'} ({len(m)} values)")
+    return 0
+
+
+def _cmd_report(a: argparse.Namespace) -> int:
+    from trd_hpc.eval.pipeline import write_run_report
+
+    print(f"report: {write_run_report(Path(a.run_dir))}")
+    return 0
+
+
 def _cmd_cohort_validate(a: argparse.Namespace) -> int:
     from trd_hpc.data.validate import validate_cohort_dir
 
@@ -119,6 +152,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(g)
     g.set_defaults(func=_cmd_generate)
 
+    t = sub.add_parser(
+        "train",
+        help="train a model (generates the config's cohort first when missing), evaluate it, write the report",
+        description="Train CONFIG's model on its cohort (data.cohort). train.strategy=single|ddp|deepspeed; "
+        "launch ddp/deepspeed with torchrun --nproc_per_node=N or as SLURM tasks under srun.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("config", help="experiment YAML (configs/emt_tiny.yaml, configs/cnn3d.yaml, ...)")
+    t.add_argument("--out", required=True, help="run directory (created; holds checkpoints, metrics, report)")
+    t.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from the newest valid checkpoint in --out ('auto', the default value) or from a given checkpoint")
+    t.add_argument("--no-eval", action="store_true", help="skip calibration, baselines, figures and the report")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_overrides(t)
+    t.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("evaluate", help="redo calibration, importance, baselines, figures and report of a run")
+    ev.add_argument("run_dir")
+    ev.add_argument("--no-figures", action="store_true")
+    ev.set_defaults(func=_cmd_evaluate)
+    rp = sub.add_parser("report", help="rewrite report.html of a run from its metrics and figures")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=_cmd_report)
+
     c = sub.add_parser("cohort", help="inspect a cohort directory")
     csub = c.add_subparsers(dest="cohort_cmd", required=True, metavar="ACTION")
     v = csub.add_parser("validate", help="check files against the manifest; exit 1 naming each bad file")
@@ -167,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (CohortError, ValueError, FileNotFoundError) as e:
+    except (CohortError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -219,7 +219,15 @@ def make_loader(
     prefetch_factor: int = 2,
     pin_memory: bool | None = None,
     persistent_workers: bool = False,
+    generator: torch.Generator | None = None,
 ) -> DataLoader:
+    """A DataLoader over ``dataset`` in ``sampler``'s order.
+
+    ``generator`` seeds the workers; passing one (always, here) keeps the
+    loader from drawing from torch's global RNG when an epoch starts, which
+    would otherwise shift the dropout stream and break exact resume."""
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     kw = {}
@@ -233,5 +241,6 @@ def make_loader(
         collate_fn=collate_batched,
         pin_memory=pin_memory,
         drop_last=False,
+        generator=generator,
         **kw,
     )

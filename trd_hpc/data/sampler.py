@@ -38,6 +38,7 @@ class ShardAwareSampler(Sampler[int]):
         seed: int = 0,
         block: int = 16,
         drop_last: bool = False,
+        batch_size: int | None = None,
     ):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
@@ -45,6 +46,10 @@ class ShardAwareSampler(Sampler[int]):
         self.n = sum(self.shard_sizes)
         self.num_replicas, self.rank = num_replicas, rank
         self.shuffle, self.seed, self.block, self.drop_last = shuffle, seed, max(1, block), drop_last
+        # With the per-rank batch size known, global batch k (of num_replicas x
+        # batch_size entries of the epoch order) is striped over the ranks, so W
+        # processes with batch b see the same samples per step as one with W*b.
+        self.batch_size = batch_size
         self.epoch = 0
         self.start = 0  # samples of this rank's epoch already consumed (resume)
         if drop_last:
@@ -83,7 +88,14 @@ class ShardAwareSampler(Sampler[int]):
             order = np.concatenate([order, -(pads + 1)])
         else:
             order = order[:total]
-        return order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+        if not self.batch_size or self.num_replicas == 1:
+            return order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+        w, b = self.num_replicas, self.batch_size
+        full = len(order) // (w * b)
+        head = order[: full * w * b].reshape(full, w, b)[:, self.rank, :].reshape(-1)
+        tail = order[full * w * b :]
+        t = len(tail) // w
+        return np.concatenate([head, tail[self.rank * t : (self.rank + 1) * t]])
 
     def __iter__(self):
         idx = self.rank_indices()[self.start :]
@@ -94,6 +106,13 @@ class ShardAwareSampler(Sampler[int]):
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "start": self.start, "seed": self.seed, "num_replicas": self.num_replicas}
+
+    def resume_at(self, state: dict) -> None:
+        """Continue an epoch saved by a sampler of possibly another world size:
+        the same epoch, skipping as many samples per rank as were consumed in all."""
+        self.epoch, self.seed = int(state["epoch"]), int(state["seed"])
+        consumed = int(state["start"]) * int(state.get("num_replicas", self.num_replicas))
+        self.start = min(consumed // self.num_replicas, self.per_rank)
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])

@@ -1,0 +1,105 @@
+"""Checkpoint files: atomic writes, newest-valid lookup, RNG state capture.
+
+Layout under ``RUN_DIR/checkpoints/``:
+* ``step-000000123.pt`` for the single/DDP strategies (one file written by rank 0);
+* ``step-000000123/`` for DeepSpeed (the engine's own per-rank files) plus a
+  ``complete`` marker written after every rank has saved.
+A file is written under a temporary name and renamed, so a crash mid-write
+never leaves a checkpoint that looks valid; a checkpoint that does not load is
+skipped in favour of the previous one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+FORMAT = "trd-hpc-checkpoint-v1"
+_STEP = re.compile(r"^step-(\d{9})(\.pt)?$")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_name(step: int, deepspeed: bool = False) -> str:
+    return f"step-{step:09d}" + ("" if deepspeed else ".pt")
+
+
+def save_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of complete checkpoints, newest first."""
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.iterdir():
+        m = _STEP.match(p.name)
+        if not m:
+            continue
+        if p.is_dir() and not (p / "complete").exists():
+            continue
+        out.append((int(m.group(1)), p))
+    return sorted(out, key=lambda t: t[0], reverse=True)
+
+
+def load_file(path: Path) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a trd-hpc checkpoint (format {state.get('format') if isinstance(state, dict) else '?'})")
+    return state
+
+
+def newest_valid(run_dir: Path) -> tuple[Path, dict | None] | None:
+    """The newest checkpoint that loads: (path, state) for files, (dir, None) for
+    DeepSpeed directories (the engine loads those itself)."""
+    for _, p in list_checkpoints(run_dir):
+        if p.is_dir():
+            return p, None
+        try:
+            return p, load_file(p)
+        except Exception as e:  # corrupt or truncated: fall back to the previous one
+            warnings.warn(f"skipping unreadable checkpoint {p}: {e}")
+    return None
+
+
+def prune(run_dir: Path, keep: int = 2) -> None:
+    for _, p in list_checkpoints(run_dir)[keep:]:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def capture_rng() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_python_state(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_python_state(s):
+    # torch.save turns the tuple of ints into a tuple; random.setstate needs (int, tuple, float|None).
+    version, internal, gauss = s
+    return int(version), tuple(int(x) for x in internal), gauss

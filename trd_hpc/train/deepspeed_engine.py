@@ -1,0 +1,82 @@
+"""DeepSpeed: the engine built from a JSON in configs/deepspeed/ plus the run's
+optimiser, batch and clipping settings (so one place, the experiment config,
+holds the learning rate whatever the strategy).
+
+Nothing here compiles C++ ops: the optimiser is torch's own (``torch_adam``),
+there is no CPU offload (no cpu_adam), and the shared-memory communication op
+is switched off before the engine starts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from trd_hpc.config import TrainConfig
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def resolve_config_path(name: str) -> Path:
+    for cand in (Path(name), REPO_CONFIGS / name, REPO_CONFIGS / "deepspeed" / name, REPO_CONFIGS / "deepspeed" / f"{name}.json"):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(
+        f"train.deepspeed_config: {name} not found (looked in ., configs/, configs/deepspeed/); "
+        f"available: {', '.join(sorted(p.name for p in (REPO_CONFIGS / 'deepspeed').glob('*.json')))}"
+    )
+
+
+def build_ds_config(train: TrainConfig, world_size: int) -> tuple[dict, str]:
+    """(DeepSpeed config dict, precision actually used)."""
+    if not train.deepspeed_config:
+        raise ValueError("train.strategy=deepspeed needs train.deepspeed_config (e.g. zero2_bf16.json)")
+    path = resolve_config_path(train.deepspeed_config)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    for key in ("optimizer", "scheduler", "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_clipping"):
+        if key in ds:
+            raise ValueError(f"{path}: '{key}' comes from the experiment config (train.*); remove it from the JSON")
+    file_precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+    precision = file_precision if train.precision == "auto" else train.precision
+    ds.pop("bf16", None) if precision != "bf16" else None
+    ds.pop("fp16", None) if precision != "fp16" else None
+    if precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif precision == "fp16" and "fp16" not in ds:
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    ds["optimizer"] = {
+        "type": "AdamW" if train.optimizer == "adamw" else "Adam",
+        "params": {"lr": train.lr, "weight_decay": train.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8,
+                   "torch_adam": True},
+    }
+    if train.optimizer == "adam":
+        ds["optimizer"]["params"]["adam_w_mode"] = False
+    ds["train_micro_batch_size_per_gpu"] = train.batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = train.batch_size * world_size
+    if train.grad_clip_norm:
+        ds["gradient_clipping"] = train.grad_clip_norm
+    ds.setdefault("steps_per_print", 10**9)
+    return ds, precision
+
+
+def initialize(model: torch.nn.Module, ds_config: dict):
+    import deepspeed
+    import deepspeed.ops
+
+    # Avoid compiling the shared-memory communication op on first use.
+    getattr(deepspeed.ops, "__compatible_ops__", {})["deepspeed_shm_comm"] = False
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+        dist_init_required=False,
+    )
+    return engine, optimizer
+
+
+def engine_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)

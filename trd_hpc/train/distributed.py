@@ -1,0 +1,151 @@
+"""Process-group set-up for torchrun, SLURM (srun) and plain single-process runs.
+
+Rank, world size, local rank and the rendezvous come from torchrun's variables
+when present, else from SLURM's (one task per process under ``srun``): the
+master is the first host of ``SLURM_JOB_NODELIST`` and the port is derived
+from the job id, so every task computes the same address without talking.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None  # None: no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def _first_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    # scontrol unavailable: "node[01-04],gpu7" -> "node01"
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rng = head.split("[", 1)
+        return prefix + rng.split("-")[0].split(",")[0].rstrip("]")
+    return head
+
+
+def slurm_port(job_id: str) -> int:
+    """A port in 15000..29999 from the job id (same on every task of the job)."""
+    return 15000 + int(job_id) % 15000
+
+
+def env_from_slurm(environ: dict | None = None) -> dict[str, str]:
+    """torch.distributed variables derived from SLURM's, for a task launched by srun."""
+    e = os.environ if environ is None else environ
+    if "SLURM_PROCID" not in e or "SLURM_NTASKS" not in e:
+        return {}
+    nodelist = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST") or socket.gethostname()
+    job = e.get("SLURM_JOB_ID", "0")
+    return {
+        "RANK": e["SLURM_PROCID"],
+        "WORLD_SIZE": e["SLURM_NTASKS"],
+        "LOCAL_RANK": e.get("SLURM_LOCALID", "0"),
+        "LOCAL_WORLD_SIZE": e.get("SLURM_NTASKS_PER_NODE", e.get("SLURM_STEP_TASKS_PER_NODE", "1")).split("(")[0].split(",")[0],
+        "MASTER_ADDR": e.get("MASTER_ADDR") or _first_host(nodelist),
+        "MASTER_PORT": e.get("MASTER_PORT") or str(slurm_port(job)),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device(kind: str, local_rank: int) -> torch.device:
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is visible")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init(strategy: str, device_kind: str = "auto", timeout_s: int = 1800) -> DistInfo:
+    """Join (or create) the process group that ``strategy`` needs."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(env_from_slurm())
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if strategy == "single" and world > 1:
+        raise RuntimeError(
+            f"train.strategy=single but {world} processes were launched; use train.strategy=ddp or deepspeed"
+        )
+    device = pick_device(device_kind, local_rank)
+    info = DistInfo(rank, world, local_rank, local_world, device)
+    if strategy == "single":
+        return info
+    if world == 1:  # a one-process group, so DDP and DeepSpeed code paths still run
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    info.backend = backend
+    return info
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def all_gather_objects(info: DistInfo, obj) -> list:
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(info: DistInfo, obj, src: int = 0):
+    """The main rank's value of ``obj`` on every rank (one decision, taken once)."""
+    if not info.distributed:
+        return obj
+    box = [obj if info.rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_flag(info: DistInfo, *flags: bool) -> list[bool]:
+    """Element-wise OR of boolean flags over all ranks (one small all-reduce)."""
+    if not info.distributed:
+        return [bool(f) for f in flags]
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]

@@ -1,0 +1,482 @@
+"""One training loop for every model and strategy (single process, DDP, DeepSpeed).
+
+Per epoch: train over this rank's part of the split, evaluate on the whole
+validation split (predictions gathered from every rank, padding dropped), then
+take the LR-plateau and early-stopping decisions once, on rank 0, and hand
+them to every rank.  State that matters for an exact resume (weights,
+optimiser, scheduler, scaler, early stopping, sampler position, every rank's
+RNG) is checkpointed atomically every N steps, at each epoch end and when a
+pre-emption signal arrives.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from trd_hpc.data.dataset import CohortDataset, make_loader
+from trd_hpc.data.sampler import ShardAwareSampler
+from trd_hpc.train import checkpoint as ckpt
+from trd_hpc.train import distributed as D
+from trd_hpc.train import signals
+from trd_hpc.train.tasks import merge_records
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class Preempted(Exception):
+    """Raised after the pre-emption checkpoint is written."""
+
+    def __init__(self, step: int, signame: str, path: Path):
+        super().__init__(f"{signame} received: checkpoint at step {step} written to {path}")
+        self.step, self.signame, self.path = step, signame, path
+
+
+@dataclass
+class EarlyStopping:
+    mode: str
+    patience: int
+    best: float = math.nan
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def improved(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if math.isnan(self.best):
+            return True
+        return value > self.best if self.mode == "max" else value < self.best
+
+    def update(self, value: float, epoch: int) -> tuple[bool, bool]:
+        """(is_new_best, should_stop)."""
+        if self.improved(value):
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True, False
+        self.bad_epochs += 1
+        return False, self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.best, self.best_epoch, self.bad_epochs = float(s["best"]), int(s["best_epoch"]), int(s["bad_epochs"])
+
+
+class LRPlateau:
+    """torch's ReduceLROnPlateau driving any optimiser's param groups.
+
+    The scheduler runs on a one-parameter proxy optimiser and its learning
+    rate is copied to the real one, so the same code serves torch optimisers
+    and DeepSpeed's wrappers (which are not torch Optimizers)."""
+
+    def __init__(self, optimizer, lr: float, mode: str, factor: float, patience: int, min_lr: float):
+        self.optimizer = optimizer
+        self._proxy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+        self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self._proxy, mode=mode, factor=factor, patience=patience, min_lr=min_lr
+        )
+        self._apply()
+
+    @property
+    def lr(self) -> float:
+        return float(self._proxy.param_groups[0]["lr"])
+
+    def _apply(self) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr
+
+    def step(self, value: float) -> None:
+        if not math.isnan(value):
+            self.sched.step(value)
+        self._apply()
+
+    def state_dict(self) -> dict:
+        return {"sched": self.sched.state_dict(), "lr": self.lr}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.sched.load_state_dict(s["sched"])
+        self._proxy.param_groups[0]["lr"] = float(s["lr"])
+        self._apply()
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epoch in progress (or next to run)
+    step: int = 0  # optimiser steps done
+    history: list[dict] = field(default_factory=list)
+    finished: bool = False
+    stopped_early: bool = False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"  # CPUs without bf16 units run bf16 2-4x slower than fp32
+
+
+class Trainer:
+    def __init__(self, cfg, task, run_dir: Path, info: D.DistInfo, cohort_root: Path, progress: bool = True):
+        self.cfg, self.task, self.run_dir, self.info = cfg, task, Path(run_dir), info
+        self.tc = cfg.train
+        self.cohort_root = Path(cohort_root)
+        self.progress = progress and info.is_main
+        self.device = info.device
+        self.deepspeed = self.tc.strategy == "deepspeed"
+        self.state = TrainState()
+        self._setup()
+
+    # ------------------------------------------------------------------ set-up
+    def _setup(self) -> None:
+        tc, info = self.tc, self.info
+        threads = tc.num_threads or max(1, (os.cpu_count() or 1) // max(info.local_world_size, 1))
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            if self.device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+                torch.backends.cudnn.benchmark = False
+        torch.manual_seed(tc.seed)  # same initial weights on every rank
+        model = self.task.build_model().to(self.device)
+        self.flops_per_sample = self.task.flops_per_sample(model)
+
+        self.datasets = {s: CohortDataset(self.cohort_root, s, normalize_volumes=self.cfg.data.normalize_volumes)
+                         for s in self._split_names()}
+        bs = tc.batch_size
+        self.train_sampler = ShardAwareSampler.for_dataset(
+            self.datasets["train"], num_replicas=info.world_size, rank=info.rank, shuffle=True,
+            seed=tc.seed, block=self.cfg.data.locality_block, batch_size=bs,
+        )
+        self.loaders = {"train": self._loader("train", self.train_sampler)}
+
+        if self.deepspeed:
+            from trd_hpc.train import deepspeed_engine as dse
+
+            ds_cfg, self.precision = dse.build_ds_config(tc, info.world_size)
+            self.engine, self.optimizer = dse.initialize(model, ds_cfg)
+            self.model = self.engine
+            self.raw_model = self.engine.module
+            self.in_dtype = dse.engine_dtype(self.precision)
+            self.zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+            self.scaler = None
+        else:
+            self.precision = resolve_precision(tc.precision, self.device)
+            self.raw_model = model
+            if tc.compile:
+                model = torch.compile(model)
+            if info.distributed:
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            self.model = model
+            opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+            self.optimizer = opt_cls(self.raw_model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+            self.in_dtype = torch.float32
+            self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+            self.zero_stage = None
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision) if not self.deepspeed else None
+        p = tc.plateau
+        self.plateau = LRPlateau(self.optimizer, tc.lr, p.mode, p.factor, p.patience, p.min_lr)
+        self.early = EarlyStopping(tc.early_stopping.mode, tc.early_stopping.patience)
+        self.best_state: dict | None = None
+        self._peak = None
+
+    def _split_names(self) -> list[str]:
+        return ["train", "val", "test"]
+
+    def _loader(self, split: str, sampler: ShardAwareSampler):
+        d = self.cfg.data
+        return make_loader(self.datasets[split], self.tc.batch_size, sampler, num_workers=d.num_workers,
+                           prefetch_factor=d.prefetch_factor, persistent_workers=False,
+                           generator=torch.Generator().manual_seed(self.tc.seed))
+
+    def eval_loader(self, split: str):
+        s = ShardAwareSampler.for_dataset(self.datasets[split], num_replicas=self.info.world_size,
+                                          rank=self.info.rank, shuffle=False, block=self.cfg.data.locality_block)
+        return self._loader(split, s)
+
+    # ------------------------------------------------------------------ steps
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _forward(self, model, batch):
+        inputs = self.task.inputs(batch, self.device, self.in_dtype)
+        with self._autocast():
+            return model(**inputs)
+
+    def _optimizer_step(self, loss: torch.Tensor) -> None:
+        if self.deepspeed:
+            self.engine.backward(loss)
+            self.engine.step()
+            return
+        clip = self.tc.grad_clip_norm
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if clip:
+                nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict(self, split: str) -> dict[str, np.ndarray]:
+        """Per-subject records of ``split`` gathered from every rank (each subject once)."""
+        model = self.raw_model
+        was_training = model.training
+        model.eval()
+        parts = []
+        for batch in self.eval_loader(split):
+            out = self._forward(model, batch)
+            parts.append(self.task.records(out, batch))
+        model.train(was_training)
+        local = merge_records(parts)
+        gathered = D.all_gather_objects(self.info, local)
+        return merge_records(gathered)
+
+    def evaluate(self, split: str) -> tuple[dict, dict]:
+        rec = self.predict(split)
+        metrics = self.task.metrics(rec) if self.info.is_main and rec else {}
+        metrics = D.broadcast_object(self.info, metrics)
+        return metrics, rec
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainer_state(self) -> dict:
+        return {
+            "epoch": self.state.epoch,
+            "step": self.state.step,
+            "history": self.state.history,
+            "sampler": self.train_sampler.state_dict(),
+            "early": self.early.state_dict(),
+            "plateau": self.plateau.state_dict(),
+            "world_size": self.info.world_size,
+            "strategy": self.tc.strategy,
+            "precision": self.precision,
+            "zero_stage": self.zero_stage,
+            "finished": self.state.finished,
+            "stopped_early": self.state.stopped_early,
+        }
+
+    def save_checkpoint(self) -> Path:
+        rngs = D.all_gather_objects(self.info, ckpt.capture_rng())
+        d = ckpt.checkpoint_dir(self.run_dir)
+        if self.deepspeed:
+            name = ckpt.step_name(self.state.step, deepspeed=True)
+            client = {"trainer": self._trainer_state(), "rng": rngs, "best_model": self.best_state}
+            self.engine.save_checkpoint(str(d), tag=name, client_state=client)
+            D.barrier(self.info)
+            path = d / name
+            if self.info.is_main:
+                (path / "trainer.json").write_text(json.dumps(
+                    {"world_size": self.info.world_size, "zero_stage": self.zero_stage, "step": self.state.step}))
+                (path / "complete").write_text("ok\n")
+                ckpt.prune(self.run_dir)
+            D.barrier(self.info)
+            return path
+        path = d / ckpt.step_name(self.state.step)
+        if self.info.is_main:
+            state = {
+                "format": ckpt.FORMAT,
+                "model": self.raw_model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "trainer": self._trainer_state(),
+                "rng": rngs,
+                "best_model": self.best_state,
+            }
+            ckpt.save_atomic(state, path)
+            ckpt.prune(self.run_dir)
+        D.barrier(self.info)
+        return path
+
+    def load_checkpoint(self, where: str | Path) -> Path | None:
+        """Resume from ``where`` ('auto': newest valid under the run dir). Returns the path or None."""
+        if str(where) == "auto":
+            found = ckpt.newest_valid(self.run_dir)
+            if found is None:
+                return None
+            path, state = found
+        else:
+            path = Path(where)
+            state = None if path.is_dir() else ckpt.load_file(path)
+        if path.is_dir():
+            if not self.deepspeed:
+                raise TrainingError(f"{path} is a DeepSpeed checkpoint; resume it with train.strategy=deepspeed")
+            meta = json.loads((path / "trainer.json").read_text())
+            if meta["world_size"] != self.info.world_size and (meta.get("zero_stage") or 0) > 0:
+                raise TrainingError(
+                    f"{path}: written by {meta['world_size']} processes with ZeRO stage {meta['zero_stage']}; "
+                    f"ZeRO partitions do not reload at another world size ({self.info.world_size} now). "
+                    f"Resume with {meta['world_size']} processes, or consolidate the weights with DeepSpeed's "
+                    f"zero_to_fp32.py and start a new run from them."
+                )
+            _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
+            if client is None:
+                raise TrainingError(f"{path}: DeepSpeed could not load this checkpoint")
+            trainer, rngs, best = client["trainer"], client["rng"], client.get("best_model")
+        else:
+            if self.deepspeed:
+                raise TrainingError(f"{path} was written without DeepSpeed; resume it with train.strategy={state['trainer']['strategy']}")
+            self.raw_model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            trainer, rngs, best = state["trainer"], state["rng"], state.get("best_model")
+        self.state = TrainState(epoch=trainer["epoch"], step=trainer["step"], history=list(trainer["history"]),
+                                finished=trainer.get("finished", False), stopped_early=trainer.get("stopped_early", False))
+        self.early.load_state_dict(trainer["early"])
+        self.plateau.load_state_dict(trainer["plateau"])
+        self.best_state = best
+        same_world = trainer["world_size"] == self.info.world_size
+        if same_world:
+            self.train_sampler.load_state_dict(trainer["sampler"])
+            ckpt.restore_rng(rngs[self.info.rank])
+        else:  # DDP at another world size: same epoch, same number of samples consumed in all
+            self.train_sampler.resume_at(trainer["sampler"])
+            torch.manual_seed(self.tc.seed * 1000003 + self.state.step * 101 + self.info.rank)
+        return path
+
+    # ------------------------------------------------------------------ loop
+    def _peak_flops(self) -> float:
+        if self._peak is None:
+            from trd_hpc.train.perf import peak_flops
+
+            self._peak, self.peak_source = peak_flops(self.device, self.precision)
+        return self._peak
+
+    def _write_history(self) -> None:
+        if not self.info.is_main:
+            return
+        tmp = self.run_dir / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.state.history))
+        os.replace(tmp, self.run_dir / "metrics.jsonl")
+
+    def train_epoch(self, epoch: int, on_step=None) -> dict:
+        tc, info = self.tc, self.info
+        if self.train_sampler.epoch != epoch:
+            self.train_sampler.set_epoch(epoch)
+        self.model.train()
+        n_batches = math.ceil(len(self.train_sampler) / tc.batch_size)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{tc.max_epochs}", unit="step", dynamic_ncols=True, leave=False)
+        parts, losses = [], []
+        samples, t0 = 0, time.perf_counter()
+        peak = self._peak_flops()
+        for batch in self.loaders["train"]:
+            out = self._forward(self.model, batch)
+            loss, _ = self.task.loss(out, batch, self.device)
+            nonfinite, stop = D.any_flag(info, not bool(torch.isfinite(loss.detach())), signals.requested() is not None)
+            if nonfinite:
+                last = ckpt.list_checkpoints(self.run_dir)
+                raise TrainingError(
+                    f"loss became NaN/inf at step {self.state.step + 1} (epoch {epoch + 1}); weights were not "
+                    f"updated with it. Last good checkpoint: {last[0][1] if last else 'none yet'}. "
+                    f"Lower train.lr, set train.grad_clip_norm, or use train.precision=fp32."
+                )
+            if stop:
+                path = self.save_checkpoint()
+                if bar:
+                    bar.close()
+                raise Preempted(self.state.step, signals.requested() or "a signal on another rank", path)
+            self._optimizer_step(loss)
+            self.state.step += 1
+            bsz = len(batch["subject_id"])
+            self.train_sampler.start += bsz
+            samples += bsz
+            losses.append(float(loss.detach()))
+            parts.append(self.task.records(out, batch))
+            if on_step is not None:
+                on_step(self)
+            if bar is not None:
+                dt = max(time.perf_counter() - t0, 1e-9)
+                sps = samples * info.world_size / dt
+                mfu = self.flops_per_sample * sps / (peak * info.world_size)
+                bar.update(1)
+                if self.state.step % tc.log_every_steps == 0 or bar.n == bar.total:
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_s=f"{sps:.1f}", mfu=f"{100 * mfu:.1f}%")
+            if tc.checkpoint_every_steps and self.state.step % tc.checkpoint_every_steps == 0:
+                self.save_checkpoint()
+        if bar:
+            bar.close()
+        dt = max(time.perf_counter() - t0, 1e-9)
+        rec = merge_records(D.all_gather_objects(info, merge_records(parts)))
+        m = self.task.metrics(rec) if info.is_main and rec else {}
+        m = D.broadcast_object(info, m)
+        sps = samples * info.world_size / dt
+        m["samples_per_s"] = sps
+        m["mfu"] = self.flops_per_sample * sps / (peak * info.world_size)
+        return m
+
+    def fit(self, on_step=None, on_epoch=None) -> TrainState:
+        tc, info = self.tc, self.info
+        es_key, pl_key = tc.early_stopping.monitor, tc.plateau.monitor
+        while not self.state.finished and self.state.epoch < tc.max_epochs:
+            epoch = self.state.epoch
+            t0 = time.perf_counter()
+            train_m = self.train_epoch(epoch, on_step)
+            val_m, _ = self.evaluate("val")
+            row = {"epoch": epoch + 1, "step": self.state.step, "lr": self.plateau.lr}
+            row.update({f"train.{k}": v for k, v in train_m.items()})
+            row.update({f"val.{k}": v for k, v in val_m.items()})
+            row["seconds"] = time.perf_counter() - t0
+            # Decisions are taken once, on rank 0, from the gathered metrics.
+            decision = None
+            if info.is_main:
+                is_best, stop = self.early.update(row.get(es_key, math.nan), epoch + 1)
+                decision = {"is_best": is_best, "stop": stop, "plateau_value": row.get(pl_key, math.nan)}
+            decision = D.broadcast_object(info, decision)
+            if not info.is_main:
+                self.early.update(row.get(es_key, math.nan), epoch + 1)  # keep the same state everywhere
+            self.plateau.step(decision["plateau_value"])
+            if decision["is_best"]:
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.raw_model.state_dict().items()}
+            row["best_epoch"] = self.early.best_epoch
+            self.state.history.append(row)
+            self.state.epoch = epoch + 1
+            self.train_sampler.set_epoch(epoch + 1)
+            if decision["stop"]:
+                self.state.stopped_early = True
+                self.state.finished = True
+            elif self.state.epoch >= tc.max_epochs:
+                self.state.finished = True
+            self._write_history()
+            self.save_checkpoint()
+            if on_epoch is not None:
+                on_epoch(self, row)
+            if info.is_main:
+                self._print_epoch(row)
+        if tc.early_stopping.restore_best and self.best_state is not None:
+            self.raw_model.load_state_dict(self.best_state)
+        return self.state
+
+    def _print_epoch(self, row: dict) -> None:
+        keys = [k for k in row if k.startswith("val.") and k.split(".")[1] in ("loss", "auc", "accuracy", "severity_mae")]
+        parts = [f"epoch {row['epoch']}", f"train.loss {row.get('train.loss', math.nan):.4f}"]
+        parts += [f"{k} {row[k]:.4f}" for k in keys]
+        parts += [f"lr {row['lr']:.2e}", f"{row.get('train.samples_per_s', 0):.1f} samples/s",
+                  f"MFU {100 * row.get('train.mfu', 0):.1f}%"]
+        print("  ".join(parts), flush=True)
