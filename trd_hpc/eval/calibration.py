@@ -1,0 +1,194 @@
+"""Post-hoc calibration of a binary classifier's scores (fitted on validation).
+
+Three sklearn-style calibrators share one interface::
+
+    cal = PlattCalibrator().fit(logit_val, y_val)
+    prob_test = cal.predict_proba(logit_test)
+
+Each takes ``input="logit"`` (default) or ``input="prob"`` so either kind of
+score can be passed; internally Platt and temperature work on the logit and
+isotonic on the probability.
+
+All three maps are monotone non-decreasing, so the ranking of the test scores -
+and therefore ROC AUC - is preserved: Platt (with a > 0) and temperature are
+strictly monotone and keep AUC exactly; isotonic regression is a step function
+that can merge distinct scores into ties, so its AUC (and AP) can drop slightly.
+``calibrate_all`` reports AUC after every method so such a drop is visible.
+What calibration can change is the 0.5-threshold accuracy, Brier score and ECE.
+Temperature scaling only rescales the logit (``z / T``) and cannot move the
+decision boundary away from logit 0: a model whose scores are all shifted to
+one side of 0.5 keeps its 0.5-threshold accuracy under temperature scaling.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import expit, logit as _logit
+from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LogisticRegression
+
+from trd_hpc.eval.metrics import binary_metrics
+
+InputKind = Literal["logit", "prob"]
+_EPS = 1e-7
+
+
+def _as_logit(x, kind: InputKind) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64).reshape(-1)
+    return a if kind == "logit" else _logit(np.clip(a, _EPS, 1 - _EPS))
+
+
+def _as_prob(x, kind: InputKind) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64).reshape(-1)
+    return expit(a) if kind == "logit" else a
+
+
+def _labels(y, n: int) -> np.ndarray:
+    y = np.asarray(y).reshape(-1).astype(np.int64)
+    if y.size != n:
+        raise ValueError(f"{n} scores but {y.size} labels")
+    if not (0 < y.sum() < y.size):
+        raise ValueError("calibration needs both classes in the fitting set")
+    return y
+
+
+class _Calibrator:
+    def __init__(self, input: InputKind = "logit"):
+        if input not in ("logit", "prob"):
+            raise ValueError(f"input must be 'logit' or 'prob', got {input!r}")
+        self.input = input
+        self.fitted = False
+
+    def _check_fitted(self) -> None:
+        if not self.fitted:
+            raise RuntimeError(f"{type(self).__name__} is not fitted; call fit() first")
+
+    def params(self) -> dict:
+        return {}
+
+
+class PlattCalibrator(_Calibrator):
+    """``p = sigmoid(a * z + b)`` with a, b from logistic regression on the logit z.
+
+    C is large so the fit is (almost) unregularised maximum likelihood, as in
+    Platt's method; the default C = 1 would shrink ``a`` towards 0.
+    """
+
+    def __init__(self, input: InputKind = "logit", C: float = 1e6):
+        super().__init__(input)
+        self.C = C
+
+    def fit(self, x_val, y_val) -> "PlattCalibrator":
+        z = _as_logit(x_val, self.input)
+        y = _labels(y_val, z.size)
+        lr = LogisticRegression(C=self.C, max_iter=1000).fit(z[:, None], y)
+        self.a, self.b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+        self.fitted = True
+        return self
+
+    def predict_proba(self, x) -> np.ndarray:
+        self._check_fitted()
+        return expit(self.a * _as_logit(x, self.input) + self.b)
+
+    def params(self) -> dict:
+        return {"a": self.a, "b": self.b} if self.fitted else {}
+
+
+class IsotonicCalibrator(_Calibrator):
+    """Monotone step function on the probability; test scores outside the
+    validation range are clipped to the end steps."""
+
+    def fit(self, x_val, y_val) -> "IsotonicCalibrator":
+        p = _as_prob(x_val, self.input)
+        y = _labels(y_val, p.size)
+        self.iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(p, y)
+        self.fitted = True
+        return self
+
+    def predict_proba(self, x) -> np.ndarray:
+        self._check_fitted()
+        return np.asarray(self.iso.predict(_as_prob(x, self.input)), dtype=np.float64)
+
+    def params(self) -> dict:
+        return {"n_steps": int(len(self.iso.X_thresholds_))} if self.fitted else {}
+
+
+class TemperatureCalibrator(_Calibrator):
+    """``p = sigmoid(z / T)`` with T in ``bounds`` minimising the validation NLL."""
+
+    def __init__(self, input: InputKind = "logit", bounds: tuple[float, float] = (0.05, 20.0)):
+        super().__init__(input)
+        self.bounds = bounds
+
+    def fit(self, x_val, y_val) -> "TemperatureCalibrator":
+        z = _as_logit(x_val, self.input)
+        y = _labels(y_val, z.size).astype(np.float64)
+
+        def nll(t: float) -> float:
+            s = z / t
+            # log(1 + e^s) - y*s, written stably
+            return float(np.mean(np.logaddexp(0.0, s) - y * s))
+
+        res = minimize_scalar(nll, bounds=self.bounds, method="bounded", options={"xatol": 1e-5})
+        self.T = float(res.x)
+        self.fitted = True
+        return self
+
+    def predict_proba(self, x) -> np.ndarray:
+        self._check_fitted()
+        return expit(_as_logit(x, self.input) / self.T)
+
+    def params(self) -> dict:
+        return {"T": self.T} if self.fitted else {}
+
+
+CALIBRATORS: dict[str, type[_Calibrator]] = {
+    "platt": PlattCalibrator,
+    "isotonic": IsotonicCalibrator,
+    "temperature": TemperatureCalibrator,
+}
+
+
+def make_calibrator(method: str, input: InputKind = "logit") -> _Calibrator:
+    if method not in CALIBRATORS:
+        raise ValueError(f"unknown calibration method {method!r}; choose from {sorted(CALIBRATORS)}")
+    return CALIBRATORS[method](input=input)
+
+
+def calibrate_all(
+    logit_val,
+    y_val,
+    logit_test,
+    y_test,
+    methods: Sequence[str] = ("platt", "isotonic", "temperature"),
+    n_bins: int = 10,
+    return_probs: bool = False,
+):
+    """Fit each method on validation logits, evaluate on test logits.
+
+    Returns ``{"uncalibrated": metrics, "<method>": metrics | {"error": msg}}``
+    where metrics are :func:`binary_metrics` at threshold 0.5 (accuracy, F1,
+    AUC, AP, Brier, ECE, ...) plus the fitted parameters (Platt ``a``, ``b``;
+    temperature ``T``; isotonic ``n_steps``).  AUC is unchanged by Platt and
+    temperature and may drop slightly under isotonic (ties); see the module
+    docstring.  A method that cannot be fitted (e.g. one class in validation)
+    gets ``{"error": ...}`` instead of failing the whole evaluation.
+
+    With ``return_probs=True`` returns ``(results, probs)`` where ``probs`` maps
+    "uncalibrated" and each fitted method to its test probabilities.
+    """
+    z_test = _as_logit(logit_test, "logit")
+    probs = {"uncalibrated": expit(z_test)}
+    results: dict = {"uncalibrated": binary_metrics(y_test, probs["uncalibrated"], 0.5, n_bins)}
+    for m in methods:
+        try:
+            cal = make_calibrator(m).fit(logit_val, y_val)
+        except ValueError as e:
+            results[m] = {"error": str(e)}
+            continue
+        probs[m] = cal.predict_proba(z_test)
+        results[m] = {**binary_metrics(y_test, probs[m], 0.5, n_bins), **cal.params()}
+    return (results, probs) if return_probs else results
