@@ -124,6 +124,7 @@ def test_sigusr2_writes_checkpoint_exits_cleanly_and_resumes(tmp_path, emt_cohor
     assert_same_weights(weights(out), weights(reference))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path, emt_cohort_dir):
     # Without dropout the only difference is the order of float additions:
     # 2 ranks x batch 4 see the same samples per step as 1 process x batch 8.
@@ -148,6 +149,7 @@ def test_ddp_resumes_at_another_world_size(tmp_path, emt_cohort_dir):
     assert metrics(out)["world_size"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_deepspeed_zero_runs_on_two_processes_and_resumes(tmp_path, emt_cohort_dir, stage):
     pytest.importorskip("deepspeed")
@@ -156,7 +158,7 @@ def test_deepspeed_zero_runs_on_two_processes_and_resumes(tmp_path, emt_cohort_d
     full, part = tmp_path / "full", tmp_path / "part"
     run(train_cmd(full, emt_cohort_dir, *ds, "train.max_epochs=2", nproc=2))
     run(train_cmd(part, emt_cohort_dir, *ds, "train.max_epochs=1", nproc=2))
-    ckpts = sorted(p.name for p in (part / "checkpoints").iterdir())
+    ckpts = sorted(p.name for p in (part / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert ckpts and (part / "checkpoints" / ckpts[-1] / "complete").exists()
     r = run(train_cmd(part, emt_cohort_dir, *ds, "train.max_epochs=2", nproc=2, resume=True))
     assert "resumed from" in r.stdout

@@ -343,8 +343,10 @@ class Trainer:
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             trainer, rngs, best = state["trainer"], state["rng"], state.get("best_model")
+        stopped = bool(trainer.get("stopped_early", False))
+        # A run that ended at max_epochs continues when resumed with a larger train.max_epochs.
         self.state = TrainState(epoch=trainer["epoch"], step=trainer["step"], history=list(trainer["history"]),
-                                finished=trainer.get("finished", False), stopped_early=trainer.get("stopped_early", False))
+                                finished=stopped or trainer["epoch"] >= self.tc.max_epochs, stopped_early=stopped)
         self.early.load_state_dict(trainer["early"])
         self.plateau.load_state_dict(trainer["plateau"])
         self.best_state = best
@@ -397,11 +399,6 @@ class Trainer:
                     f"updated with it. Last good checkpoint: {last[0][1] if last else 'none yet'}. "
                     f"Lower train.lr, set train.grad_clip_norm, or use train.precision=fp32."
                 )
-            if stop:
-                path = self.save_checkpoint()
-                if bar:
-                    bar.close()
-                raise Preempted(self.state.step, signals.requested() or "a signal on another rank", path)
             self._optimizer_step(loss)
             self.state.step += 1
             bsz = len(batch["subject_id"])
@@ -418,8 +415,16 @@ class Trainer:
                 bar.update(1)
                 if self.state.step % tc.log_every_steps == 0 or bar.n == bar.total:
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_s=f"{sps:.1f}", mfu=f"{100 * mfu:.1f}%")
+            saved = None
             if tc.checkpoint_every_steps and self.state.step % tc.checkpoint_every_steps == 0:
-                self.save_checkpoint()
+                saved = self.save_checkpoint()
+            if stop:
+                # Honoured after the step completes: the checkpoint is then exactly the
+                # state an uninterrupted run has at this step boundary (RNG included).
+                path = saved or self.save_checkpoint()
+                if bar:
+                    bar.close()
+                raise Preempted(self.state.step, signals.requested() or "a signal on another rank", path)
         if bar:
             bar.close()
         dt = max(time.perf_counter() - t0, 1e-9)
