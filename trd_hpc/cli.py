@@ -120,6 +120,10 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         from trd_hpc.bench.load import run
 
         return run(a)
+    if a.what == "train":
+        from trd_hpc.bench.train import run
+
+        return run(a)
     raise SystemExit(f"unknown benchmark {a.what}")
 
 
@@ -196,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_config_show)
 
     b = sub.add_parser("bench", help="measure throughput against this machine's limits")
-    b.add_argument("what", choices=["generate", "load"], help="generate: cohort writing; load: Dataset+DataLoader")
+    b.add_argument("what", choices=["generate", "load", "train"],
+                   help="generate: cohort writing; load: Dataset+DataLoader; train: Trainer vs a bare loop")
     b.add_argument("--config", default=None, help="experiment YAML (default: configs/emt.yaml with few subjects)")
     b.add_argument("--subjects", type=int, default=None, help="subjects to use (default depends on the benchmark)")
     b.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
