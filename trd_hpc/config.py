@@ -329,6 +329,17 @@ class TrackingConfig(Strict):
     tags: list[str] = Field(default_factory=list)
 
 
+def _default_baselines(data: Any, names: list[str]) -> Any:
+    """Each task's baselines unless the config lists its own (an empty list turns them off)."""
+    if isinstance(data, dict):
+        ev = data.get("eval")
+        if ev is None:
+            data = {**data, "eval": {"baselines": names}}
+        elif isinstance(ev, dict) and "baselines" not in ev:
+            data = {**data, "eval": {**ev, "baselines": names}}
+    return data
+
+
 class EMTExperiment(Strict):
     task: Literal["emt"] = "emt"
     cohort: EMTCohortConfig = Field(default_factory=EMTCohortConfig)
@@ -337,6 +348,11 @@ class EMTExperiment(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=lambda: EvalConfig(baselines=["late_fusion_mlp", "random_forest"]))
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _baselines(cls, data: Any) -> Any:
+        return _default_baselines(data, ["late_fusion_mlp", "random_forest"])
 
 
 def _cnn_train() -> TrainConfig:
@@ -358,6 +374,11 @@ class CNN3DExperiment(Strict):
         default_factory=lambda: EvalConfig(calibration=[], baselines=["single_task_response", "single_task_severity", "resnet18"])
     )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _baselines(cls, data: Any) -> Any:
+        return _default_baselines(data, ["single_task_response", "single_task_severity", "resnet18"])
 
 
 ExperimentConfig = Union[EMTExperiment, CNN3DExperiment]
