@@ -115,8 +115,11 @@ def final_metrics(trainer: Trainer, val_m: dict, test_m: dict, seconds: float) -
 
 
 def train(cfg, run_dir: str | Path, resume: str | None = None, evaluate_after: bool = True,
-          progress: bool = True, on_step=None) -> dict | None:
-    """Train one run; returns the final metrics on rank 0 (None elsewhere or when pre-empted)."""
+          progress: bool = True, on_step=None, on_epoch=None) -> dict | None:
+    """Train one run; returns the final metrics on rank 0 (None elsewhere or when pre-empted).
+
+    ``on_step(trainer)`` runs after every optimiser step and ``on_epoch(trainer, row)``
+    after each epoch's checkpoint is written (Ray Tune reports there)."""
     signals.install()
     run_dir = Path(run_dir)
     info = D.init(cfg.train.strategy, cfg.train.device)
@@ -131,7 +134,7 @@ def train(cfg, run_dir: str | Path, resume: str | None = None, evaluate_after: b
                       if path else "no checkpoint yet: starting from scratch", flush=True)
         t0 = time.perf_counter()
         try:
-            trainer.fit(on_step=on_step)
+            trainer.fit(on_step=on_step, on_epoch=on_epoch)
         except Preempted as p:
             if info.is_main:
                 (run_dir / PREEMPTED).write_text(json.dumps({"step": p.step, "signal": p.signame, "checkpoint": str(p.path)}))
