@@ -69,6 +69,23 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cv(a: argparse.Namespace) -> int:
+    from trd_hpc.train import signals
+
+    signals.install()
+    from trd_hpc.config import load_config
+    from trd_hpc.train.cv import format_summary, run_cv
+
+    cfg = load_config(a.config, a.overrides)
+    summary = run_cv(cfg, Path(a.out), folds=a.folds, fold=a.fold, only_aggregate=a.aggregate, progress=not a.quiet)
+    if summary is None:
+        print("fold done; the summary is written when every fold has finished")
+    else:
+        print(format_summary(summary))
+        print(f"summary: {Path(a.out) / 'cv_summary.json'}")
+    return 0
+
+
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from trd_hpc.eval.pipeline import run_evaluation
 
@@ -172,6 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_overrides(t)
     t.set_defaults(func=_cmd_train)
+
+    cv = sub.add_parser(
+        "cv",
+        help="k-fold cross-validation (folds in turn, or one per SLURM array task), then mean and sd",
+        description="Train every fold of the cohort's stratified k-fold split (test = fold k) and write "
+        "cv_summary.json with the mean and sd of every metric.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cv.add_argument("config")
+    cv.add_argument("--out", required=True, help="directory for fold-K run directories and cv_summary.json")
+    cv.add_argument("--folds", type=int, default=None, help="number of folds (must match cohort.split.folds)")
+    cv.add_argument("--fold", type=int, default=None, help="train only this fold (a SLURM array task)")
+    cv.add_argument("--aggregate", action="store_true", help="only write the summary of finished folds")
+    cv.add_argument("--quiet", action="store_true")
+    _add_overrides(cv)
+    cv.set_defaults(func=_cmd_cv)
 
     ev = sub.add_parser("evaluate", help="redo calibration, importance, baselines, figures and report of a run")
     ev.add_argument("run_dir")

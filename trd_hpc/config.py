@@ -224,6 +224,13 @@ class DataConfig(Strict):
     # Subjects per contiguous run the sampler keeps together inside a shard.
     locality_block: int = Field(16, ge=1)
     normalize_volumes: bool = True
+    # Train on cross-validation fold K of the cohort (test = fold K, train/val from the
+    # other folds) instead of its train/val/test split.  Set by `trd-hpc cv`.
+    fold: Optional[int] = Field(None, ge=0)
+
+    def split(self, role: str) -> str:
+        """The cohort split that plays ``role`` (train | val | test) for this run."""
+        return role if self.fold is None else f"fold:{self.fold}:{role}"
 
 
 # --------------------------------------------------------------------------- models

@@ -83,7 +83,7 @@ def random_forest_baseline(cfg: EMTExperiment, run_dir: Path) -> tuple[dict, np.
     from trd_hpc.models.baselines import emt_summary_features, fit_random_forest
 
     def features(split: str):
-        ds = CohortDataset(cfg.data.cohort, split)
+        ds = CohortDataset(cfg.data.cohort, cfg.data.split(split))
         xs, ys = [], []
         for lo in range(0, len(ds), 32):
             b = ds.__getitems__(list(range(lo, min(lo + 32, len(ds)))))
@@ -111,7 +111,7 @@ def _emt_importance(cfg: EMTExperiment, run_dir: Path, model) -> dict:
     from trd_hpc.data.dataset import CohortDataset
     from trd_hpc.eval import importance as imp
 
-    ds = CohortDataset(cfg.data.cohort, "test")
+    ds = CohortDataset(cfg.data.cohort, cfg.data.split("test"))
     n = min(len(ds), cfg.eval.importance_subjects)
     b = ds.__getitems__(list(range(n)))
     inputs = {"fmri": b["fmri"].float(), "snp": b["snp"], "clinical": b["clinical"].float()}
@@ -132,14 +132,14 @@ def _emt_examples(cfg: EMTExperiment):
     """One TRD and one non-TRD test subject (fMRI) and the training SNPs with labels."""
     from trd_hpc.data.dataset import CohortDataset
 
-    ds = CohortDataset(cfg.data.cohort, "test")
+    ds = CohortDataset(cfg.data.cohort, cfg.data.split("test"))
     labels = ds.__getitems__(list(range(len(ds))))["label"].numpy() if len(ds) <= 512 else None
     examples = {}
     for cls, name in ((1, "TRD"), (0, "non-TRD")):
         pos = int(np.flatnonzero(labels == cls)[0]) if labels is not None else cls
         examples[name] = ds[pos]["fmri"].float().numpy()
     ds.close()
-    tr = CohortDataset(cfg.data.cohort, "train")
+    tr = CohortDataset(cfg.data.cohort, cfg.data.split("train"))
     k = min(len(tr), 400)
     b = tr.__getitems__(list(range(k)))
     snp, y = b["snp"].numpy().copy(), b["label"].numpy().copy()

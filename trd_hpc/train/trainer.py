@@ -153,8 +153,9 @@ class Trainer:
         model = self.task.build_model().to(self.device)
         self.flops_per_sample = self.task.flops_per_sample(model)
 
-        self.datasets = {s: CohortDataset(self.cohort_root, s, normalize_volumes=self.cfg.data.normalize_volumes)
-                         for s in self._split_names()}
+        self.datasets = {role: CohortDataset(self.cohort_root, self.cfg.data.split(role),
+                                             normalize_volumes=self.cfg.data.normalize_volumes)
+                         for role in ("train", "val", "test")}
         bs = tc.batch_size
         self.train_sampler = ShardAwareSampler.for_dataset(
             self.datasets["train"], num_replicas=info.world_size, rank=info.rank, shuffle=True,
@@ -192,9 +193,6 @@ class Trainer:
         self.early = EarlyStopping(tc.early_stopping.mode, tc.early_stopping.patience)
         self.best_state: dict | None = None
         self._peak = None
-
-    def _split_names(self) -> list[str]:
-        return ["train", "val", "test"]
 
     def _loader(self, split: str, sampler: ShardAwareSampler):
         d = self.cfg.data

@@ -1,0 +1,110 @@
+"""``trd-hpc cv``: k-fold cross-validation with the shared trainer.
+
+Fold k trains on the other folds (minus a stratified validation part for early
+stopping and the LR plateau) and is tested on fold k; folds are stratified and
+disjoint by subject and come from the cohort's manifest.  Folds run one after
+another here, or one per SLURM array task (``--fold K``); the summary (mean and
+sd of every metric over the folds) is written when all folds are done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from trd_hpc.config import ConfigError
+
+SUMMARY = "cv_summary.json"
+
+
+def fold_config(cfg, k: int):
+    c = cfg.model_copy(deep=True)
+    c.data.fold = k
+    c.tracking.group = c.tracking.group or "cv"
+    c.tracking.job_type = "cv-fold"
+    c.eval.baselines = []  # baselines are compared on the main split, not per fold
+    return c
+
+
+def check_folds(cfg, folds: int | None) -> int:
+    have = getattr(cfg.cohort.split, "folds", None)
+    if have is None:
+        raise ConfigError(f"task {cfg.task}: its cohort has no cross-validation folds")
+    if folds is not None and folds != have:
+        raise ConfigError(
+            f"--folds {folds} but the cohort config has cohort.split.folds={have}; "
+            f"pass cohort.split.folds={folds} (and a data.cohort made with it)"
+        )
+    return have
+
+
+def fold_dir(out: Path, k: int) -> Path:
+    return Path(out) / f"fold-{k}"
+
+
+def run_fold(cfg, out: Path, k: int, progress: bool = True) -> dict | None:
+    from trd_hpc.train.run import train
+
+    return train(fold_config(cfg, k), fold_dir(out, k), resume="auto", evaluate_after=True, progress=progress)
+
+
+def aggregate(out: Path, folds: int) -> dict:
+    """Mean and sd (ddof 1) of every numeric metric over the folds."""
+    out = Path(out)
+    rows = []
+    missing = []
+    for k in range(folds):
+        p = fold_dir(out, k) / "metrics.json"
+        if p.exists():
+            rows.append(json.loads(p.read_text()))
+        else:
+            missing.append(k)
+    if missing:
+        raise FileNotFoundError(f"{out}: folds {missing} have no metrics.json yet")
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    summary: dict = {"folds": folds}
+    for key in keys:
+        vals = np.array([r.get(key, math.nan) for r in rows], dtype=float)
+        vals = vals[np.isfinite(vals)]
+        if len(vals) == 0:
+            continue
+        summary[f"mean.{key}"] = float(vals.mean())
+        summary[f"sd.{key}"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        summary[f"min.{key}"] = float(vals.min())
+        summary[f"max.{key}"] = float(vals.max())
+        summary[f"per_fold.{key}"] = [float(v) for v in vals]
+    (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def format_summary(summary: dict, keys=("test.accuracy", "test.severity_mae", "test.macro_f1", "best_epoch", "epochs_run")) -> str:
+    lines = [f"{summary['folds']}-fold cross-validation (mean +- sd; min..max)"]
+    for k in keys:
+        if f"mean.{k}" in summary:
+            lines.append(f"  {k:<20} {summary[f'mean.{k}']:.4f} +- {summary[f'sd.{k}']:.4f}  "
+                         f"({summary[f'min.{k}']:.4f}..{summary[f'max.{k}']:.4f})")
+    return "\n".join(lines)
+
+
+def run_cv(cfg, out: Path, folds: int | None = None, fold: int | None = None, only_aggregate: bool = False,
+           progress: bool = True) -> dict | None:
+    k_total = check_folds(cfg, folds)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not only_aggregate:
+        todo = [fold] if fold is not None else list(range(k_total))
+        for k in todo:
+            if not 0 <= k < k_total:
+                raise ConfigError(f"--fold {k} is outside 0..{k_total - 1}")
+            if progress:
+                print(f"fold {k + 1}/{k_total} -> {fold_dir(out, k)}", flush=True)
+            run_fold(cfg, out, k, progress)
+    done = [k for k in range(k_total) if (fold_dir(out, k) / "metrics.json").exists()]
+    if len(done) < k_total:
+        if only_aggregate:
+            raise FileNotFoundError(f"{out}: folds {sorted(set(range(k_total)) - set(done))} are not finished")
+        return None
+    return aggregate(out, k_total)
