@@ -18,6 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Training tests do not need a W&B run each (~1 s apiece); the tracking tests turn it on.
+os.environ.setdefault("WANDB_MODE", "disabled")
 ALLOWED_SKIP_PREFIX = "no GPU"
 
 try:  # the SLURM cluster fixture, when present

@@ -98,3 +98,23 @@ def test_cohort_mismatch_is_refused(emt_cohort_dir, tmp_path):
     r = cli("train", str(CONFIGS / "emt_tiny.yaml"), "--out", str(tmp_path / "run"),
             f"data.cohort={emt_cohort_dir}", "cohort.seed=123", check=False)
     assert r.returncode == 2 and "cohort.seed" in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_training_writes_an_offline_wandb_run_matching_metrics_jsonl(tmp_path, emt_cohort_dir):
+    from trd_hpc.tracking import read_offline_run
+
+    out = tmp_path / "run"
+    cli("train", str(CONFIGS / "emt_tiny.yaml"), "--out", str(out), "--quiet", "--no-eval",
+        f"data.cohort={emt_cohort_dir}", "train.max_epochs=3", "train.num_threads=1", "tracking.group=g1",
+        env={"WANDB_MODE": "offline"})
+    record = json.loads((out / "wandb_run.json").read_text())
+    assert record["mode"] == "offline" and list((out / "wandb").glob("offline-run-*"))
+    run = read_offline_run(out)
+    assert run["group"] == "g1" and run["config"]["train"]["max_epochs"] == 3
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    hist = sorted(run["history"], key=lambda r: r["epoch"])
+    assert [h["epoch"] for h in hist] == [r["epoch"] for r in rows]
+    for h, r in zip(hist, rows):
+        for k in ("train.loss", "val.loss", "val.auc", "lr"):
+            assert h[k] == pytest.approx(r[k], rel=1e-12), k
+    assert run["summary"]["test.auc"] == pytest.approx(json.loads((out / "metrics.json").read_text())["test.auc"])

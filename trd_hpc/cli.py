@@ -215,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir")
     rp.set_defaults(func=_cmd_report)
 
+    from trd_hpc.compare import add_compare_parser
+
+    add_compare_parser(sub)
+
     c = sub.add_parser("cohort", help="inspect a cohort directory")
     csub = c.add_subparsers(dest="cohort_cmd", required=True, metavar="ACTION")
     v = csub.add_parser("validate", help="check files against the manifest; exit 1 naming each bad file")

@@ -74,6 +74,7 @@ def train_baseline(cfg, run_dir: Path, name: str) -> dict:
     bcfg.train.strategy = "single"
     bcfg.train.deepspeed_config = None
     bcfg.tracking.job_type = "baseline"
+    bcfg.tracking.group = cfg.tracking.group or run_dir.name
     return train(bcfg, out, resume="auto", evaluate_after=False, progress=False)
 
 

@@ -121,39 +121,55 @@ def train(cfg, run_dir: str | Path, resume: str | None = None, evaluate_after: b
     ``on_step(trainer)`` runs after every optimiser step and ``on_epoch(trainer, row)``
     after each epoch's checkpoint is written (Ray Tune reports there)."""
     signals.install()
+    from trd_hpc.tracking import Tracker, figures_of
+
     run_dir = Path(run_dir)
     info = D.init(cfg.train.strategy, cfg.train.device)
+    tracker = Tracker.noop()
     try:
-        root = ensure_cohort(cfg, info, progress)
-        prepare_run_dir(cfg, run_dir, resume, info)
-        trainer = Trainer(cfg, make_task(cfg, str(root)), run_dir, info, root, progress=progress)
-        if resume:
-            path = trainer.load_checkpoint(resume)
-            if info.is_main:
-                print(f"resumed from {path} (epoch {trainer.state.epoch + 1}, step {trainer.state.step})"
-                      if path else "no checkpoint yet: starting from scratch", flush=True)
-        t0 = time.perf_counter()
         try:
-            trainer.fit(on_step=on_step, on_epoch=on_epoch)
-        except Preempted as p:
-            if info.is_main:
-                (run_dir / PREEMPTED).write_text(json.dumps({"step": p.step, "signal": p.signame, "checkpoint": str(p.path)}))
-                print(f"{p}; continue with --resume auto", flush=True)
-            return None
-        val_m, val_rec = trainer.evaluate("val")
-        test_m, test_rec = trainer.evaluate("test")
-        metrics = None
-        if info.is_main:
-            save_predictions(run_dir, "val", val_rec)
-            save_predictions(run_dir, "test", test_rec)
-            torch.save(trainer.raw_model.state_dict(), run_dir / "model.pt")
-            metrics = final_metrics(trainer, val_m, test_m, time.perf_counter() - t0)
-            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        D.barrier(info)
-    finally:
-        D.shutdown(info)
-    if info.is_main and evaluate_after:
-        from trd_hpc.eval.pipeline import run_evaluation
+            root = ensure_cohort(cfg, info, progress)
+            prepare_run_dir(cfg, run_dir, resume, info)
+            tracker = Tracker.start(cfg, run_dir, info.rank)  # rank 0 only; resumes the run's W&B id
+            trainer = Trainer(cfg, make_task(cfg, str(root)), run_dir, info, root, progress=progress)
+            if resume:
+                path = trainer.load_checkpoint(resume)
+                if info.is_main:
+                    print(f"resumed from {path} (epoch {trainer.state.epoch + 1}, step {trainer.state.step})"
+                          if path else "no checkpoint yet: starting from scratch", flush=True)
 
-        metrics = run_evaluation(run_dir)
-    return metrics
+            def _on_epoch(tr, row):
+                tracker.log_epoch(row)
+                if on_epoch is not None:
+                    on_epoch(tr, row)
+
+            t0 = time.perf_counter()
+            try:
+                trainer.fit(on_step=on_step, on_epoch=_on_epoch)
+            except Preempted as p:
+                if info.is_main:
+                    (run_dir / PREEMPTED).write_text(json.dumps({"step": p.step, "signal": p.signame, "checkpoint": str(p.path)}))
+                    print(f"{p}; continue with --resume auto", flush=True)
+                return None
+            val_m, val_rec = trainer.evaluate("val")
+            test_m, test_rec = trainer.evaluate("test")
+            metrics = None
+            if info.is_main:
+                save_predictions(run_dir, "val", val_rec)
+                save_predictions(run_dir, "test", test_rec)
+                torch.save(trainer.raw_model.state_dict(), run_dir / "model.pt")
+                metrics = final_metrics(trainer, val_m, test_m, time.perf_counter() - t0)
+                (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+                tracker.log_summary(metrics)
+            D.barrier(info)
+        finally:
+            D.shutdown(info)
+        if info.is_main and evaluate_after:
+            from trd_hpc.eval.pipeline import run_evaluation
+
+            metrics = run_evaluation(run_dir)
+            tracker.log_summary(metrics)
+            tracker.log_figures(figures_of(run_dir))
+        return metrics
+    finally:
+        tracker.finish()

@@ -1,0 +1,307 @@
+"""W&B tracking (offline, real wandb runs written under a run directory and read back
+from disk) and ``trd-hpc compare`` on run directories."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONFIGS
+from trd_hpc.config import load_config, to_yaml
+
+FAKE_KEY = "local-0123456789abcdef0123456789abcdef0123456789abcdef"
+WANDB_ENV = ("WANDB_MODE", "WANDB_DISABLED", "WANDB_API_KEY", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME",
+             "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_JOB_TYPE", "WANDB_TAGS", "WANDB_NAME")
+
+
+def _isolate(mp: pytest.MonkeyPatch, home: Path) -> None:
+    for k in WANDB_ENV:
+        mp.delenv(k, raising=False)
+    for k, sub in (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"),
+                   ("WANDB_ARTIFACT_DIR", "artifacts")):
+        mp.setenv(k, str(home / sub))
+
+
+@pytest.fixture(autouse=True)
+def wandb_env(monkeypatch, tmp_path_factory):
+    from trd_hpc import tracking
+
+    _isolate(monkeypatch, tmp_path_factory.getbasetemp() / "wandb-home")
+    tracking._said.clear()  # each test sees the "once" messages
+
+
+def _cfg(*overrides: str):
+    return load_config(CONFIGS / "emt_tiny.yaml", list(overrides))
+
+
+def _rows(n: int = 3) -> list[dict]:
+    """Rows shaped like the trainer's (one NaN to check it survives the round trip)."""
+    rows = []
+    for e in range(1, n + 1):
+        rows.append({"epoch": e, "step": 6 * e, "lr": 0.001, "train.loss": 0.5 / e, "train.auc": 0.9 + e / 100,
+                     "val.loss": 0.4 / e, "val.auc": math.nan if e == 2 else 0.8 + e / 50,
+                     "seconds": 0.1 * e, "best_epoch": 1 if e < 3 else 3})
+    return rows
+
+
+def _write_jsonl(run_dir: Path, rows: list[dict]) -> None:
+    # exactly as Trainer._write_history
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def _figure(path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 2))
+    fig.subplots().plot([0, 1], [0, 1])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+SUMMARY = {"test.auc": 0.875, "test.ap": 0.8, "test.accuracy": 0.75, "calibrated.platt.accuracy": 0.7,
+           "baselines.random_forest.auc": 0.66, "best_epoch": 3, "epochs_run": 3, "strategy": "single",
+           "test.ece": None}
+
+
+# ---------------------------------------------------------------------------- one logged run
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    """A real offline W&B run written by Tracker, with a fake API key in the environment."""
+    pytest.importorskip("wandb")
+    from trd_hpc.tracking import Tracker, read_offline_run
+
+    run_dir = tmp_path_factory.mktemp("tracked") / "emt-run"
+    cfg = _cfg("tracking.group=sweep-a", "tracking.tags=[tiny,test]")
+    rows = _rows()
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate(mp, tmp_path_factory.getbasetemp() / "wandb-home")
+        mp.setenv("WANDB_API_KEY", FAKE_KEY)
+        tracker = Tracker.start(cfg, run_dir, rank=0)
+        assert tracker.enabled, tracker.reason
+        for r in rows:
+            tracker.log_epoch(r)
+        _write_jsonl(run_dir, rows)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        tracker.log_summary(SUMMARY)
+        tracker.log_figures({"roc": _figure(run_dir / "figures" / "roc.png")})
+        tracker.finish()
+        back = read_offline_run(run_dir)
+    return {"run_dir": run_dir, "cfg": cfg, "rows": rows, "tracker": tracker, "back": back}
+
+
+def test_offline_run_is_written_in_the_run_dir_and_reads_back(logged):
+    run_dir, back = logged["run_dir"], logged["back"]
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))
+    rec = json.loads((run_dir / "wandb_run.json").read_text())
+    assert rec["id"] == back["id"] == logged["tracker"].id
+    assert rec["mode"] == "offline" and rec["mode_from"] == "tracking.mode"
+    assert (run_dir / rec["directory"]).resolve() == offline[0].resolve()
+    assert rec["project"] == back["project"] == "trd-hpc"
+    assert back["group"] == "sweep-a" and back["job_type"] == "train" and back["tags"] == ["tiny", "test"]
+    assert back["state"] == "finished"
+
+    # history == metrics.jsonl, row by row, value by value (NaN included)
+    jsonl = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in back["history"] if "epoch" in r]
+    assert len(epochs) == len(jsonl) == 3
+    for got, want in zip(epochs, jsonl):
+        assert set(got) == set(want)
+        assert all(_same(got[k], want[k]) for k in want), (got, want)
+
+    # summary: the final metrics (None left out), config: the resolved config
+    for k, v in SUMMARY.items():
+        if v is None:
+            assert k not in back["summary"]
+        else:
+            assert back["summary"][k] == v
+    assert back["config"] == json.loads(json.dumps(logged["cfg"].model_dump(mode="json")))
+
+    # the figure: its own step after the last epoch, the PNG copied into the offline run
+    fig_rows = [r for r in back["history"] if "figures/roc._type" in r]
+    assert len(fig_rows) == 1 and fig_rows[0]["figures/roc._type"] == "image-file"
+    assert list((offline[0] / "files" / "media" / "images").rglob("*.png"))
+
+
+def test_api_key_never_written(logged):
+    run_dir = logged["run_dir"]
+    files = [p for p in run_dir.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert len(files) > 5
+    key = FAKE_KEY.encode()
+    leaked = [str(p) for p in files if key in p.read_bytes() or key[6:] in p.read_bytes()]
+    assert not leaked, f"API key found in {leaked}"
+
+
+# ---------------------------------------------------------------------------- mode, no-op, resume
+def test_user_wandb_mode_wins_over_config(tmp_path, monkeypatch, capfd):
+    from trd_hpc.tracking import Tracker
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    t = Tracker.start(_cfg("tracking.mode=offline"), tmp_path / "a", rank=0)
+    assert not t.enabled and "WANDB_MODE=disabled" in t.reason
+    t.log_epoch({"epoch": 1, "val.auc": 0.5})
+    t.finish()
+    assert not (tmp_path / "a").exists()
+    assert "WANDB_MODE=disabled" in capfd.readouterr().err
+
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    t = Tracker.start(_cfg("tracking.mode=disabled"), tmp_path / "b", rank=0)
+    assert t.enabled
+    t.finish()
+    rec = json.loads((tmp_path / "b" / "wandb_run.json").read_text())
+    assert rec["mode"] == "offline" and rec["mode_from"] == "WANDB_MODE"
+    assert list((tmp_path / "b" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_noop_tracker_writes_nothing(tmp_path, monkeypatch, capfd):
+    from trd_hpc import tracking
+    from trd_hpc.tracking import Tracker
+
+    png = _figure(tmp_path / "fig.png")
+    cases = [
+        ("rank", _cfg(), 1),
+        ("off", _cfg("tracking.wandb=false"), 0),
+        ("cfg-disabled", _cfg("tracking.mode=disabled"), 0),
+    ]
+    for name, cfg, rank in cases:
+        rd = tmp_path / name
+        t = Tracker.start(cfg, rd, rank=rank)
+        assert not t.enabled and t.id is None
+        t.log_epoch({"epoch": 1, "val.auc": 0.5})
+        t.log_summary({"test.auc": 0.5})
+        t.log_figures({"roc": png})
+        t.finish()
+        assert not rd.exists(), name
+    err = capfd.readouterr().err
+    assert "tracking.wandb is false" in err and "tracking.mode=disabled" in err
+    assert "rank" not in err  # other ranks are silent
+
+    # wandb missing: one line saying so, nothing written
+    tracking._said.clear()
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    t = Tracker.start(_cfg(), tmp_path / "nowandb", rank=0)
+    assert not t.enabled and "not installed" in t.reason
+    t.finish()
+    assert not (tmp_path / "nowandb").exists()
+    Tracker.start(_cfg(), tmp_path / "nowandb", rank=0)
+    assert capfd.readouterr().err.count("not installed") == 1
+
+
+def test_resume_continues_the_same_run(tmp_path, monkeypatch, capfd):
+    pytest.importorskip("wandb")
+    from trd_hpc.tracking import Tracker, read_offline_run
+
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    rd = tmp_path / "run"
+    rows = _rows(3)
+    first = Tracker.start(_cfg(), rd, rank=0)
+    for r in rows[:2]:
+        first.log_epoch(r)
+    first.finish()  # (a pre-empted job)
+    second = Tracker.start(_cfg(), rd, rank=0)  # the requeued job, same run directory
+    assert second.id == first.id and second.record["resumed"]
+    second.log_epoch(rows[2])
+    second.finish()
+    rec = json.loads((rd / "wandb_run.json").read_text())
+    assert rec["id"] == first.id and len(rec["directories"]) == 2 and rec["last_step"] == 3
+    back = read_offline_run(rd)
+    assert back["id"] == first.id and len(back["directories"]) == 2
+    assert [r["epoch"] for r in back["history"]] == [1, 2, 3]
+    out = capfd.readouterr()
+    assert out.err.count(f"W&B offline run {first.id}") == 2 and "wandb sync " in out.err
+    assert FAKE_KEY[6:] not in out.out + out.err
+    assert not [p for p in rd.rglob("*") if p.is_file() and FAKE_KEY[6:].encode() in p.read_bytes()]
+
+
+# ---------------------------------------------------------------------------- compare
+def _fake_run(root: Path, name: str, overrides: list[str], test_auc: float, offline: bool = False) -> Path:
+    rd = root / name
+    rd.mkdir(parents=True)
+    cfg = _cfg(*overrides)
+    (rd / "config.yaml").write_text(to_yaml(cfg))
+    rows = _rows(3)
+    for r in rows:
+        r["val.auc"] = test_auc - 0.1 / r["epoch"]
+    _write_jsonl(rd, rows)
+    (rd / "metrics.json").write_text(json.dumps({
+        "test.auc": test_auc, "test.ap": test_auc - 0.05, "test.accuracy": 0.5, "test.confusion": [[1, 2], [3, 4]],
+        "val.auc": 0.9, "best_epoch": 3, "epochs_run": 3, "calibrated.platt.accuracy": 0.61}))
+    (rd / "baselines" / "random_forest").mkdir(parents=True)  # a nested run: not a run of its own here
+    (rd / "baselines" / "random_forest" / "config.yaml").write_text(to_yaml(cfg))
+    if offline:
+        d = rd / "wandb" / "offline-run-20260101_000000-abcd1234"
+        d.mkdir(parents=True)
+        (d / "run-abcd1234.wandb").write_bytes(b"")
+    return rd
+
+
+def _compare_args(*argv: str) -> argparse.Namespace:
+    from trd_hpc.compare import add_compare_parser
+
+    p = argparse.ArgumentParser(prog="trd-hpc")
+    add_compare_parser(p.add_subparsers(dest="cmd"))
+    return p.parse_args(["compare", *argv])
+
+
+def test_compare_tables_curves_and_group(tmp_path, capsys):
+    from trd_hpc.compare import compare, run_compare
+
+    root = tmp_path / "runs"
+    a = _fake_run(root, "lr-small", ["tracking.group=g1"], 0.8125, offline=True)
+    b = _fake_run(root, "lr-big", ["tracking.group=g1", "train.lr=0.002", "model.dropout=0.3"], 0.6875)
+    _fake_run(root, "other", ["tracking.group=g2", "train.lr=0.01"], 0.5)
+
+    png = tmp_path / "out" / "cmp.png"
+    args = _compare_args(str(a), str(b), "--out", str(png))
+    assert args.func is run_compare
+    assert run_compare(args) == 0
+    out = capsys.readouterr().out
+    metrics_part, config_part = out.split("config keys that differ")
+    for v in ("lr-small", "lr-big", "test.auc", "0.8125", "0.6875", "test.ap", "0.7625", "0.6375",
+              "best_epoch", "epochs_run"):
+        assert v in metrics_part, v
+    assert "calibrated.platt" not in metrics_part and "val.auc" not in metrics_part
+    assert "test.confusion" not in metrics_part  # not a scalar
+    table = [l for l in config_part.split("learning curves")[0].splitlines() if l.strip()]
+    assert table[0].split() == ["key", "lr-small", "lr-big"] and set(table[1]) <= {"-", " "}
+    config_lines = [l.split()[0] for l in table[2:]]
+    assert sorted(config_lines) == ["model.dropout", "train.lr"]
+    assert "0.002" in config_part and "0.3" in config_part
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"learning curves: {png}" in out
+    assert f"wandb sync {a / 'wandb' / 'offline-run-20260101_000000-abcd1234'}" in out
+    assert out.count("wandb sync ") == 1
+
+    # the same through the function: exactly the differing keys
+    res = compare([a, b], out=tmp_path / "c2.png", file=io.StringIO())
+    assert set(res["config_diff"]) == {"train.lr", "model.dropout"}
+    assert res["config_diff"]["train.lr"] == [0.001, 0.002]
+
+    # --group among the run dirs found under a parent (baselines/ not counted as runs)
+    res = compare([root], group="g1", out=tmp_path / "g.png", file=io.StringIO())
+    assert sorted(r.label for r in res["runs"]) == ["lr-big", "lr-small"]
+    res = compare([root], out=tmp_path / "all.png", file=io.StringIO())
+    assert sorted(r.label for r in res["runs"]) == ["lr-big", "lr-small", "other"]
+    assert set(res["config_diff"]) == {"train.lr", "model.dropout", "tracking.group"}
+    with pytest.raises(ValueError, match="tracking.group == 'nope'"):
+        compare([root], group="nope", out=tmp_path / "n.png", file=io.StringIO())
+
+    # --metrics with a glob; the rich table renders the same values
+    buf = io.StringIO()
+    res = compare([a, b], metrics=["calibrated.*", "test.auc"], out=tmp_path / "m.png", file=buf, use_rich=True)
+    assert res["metric_keys"] == ["calibrated.platt.accuracy", "test.auc"]
+    assert "0.61" in buf.getvalue() and "0.8125" in buf.getvalue()
