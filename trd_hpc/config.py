@@ -313,6 +313,10 @@ class TrainConfig(Strict):
     compile: bool = False  # torch.compile the model
     log_every_steps: int = Field(10, ge=1)
     num_threads: int = Field(0, ge=0)  # torch intra-op threads per process (0: cores / local processes)
+    # Before each validation, re-estimate BatchNorm running statistics from this many
+    # training batches at the current weights (0: off).  Running averages taken while
+    # the weights move fast lag behind them and make eval-mode predictions swing.
+    precise_bn_batches: int = Field(0, ge=0)
 
 
 class EvalConfig(Strict):
@@ -362,9 +366,17 @@ class EMTExperiment(Strict):
         return _default_baselines(data, ["late_fusion_mlp", "random_forest"])
 
 
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _cnn_train() -> TrainConfig:
     return TrainConfig(
         optimizer="adam", lr=5e-4, weight_decay=0.0, grad_clip_norm=1.0, batch_size=16, max_epochs=39,
+        precise_bn_batches=16,
         plateau=PlateauConfig(monitor="val.loss", mode="min", patience=3, factor=0.5),
         early_stopping=EarlyStoppingConfig(monitor="val.accuracy", mode="max", patience=7),
     )
@@ -385,7 +397,12 @@ class CNN3DExperiment(Strict):
     @model_validator(mode="before")
     @classmethod
     def _baselines(cls, data: Any) -> Any:
-        return _default_baselines(data, ["single_task_response", "single_task_severity", "resnet18"])
+        data = _default_baselines(data, ["single_task_response", "single_task_severity", "resnet18"])
+        # A partial `train:` section overrides paper 001's training defaults key by key
+        # (not the generic TrainConfig defaults, which are paper 000's).
+        if isinstance(data, dict) and isinstance(data.get("train"), dict):
+            data = {**data, "train": _deep_merge(_cnn_train().model_dump(), data["train"])}
+        return data
 
 
 ExperimentConfig = Union[EMTExperiment, CNN3DExperiment]

@@ -252,6 +252,39 @@ class Trainer:
         gathered = D.all_gather_objects(self.info, local)
         return merge_records(gathered)
 
+    @torch.no_grad()
+    def recompute_bn_stats(self) -> None:
+        """Precise BatchNorm: running statistics re-estimated as a plain average over
+        the first ``train.precise_bn_batches`` training batches (fixed order) at the
+        current weights.  Dropout stays off, so no RNG is drawn; rank 0's statistics
+        are then sent to every rank so all evaluate the same model."""
+        n = self.tc.precise_bn_batches
+        bns = [m for m in self.raw_model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not n or not bns:
+            return
+        model = self.raw_model
+        was_training = model.training
+        model.eval()
+        saved = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+            m.train()
+        s = ShardAwareSampler.for_dataset(self.datasets["train"], shuffle=False, block=self.cfg.data.locality_block)
+        for i, batch in enumerate(self._loader("train", s)):
+            if i >= n:
+                break
+            self._forward(model, batch)
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.train(was_training)
+        if self.info.distributed:
+            import torch.distributed as dist
+
+            for m in bns:
+                for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
+                    dist.broadcast(buf, src=0)
+
     def evaluate(self, split: str) -> tuple[dict, dict]:
         rec = self.predict(split)
         metrics = self.task.metrics(rec) if self.info.is_main and rec else {}
@@ -441,6 +474,7 @@ class Trainer:
             epoch = self.state.epoch
             t0 = time.perf_counter()
             train_m = self.train_epoch(epoch, on_step)
+            self.recompute_bn_stats()
             val_m, _ = self.evaluate("val")
             row = {"epoch": epoch + 1, "step": self.state.step, "lr": self.plateau.lr}
             row.update({f"train.{k}": v for k, v in train_m.items()})
