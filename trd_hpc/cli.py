@@ -219,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compare_parser(sub)
 
+    from trd_hpc.launch.submit import add_submit_parser
+
+    add_submit_parser(sub)
+
     c = sub.add_parser("cohort", help="inspect a cohort directory")
     csub = c.add_subparsers(dest="cohort_cmd", required=True, metavar="ACTION")
     v = csub.add_parser("validate", help="check files against the manifest; exit 1 naming each bad file")

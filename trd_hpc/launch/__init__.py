@@ -1,0 +1,17 @@
+"""Launchers around the trainer: ``trd-hpc submit`` (submitit: SLURM, local, debug).
+
+The sbatch scripts live in ``slurm/``; both checkpoint on SIGUSR2 and requeue the job
+(see ``trd_hpc.launch.submit`` and ``slurm/_train.sh``).
+"""
+
+from trd_hpc.launch.submit import add_submit_parser, run_submit
+
+__all__ = ["TrdJob", "add_submit_parser", "run_submit"]
+
+
+def __getattr__(name: str):
+    if name == "TrdJob":  # imports submitit (see trd_hpc.launch.submit)
+        from trd_hpc.launch import submit
+
+        return submit.TrdJob
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
