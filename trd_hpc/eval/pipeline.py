@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -245,7 +246,9 @@ def run_evaluation(run_dir: Path, figures: bool = True) -> dict:
     extra, figs = fn(cfg, run_dir, metrics, history, preds, figures)
     metrics.update(extra)
     metrics = _finite(metrics)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+    tmp = run_dir / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1, default=float))
+    os.replace(tmp, run_dir / "metrics.json")  # readers (cv aggregation) never see half a file
     if figs:
         (run_dir / "figures" / "index.json").write_text(json.dumps({k: str(Path(v).name) for k, v in figs.items()}))
     write_run_report(run_dir, metrics=metrics, cfg=cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,9 @@ def aggregate(out: Path, folds: int) -> dict:
         summary[f"min.{key}"] = float(vals.min())
         summary[f"max.{key}"] = float(vals.max())
         summary[f"per_fold.{key}"] = [float(v) for v in vals]
-    (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+    tmp = out / f".{SUMMARY}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, out / SUMMARY)
     return summary
 
 
@@ -101,7 +104,9 @@ def run_cv(cfg, out: Path, folds: int | None = None, fold: int | None = None, on
                 raise ConfigError(f"--fold {k} is outside 0..{k_total - 1}")
             if progress:
                 print(f"fold {k + 1}/{k_total} -> {fold_dir(out, k)}", flush=True)
-            run_fold(cfg, out, k, progress)
+            if run_fold(cfg, out, k, progress) is None and not (fold_dir(out, k) / "metrics.json").exists():
+                print(f"fold {k} was pre-empted; rerun the same command to continue", flush=True)
+                return None
     done = [k for k in range(k_total) if (fold_dir(out, k) / "metrics.json").exists()]
     if len(done) < k_total:
         if only_aggregate:

@@ -119,6 +119,17 @@ class TrainState:
     stopped_early: bool = False
 
 
+def _default_threads(local_world_size: int) -> int:
+    """CPUs this process may use: SLURM's allocation, else its affinity mask, shared by the local ranks."""
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(local_world_size, 1))
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
@@ -141,7 +152,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
         tc, info = self.tc, self.info
-        threads = tc.num_threads or max(1, (os.cpu_count() or 1) // max(info.local_world_size, 1))
+        threads = tc.num_threads or _default_threads(info.local_world_size)
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
         if tc.deterministic:
