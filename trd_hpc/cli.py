@@ -141,6 +141,10 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         from trd_hpc.bench.train import run
 
         return run(a)
+    if a.what == "tune":
+        from trd_hpc.tune.bench import run_bench_tune
+
+        return run_bench_tune(a)
     raise SystemExit(f"unknown benchmark {a.what}")
 
 
@@ -223,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_submit_parser(sub)
 
+    # Ray is imported only when a sweep runs
+    from trd_hpc.tune.sweep import add_tune_parser
+
+    add_tune_parser(sub)
+
     c = sub.add_parser("cohort", help="inspect a cohort directory")
     csub = c.add_subparsers(dest="cohort_cmd", required=True, metavar="ACTION")
     v = csub.add_parser("validate", help="check files against the manifest; exit 1 naming each bad file")
@@ -242,13 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_config_show)
 
     b = sub.add_parser("bench", help="measure throughput against this machine's limits")
-    b.add_argument("what", choices=["generate", "load", "train"],
-                   help="generate: cohort writing; load: Dataset+DataLoader; train: Trainer vs a bare loop")
+    b.add_argument("what", choices=["generate", "load", "train", "tune"],
+                   help="generate: cohort writing; load: Dataset+DataLoader; train: Trainer vs a bare loop; "
+                        "tune: the paper's grid against ASHA on the same trial budget")
     b.add_argument("--config", default=None, help="experiment YAML (default: configs/emt.yaml with few subjects)")
     b.add_argument("--subjects", type=int, default=None, help="subjects to use (default depends on the benchmark)")
     b.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
     b.add_argument("--json", default=None, help="also write the figures to this JSON file")
     _add_overrides(b)
+    from trd_hpc.tune.bench import add_bench_tune
+
+    add_bench_tune(b)  # bench tune's own options (--spec-grid, --spec-asha, --base, --max-t, ...)
     b.set_defaults(func=_cmd_bench)
     return p
 

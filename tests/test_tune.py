@@ -1,0 +1,287 @@
+"""Ray Tune sweeps (trd_hpc.tune) on a real local Ray: ASHA stops trials early, the best
+config trains as is, a sweep whose driver is killed resumes without repeating epochs.
+
+The trials are tiny 3-D CNN runs (configs/cnn3d_tiny.yaml) scored on val.loss, which
+changes with the learning rate from the first epoch on (val.accuracy stays at the
+majority class for the first epochs of this tiny cohort).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import CONFIGS, REPO, cli
+
+pytestmark = pytest.mark.ray
+
+ray = pytest.importorskip("ray", reason="ray[tune] is not installed (pip install -e '.[tune]')")
+
+from trd_hpc.config import ConfigError, load_config  # noqa: E402
+from trd_hpc.tune.spec import load_spec  # noqa: E402
+
+OBJECT_STORE = 80 * 1024 * 1024
+
+
+def write_spec(path: Path, **kw) -> Path:
+    spec = {
+        "base": str(CONFIGS / "cnn3d_tiny.yaml"),
+        "metric": "val.loss",
+        "mode": "min",
+        "scheduler": "asha",
+        "max_t": 4,
+        "grace_period": 1,
+        "reduction_factor": 2,
+        "num_samples": 6,
+        "resources_per_trial": {"cpu": 1},
+        "max_concurrent": 1,  # one trial at a time: ASHA's decisions do not depend on timing
+        "space": {
+            "train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+            "train.grad_clip_norm": {"type": "uniform", "low": 0.5, "high": 2.0},
+        },
+        "overrides": ["train.early_stopping.patience=100", "tracking.wandb=false"],
+        "seed": 0,
+    }
+    spec.update(kw)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def epochs_of(run_dir: Path) -> list[int]:
+    f = run_dir / "metrics.jsonl"
+    return [json.loads(line)["epoch"] for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+
+
+def trial_runs(out: Path) -> dict[str, list[int]]:
+    return {p.parent.name: epochs_of(p.parent / "run") for p in sorted(out.glob("sweep/*/trial.json"))}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # address="local": never join a `ray start` cluster left on this machine (e.g. by the SLURM test)
+    ray.init(address="local", num_cpus=2, object_store_memory=OBJECT_STORE, include_dashboard=False,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+# --------------------------------------------------------------------------- specs (no Ray)
+@pytest.mark.parametrize("name", ["cnn3d_grid.yaml", "cnn3d_asha.yaml", "emt_asha.yaml"])
+def test_shipped_specs_check_against_their_base(name):
+    sw = load_spec(REPO / "tune" / name)
+    if name == "cnn3d_grid.yaml":
+        assert (sw.spec.scheduler, sw.spec.num_trials) == ("fifo", 36)
+        assert set(sw.spec.space) == {"train.lr", "loss.focal_alpha", "loss.focal_gamma", "train.grad_clip_norm"}
+    if name == "cnn3d_asha.yaml":
+        assert (sw.spec.scheduler, sw.spec.num_trials) == ("asha", 36)
+    if name == "emt_asha.yaml":  # every width/heads pair of the space is a valid model
+        assert {"model.d_model", "model.n_heads", "model.n_layers"} <= set(sw.spec.space)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"space": {"train.lrr": {"type": "uniform", "low": 0.1, "high": 0.2}}}, ["train.lrr", "valid keys under 'train'", "lr"]),
+    ({"space": {"train.lr": {"type": "uniform", "low": 0.2, "high": 0.1}}}, ["space.train.lr", "below"]),
+    ({"space": {"train.lr": {"type": "uniform", "lo": 0.1, "high": 0.2}}}, ["space.train.lr.lo", "low"]),
+    ({"space": {"model.dense": {"type": "choice", "values": [16, -1]}}}, ["model.dense", "-1"]),
+    ({"schedular": "asha"}, ["schedular", "scheduler"]),
+    ({"metric": "test.accuracy"}, ["metric", "val."]),
+    ({"overrides": ["train.foo=1"]}, ["train.foo"]),
+    ({"grace_period": 9}, ["grace_period", "max_t"]),
+])
+def test_bad_specs_name_the_key(tmp_path, change, words):
+    with pytest.raises(ConfigError) as e:
+        load_spec(write_spec(tmp_path / "s.yaml", **change))
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_tie_breaker_only_orders_equal_values():
+    from trd_hpc.tune.spec import TieBreaker, score
+
+    tie = TieBreaker(metric="val.severity_mae", mode="min")
+    a = {"val.accuracy": 0.55, "val.severity_mae": 12.0}
+    b = {"val.accuracy": 0.55, "val.severity_mae": 30.0}
+    c = {"val.accuracy": 0.58, "val.severity_mae": 90.0}
+    assert score(a, "val.accuracy", "max", tie) > score(b, "val.accuracy", "max", tie)  # tie: lower error wins
+    assert score(c, "val.accuracy", "max", tie) > score(a, "val.accuracy", "max", tie)  # the metric decides first
+    assert score(a, "val.accuracy", "max", None) == 0.55
+    assert abs(score(a, "val.accuracy", "max", tie) - 0.55) < 1e-6
+    assert score({"val.accuracy": float("nan")}, "val.accuracy", "max", tie) is None
+
+
+def test_cli_parsers():
+    import argparse
+
+    from trd_hpc.tune import add_bench_tune, add_tune_parser, run_bench_tune, run_tune
+
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd")
+    add_tune_parser(sub)
+    # trd_hpc.cli.main parses known args and appends the KEY=VALUE extras to `overrides`
+    a, extra = p.parse_known_args(["tune", "tune/cnn3d_asha.yaml", "--out", "x", "--address", "auto",
+                                   "--scheduler", "fifo", "train.lr=0.1"])
+    assert (a.func, a.spec, a.address, a.scheduler) == (run_tune, "tune/cnn3d_asha.yaml", "auto", "fifo")
+    assert a.overrides + extra == ["train.lr=0.1"]
+    b = argparse.ArgumentParser()
+    add_bench_tune(b.add_subparsers(dest="what"))
+    a = b.parse_args(["tune", "--base", "configs/cnn3d_tiny.yaml", "--max-t", "3"])
+    assert (a.func, a.base, a.max_t, a.spec_grid) == (run_bench_tune, "configs/cnn3d_tiny.yaml", 3, "tune/cnn3d_grid.yaml")
+    # or onto a `bench WHAT` parser that has some of the options already
+    c = argparse.ArgumentParser()
+    c.add_argument("what", choices=["generate", "load", "train", "tune"])
+    for opt in ("--config", "--dir", "--json"):
+        c.add_argument(opt)
+    add_bench_tune(c)
+    a, extra = c.parse_known_args(["tune", "--config", "configs/cnn3d_tiny.yaml", "--spec-asha", "s.yaml", "a.b=1"])
+    assert (a.config, a.spec_asha, a.overrides + extra) == ("configs/cnn3d_tiny.yaml", "s.yaml", ["a.b=1"])
+
+
+# --------------------------------------------------------------------------- sweeps
+@pytest.fixture(scope="module")
+def asha_and_fifo(local_ray, volume_cohort_dir, tmp_path_factory):
+    from trd_hpc.tune import run_sweep
+
+    root = tmp_path_factory.mktemp("tune")
+    spec = write_spec(root / "spec.yaml")
+    over = [f"data.cohort={volume_cohort_dir}"]
+    asha = run_sweep(spec, root / "asha", overrides=over, verbose=0, progress=False)
+    fifo = run_sweep(spec, root / "fifo", scheduler="fifo", overrides=over, verbose=0, progress=False)
+    return root, asha, fifo
+
+
+def test_asha_stops_trials_early(asha_and_fifo):
+    root, asha, fifo = asha_and_fifo
+    for res, name in ((asha, "asha"), (fifo, "fifo")):
+        assert res["finished"] and res["num_trials"] == 6, res
+        assert json.loads((root / name / "sweep_state.json").read_text())["finished"] is True
+        runs = trial_runs(root / name)
+        assert len(runs) == 6
+        for epochs in runs.values():
+            assert epochs == list(range(1, len(epochs) + 1)) and 1 <= len(epochs) <= 4
+        assert res["trial_epochs"] == sum(len(e) for e in runs.values())
+    assert fifo["trial_epochs"] == 6 * 4 and fifo["stopped_early"] == 0
+    assert asha["stopped_early"] >= 1
+    assert asha["trial_epochs"] < fifo["trial_epochs"]
+    # the same seed samples the same 6 configurations under both schedulers
+    assert sorted(json.dumps(t["params"], sort_keys=True) for t in asha["trials"]) == \
+        sorted(json.dumps(t["params"], sort_keys=True) for t in fifo["trials"])
+    # best.json points at the trial whose run has the best val.loss of all epochs
+    best = json.loads((root / "asha" / "best.json").read_text())
+    rows = [json.loads(line) for line in (Path(best["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert best["value"] == pytest.approx(min(r["val.loss"] for r in rows))
+    for res in (asha, fifo):
+        for t in res["trials"]:
+            assert t["best_value"] >= res["value"] - 1e-12
+
+
+def test_best_config_trains_as_is(asha_and_fifo, tmp_path):
+    root, asha, _ = asha_and_fifo
+    best_cfg = root / "asha" / "best_config.yaml"
+    cfg = load_config(best_cfg)
+    assert cfg.train.lr == pytest.approx(asha["params"]["train.lr"])
+    assert cfg.train.grad_clip_norm == pytest.approx(asha["params"]["train.grad_clip_norm"])
+    assert Path(cfg.data.cohort).is_absolute()
+    out = tmp_path / "retrain"
+    r = cli("train", str(best_cfg), "--out", str(out), "train.max_epochs=1", "--no-eval", "--quiet")
+    assert "final:" in r.stdout
+    assert epochs_of(out) == [1]
+
+
+def test_killed_sweep_resumes_without_repeating_epochs(local_ray, volume_cohort_dir, tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", scheduler="fifo", max_t=6, num_samples=4, max_concurrent=2,
+                      space={"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+                      overrides=["train.early_stopping.patience=100", "tracking.wandb=false", "train.batch_size=2"])
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "trd_hpc.tune.sweep", str(spec), "--out", str(out), "--quiet",
+           f"data.cohort={volume_cohort_dir}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    log = tmp_path / "first.log"
+
+    def reported() -> int:
+        return sum(len(e) for e in trial_runs(out).values())
+
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while reported() < 3 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, f"the sweep ended before it could be killed:\n{log.read_text()[-3000:]}"
+        assert reported() >= 3, f"no progress in time:\n{log.read_text()[-3000:]}"
+        os.kill(first.pid, signal.SIGKILL)  # the driver only, mid-sweep
+        first.wait(timeout=30)
+        state = json.loads((out / "sweep_state.json").read_text())
+        assert state["finished"] is False
+        at_kill = trial_runs(out)
+        assert sum(len(e) for e in at_kill.values()) < 4 * 6
+
+        second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    finally:
+        try:  # what is left of the killed driver's Ray (same session as the driver)
+            os.killpg(first.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    state = json.loads((out / "sweep_state.json").read_text())
+    assert state["finished"] is True and state["invocations"] == 2
+    runs = trial_runs(out)
+    assert len(runs) == 4
+    for name, epochs in runs.items():
+        assert epochs == [1, 2, 3, 4, 5, 6], (name, epochs)  # strictly 1..n: nothing trained twice
+        assert epochs[: len(at_kill.get(name, []))] == at_kill.get(name, [])
+    best = json.loads((out / "best.json").read_text())
+    assert best["trial_epochs"] == 4 * 6 and best["num_trials"] == 4 and best["finished"] is True
+    load_config(out / "best_config.yaml")
+
+
+# --------------------------------------------------------------------------- SLURM
+def _trd_hpc_command(tmp_path: Path) -> str:
+    """``trd-hpc`` when its `tune` command is wired, else a stand-in with the same arguments."""
+    from trd_hpc.cli import build_parser
+
+    venv_bin = Path(sys.executable).parent
+    try:
+        args, _ = build_parser().parse_known_args(["tune", "spec.yaml", "--out", "x"])
+        if getattr(args, "spec", None) == "spec.yaml":
+            return str(venv_bin / "trd-hpc")
+    except SystemExit:
+        pass
+    stand_in = tmp_path / "trd-hpc"
+    stand_in.write_text(f'#!/bin/sh\n[ "$1" = tune ] && shift\nexec {sys.executable} -m trd_hpc.tune.sweep "$@"\n')
+    stand_in.chmod(0o755)
+    return str(stand_in)
+
+
+@pytest.mark.slurm
+def test_slurm_script_runs_a_sweep_on_its_ray_cluster(slurm_cluster, volume_cohort_dir, tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", scheduler="fifo", max_t=2, num_samples=2, max_concurrent=2,
+                      space={"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}})
+    out, log = tmp_path / "out", tmp_path / "job.out"
+    venv_bin = Path(sys.executable).parent
+    env = {
+        "PATH": f"{venv_bin}:{os.environ['PATH']}",
+        "TRD_HPC": _trd_hpc_command(tmp_path),
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "RAY_OBJECT_STORE_BYTES": str(OBJECT_STORE),
+    }
+    job = slurm_cluster.sbatch(
+        ["--nodes=1", f"--cpus-per-task={slurm_cluster.cpus}", "--mem-per-cpu=1G", f"--output={log}",
+         "slurm/tune.sh", str(spec), str(out), "--quiet", f"data.cohort={volume_cohort_dir}"],
+        cwd=REPO, env=env, wait=True, timeout=300,
+    )
+    text = log.read_text() if log.exists() else "(no log)"
+    assert slurm_cluster.job_state(job) == "COMPLETED", text[-4000:]
+    assert "ray head on" in text and "auth token" in text, text[-4000:]
+    state = json.loads((out / "sweep_state.json").read_text())
+    assert state["finished"] is True, text[-4000:]
+    assert list(trial_runs(out).values()) == [[1, 2], [1, 2]]
+    load_config(out / "best_config.yaml")
