@@ -71,6 +71,28 @@ def test_evaluate_and_report_redo_their_parts(emt_run):
     assert after["baselines.random_forest.auc"] == before["baselines.random_forest.auc"]
 
 
+def test_evaluate_takes_eval_overrides_only(emt_run):
+    import yaml
+
+    cfg_file = emt_run / "config.yaml"
+    before = cfg_file.read_text()
+    r = cli("evaluate", str(emt_run), "--no-figures", "train.lr=0.1", check=False)
+    assert r.returncode == 2 and "train.lr=0.1" in r.stderr and "eval." in r.stderr
+    assert cfg_file.read_text() == before  # refused: the run's config is untouched
+    r = cli("evaluate", str(emt_run), "--no-figures", "eval.nope=1", check=False)
+    assert r.returncode == 2 and "nope" in r.stderr and cfg_file.read_text() == before
+
+    lf = emt_run / "baselines" / "late_fusion_mlp" / "metrics.json"
+    stamp = lf.stat().st_mtime_ns
+    cli("evaluate", str(emt_run), "--no-figures", "eval.ece_bins=5", "eval.calibration=[platt]")
+    cfg = yaml.safe_load(cfg_file.read_text())
+    assert cfg["eval"]["ece_bins"] == 5 and cfg["eval"]["calibration"] == ["platt"]
+    assert cfg["train"] == yaml.safe_load(before)["train"]
+    assert lf.stat().st_mtime_ns == stamp  # the trained baseline is reused, not retrained
+    m = json.loads((emt_run / "metrics.json").read_text())
+    assert "baselines.late_fusion_mlp.auc" in m and "calibrated.platt.accuracy" in m
+
+
 def test_train_refuses_to_overwrite_a_run(emt_run, emt_cohort_dir):
     r = cli("train", str(CONFIGS / "emt_tiny.yaml"), "--out", str(emt_run), f"data.cohort={emt_cohort_dir}",
             "train.max_epochs=4", check=False)

@@ -89,7 +89,7 @@ def _cmd_cv(a: argparse.Namespace) -> int:
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from trd_hpc.eval.pipeline import run_evaluation
 
-    m = run_evaluation(Path(a.run_dir), figures=not a.no_figures)
+    m = run_evaluation(Path(a.run_dir), figures=not a.no_figures, overrides=a.overrides)
     print(f"metrics: {Path(a.run_dir) / 'metrics.json'} ({len(m)} values)")
     return 0
 
@@ -211,9 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(cv)
     cv.set_defaults(func=_cmd_cv)
 
-    ev = sub.add_parser("evaluate", help="redo calibration, importance, baselines, figures and report of a run")
+    ev = sub.add_parser(
+        "evaluate", help="redo calibration, importance, baselines, figures and report of a run",
+        description="Evaluate a trained run again. eval.* overrides (e.g. eval.baselines=[resnet18]) are "
+        "written into the run's config.yaml first; a baseline already trained in RUN_DIR/baselines/NAME is reused.",
+    )
     ev.add_argument("run_dir")
     ev.add_argument("--no-figures", action="store_true")
+    _add_overrides(ev)
     ev.set_defaults(func=_cmd_evaluate)
     rp = sub.add_parser("report", help="rewrite report.html of a run from its metrics and figures")
     rp.add_argument("run_dir")

@@ -239,8 +239,38 @@ def evaluate_cnn3d(cfg: CNN3DExperiment, run_dir: Path, metrics: dict, history: 
 
 
 # ---------------------------------------------------------------------------- entry points
-def run_evaluation(run_dir: Path, figures: bool = True) -> dict:
+def apply_eval_overrides(run_dir: Path, overrides) -> None:
+    """Change the ``eval`` section of a finished run's config.yaml (e.g. add baselines).
+
+    Only ``eval.*`` keys: the rest describes how the model was trained and stays as it was.
+    The file is replaced atomically, so a bad override leaves it intact."""
+    from trd_hpc.config import ConfigError, merge_overrides
+
+    overrides = list(overrides or ())
+    if not overrides:
+        return
+    bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith("eval.")]
+    if bad:
+        raise ConfigError(f"evaluate takes only eval.* overrides (the model was trained with {run_dir / 'config.yaml'}): "
+                          f"{', '.join(bad)}")
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml (is this a run directory?)")
+    data = merge_overrides(yaml.safe_load(cfg_path.read_text()), overrides, str(cfg_path))
+    cfg = validate_experiment(data, str(cfg_path))
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, cfg_path)
+
+
+def run_evaluation(run_dir: Path, figures: bool = True, overrides=()) -> dict:
+    """Calibration / importance / baselines / figures / report of a trained run.
+
+    ``overrides``: ``eval.*`` keys changed in the run's config.yaml first.  A baseline whose
+    run directory (``RUN_DIR/baselines/NAME``) already holds test predictions is reused,
+    not retrained."""
     run_dir = Path(run_dir)
+    apply_eval_overrides(run_dir, overrides)
     cfg, metrics, history, preds = load_run(run_dir)
     fn = evaluate_emt if isinstance(cfg, EMTExperiment) else evaluate_cnn3d
     extra, figs = fn(cfg, run_dir, metrics, history, preds, figures)
