@@ -196,6 +196,32 @@ def test_single_task_models_train_only_their_task():
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_single_task_baselines_stop_on_and_report_their_own_target():
+    import numpy as np
+
+    from trd_hpc.config import validate_experiment
+    from trd_hpc.train.tasks import CNN3DTask
+
+    base = load_config(CONFIGS / "cnn3d.yaml")
+    assert base.train.early_stopping.monitor == "val.accuracy"
+    rng = np.random.default_rng(0)
+    rec = {"response_logits": rng.normal(size=(6, 3)).astype(np.float32), "severity_pred": rng.random(6).astype(np.float32),
+           "response": np.array([0, 1, 2, 0, 1, 2]), "severity": rng.random(6).astype(np.float32)}
+    for name, monitor, mode, absent in (("single_task_severity", "val.severity_mae", "min", "accuracy"),
+                                        ("single_task_response", "val.accuracy", "max", "severity_mae")):
+        data = base.model_dump(mode="json")
+        data["model"]["name"] = name
+        data["train"]["plateau"]["monitor"] = "val.severity_mae"  # a foreign monitor is switched too
+        cfg = validate_experiment(data)
+        assert (cfg.train.early_stopping.monitor, cfg.train.early_stopping.mode) == (monitor, mode)
+        assert cfg.train.plateau.monitor == monitor
+        m = CNN3DTask(cfg).metrics(rec)
+        assert absent not in m and monitor.removeprefix("val.") in m and math.isfinite(m["loss"])
+    # the dual-path model keeps both metrics and the configured monitors
+    m = CNN3DTask(base).metrics(rec)
+    assert {"accuracy", "severity_mae"} <= set(m)
+
+
 # --------------------------------------------------------------------------- attention, BN
 @pytest.mark.parametrize("attention", ["se", "spatial"])
 def test_attention_changes_output_and_gradients_reach_both_paths(attention):

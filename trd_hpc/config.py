@@ -404,6 +404,21 @@ class CNN3DExperiment(Strict):
             data = {**data, "train": _deep_merge(_cnn_train().model_dump(), data["train"])}
         return data
 
+    @model_validator(mode="after")
+    def _single_task_monitors(self) -> "CNN3DExperiment":
+        # A single-task baseline reports only its own target: the severity model has no
+        # accuracy and the response model no severity MAE. Its plateau and early stopping
+        # follow the metric of its own target, so the baseline made from the dual-path
+        # config (early stopping on val.accuracy) stops on something it actually predicts.
+        own = {"single_task_severity": ("val.severity_mae", "min"),
+               "single_task_response": ("val.accuracy", "max")}.get(self.model.name)
+        if own is not None:
+            foreign = "val.accuracy" if own[0] == "val.severity_mae" else "val.severity_mae"
+            for section in (self.train.plateau, self.train.early_stopping):
+                if section.monitor == foreign:
+                    section.monitor, section.mode = own
+        return self
+
 
 ExperimentConfig = Union[EMTExperiment, CNN3DExperiment]
 CohortConfig = Union[EMTCohortConfig, VolumeCohortConfig]

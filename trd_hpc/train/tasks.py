@@ -163,6 +163,14 @@ class CNN3DTask:
             "severity_mae": float(np.abs(rec["severity_pred"] - rec["severity"]).mean() * scale) if len(pred) else math.nan,
         }
         m.update({k: float(v) for k, v in parts.items()})
+        # single-task models: only the metrics of the target they predict
+        tasks = self._tasks()
+        if "response" not in tasks:
+            m.pop("accuracy")
+            m.pop("loss.response", None)
+        if "severity" not in tasks:
+            m.pop("severity_mae")
+            m.pop("loss.severity", None)
         return m
 
 
