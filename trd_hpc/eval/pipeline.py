@@ -221,7 +221,10 @@ def evaluate_cnn3d(cfg: CNN3DExperiment, run_dir: Path, metrics: dict, history: 
     m = {f"test.{k}": v for k, v in {**mc, **rg}.items() if k != "class_names"}
     for name in cfg.eval.baselines:
         bm = train_baseline(cfg, run_dir, name)
-        for k in ("accuracy", "severity_mae"):
+        # a single-task baseline is scored on its own target only
+        own = {"single_task_response": ("accuracy",), "single_task_severity": ("severity_mae",)}.get(
+            name, ("accuracy", "severity_mae"))
+        for k in own:
             if f"test.{k}" in bm:
                 m[f"baselines.{name}.{k}"] = bm[f"test.{k}"]
     figs = {}
