@@ -46,15 +46,17 @@ def test_ddp_cnn_killed_and_resumed_ends_bit_identical(tmp_path, volume_cohort_d
     common = ["train.max_epochs=3", "train.batch_size=8", "train.strategy=ddp", "train.checkpoint_every_steps=2"]
     ref, out = tmp_path / "ref", tmp_path / "run"
     run(cnn_cmd(ref, volume_cohort_dir, *common, nproc=2))
+    log = tmp_path / "killed.log"
     p = subprocess.Popen(cnn_cmd(out, volume_cohort_dir, *common, nproc=2), cwd=REPO, env={**os.environ, **ENV},
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     target = out / "checkpoints" / "step-000000016.pt"  # 11 steps per epoch: mid epoch 2
     deadline = time.time() + 300
     while time.time() < deadline and not target.exists() and p.poll() is None:
         time.sleep(0.005)
     os.killpg(p.pid, signal.SIGKILL)  # the launcher and both ranks
     p.wait()
-    assert target.exists() and not (out / "model.pt").exists()
+    # on failure, show what the killed run printed (e.g. a launcher that never started)
+    assert target.exists() and not (out / "model.pt").exists(), log.read_text()[-3000:]
     r = run(cnn_cmd(out, volume_cohort_dir, *common, nproc=2, resume=True))
     assert "resumed from" in r.stdout
     assert_same_weights(weights(out), weights(ref))  # BatchNorm buffers included
