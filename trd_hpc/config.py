@@ -468,9 +468,10 @@ def _format_errors(err: ValidationError, root: type[BaseModel], source: str) -> 
     return "\n".join(lines)
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, what: str = "config file") -> dict:
+    """A YAML mapping from ``path``; ConfigError naming the file when it is missing or not a mapping."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -122,7 +122,7 @@ def write_shard(
     stop: int,
     on_subject: Callable[[int], None] | None = None,
 ) -> dict:
-    """Write subjects [first, stop) to ``shard-XXXXX.h5`` and its sidecar record.
+    """Write subjects [first, stop) to ``shard-NNNNN.h5`` (five-digit shard index) and its sidecar record.
 
     The file is written under a temporary name and renamed only when complete
     and synced, so a killed writer leaves no file that looks finished.

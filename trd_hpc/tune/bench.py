@@ -176,20 +176,12 @@ def run_bench_tune(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trd_hpc.tune.bench", description="trd-hpc bench tune")
-    _add_bench_args(p)
-    args, extra = p.parse_known_args(argv)
-    bad = [e for e in extra if e.startswith("-") or "=" not in e]
-    if bad:
-        p.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = list(args.overrides or []) + extra
-    try:
-        return run_bench_tune(args)
-    except ConfigError as e:
-        import sys
+    """``python -m trd_hpc.tune.bench ...``: the same as ``trd-hpc bench tune``."""
+    import sys
 
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from trd_hpc.cli import main as cli_main
+
+    return cli_main(["bench", "tune", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

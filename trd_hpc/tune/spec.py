@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trd_hpc.config import ConfigError, merge_overrides, to_dict, validate_experiment
+from trd_hpc.config import ConfigError, _read_yaml, merge_overrides, to_dict, validate_experiment
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Keys the sweep sets itself in every trial.
@@ -357,14 +356,9 @@ def load_spec(path: str | Path | None = None, *, data: dict | None = None, base:
         spec_path = REPO_ROOT / spec_path  # tune/*.yaml of this checkout, from another directory
     source = str(spec_path) if spec_path else "<spec>"
     if data is None:
-        if spec_path is None or not spec_path.is_file():
-            raise ConfigError(f"sweep spec not found: {spec_path}")
-        try:
-            data = yaml.safe_load(spec_path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+        if spec_path is None:
+            raise ConfigError("sweep spec not found: no path given")
+        data = _read_yaml(spec_path, "sweep spec")
     data = dict(data)
     if base is not None:
         data["base"] = str(base)
@@ -376,10 +370,7 @@ def load_spec(path: str | Path | None = None, *, data: dict | None = None, base:
     base_path = _resolve_base(spec.base, spec_path)
     if not base_path.is_file():
         raise ConfigError(f"{source}: key 'base': config file not found: {spec.base}")
-    try:
-        base_data = yaml.safe_load(base_path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{base_path}: not valid YAML: {e}") from e
+    base_data = _read_yaml(base_path)
     if isinstance(spec.overrides, dict):
         for k, v in spec.overrides.items():
             set_dotted(base_data, k, v)

@@ -460,18 +460,10 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trd_hpc.tune.sweep", description="trd-hpc tune")
-    _add_tune_args(p)
-    args, extra = p.parse_known_args(argv)
-    bad = [e for e in extra if e.startswith("-") or "=" not in e]
-    if bad:
-        p.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = list(args.overrides or []) + extra
-    try:
-        return run_tune(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """``python -m trd_hpc.tune.sweep SPEC --out DIR ...``: the same as ``trd-hpc tune``."""
+    from trd_hpc.cli import main as cli_main
+
+    return cli_main(["tune", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
