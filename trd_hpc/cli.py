@@ -141,6 +141,10 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         from trd_hpc.bench.train import run
 
         return run(a)
+    if a.what == "faults":
+        from trd_hpc.bench.faults import run
+
+        return run(a)
     if a.what == "tune":
         from trd_hpc.tune.bench import run_bench_tune
 
@@ -256,13 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_config_show)
 
     b = sub.add_parser("bench", help="measure throughput against this machine's limits")
-    b.add_argument("what", choices=["generate", "load", "train", "tune"],
+    b.add_argument("what", choices=["generate", "load", "train", "tune", "faults"],
                    help="generate: cohort writing; load: Dataset+DataLoader; train: Trainer vs a bare loop; "
-                        "tune: the paper's grid against ASHA on the same trial budget")
+                        "tune: the paper's grid against ASHA on the same trial budget; "
+                        "faults: SIGKILL a run at random moments, resume, compare with an uninterrupted run")
     b.add_argument("--config", default=None, help="experiment YAML (default: configs/emt.yaml with few subjects)")
     b.add_argument("--subjects", type=int, default=None, help="subjects to use (default depends on the benchmark)")
     b.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
     b.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    b.add_argument("--kills", type=int, default=20, help="faults: SIGKILLs to make (default 20)")
+    b.add_argument("--seed", type=int, default=0, help="faults: seed of the kill delays (printed; default 0)")
+    b.add_argument("--nproc", type=int, default=1, help="faults: processes per run (>1: torchrun + DDP; default 1)")
     _add_overrides(b)
     from trd_hpc.tune.bench import add_bench_tune
 
@@ -272,8 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trd_hpc.config import ConfigError
-    from trd_hpc.data.shards import CohortError
+    from trd_hpc.errors import TrdError
 
     parser = build_parser()
     # Overrides may come before or after the options (`generate CFG --out D k=v`).
@@ -287,12 +294,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
+    except TrdError as e:
+        # The project's own errors name the file or key and say what to do: one line.
+        # Anything else (CUDA out of memory, NCCL, DeepSpeed, a bug) keeps its traceback,
+        # since on a compute node the log is all a user has.
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (CohortError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -28,6 +28,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from trd_hpc.errors import ConfigError, RunDirError
+
 CURVES = {"emt": ["val.loss", "val.auc"], "cnn3d": ["val.loss", "val.accuracy", "val.severity_mae"]}
 DEFAULT_EXTRA = ["best_epoch", "epochs_run"]
 
@@ -79,12 +81,12 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
     for raw in paths:
         p = Path(raw)
         if not p.exists():
-            raise FileNotFoundError(f"{p}: no such directory")
+            raise RunDirError(f"{p}: no such directory")
         if _is_run_dir(p):
             found.append(p)
             continue
         if not p.is_dir():
-            raise FileNotFoundError(f"{p}: not a run directory (no config.yaml)")
+            raise RunDirError(f"{p}: not a run directory (no config.yaml)")
         stack = [p]
         under: list[Path] = []
         while stack:
@@ -101,7 +103,7 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
                 else:
                     stack.append(c)
         if not under:
-            raise FileNotFoundError(f"{p}: not a run directory and no run directories (with config.yaml) under it")
+            raise RunDirError(f"{p}: not a run directory and no run directories (with config.yaml) under it")
         found.extend(sorted(under))
     seen, out = set(), []
     for p in found:
@@ -154,7 +156,7 @@ def select_runs(paths: Sequence[str | Path], group: str | None = None) -> list[R
     if group is not None:
         runs = [r for r in runs if r.group == group]
         if not runs:
-            raise ValueError(f"no run among {', '.join(map(str, dirs))} has tracking.group == {group!r}")
+            raise ConfigError(f"no run among {', '.join(map(str, dirs))} has tracking.group == {group!r}")
     for r, lab in zip(runs, _labels([r.path for r in runs])):
         r.label = lab
     return runs

@@ -18,8 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key."""
+from trd_hpc.errors import ConfigError  # noqa: E402
 
 
 class Strict(BaseModel):

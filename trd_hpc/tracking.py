@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from trd_hpc.errors import RunDirError, TrdError
+
 RUN_RECORD = "wandb_run.json"
 _said: set[str] = set()
 
@@ -324,7 +326,7 @@ def _inspect(path: Path, summary: bool) -> str:
     cmd = [sys.executable, "-m", "wandb", "leet", "inspect", "--json"] + (["--summary"] if summary else []) + [str(path)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}); it needs wandb >= 0.31:\n{r.stderr.strip()}")
+        raise TrdError(f"{' '.join(cmd)} failed ({r.returncode}); it needs wandb >= 0.31:\n{r.stderr.strip()}")
     return r.stdout
 
 
@@ -355,7 +357,7 @@ def read_offline_run(run_dir: Path) -> dict:
     per step, a later process's row replacing an earlier one at the same step."""
     dirs = wandb_run_dirs(run_dir)
     if not dirs:
-        raise FileNotFoundError(f"{run_dir}: no W&B run folder (wandb/offline-run-*) with a .wandb log")
+        raise RunDirError(f"{run_dir}: no W&B run folder (wandb/offline-run-*) with a .wandb log")
     out: dict[str, Any] = {"id": None, "project": None, "group": None, "job_type": None, "tags": [],
                            "state": None, "directories": [str(d) for d in dirs], "config": {}, "summary": {}}
     by_step: dict[int, dict] = {}

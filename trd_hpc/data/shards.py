@@ -34,8 +34,7 @@ from trd_hpc.config import CohortConfig, EMTCohortConfig, VolumeCohortConfig, to
 SCHEMA_VERSION = 1
 
 
-class CohortError(RuntimeError):
-    """A cohort file is missing, corrupt or does not match its manifest."""
+from trd_hpc.errors import CohortError  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -18,33 +18,66 @@ import numpy as np
 import torch
 import yaml
 
+from trd_hpc import faults
 from trd_hpc.config import CNN3DExperiment, EMTExperiment, to_yaml, validate_experiment
+from trd_hpc.errors import RunDirError
+from trd_hpc.fsio import atomic_write_json, atomic_write_text
+from trd_hpc.locks import DirLock
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path}: unreadable {what} ({type(e).__name__}); the file is truncated or damaged") from None
 
 
 def load_run(run_dir: Path):
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml (is this a run directory?)")
-    cfg = validate_experiment(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
-    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
+    from trd_hpc.train.run import read_run_config
+
+    cfg = read_run_config(run_dir)
+    metrics = _read_json(run_dir / "metrics.json", "metrics") if (run_dir / "metrics.json").exists() else {}
     history = []
     if (run_dir / "metrics.jsonl").exists():
-        history = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        history = [_loads_row(run_dir / "metrics.jsonl", i, line)
+                   for i, line in enumerate((run_dir / "metrics.jsonl").read_text().splitlines(), 1) if line.strip()]
     preds = {}
     for split in ("val", "test"):
         p = run_dir / "predictions" / f"{split}.npz"
         if not p.exists():
-            raise FileNotFoundError(f"{p} is missing: the run has not finished training (resume it with --resume auto)")
-        with np.load(p) as z:
-            preds[split] = {k: z[k] for k in z.files}
+            raise RunDirError(f"{p} is missing: the run has not finished training (resume it with --resume auto)")
+        try:
+            with np.load(p) as z:
+                preds[split] = {k: z[k] for k in z.files}
+        except Exception as e:  # zipfile.BadZipFile, EOFError, ValueError: truncated or not an npz
+            raise RunDirError(f"{p}: unreadable predictions ({type(e).__name__}); the file is truncated or damaged. "
+                              f"Remove it and model.pt, then `trd-hpc train ... --resume auto` writes them again") from None
     return cfg, metrics, history, preds
+
+
+def _loads_row(path: Path, lineno: int, line: str) -> dict:
+    try:
+        return json.loads(line)
+    except ValueError:
+        raise RunDirError(f"{path}: line {lineno} is not JSON; the file is truncated or damaged") from None
 
 
 def load_model(cfg, run_dir: Path) -> torch.nn.Module:
     from trd_hpc.train.tasks import make_task
 
+    path = run_dir / "model.pt"
     model = make_task(cfg).build_model()
-    model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RunDirError(f"{path} is missing: the run has not finished training (resume it with --resume auto)") from None
+    except Exception as e:  # truncated zip, garbage, pickle of non-tensors
+        raise RunDirError(f"{path}: unreadable weights ({type(e).__name__}); the file is truncated or damaged") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise RunDirError(f"{path}: weights do not fit the model of {run_dir / 'config.yaml'}: "
+                          f"{str(e).splitlines()[0]}") from None
     return model.eval()
 
 
@@ -76,7 +109,8 @@ def train_baseline(cfg, run_dir: Path, name: str) -> dict:
     bcfg.train.deepspeed_config = None
     bcfg.tracking.job_type = "baseline"
     bcfg.tracking.group = cfg.tracking.group or run_dir.name
-    return train(bcfg, out, resume="auto", evaluate_after=False, progress=False)
+    # standalone: after a DDP run this is rank 0 alone, with the launcher's variables still set
+    return train(bcfg, out, resume="auto", evaluate_after=False, progress=False, standalone=True)
 
 
 def random_forest_baseline(cfg: EMTExperiment, run_dir: Path) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -102,9 +136,8 @@ def random_forest_baseline(cfg: EMTExperiment, run_dir: Path) -> tuple[dict, np.
     prob = rf.predict_proba(xte)[:, 1]
     m = binary_metrics(yte, prob)
     top = sorted(zip(names, rf.feature_importances_), key=lambda t: -t[1])[:10]
-    (run_dir / "baselines").mkdir(exist_ok=True)
-    (run_dir / "baselines" / "random_forest.json").write_text(json.dumps(
-        {"metrics": _finite(m), "top_features": [[n, float(v)] for n, v in top]}, indent=1))
+    atomic_write_json(run_dir / "baselines" / "random_forest.json",
+                      {"metrics": _finite(m), "top_features": [[n, float(v)] for n, v in top]})
     return m, yte, prob
 
 
@@ -157,7 +190,7 @@ def evaluate_emt(cfg: EMTExperiment, run_dir: Path, metrics: dict, history: list
     val, test = preds["val"], preds["test"]
     prob = _sigmoid(test["logit"])
     m = {f"test.{k}": v for k, v in binary_metrics(test["label"], prob, n_bins=cfg.eval.ece_bins).items()}
-    (run_dir / "curves.json").write_text(json.dumps(curves(test["label"], prob)))
+    atomic_write_json(run_dir / "curves.json", curves(test["label"], prob), indent=None)
     cal, probs = calibrate_all(val["logit"], val["label"], test["logit"], test["label"], cfg.eval.calibration,
                                cfg.eval.ece_bins, return_probs=True)
     for method, res in cal.items():
@@ -165,7 +198,7 @@ def evaluate_emt(cfg: EMTExperiment, run_dir: Path, metrics: dict, history: list
             m[f"calibrated.{method}.{k}"] = v
     model = load_model(cfg, run_dir)
     importance = _emt_importance(cfg, run_dir, model)
-    (run_dir / "importance.json").write_text(json.dumps(importance, indent=1))
+    atomic_write_json(run_dir / "importance.json", importance)
     for k, v in importance["fmri_regions"].items():
         m[f"importance.fmri.{k}"] = v
     for k, v in importance["clinical"].items():
@@ -256,14 +289,13 @@ def apply_eval_overrides(run_dir: Path, overrides) -> None:
     if bad:
         raise ConfigError(f"evaluate takes only eval.* overrides (the model was trained with {run_dir / 'config.yaml'}): "
                           f"{', '.join(bad)}")
+    from trd_hpc.config import to_dict
+    from trd_hpc.train.run import read_run_config
+
     cfg_path = run_dir / "config.yaml"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml (is this a run directory?)")
-    data = merge_overrides(yaml.safe_load(cfg_path.read_text()), overrides, str(cfg_path))
+    data = merge_overrides(to_dict(read_run_config(run_dir)), overrides, str(cfg_path))
     cfg = validate_experiment(data, str(cfg_path))
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, cfg_path)
+    atomic_write_text(cfg_path, to_yaml(cfg))
 
 
 def run_evaluation(run_dir: Path, figures: bool = True, overrides=()) -> dict:
@@ -273,29 +305,36 @@ def run_evaluation(run_dir: Path, figures: bool = True, overrides=()) -> dict:
     run directory (``RUN_DIR/baselines/NAME``) already holds test predictions is reused,
     not retrained."""
     run_dir = Path(run_dir)
-    apply_eval_overrides(run_dir, overrides)
-    cfg, metrics, history, preds = load_run(run_dir)
-    fn = evaluate_emt if isinstance(cfg, EMTExperiment) else evaluate_cnn3d
-    extra, figs = fn(cfg, run_dir, metrics, history, preds, figures)
-    metrics.update(extra)
-    metrics = _finite(metrics)
-    tmp = run_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1, default=float))
-    os.replace(tmp, run_dir / "metrics.json")  # readers (cv aggregation) never see half a file
-    if figs:
-        (run_dir / "figures" / "index.json").write_text(json.dumps({k: str(Path(v).name) for k, v in figs.items()}))
-    write_run_report(run_dir, metrics=metrics, cfg=cfg)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory")
+    with DirLock(run_dir, "run directory"):  # nests inside train()'s own lock
+        faults.point("evaluate")
+        apply_eval_overrides(run_dir, overrides)
+        cfg, metrics, history, preds = load_run(run_dir)
+        fn = evaluate_emt if isinstance(cfg, EMTExperiment) else evaluate_cnn3d
+        extra, figs = fn(cfg, run_dir, metrics, history, preds, figures)
+        metrics.update(extra)
+        metrics = _finite(metrics)
+        atomic_write_json(run_dir / "metrics.json", metrics, fault="metrics")  # readers never see half a file
+        if figs:
+            atomic_write_json(run_dir / "figures" / "index.json", {k: str(Path(v).name) for k, v in figs.items()}, indent=None)
+        write_run_report(run_dir, metrics=metrics, cfg=cfg)
     return metrics
 
 
 def write_run_report(run_dir: Path, metrics: dict | None = None, cfg=None) -> Path:
     from trd_hpc.eval.report import write_report
 
+    from trd_hpc.train.run import read_run_config
+
+    faults.point("report")
     run_dir = Path(run_dir)
     if cfg is None:
-        cfg = validate_experiment(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        cfg = read_run_config(run_dir)
     if metrics is None:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        if not (run_dir / "metrics.json").exists():
+            raise RunDirError(f"{run_dir / 'metrics.json'} is missing: the run has not finished training")
+        metrics = _read_json(run_dir / "metrics.json", "metrics")
     figs = {}
     index = run_dir / "figures" / "index.json"
     if index.exists():

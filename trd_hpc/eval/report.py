@@ -119,7 +119,7 @@ def write_report(
 </body></html>
 """
     out = run_dir / "report.html"
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(out)  # a reader never sees a half-written report
+    from trd_hpc.fsio import atomic_write_text
+
+    atomic_write_text(out, doc)  # a reader never sees a half-written report
     return out

@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from trd_hpc.errors import ConfigError, TrainingError
+
 VERBS = ("train", "generate", "cv", "tune")
 CLUSTERS = ("slurm", "local", "debug")
 
@@ -42,7 +44,7 @@ def _need_submitit():
     try:
         import submitit
     except ImportError:
-        raise RuntimeError("trd-hpc submit needs submitit: pip install 'trd-hpc[submitit]'") from None
+        raise ConfigError("trd-hpc submit needs submitit: pip install 'trd-hpc[submitit]'") from None
     return submitit
 
 
@@ -102,7 +104,7 @@ class _TrdJob:
     def __init__(self, verb: str, config: str, out: str, overrides: list[str] | None = None,
                  cfg_data: dict | None = None, options: dict | None = None, cwd: str | None = None):
         if verb not in VERBS:
-            raise ValueError(f"unknown verb {verb!r}; one of {', '.join(VERBS)}")
+            raise ConfigError(f"unknown verb {verb!r}; one of {', '.join(VERBS)}")
         self.verb = verb
         self.config = config          # path of the config (train, generate, cv) or sweep spec (tune)
         self.out = out                # absolute: the run, cohort, cv or sweep directory
@@ -186,7 +188,7 @@ class _TrdJob:
 
         rc = tune_main([self.config, "--out", self.out, "--quiet", *self.overrides])
         if rc != 0:
-            raise RuntimeError(f"trd-hpc tune {self.config} --out {self.out} exited with {rc}")
+            raise TrainingError(f"trd-hpc tune {self.config} --out {self.out} exited with {rc}")
         best = Path(self.out) / "best.json"
         return json.loads(best.read_text()) if best.exists() else {"out": self.out}
 
@@ -293,10 +295,10 @@ def make_jobs(a) -> tuple[list, str]:
     cwd = os.getcwd()
     world = a.nodes * a.tasks_per_node
     if a.verb in ("generate", "tune") and world > 1:
-        raise ValueError(f"submit {a.verb} runs one task (use --cpus-per-task), not {world}")
+        raise ConfigError(f"submit {a.verb} runs one task (use --cpus-per-task), not {world}")
     if a.verb == "tune":
         if not Path(a.config).exists():
-            raise FileNotFoundError(f"sweep spec {a.config} not found")
+            raise ConfigError(f"sweep spec {a.config} not found")
         out = a.out or f"runs/tune-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         return [TrdJob("tune", str(Path(a.config).absolute()), str(Path(out).absolute()), a.overrides, cwd=cwd)], name
     overrides = _overrides_with_defaults(a)
@@ -315,7 +317,7 @@ def make_jobs(a) -> tuple[list, str]:
     k = check_folds(cfg, a.folds)
     folds = [a.fold] if a.fold is not None else list(range(k))
     if any(not 0 <= f < k for f in folds):
-        raise ValueError(f"--fold {a.fold} is outside 0..{k - 1}")
+        raise ConfigError(f"--fold {a.fold} is outside 0..{k - 1}")
     return [TrdJob("cv", config, out, overrides, data, {"folds": k, "fold": f}, cwd) for f in folds], name
 
 
@@ -335,7 +337,7 @@ def make_executor(a, name: str):
     extra = {}
     for kv in a.slurm:
         if "=" not in kv:
-            raise ValueError(f"--slurm {kv}: expected KEY=VALUE (an sbatch option without its dashes)")
+            raise ConfigError(f"--slurm {kv}: expected KEY=VALUE (an sbatch option without its dashes)")
         k, v = kv.split("=", 1)
         extra[k.lstrip("-")] = v
     params.update(

@@ -18,9 +18,15 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
-FORMAT = "trd-hpc-checkpoint-v1"
+from trd_hpc import faults
+from trd_hpc.errors import TrainingError
+from trd_hpc.fsio import atomic_write_with, remove_stale_temps
+
+# v2: the run identity (config keys, cohort checksum) and the epoch's records so far.
+FORMAT = "trd-hpc-checkpoint-v2"
 _STEP = re.compile(r"^step-(\d{9})(\.pt)?$")
 
 
@@ -33,12 +39,21 @@ def step_name(step: int, deepspeed: bool = False) -> str:
 
 
 def save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_with(path, lambda tmp: torch.save(obj, tmp), fault="checkpoint")
+
+
+def remove_stale(run_dir: Path) -> list[Path]:
+    """Temp files of checkpoint writes that were killed (their writer is dead)."""
+    return remove_stale_temps(checkpoint_dir(run_dir)) + remove_stale_temps(run_dir)
+
+
+def records_to_tensors(rec: dict) -> dict:
+    """Per-subject records as tensors (a checkpoint loads with weights_only=True)."""
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in rec.items()}
+
+
+def records_from_tensors(rec: dict) -> dict:
+    return {k: v.numpy() for k, v in rec.items()}
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -58,9 +73,14 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def load_file(path: Path) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, garbage, a pickle that is not plain tensors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingError(f"{path}: not a readable trd-hpc checkpoint ({type(e).__name__}: {first[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a trd-hpc checkpoint (format {state.get('format') if isinstance(state, dict) else '?'})")
+        fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise TrainingError(f"{path}: not a {FORMAT} checkpoint (format {fmt!r})")
     return state
 
 
@@ -78,11 +98,16 @@ def newest_valid(run_dir: Path) -> tuple[Path, dict | None] | None:
 
 
 def prune(run_dir: Path, keep: int = 2) -> None:
-    for _, p in list_checkpoints(run_dir)[keep:]:
+    old = list_checkpoints(run_dir)[keep:]
+    for i, (_, p) in enumerate(old):
         if p.is_dir():
+            # The marker goes first, so a half-deleted directory is never taken for a checkpoint.
+            (p / "complete").unlink(missing_ok=True)
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+        if i == 0:
+            faults.point("prune")
 
 
 def capture_rng() -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from trd_hpc.config import ConfigError
+from trd_hpc.errors import RunDirError
 
 SUMMARY = "cv_summary.json"
 
@@ -64,7 +65,7 @@ def aggregate(out: Path, folds: int) -> dict:
         else:
             missing.append(k)
     if missing:
-        raise FileNotFoundError(f"{out}: folds {missing} have no metrics.json yet")
+        raise RunDirError(f"{out}: folds {missing} have no metrics.json yet")
     keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     summary: dict = {"folds": folds}
     for key in keys:
@@ -77,9 +78,9 @@ def aggregate(out: Path, folds: int) -> dict:
         summary[f"min.{key}"] = float(vals.min())
         summary[f"max.{key}"] = float(vals.max())
         summary[f"per_fold.{key}"] = [float(v) for v in vals]
-    tmp = out / f".{SUMMARY}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out / SUMMARY)
+    from trd_hpc.fsio import atomic_write_json
+
+    atomic_write_json(out / SUMMARY, summary)
     return summary
 
 
@@ -110,6 +111,6 @@ def run_cv(cfg, out: Path, folds: int | None = None, fold: int | None = None, on
     done = [k for k in range(k_total) if (fold_dir(out, k) / "metrics.json").exists()]
     if len(done) < k_total:
         if only_aggregate:
-            raise FileNotFoundError(f"{out}: folds {sorted(set(range(k_total)) - set(done))} are not finished")
+            raise RunDirError(f"{out}: folds {sorted(set(range(k_total)) - set(done))} are not finished")
         return None
     return aggregate(out, k_total)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from trd_hpc.config import TrainConfig
+from trd_hpc.errors import ConfigError
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -23,7 +24,7 @@ def resolve_config_path(name: str) -> Path:
     for cand in (Path(name), REPO_CONFIGS / name, REPO_CONFIGS / "deepspeed" / name, REPO_CONFIGS / "deepspeed" / f"{name}.json"):
         if cand.is_file():
             return cand
-    raise FileNotFoundError(
+    raise ConfigError(
         f"train.deepspeed_config: {name} not found (looked in ., configs/, configs/deepspeed/); "
         f"available: {', '.join(sorted(p.name for p in (REPO_CONFIGS / 'deepspeed').glob('*.json')))}"
     )
@@ -32,15 +33,15 @@ def resolve_config_path(name: str) -> Path:
 def build_ds_config(train: TrainConfig, world_size: int) -> tuple[dict, str]:
     """(DeepSpeed config dict, precision actually used)."""
     if not train.deepspeed_config:
-        raise ValueError("train.strategy=deepspeed needs train.deepspeed_config (e.g. zero2_bf16.json)")
+        raise ConfigError("train.strategy=deepspeed needs train.deepspeed_config (e.g. zero2_bf16.json)")
     path = resolve_config_path(train.deepspeed_config)
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
     for key in ("optimizer", "scheduler", "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_clipping"):
         if key in ds:
-            raise ValueError(f"{path}: '{key}' comes from the experiment config (train.*); remove it from the JSON")
+            raise ConfigError(f"{path}: '{key}' comes from the experiment config (train.*); remove it from the JSON")
     file_precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
     precision = file_precision if train.precision == "auto" else train.precision
     ds.pop("bf16", None) if precision != "bf16" else None

@@ -17,6 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from trd_hpc.errors import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -82,14 +84,21 @@ def _free_port() -> int:
 def pick_device(kind: str, local_rank: int) -> torch.device:
     if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible")
+            raise ConfigError("train.device=cuda but no CUDA device is visible")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
 
-def init(strategy: str, device_kind: str = "auto", timeout_s: int = 1800) -> DistInfo:
-    """Join (or create) the process group that ``strategy`` needs."""
+def init(strategy: str, device_kind: str = "auto", timeout_s: int = 1800, standalone: bool = False) -> DistInfo:
+    """Join (or create) the process group that ``strategy`` needs.
+
+    ``standalone``: one process on its own whatever the launcher's variables say
+    (rank 0 training the baselines after a multi-process run)."""
+    if standalone:
+        if strategy != "single":
+            raise ConfigError(f"a standalone run is one process: train.strategy=single, not {strategy}")
+        return DistInfo(0, 1, 0, 1, pick_device(device_kind, int(os.environ.get("LOCAL_RANK", 0))))
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update(env_from_slurm())
     rank = int(os.environ.get("RANK", 0))
@@ -97,7 +106,7 @@ def init(strategy: str, device_kind: str = "auto", timeout_s: int = 1800) -> Dis
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if strategy == "single" and world > 1:
-        raise RuntimeError(
+        raise ConfigError(
             f"train.strategy=single but {world} processes were launched; use train.strategy=ddp or deepspeed"
         )
     device = pick_device(device_kind, local_rank)

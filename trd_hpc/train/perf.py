@@ -33,8 +33,12 @@ def _cache_file(key: str) -> Path:
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5) -> float:
     n = 1024 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A private generator: drawing from the global RNG here would shift every
+    # later dropout mask, so a run that measured (no cache yet) would train
+    # differently from one that read the cache, and an exact resume would break.
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     a @ b  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -64,9 +68,10 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
     except (OSError, ValueError, KeyError):
         pass
     flops = measure_matmul_flops(device, dtype if device.type == "cuda" else torch.float32)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"flops": flops}))
+    try:  # atomic: another rank may read the cache while this one writes it
+        from trd_hpc.fsio import atomic_write_json
+
+        atomic_write_json(path, {"flops": flops})
     except OSError:
         pass
     return flops, "measured matmul"

@@ -14,36 +14,29 @@ Run directory:
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
-from trd_hpc.config import ConfigError, load_config, to_dict, to_yaml, validate_experiment
+from trd_hpc import faults
+from trd_hpc.config import ConfigError, to_dict, to_yaml, validate_experiment
 from trd_hpc.data.generate import generate
 from trd_hpc.data.manifest import MANIFEST, load_manifest
+from trd_hpc.errors import RunDirError
+from trd_hpc.fsio import atomic_write_json, atomic_write_text, atomic_write_with
+from trd_hpc.locks import DirLock
+from trd_hpc.train import checkpoint as ckpt
 from trd_hpc.train import distributed as D
 from trd_hpc.train import signals
+from trd_hpc.train.identity import RESUMABLE_CHANGES, differing_keys, flatten
 from trd_hpc.train.tasks import make_task
 from trd_hpc.train.trainer import Preempted, Trainer
 
 PREEMPTED = "PREEMPTED"
-# Keys that may change when a run is resumed (more epochs, another launcher).
-RESUMABLE_CHANGES = ("train.max_epochs", "train.strategy", "train.num_threads", "data.num_workers",
-                     "train.checkpoint_every_steps", "train.log_every_steps", "tracking.")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+__all__ = ["train", "RESUMABLE_CHANGES", "read_run_config"]
 
 
 def ensure_cohort(cfg, info: D.DistInfo, progress: bool = True) -> Path:
@@ -57,7 +50,7 @@ def ensure_cohort(cfg, info: D.DistInfo, progress: bool = True) -> Path:
     have = {k: v for k, v in to_dict(m.config).items() if k != "subjects_per_shard"}
     want = {k: v for k, v in to_dict(cfg.cohort).items() if k != "subjects_per_shard"}
     if have != want:
-        diffs = sorted(k for k, v in _flat(want).items() if _flat(have).get(k) != v)
+        diffs = sorted(k for k, v in flatten(want).items() if flatten(have).get(k) != v)
         raise ConfigError(
             f"data.cohort={root} holds a cohort made with another config (differs in: "
             f"{', '.join('cohort.' + k for k in diffs)}); point data.cohort at a new directory"
@@ -65,32 +58,54 @@ def ensure_cohort(cfg, info: D.DistInfo, progress: bool = True) -> Path:
     return root
 
 
+def read_run_config(run_dir: Path):
+    """The validated config.yaml of a run directory; RunDirError naming the file when it is
+    missing, truncated or not a config."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise RunDirError(f"{run_dir}: no config.yaml (is this a run directory?)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path}: unreadable ({type(e).__name__}); the file is truncated or damaged. "
+                          f"Restore it, or start a new run with another --out") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path}: not a config (a mapping of keys); the file is truncated or damaged")
+    return validate_experiment(data, str(path))
+
+
 def prepare_run_dir(cfg, run_dir: Path, resume: str | None, info: D.DistInfo) -> None:
+    """Check a resumed run's config against the one it was started with, then write config.yaml.
+
+    The config was fully validated before this point, so a failed start never leaves
+    a config.yaml that would refuse the corrected one."""
     cfg_file = run_dir / "config.yaml"
     if info.is_main:
-        if cfg_file.exists():
+        trained = bool(ckpt.list_checkpoints(run_dir)) or (run_dir / "model.pt").exists()
+        if cfg_file.exists() and not trained:
+            # A start that failed before its first checkpoint: nothing to keep, so a
+            # corrected config simply replaces the one written then.
+            print(f"{run_dir}: no checkpoint yet from the earlier start; starting afresh with this config", flush=True)
+        elif cfg_file.exists():
             if not resume:
                 raise ConfigError(f"{run_dir} already holds a run; pass --resume auto to continue it, or use another --out")
-            import yaml
-
-            old = _flat(to_dict(validate_experiment(yaml.safe_load(cfg_file.read_text()), str(cfg_file))))
-            new = _flat(to_dict(cfg))
-            diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
-                     and not any(k.startswith(p) for p in RESUMABLE_CHANGES)]
+            old = flatten(to_dict(read_run_config(run_dir)))
+            diffs = differing_keys(old, flatten(to_dict(cfg)))
             if diffs:
-                raise ConfigError(
-                    f"cannot resume {run_dir}: the config differs from {cfg_file} in " + ", ".join(diffs)
-                )
+                raise ConfigError(f"cannot resume {run_dir}: the config differs from {cfg_file} in " + ", ".join(diffs))
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg_file.write_text(to_yaml(cfg))
+        atomic_write_text(cfg_file, to_yaml(cfg))
         (run_dir / PREEMPTED).unlink(missing_ok=True)
     D.barrier(info)
 
 
 def save_predictions(run_dir: Path, split: str, rec: dict) -> None:
-    d = run_dir / "predictions"
-    d.mkdir(exist_ok=True)
-    np.savez(d / f"{split}.npz", **rec)
+    # np.savez adds ".npz" to a name without it: write through an open file instead.
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **rec)
+
+    atomic_write_with(run_dir / "predictions" / f"{split}.npz", write)
 
 
 def final_metrics(trainer: Trainer, val_m: dict, test_m: dict, seconds: float) -> dict:
@@ -115,20 +130,29 @@ def final_metrics(trainer: Trainer, val_m: dict, test_m: dict, seconds: float) -
 
 
 def train(cfg, run_dir: str | Path, resume: str | None = None, evaluate_after: bool = True,
-          progress: bool = True, on_step=None, on_epoch=None) -> dict | None:
+          progress: bool = True, on_step=None, on_epoch=None, standalone: bool = False) -> dict | None:
     """Train one run; returns the final metrics on rank 0 (None elsewhere or when pre-empted).
 
     ``on_step(trainer)`` runs after every optimiser step and ``on_epoch(trainer, row)``
-    after each epoch's checkpoint is written (Ray Tune reports there)."""
+    after each epoch's checkpoint is written (Ray Tune reports there).  ``standalone``:
+    one process whatever the launcher says (baselines trained by rank 0 of a DDP job).
+
+    After multi-process training, rank 0 alone runs the evaluation stage (calibration,
+    baselines, figures, report); the other ranks return once training is done."""
     signals.install()
     from trd_hpc.tracking import Tracker, figures_of
 
     run_dir = Path(run_dir)
-    info = D.init(cfg.train.strategy, cfg.train.device)
+    info = D.init(cfg.train.strategy, cfg.train.device, standalone=standalone)
+    faults.set_rank(info.rank)
     tracker = Tracker.noop()
+    lock = DirLock(run_dir, "run directory") if info.is_main else None
     try:
         try:
             root = ensure_cohort(cfg, info, progress)
+            if lock is not None:  # before anything is written into the run directory
+                lock.acquire()
+                ckpt.remove_stale(run_dir)
             prepare_run_dir(cfg, run_dir, resume, info)
             tracker = Tracker.start(cfg, run_dir, info.rank)  # rank 0 only; resumes the run's W&B id
             trainer = Trainer(cfg, make_task(cfg, str(root)), run_dir, info, root, progress=progress)
@@ -148,7 +172,7 @@ def train(cfg, run_dir: str | Path, resume: str | None = None, evaluate_after: b
                 trainer.fit(on_step=on_step, on_epoch=_on_epoch)
             except Preempted as p:
                 if info.is_main:
-                    (run_dir / PREEMPTED).write_text(json.dumps({"step": p.step, "signal": p.signame, "checkpoint": str(p.path)}))
+                    atomic_write_json(run_dir / PREEMPTED, {"step": p.step, "signal": p.signame, "checkpoint": str(p.path)})
                     print(f"{p}; continue with --resume auto", flush=True)
                 return None
             val_m, val_rec = trainer.evaluate("val")
@@ -157,9 +181,10 @@ def train(cfg, run_dir: str | Path, resume: str | None = None, evaluate_after: b
             if info.is_main:
                 save_predictions(run_dir, "val", val_rec)
                 save_predictions(run_dir, "test", test_rec)
-                torch.save(trainer.raw_model.state_dict(), run_dir / "model.pt")
+                state = trainer.raw_model.state_dict()
+                atomic_write_with(run_dir / "model.pt", lambda tmp: torch.save(state, tmp), fault="model")
                 metrics = final_metrics(trainer, val_m, test_m, time.perf_counter() - t0)
-                (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+                atomic_write_json(run_dir / "metrics.json", metrics, fault="metrics")
                 tracker.log_summary(metrics)
             D.barrier(info)
         finally:
@@ -173,3 +198,5 @@ def train(cfg, run_dir: str | Path, resume: str | None = None, evaluate_after: b
         return metrics
     finally:
         tracker.finish()
+        if lock is not None:
+            lock.release()

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from trd_hpc.config import CNN3DExperiment, EMTExperiment
+from trd_hpc.errors import CohortError
 
 
-class NonFiniteInput(ValueError):
-    pass
+class NonFiniteInput(CohortError, ValueError):
+    """A subject's input holds NaN or inf."""
 
 
 def _check_finite(name: str, t: torch.Tensor, batch: dict, root: str) -> None:

@@ -23,16 +23,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from trd_hpc import faults
 from trd_hpc.data.dataset import CohortDataset, make_loader
+from trd_hpc.data.manifest import load_manifest
 from trd_hpc.data.sampler import ShardAwareSampler
 from trd_hpc.train import checkpoint as ckpt
 from trd_hpc.train import distributed as D
-from trd_hpc.train import signals
+from trd_hpc.train import identity, signals
 from trd_hpc.train.tasks import merge_records
 
 
-class TrainingError(RuntimeError):
-    pass
+from trd_hpc.errors import TrainingError  # noqa: E402  (re-exported)
 
 
 class Preempted(Exception):
@@ -117,6 +118,11 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     finished: bool = False
     stopped_early: bool = False
+    # The epoch in progress, so far: per-subject records and losses of its
+    # steps, and seconds spent.  Checkpointed, so a resumed epoch reports
+    # the same train metrics as an uninterrupted one.
+    epoch_records: list[dict] = field(default_factory=list)
+    epoch_seconds: float = 0.0
 
 
 def _default_threads(local_world_size: int) -> int:
@@ -164,6 +170,7 @@ class Trainer:
         model = self.task.build_model().to(self.device)
         self.flops_per_sample = self.task.flops_per_sample(model)
 
+        self.identity = identity.run_identity(self.cfg, load_manifest(self.cohort_root))
         self.datasets = {role: CohortDataset(self.cohort_root, self.cfg.data.split(role),
                                              normalize_volumes=self.cfg.data.normalize_volumes)
                          for role in ("train", "val", "test")}
@@ -228,13 +235,16 @@ class Trainer:
             return model(**inputs)
 
     def _optimizer_step(self, loss: torch.Tensor) -> None:
+        step = self.state.step + 1
         if self.deepspeed:
             self.engine.backward(loss)
+            faults.point("mid-step", step)
             self.engine.step()
             return
         clip = self.tc.grad_clip_norm
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            faults.point("mid-step", step)
             if clip:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
@@ -242,6 +252,7 @@ class Trainer:
             self.scaler.update()
         else:
             loss.backward()
+            faults.point("mid-step", step)
             if clip:
                 nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
             self.optimizer.step()
@@ -317,21 +328,31 @@ class Trainer:
             "zero_stage": self.zero_stage,
             "finished": self.state.finished,
             "stopped_early": self.state.stopped_early,
+            "epoch_seconds": self.state.epoch_seconds,
+            "identity": self.identity,
         }
 
     def save_checkpoint(self) -> Path:
-        rngs = D.all_gather_objects(self.info, ckpt.capture_rng())
+        # Every rank's RNG, and the epoch's records from every rank (rank 0 restores them all).
+        gathered = D.all_gather_objects(self.info, (ckpt.capture_rng(), merge_records(self.state.epoch_records)))
+        rngs = [g[0] for g in gathered]
+        trainer = self._trainer_state()
+        trainer["epoch_records"] = ckpt.records_to_tensors(merge_records([g[1] for g in gathered]))
         d = ckpt.checkpoint_dir(self.run_dir)
         if self.deepspeed:
             name = ckpt.step_name(self.state.step, deepspeed=True)
-            client = {"trainer": self._trainer_state(), "rng": rngs, "best_model": self.best_state}
+            client = {"format": ckpt.FORMAT, "trainer": trainer, "rng": rngs, "best_model": self.best_state}
             self.engine.save_checkpoint(str(d), tag=name, client_state=client)
             D.barrier(self.info)
             path = d / name
             if self.info.is_main:
-                (path / "trainer.json").write_text(json.dumps(
-                    {"world_size": self.info.world_size, "zero_stage": self.zero_stage, "step": self.state.step}))
-                (path / "complete").write_text("ok\n")
+                from trd_hpc.fsio import atomic_write_json, atomic_write_text
+
+                atomic_write_json(path / "trainer.json",
+                                  {"world_size": self.info.world_size, "zero_stage": self.zero_stage, "step": self.state.step})
+                faults.point("checkpoint-write")
+                atomic_write_text(path / "complete", "ok\n")  # written last: the directory is now a checkpoint
+                faults.point("checkpoint-rename")
                 ckpt.prune(self.run_dir)
             D.barrier(self.info)
             return path
@@ -342,7 +363,7 @@ class Trainer:
                 "model": self.raw_model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
-                "trainer": self._trainer_state(),
+                "trainer": trainer,
                 "rng": rngs,
                 "best_model": self.best_state,
             }
@@ -350,6 +371,22 @@ class Trainer:
             ckpt.prune(self.run_dir)
         D.barrier(self.info)
         return path
+
+    def _check_identity(self, path: Path, trainer: dict) -> None:
+        """Refuse a checkpoint of another run (other config keys, other cohort content)."""
+        theirs = trainer.get("identity")
+        if theirs is None:
+            raise TrainingError(f"{path}: written by an older trd-hpc without a run identity; "
+                                f"it cannot be checked against this run, so it is not resumed")
+        keys = identity.differing_keys(theirs["config"], self.identity["config"])
+        if keys:
+            shown = ", ".join(f"{k} ({theirs['config'].get(k)!r} there, {self.identity['config'].get(k)!r} here)"
+                              for k in keys[:6])
+            raise TrainingError(f"{path}: checkpoint of another run: its config differs in {shown}"
+                                + (f" and {len(keys) - 6} more" if len(keys) > 6 else ""))
+        if theirs["cohort_sha256"] != self.identity["cohort_sha256"]:
+            raise TrainingError(f"{path}: checkpoint trained on another cohort (shard checksums or splits differ "
+                                f"from {self.cohort_root}); resume it with the cohort it was trained on")
 
     def load_checkpoint(self, where: str | Path) -> Path | None:
         """Resume from ``where`` ('auto': newest valid under the run dir). Returns the path or None."""
@@ -360,11 +397,16 @@ class Trainer:
             path, state = found
         else:
             path = Path(where)
+            if not path.exists():
+                raise TrainingError(f"--resume {path}: no such checkpoint")
             state = None if path.is_dir() else ckpt.load_file(path)
         if path.is_dir():
             if not self.deepspeed:
                 raise TrainingError(f"{path} is a DeepSpeed checkpoint; resume it with train.strategy=deepspeed")
-            meta = json.loads((path / "trainer.json").read_text())
+            try:
+                meta = json.loads((path / "trainer.json").read_text())
+            except (OSError, ValueError) as e:
+                raise TrainingError(f"{path / 'trainer.json'}: unreadable ({e}); not a complete DeepSpeed checkpoint") from None
             if meta["world_size"] != self.info.world_size and (meta.get("zero_stage") or 0) > 0:
                 raise TrainingError(
                     f"{path}: written by {meta['world_size']} processes with ZeRO stage {meta['zero_stage']}; "
@@ -374,21 +416,29 @@ class Trainer:
                 )
             _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                                     load_lr_scheduler_states=False)
-            if client is None:
-                raise TrainingError(f"{path}: DeepSpeed could not load this checkpoint")
+            if client is None or client.get("format") != ckpt.FORMAT:
+                raise TrainingError(f"{path}: DeepSpeed could not load this checkpoint as a {ckpt.FORMAT}")
             trainer, rngs, best = client["trainer"], client["rng"], client.get("best_model")
+            self._check_identity(path, trainer)
         else:
             if self.deepspeed:
                 raise TrainingError(f"{path} was written without DeepSpeed; resume it with train.strategy={state['trainer']['strategy']}")
-            self.raw_model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            trainer, rngs, best = state["trainer"], state["rng"], state.get("best_model")
+            self._check_identity(path, trainer)
+            try:
+                self.raw_model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise TrainingError(f"{path}: does not fit this model/optimiser: {str(e).splitlines()[0]}") from None
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
-            trainer, rngs, best = state["trainer"], state["rng"], state.get("best_model")
         stopped = bool(trainer.get("stopped_early", False))
         # A run that ended at max_epochs continues when resumed with a larger train.max_epochs.
+        records = ckpt.records_from_tensors(trainer.get("epoch_records") or {})
         self.state = TrainState(epoch=trainer["epoch"], step=trainer["step"], history=list(trainer["history"]),
-                                finished=stopped or trainer["epoch"] >= self.tc.max_epochs, stopped_early=stopped)
+                                finished=stopped or trainer["epoch"] >= self.tc.max_epochs, stopped_early=stopped,
+                                epoch_records=[records] if records and self.info.is_main else [],
+                                epoch_seconds=float(trainer.get("epoch_seconds", 0.0)))
         self.early.load_state_dict(trainer["early"])
         self.plateau.load_state_dict(trainer["plateau"])
         self.best_state = best
@@ -412,9 +462,9 @@ class Trainer:
     def _write_history(self) -> None:
         if not self.info.is_main:
             return
-        tmp = self.run_dir / ".metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.state.history))
-        os.replace(tmp, self.run_dir / "metrics.jsonl")
+        from trd_hpc.fsio import atomic_write_text
+
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.state.history))
 
     def train_epoch(self, epoch: int, on_step=None) -> dict:
         tc, info = self.tc, self.info
@@ -427,10 +477,10 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{tc.max_epochs}", unit="step", dynamic_ncols=True, leave=False)
-        parts, losses = [], []
-        samples, t0 = 0, time.perf_counter()
+        parts, losses = self.state.epoch_records, []  # a resumed epoch continues its records
+        samples, t0, seconds_before = 0, time.perf_counter(), self.state.epoch_seconds
         peak = self._peak_flops()
-        for batch in self.loaders["train"]:
+        for i, batch in enumerate(self.loaders["train"]):
             out = self._forward(self.model, batch)
             loss, _ = self.task.loss(out, batch, self.device)
             nonfinite, stop = D.any_flag(info, not bool(torch.isfinite(loss.detach())), signals.requested() is not None)
@@ -448,6 +498,8 @@ class Trainer:
             samples += bsz
             losses.append(float(loss.detach()))
             parts.append(self.task.records(out, batch))
+            self.state.epoch_seconds = seconds_before + time.perf_counter() - t0
+            faults.point("after-step", self.state.step)
             if on_step is not None:
                 on_step(self)
             if bar is not None:
@@ -458,7 +510,9 @@ class Trainer:
                 if self.state.step % tc.log_every_steps == 0 or bar.n == bar.total:
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_s=f"{sps:.1f}", mfu=f"{100 * mfu:.1f}%")
             saved = None
-            if tc.checkpoint_every_steps and self.state.step % tc.checkpoint_every_steps == 0:
+            # Not after the epoch's last step: the epoch-end checkpoint follows at once.
+            last = i + 1 == n_batches
+            if tc.checkpoint_every_steps and self.state.step % tc.checkpoint_every_steps == 0 and not last:
                 saved = self.save_checkpoint()
             if stop:
                 # Honoured after the step completes: the checkpoint is then exactly the
@@ -473,6 +527,7 @@ class Trainer:
         rec = merge_records(D.all_gather_objects(info, merge_records(parts)))
         m = self.task.metrics(rec) if info.is_main and rec else {}
         m = D.broadcast_object(info, m)
+        self.state.epoch_records, self.state.epoch_seconds = [], 0.0
         sps = samples * info.world_size / dt
         m["samples_per_s"] = sps
         m["mfu"] = self.flops_per_sample * sps / (peak * info.world_size)
@@ -485,7 +540,9 @@ class Trainer:
             epoch = self.state.epoch
             t0 = time.perf_counter()
             train_m = self.train_epoch(epoch, on_step)
+            faults.point("epoch-end", epoch + 1, "before-bn")
             self.recompute_bn_stats()
+            faults.point("epoch-end", epoch + 1, "before-val")
             val_m, _ = self.evaluate("val")
             row = {"epoch": epoch + 1, "step": self.state.step, "lr": self.plateau.lr}
             row.update({f"train.{k}": v for k, v in train_m.items()})
@@ -512,6 +569,7 @@ class Trainer:
             elif self.state.epoch >= tc.max_epochs:
                 self.state.finished = True
             self._write_history()
+            faults.point("epoch-end", epoch + 1, "before-save")
             self.save_checkpoint()
             if on_epoch is not None:
                 on_epoch(self, row)
