@@ -134,10 +134,16 @@ CNN_POINTS = [  # 11 steps an epoch, a checkpoint every 3 steps
     "after-step:30",
     "model-write:1",
 ]
-DS_POINTS = {  # DeepSpeed start-up costs ~10 s a process: the points that differ for its checkpoints
-    EMT: ["mid-step:3", "checkpoint-write:2", "epoch-end:1:before-val", "checkpoint-rename:1", "prune:1",
-          "after-step:14", "model-write:1"],
-    CNN: ["mid-step:4", "checkpoint-write:1", "epoch-end:2:before-bn", "checkpoint-rename:1", "after-step:30"],
+# DeepSpeed start-up costs ~10 s a process: the points where its checkpoints (a directory per step,
+# every rank's files, then a `complete` marker) differ from the single-file ones.
+DS_POINTS = {
+    EMT: ["mid-step:3",
+          "checkpoint-write:2",    # every rank's files saved, no `complete` marker yet
+          "checkpoint-rename:1",   # marker written, older ones not yet pruned
+          "prune:1",               # an old directory half-deleted (its marker goes first)
+          "model-write:1"],
+    CNN: ["checkpoint-write:1",    # the first checkpoint incomplete: the resume starts from scratch
+          "epoch-end:2:before-bn", "after-step:30"],
 }
 
 

@@ -127,16 +127,18 @@ def test_sbatch_train_emt_one_task_default_out(slurm_cluster, tmp_path, emt_coho
 
 
 def test_sbatch_ddp_two_tasks_under_srun(slurm_cluster, tmp_path, emt_cohort_dir):
+    # With the evaluation stage: after the two ranks finish, rank 0 trains the baselines alone.
     out, log = tmp_path / "run", tmp_path / "job.out"
     job = slurm_cluster.sbatch(
         ["--ntasks=2", "--cpus-per-task=1", f"--output={log}", "slurm/train_emt.sh", TINY, "--out", str(out),
-         "--no-eval", "train.max_epochs=1", f"data.cohort={emt_cohort_dir}", *QUICK],
-        cwd=REPO, env=job_env(), wait=True, timeout=300,
+         "train.max_epochs=1", "eval.baselines=[late_fusion_mlp]", f"data.cohort={emt_cohort_dir}", *QUICK],
+        cwd=REPO, env=job_env(), wait=True, timeout=600,
     )
     text = read(log)
     assert slurm_cluster.job_state(job) == "COMPLETED", text
     m = json.loads((out / "metrics.json").read_text())
     assert (m["world_size"], m["strategy"]) == (2, "ddp"), m  # ddp chosen because SLURM_NTASKS=2
+    assert "baselines.late_fusion_mlp.auc" in m and (out / "report.html").exists(), text[-3000:]
     assert f":{15000 + job % 15000}" in text  # MASTER_PORT from the job id, as distributed.slurm_port
 
 

@@ -47,7 +47,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     if res.finalized:
         print(f"manifest: {out / 'manifest.json'}")
     else:
-        print(f"manifest not written yet: other shards are still missing (run with --finalize when all are done)")
+        print("manifest not written yet: other shards are still missing (run with --finalize when all are done)")
     return 0
 
 

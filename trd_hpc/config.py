@@ -297,7 +297,8 @@ class TrainConfig(Strict):
     # auto: bf16 on a GPU that supports it, fp32 on CPU (no bf16 units on most CPUs)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = Field(12, ge=1)  # per process
+    batch_size: int = Field(12, ge=1)  # per process and micro-batch
+    grad_accum_steps: int = Field(1, ge=1)
     max_epochs: int = Field(50, ge=1)
     optimizer: Literal["adamw", "adam"] = "adamw"
     lr: float = Field(3e-4, gt=0)

@@ -16,6 +16,10 @@ Several points may be given, comma-separated; the first reached fires.
 ``TRD_FAULT_KILL=self`` (default) sends SIGKILL to this process,
 ``group`` to its whole process group (a launcher and all its ranks, as a lost
 node does), ``exit`` calls ``os._exit(137)`` (no clean-up, no flush).
+Two modes do not kill: ``usr2`` sends SIGUSR2 to this process (a pre-emption
+notice, honoured at the next step boundary) and goes on; ``pause`` prints
+``TRD_FAULT: paused at ...`` and waits for any signal (so a test can deliver
+one, e.g. ``scancel --signal=USR2``, at a known point), then goes on.
 ``TRD_FAULT_RANK`` (default 0) is the rank that fires; ``all`` for every rank.
 
 Unset, each point costs one dict lookup.  Points that take a count
@@ -67,9 +71,19 @@ def rearm(spec: str | None) -> None:
 
 
 def _die(where: str) -> None:
+    how = os.environ.get("TRD_FAULT_KILL", "self")
+    if how == "usr2":
+        sys.stderr.write(f"TRD_FAULT: SIGUSR2 at {where}\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        return
+    if how == "pause":
+        sys.stderr.write(f"TRD_FAULT: paused at {where}\n")
+        sys.stderr.flush()
+        signal.pause()  # returns once a handled signal arrived
+        return
     sys.stderr.write(f"TRD_FAULT: dying at {where}\n")
     sys.stderr.flush()
-    how = os.environ.get("TRD_FAULT_KILL", "self")
     if how == "exit":
         os._exit(137)
     if how == "group":
@@ -92,3 +106,4 @@ def point(name: str, *args) -> None:
     for w in wanted:
         if not w or have[: len(w)] == w:
             _die(":".join((name, *have)))
+            return

@@ -41,7 +41,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _explain(e: OSError) -> str:
+def explain(e: OSError) -> str:
     if e.errno == errno.ENOSPC:
         return "no space left on device"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -72,7 +72,7 @@ def atomic_path(path: str | Path, fault: str | None = None) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise WriteError(f"cannot create {path.parent}: {_explain(e)}") from e
+        raise WriteError(f"cannot create {path.parent}: {explain(e)}") from e
     tmp = temp_name(path)
     try:
         yield tmp
@@ -83,7 +83,7 @@ def atomic_path(path: str | Path, fault: str | None = None) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as e:
-        raise WriteError(f"cannot write {path}: {_explain(e)}; the previous file (if any) is unchanged") from e
+        raise WriteError(f"cannot write {path}: {explain(e)}; the previous file (if any) is unchanged") from e
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -111,10 +111,24 @@ def atomic_write_json(path: str | Path, obj, indent: int | None = 1, fault: str 
     atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default) + "\n", fault)
 
 
+def _disk_full(d: Path) -> bool:
+    try:
+        st = os.statvfs(d)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
 def atomic_write_with(path: str | Path, write: Callable[[Path], None], fault: str | None = None) -> None:
     """``write(tmp)`` fills the temporary file (torch.save, np.savez, h5py, ...)."""
     with atomic_path(path, fault) as tmp:
-        write(tmp)
+        try:
+            write(tmp)
+        except RuntimeError as e:
+            # torch.save reports a failed write as RuntimeError ("iostream error"), not OSError
+            if _disk_full(Path(path).parent):
+                raise OSError(errno.ENOSPC, "No space left on device") from e
+            raise
 
 
 def remove_stale_temps(directory: str | Path, recursive: bool = False) -> list[Path]:

@@ -52,7 +52,9 @@ class DirLock:
             self.dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise WriteError(f"cannot create the lock file {self.path}: {e.strerror}") from e
+            from trd_hpc.fsio import explain
+
+            raise WriteError(f"cannot create the lock file {self.path}: {explain(e)}") from e
         while True:
             try:
                 fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)

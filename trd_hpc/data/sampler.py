@@ -7,6 +7,12 @@ size by repeating its first entries, and rank r takes the r-th contiguous
 slice.  So ranks are disjoint, together cover the split once per epoch, and
 each reads mostly neighbouring chunks of a few shards.
 
+With gradient accumulation (``accum`` micro-batches per optimiser step) each
+process stands for ``accum`` virtual ranks: step k of process r is the micro-
+batches of virtual ranks r*accum .. r*accum+accum-1 of global batch k, in that
+order.  So W processes accumulating A micro-batches see exactly the samples,
+in exactly the groups, of W*A processes without accumulation.
+
 Padding entries are yielded as ``-(position + 1)`` so the dataset can mark
 them (``is_pad``) and evaluation can drop them.
 """
@@ -39,9 +45,11 @@ class ShardAwareSampler(Sampler[int]):
         block: int = 16,
         drop_last: bool = False,
         batch_size: int | None = None,
+        accum: int = 1,
     ):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        self.accum = max(1, int(accum))
         self.shard_sizes = [int(s) for s in shard_sizes]
         self.n = sum(self.shard_sizes)
         self.num_replicas, self.rank = num_replicas, rank
@@ -52,10 +60,11 @@ class ShardAwareSampler(Sampler[int]):
         self.batch_size = batch_size
         self.epoch = 0
         self.start = 0  # samples of this rank's epoch already consumed (resume)
+        v = num_replicas * self.accum  # virtual ranks
         if drop_last:
-            self.per_rank = self.n // num_replicas
+            self.per_rank = self.n // v * self.accum
         else:
-            self.per_rank = math.ceil(self.n / num_replicas)
+            self.per_rank = math.ceil(self.n / v) * self.accum
 
     @classmethod
     def for_dataset(cls, dataset, **kw) -> "ShardAwareSampler":
@@ -88,14 +97,16 @@ class ShardAwareSampler(Sampler[int]):
             order = np.concatenate([order, -(pads + 1)])
         else:
             order = order[:total]
-        if not self.batch_size or self.num_replicas == 1:
+        v, a = self.num_replicas * self.accum, self.accum
+        if not self.batch_size or v == 1:
             return order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
-        w, b = self.num_replicas, self.batch_size
-        full = len(order) // (w * b)
-        head = order[: full * w * b].reshape(full, w, b)[:, self.rank, :].reshape(-1)
-        tail = order[full * w * b :]
-        t = len(tail) // w
-        return np.concatenate([head, tail[self.rank * t : (self.rank + 1) * t]])
+        b = self.batch_size
+        full = len(order) // (v * b)
+        mine = slice(self.rank * a, (self.rank + 1) * a)  # this process's virtual ranks
+        head = order[: full * v * b].reshape(full, v, b)[:, mine, :].reshape(-1)
+        tail = order[full * v * b :]
+        t = len(tail) // v
+        return np.concatenate([head, tail[self.rank * a * t : (self.rank + 1) * a * t]])
 
     def __iter__(self):
         idx = self.rank_indices()[self.start :]

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from trd_hpc import faults
 from trd_hpc.config import CNN3DExperiment, EMTExperiment, to_yaml, validate_experiment
@@ -275,16 +273,15 @@ def evaluate_cnn3d(cfg: CNN3DExperiment, run_dir: Path, metrics: dict, history: 
 
 
 # ---------------------------------------------------------------------------- entry points
-def apply_eval_overrides(run_dir: Path, overrides) -> None:
-    """Change the ``eval`` section of a finished run's config.yaml (e.g. add baselines).
+def apply_eval_overrides(run_dir: Path, overrides):
+    """The run's config with ``eval`` keys changed (e.g. more baselines), not yet written.
 
-    Only ``eval.*`` keys: the rest describes how the model was trained and stays as it was.
-    The file is replaced atomically, so a bad override leaves it intact."""
+    Only ``eval.*`` keys: the rest describes how the model was trained and stays as it was."""
     from trd_hpc.config import ConfigError, merge_overrides
 
     overrides = list(overrides or ())
     if not overrides:
-        return
+        return None
     bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith("eval.")]
     if bad:
         raise ConfigError(f"evaluate takes only eval.* overrides (the model was trained with {run_dir / 'config.yaml'}): "
@@ -294,8 +291,7 @@ def apply_eval_overrides(run_dir: Path, overrides) -> None:
 
     cfg_path = run_dir / "config.yaml"
     data = merge_overrides(to_dict(read_run_config(run_dir)), overrides, str(cfg_path))
-    cfg = validate_experiment(data, str(cfg_path))
-    atomic_write_text(cfg_path, to_yaml(cfg))
+    return validate_experiment(data, str(cfg_path))
 
 
 def run_evaluation(run_dir: Path, figures: bool = True, overrides=()) -> dict:
@@ -309,8 +305,12 @@ def run_evaluation(run_dir: Path, figures: bool = True, overrides=()) -> dict:
         raise RunDirError(f"{run_dir}: no such run directory")
     with DirLock(run_dir, "run directory"):  # nests inside train()'s own lock
         faults.point("evaluate")
-        apply_eval_overrides(run_dir, overrides)
+        new_cfg = apply_eval_overrides(run_dir, overrides)
         cfg, metrics, history, preds = load_run(run_dir)
+        load_model(cfg, run_dir)  # every input read and checked before anything is written
+        if new_cfg is not None:
+            atomic_write_text(run_dir / "config.yaml", to_yaml(new_cfg))  # replaced whole: a bad override leaves it
+            cfg = new_cfg
         fn = evaluate_emt if isinstance(cfg, EMTExperiment) else evaluate_cnn3d
         extra, figs = fn(cfg, run_dir, metrics, history, preds, figures)
         metrics.update(extra)

@@ -11,7 +11,6 @@ skipped in favour of the previous one.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil

@@ -58,8 +58,8 @@ def build_ds_config(train: TrainConfig, world_size: int) -> tuple[dict, str]:
     if train.optimizer == "adam":
         ds["optimizer"]["params"]["adam_w_mode"] = False
     ds["train_micro_batch_size_per_gpu"] = train.batch_size
-    ds["gradient_accumulation_steps"] = 1
-    ds["train_batch_size"] = train.batch_size * world_size
+    ds["gradient_accumulation_steps"] = train.grad_accum_steps
+    ds["train_batch_size"] = train.batch_size * world_size * train.grad_accum_steps
     if train.grad_clip_norm:
         ds["gradient_clipping"] = train.grad_clip_norm
     ds.setdefault("steps_per_print", 10**9)

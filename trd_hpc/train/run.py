@@ -13,7 +13,6 @@ Run directory:
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

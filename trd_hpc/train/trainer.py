@@ -11,7 +11,7 @@ pre-emption signal arrives.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 import math
 import os
@@ -136,6 +136,19 @@ def _default_threads(local_world_size: int) -> int:
     return max(1, cpus // max(local_world_size, 1))
 
 
+def _split_batch(batch: dict, parts: int) -> list[dict]:
+    """A loaded batch as ``parts`` micro-batches (equal by construction of the sampler).
+
+    Each piece is copied into memory of its own: a view into the middle of the batch can
+    start at an address that makes the CPU kernels take another vector path, and then a
+    process accumulating micro-batches no longer matches, bit for bit, the processes that
+    load them one each."""
+    if parts == 1:
+        return [batch]
+    pieces = {k: torch.tensor_split(v, parts) for k, v in batch.items()}
+    return [{k: p[j].clone() for k, p in pieces.items()} for j in range(parts) if len(pieces["subject_id"][j])]
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
@@ -175,11 +188,13 @@ class Trainer:
                                              normalize_volumes=self.cfg.data.normalize_volumes)
                          for role in ("train", "val", "test")}
         bs = tc.batch_size
+        self.accum = tc.grad_accum_steps
         self.train_sampler = ShardAwareSampler.for_dataset(
             self.datasets["train"], num_replicas=info.world_size, rank=info.rank, shuffle=True,
-            seed=tc.seed, block=self.cfg.data.locality_block, batch_size=bs,
+            seed=tc.seed, block=self.cfg.data.locality_block, batch_size=bs, accum=self.accum,
         )
-        self.loaders = {"train": self._loader("train", self.train_sampler)}
+        # One loaded batch = one optimiser step's micro-batches, split in train_epoch.
+        self.loaders = {"train": self._loader("train", self.train_sampler, bs * self.accum)}
 
         if self.deepspeed:
             from trd_hpc.train import deepspeed_engine as dse
@@ -212,9 +227,9 @@ class Trainer:
         self.best_state: dict | None = None
         self._peak = None
 
-    def _loader(self, split: str, sampler: ShardAwareSampler):
+    def _loader(self, split: str, sampler: ShardAwareSampler, batch_size: int | None = None):
         d = self.cfg.data
-        return make_loader(self.datasets[split], self.tc.batch_size, sampler, num_workers=d.num_workers,
+        return make_loader(self.datasets[split], batch_size or self.tc.batch_size, sampler, num_workers=d.num_workers,
                            prefetch_factor=d.prefetch_factor, persistent_workers=False,
                            generator=torch.Generator().manual_seed(self.tc.seed))
 
@@ -234,25 +249,40 @@ class Trainer:
         with self._autocast():
             return model(**inputs)
 
-    def _optimizer_step(self, loss: torch.Tensor) -> None:
-        step = self.state.step + 1
+    def _no_sync(self, skip: bool):
+        """DDP's all-reduce waits for the last micro-batch of a step."""
+        if skip and isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def _backward(self, loss: torch.Tensor, n_micro: int, last: bool) -> None:
         if self.deepspeed:
-            self.engine.backward(loss)
-            faults.point("mid-step", step)
+            self.engine.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps itself
+            if not last:
+                self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+            return
+        if n_micro > 1:
+            # Exact for powers of two: every gradient is then exactly half, a quarter, ... of
+            # the micro-batch's own, so W processes x A micro-batches add up bit for bit like
+            # W*A processes (DDP averages the same terms in its all-reduce).
+            loss = loss / n_micro
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _step(self) -> None:
+        if self.deepspeed:
             self.engine.step()
             return
         clip = self.tc.grad_clip_norm
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            faults.point("mid-step", step)
             if clip:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
-            faults.point("mid-step", step)
             if clip:
                 nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
             self.optimizer.step()
@@ -471,7 +501,7 @@ class Trainer:
         if self.train_sampler.epoch != epoch:
             self.train_sampler.set_epoch(epoch)
         self.model.train()
-        n_batches = math.ceil(len(self.train_sampler) / tc.batch_size)
+        n_batches = math.ceil(len(self.train_sampler) / (tc.batch_size * self.accum))
         bar = None
         if self.progress:
             from tqdm import tqdm
@@ -481,23 +511,33 @@ class Trainer:
         samples, t0, seconds_before = 0, time.perf_counter(), self.state.epoch_seconds
         peak = self._peak_flops()
         for i, batch in enumerate(self.loaders["train"]):
-            out = self._forward(self.model, batch)
-            loss, _ = self.task.loss(out, batch, self.device)
-            nonfinite, stop = D.any_flag(info, not bool(torch.isfinite(loss.detach())), signals.requested() is not None)
+            # One optimiser step: the loaded batch is this process's `accum` micro-batches.
+            micro = _split_batch(batch, self.accum)
+            finite, step_loss = True, 0.0
+            for j, mb in enumerate(micro):
+                last_micro = j == len(micro) - 1
+                with self._no_sync(not last_micro):
+                    out = self._forward(self.model, mb)
+                    loss, _ = self.task.loss(out, mb, self.device)
+                    finite &= bool(torch.isfinite(loss.detach()))
+                    self._backward(loss, len(micro), last_micro)
+                step_loss += float(loss.detach()) / len(micro)
+                parts.append(self.task.records(out, mb))
+            nonfinite, stop = D.any_flag(info, not finite, signals.requested() is not None)
             if nonfinite:
-                last = ckpt.list_checkpoints(self.run_dir)
+                good = ckpt.list_checkpoints(self.run_dir)
                 raise TrainingError(
                     f"loss became NaN/inf at step {self.state.step + 1} (epoch {epoch + 1}); weights were not "
-                    f"updated with it. Last good checkpoint: {last[0][1] if last else 'none yet'}. "
+                    f"updated with it. Last good checkpoint: {good[0][1] if good else 'none yet'}. "
                     f"Lower train.lr, set train.grad_clip_norm, or use train.precision=fp32."
                 )
-            self._optimizer_step(loss)
+            faults.point("mid-step", self.state.step + 1)
+            self._step()
             self.state.step += 1
             bsz = len(batch["subject_id"])
             self.train_sampler.start += bsz
             samples += bsz
-            losses.append(float(loss.detach()))
-            parts.append(self.task.records(out, batch))
+            losses.append(step_loss)
             self.state.epoch_seconds = seconds_before + time.perf_counter() - t0
             faults.point("after-step", self.state.step)
             if on_step is not None:
