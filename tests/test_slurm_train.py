@@ -61,14 +61,21 @@ def newest_step(run_dir: Path) -> int:
     return max(steps, default=-1)
 
 
-def wait_for_step(run_dir: Path, step: int, timeout: float, why: str) -> int:
+# The run stops right after step 3 and waits for a signal (trd_hpc/faults.py), so the
+# pre-emption notice always lands mid-run, however loaded the machine is.
+PAUSE_AT_3 = {"TRD_FAULT": "after-step:3", "TRD_FAULT_KILL": "pause"}
+
+
+def wait_for_text(path: Path, text: str, timeout: float, proc=None) -> None:
+    """Bounded wait for a line the job prints (not for a moment in training: the job waits too)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        s = newest_step(run_dir)
-        if s >= step:
-            return s
-        time.sleep(0.1)
-    raise TimeoutError(f"no checkpoint at step >= {step} in {run_dir} after {timeout} s; {why}")
+        if text in read(path):
+            return
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise TimeoutError(f"{path} has no {text!r} after {timeout} s:\n{read(path)[-3000:]}")
 
 
 def same_weights(a: Path, b: Path) -> list[str]:
@@ -147,11 +154,11 @@ def test_sbatch_preempted_job_requeues_and_resumes_to_the_same_weights(slurm_clu
     job = slurm_cluster.sbatch(
         ["--cpus-per-task=1", f"--output={log}", "slurm/train_emt.sh", TINY, "--out", str(out), "--no-eval",
          f"data.cohort={emt_cohort_dir}", *RESUME_CASE],
-        cwd=REPO, env=job_env(),
+        cwd=REPO, env=job_env(**PAUSE_AT_3),
     )
     try:
-        step = wait_for_step(out, 3, timeout=180, why=read(log))
-        assert not (out / "model.pt").exists(), "the run ended before it could be interrupted"
+        wait_for_text(log, "TRD_FAULT: paused at after-step:3", timeout=300)
+        step = 3
         # SIGUSR2 to the job steps (the srun tasks), as --signal=USR2@120 sends before the time limit
         slurm_cluster.run(["scancel", "--signal=USR2", str(job)])
         state = slurm_cluster.wait_job(job, timeout=300)
@@ -196,13 +203,15 @@ def test_submit_preempted_job_is_requeued_by_submitit_and_resumes(slurm_cluster,
             submit_cmd("train", TINY, "--cluster", "slurm", "--wait", "--wait-timeout", "400", "--out", str(out),
                        "--logs", f"{logs}/%j", "--name", name, "--cpus-per-task", "1", "--time", "30", "--no-eval",
                        f"data.cohort={emt_cohort_dir}", *RESUME_CASE),
-            cwd=REPO, env=slurm_cluster.client_env(job_env()), stdout=sink, stderr=subprocess.STDOUT,
+            cwd=REPO, env=slurm_cluster.client_env(job_env(**PAUSE_AT_3)), stdout=sink, stderr=subprocess.STDOUT,
         )
     job = None
     try:
-        step = wait_for_step(out, 3, timeout=180, why=read(tmp_path / "submit.log"))
-        assert not (out / "model.pt").exists(), "the run ended before it could be interrupted"
-        job = slurm_cluster.run(["squeue", "-h", "-n", name, "-o", "%A"]).stdout.split()[0]
+        wait_for_text(tmp_path / "submit.log", "submitted slurm job", timeout=120, proc=proc)
+        job = re.search(r"submitted slurm job (\d+)", read(tmp_path / "submit.log")).group(1)
+        # the job's stderr (submit --wait streams its stdout only)
+        wait_for_text(logs / job / f"{job}_0_log.err", "TRD_FAULT: paused at after-step:3", timeout=300, proc=proc)
+        step = 3
         slurm_cluster.run(["scancel", "--signal=USR2", job])  # what SLURM sends signal_delay s before the limit
         rc = proc.wait(timeout=420)
         # the result file comes first; the job ends (srun, the batch script) a moment later
