@@ -6,17 +6,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import CONFIGS, IN_CI, REPO, cli, snapshot
+from tests.conftest import CONFIGS, REPO, cli, snapshot
 from trd_hpc.data.generate import generate
 from trd_hpc.data.manifest import load_manifest
-from trd_hpc.data.shards import CohortError, schema
+from trd_hpc.data.shards import schema
 from trd_hpc.data.validate import validate_cohort_dir
 
 
@@ -130,15 +129,12 @@ def test_killed_generation_leaves_no_finished_looking_shard_and_rerun_repairs(tm
             "cohort.regions.right_amygdala.box=[[30,36],[22,28],[6,10]]",
             "cohort.regions.dorsolateral_prefrontal.box=[[8,16],[36,44],[14,20]]",
             "cohort.regions.anterior_cingulate.box=[[21,27],[32,38],[10,16]]"]
-    proc = subprocess.Popen([sys.executable, "-m", "trd_hpc.cli", *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob(".shard-00000.h5.tmp-*")):
-        time.sleep(0.02)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert list(out.glob(".shard-*.h5.tmp-*")), "the writer should have been killed mid-shard"
+    # The writer kills itself while writing subject 4 of shard 1 (after shard 0 was renamed).
+    proc = subprocess.run([sys.executable, "-m", "trd_hpc.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "TRD_FAULT": "shard-subject:1:4"})
+    assert proc.returncode == -signal.SIGKILL and "dying at shard-subject:1:4" in proc.stderr, proc.stderr
+    assert list(out.glob(".shard-00001.h5.tmp-*")), "the writer should have been killed mid-shard"
+    assert (out / "shard-00000.h5").exists()
     assert not (out / "manifest.json").exists()
     # Whatever got renamed has a completion record; a partial file never has the final name.
     for f in out.glob("shard-*.h5"):
@@ -201,3 +197,19 @@ def test_other_hdf5_tools_read_the_shards(emt_cohort_dir):
     assert "0, 1, 2, 3" in dump
     attrs = subprocess.run(["h5dump", "-A", "-a", "/schema_version", str(f)], capture_output=True, text=True, check=True).stdout
     assert "1" in attrs
+
+
+def test_labels_known_before_generation_are_the_generated_ones(emt_cohort_dir, volume_cohort_dir):
+    # check_splittable tries the splits on these before any shard is written.
+    from trd_hpc.data.generate import predicted_labels
+
+    for root in (emt_cohort_dir, volume_cohort_dir):
+        m = load_manifest(root)
+        assert np.array_equal(predicted_labels(m.config), m.labels())
+
+
+def test_sidecars_and_manifest_carry_per_subject_checksums(emt_cohort_dir):
+    m = load_manifest(emt_cohort_dir)
+    for k, s in enumerate(m.shards):
+        side = json.loads((emt_cohort_dir / f".shard-{k:05d}.json").read_text())
+        assert side["row_crc32"] == s["row_crc32"] and len(s["row_crc32"]) == s["n_subjects"]

@@ -144,3 +144,59 @@ def test_batch_buffers_are_reused_only_when_released(emt_cohort_dir):
     del b
     c = ds.__getitems__([4, 5])
     assert c["fmri"].data_ptr() in (ptr,) or len(ds._pool._bufs) > 0
+
+
+def _flip(path, row):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        off = f["fmri"].id.get_chunk_info_by_coord((row, 0, 0, 0, 0)).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(off + 10)
+        b = fh.read(1)[0]
+        fh.seek(off + 10)
+        fh.write(bytes([b ^ 1]))
+
+
+def test_each_split_checks_the_rows_it_reads(emt_cohort_copy):
+    from trd_hpc.data.shards import CohortError
+
+    m = load_manifest(emt_cohort_copy)
+    sid = next(i for i in m.splits["test"] if 16 <= i < 32)
+    _flip(emt_cohort_copy / "shard-00001.h5", sid - 16)
+    train = CohortDataset(emt_cohort_copy, "train")
+    train.verify_all()  # the train rows of shard 1 are intact
+    for b in make_loader(train, 8, ShardAwareSampler.for_dataset(train, seed=0), num_workers=0):
+        pass
+    test = CohortDataset(emt_cohort_copy, "test")
+    with pytest.raises(CohortError, match=rf"shard-00001.h5: subject {sid} "):
+        test.verify_all()
+    assert not test._readers  # verify_all keeps nothing open (it runs before workers fork)
+
+
+def test_verify_all_records_the_checked_rows_for_forked_workers(emt_cohort_dir):
+    from trd_hpc.data import dataset as dsmod
+
+    dsmod.forget_verified()
+    ds = CohortDataset(emt_cohort_dir, "train")
+    ds.verify_all()
+    assert dsmod._verified and all(v[np.unique(ds._row[ds._shard_pos == k])].all()
+                                    for k, v in zip(range(4), dsmod._verified.values()))
+    got = [b["subject_id"] for b in make_loader(ds, 8, ShardAwareSampler.for_dataset(ds, seed=0), num_workers=2)]
+    assert sorted(torch.cat(got).tolist()) == sorted(ds.ids.tolist())
+
+
+def test_a_manifest_without_per_subject_checksums_falls_back_to_the_shard_checksum(emt_cohort_copy):
+    import json
+
+    from trd_hpc.data.shards import CohortError
+
+    p = emt_cohort_copy / "manifest.json"
+    m = json.loads(p.read_text())
+    for s in m["shards"]:
+        del s["row_crc32"]  # as written before per-subject checksums
+    p.write_text(json.dumps(m))
+    CohortDataset(emt_cohort_copy, "all").verify_all()
+    _flip(emt_cohort_copy / "shard-00003.h5", 2)
+    with pytest.raises(CohortError, match=r"shard-00003.h5: content does not match its checksum .* predates per-subject"):
+        CohortDataset(emt_cohort_copy, "all").verify_all()

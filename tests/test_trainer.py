@@ -231,6 +231,14 @@ def test_nan_input_is_a_clear_error_naming_the_subject(tmp_path, emt_cohort_dir)
     with open(shard, "r+b") as fh:  # float16 NaN in the middle of that subject's fMRI
         fh.seek(off + 64)
         fh.write(np.array([np.nan], dtype=np.float16).tobytes())
+    # ... and the checksums updated to match, as a tool that wrote NaN on purpose would: so the
+    # content check passes and the NaN reaches the model's input check.
+    from trd_hpc.data.manifest import load_manifest
+    from trd_hpc.data.shards import shard_row_crcs
+
+    man = json.loads((cohort / "manifest.json").read_text())
+    man["shards"][sid // 16]["row_crc32"] = shard_row_crcs(shard, load_manifest(cohort).config, 16)
+    (cohort / "manifest.json").write_text(json.dumps(man))
     r = run(train_cmd(tmp_path / "run", cohort, "train.max_epochs=1"), check=False)
     assert r.returncode == 1
     assert "NaN or inf" in r.stderr and f"[{sid}]" in r.stderr and str(cohort) in r.stderr

@@ -34,6 +34,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         finalize_only=a.finalize,
         verify_existing=not a.no_verify,
         progress=not a.quiet,
+        force=a.force,
     )
     parts = []
     if res.made:
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shard-index", type=int, help="write only this shard (one SLURM array task)")
     g.add_argument("--finalize", action="store_true", help="only write the manifest (all shards must exist)")
     g.add_argument("--no-verify", action="store_true", help="keep existing shards without re-reading their checksums")
+    g.add_argument("--force", action="store_true",
+                   help="write into a directory that holds other files or another cohort (replacing that cohort); "
+                        "without it such a directory is refused untouched")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_overrides(g)
     g.set_defaults(func=_cmd_generate)
@@ -245,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     csub = c.add_subparsers(dest="cohort_cmd", required=True, metavar="ACTION")
     v = csub.add_parser("validate", help="check files against the manifest; exit 1 naming each bad file")
     v.add_argument("dir")
-    v.add_argument("--quick", action="store_true", help="skip the content checksums (sizes, shapes, labels only)")
+    v.add_argument("--quick", action="store_true",
+                   help="structure, sizes, shapes, attributes, ids and labels only; no voxel is read (no content checksums)")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=_cmd_cohort_validate)
     i = csub.add_parser("info", help="print a summary of a cohort")

@@ -2,15 +2,21 @@
 
 YAML and overrides are merged with OmegaConf (which also parses the override
 values: ``20000`` is an int, ``[1,2]`` a list, ``${cohort.seed}`` an
-interpolation); the merged tree is validated by pydantic models that reject
-unknown keys.  Every error names the dotted key and, for an unknown key, lists
-the valid ones at that level.
+interpolation of another key); the merged tree is validated by pydantic models
+that reject unknown keys and non-finite numbers.  Every error names the dotted
+key and, for an unknown key, lists the valid ones at that level.
+
+OmegaConf resolvers (``${oc.env:VAR}``, ``${oc.decode:...}``, any ``${name:...}``)
+are refused: they read the environment, and the resolved value would end up in
+the run's config.yaml, its W&B record and every log that prints the config.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from omegaconf import OmegaConf
@@ -18,11 +24,16 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
-from trd_hpc.errors import ConfigError  # noqa: E402
+from trd_hpc.errors import ConfigError  # noqa: E402  (re-exported: a config file or override is invalid)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # inf / nan pass every ge/gt bound that matters (lr=inf, noise_sd=inf) and poison a
+    # run or a cohort only much later, so no float anywhere in a config may be non-finite.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+
+PosInt = Annotated[int, Field(ge=1)]
 
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
@@ -58,7 +69,7 @@ def _default_regions() -> dict[str, RegionEffect]:
 
 
 class FMRIConfig(Strict):
-    shape: tuple[int, int, int, int] = (48, 48, 24, 80)
+    shape: tuple[PosInt, PosInt, PosInt, PosInt] = (48, 48, 24, 80)
     noise_sd: float = Field(0.08, ge=0)
     dtype: Literal["float16", "float32"] = "float16"
 
@@ -123,6 +134,64 @@ class ThreeWaySplit(Strict):
         return self
 
 
+# --------------------------------------------------------------------------- split sizes
+# The splits are made by scikit-learn once every shard exists; a cohort too small
+# to split would leave a directory of shards and no manifest.  These checks follow
+# sklearn's rules (held = ceil(fraction * n), kept = n - held, each of the two at
+# least one subject per class, every class at least 2 subjects) without importing
+# it (1.4 s) on every config load.  Class counts of the part kept are taken at
+# their lower bound, so a borderline size may be refused although sklearn's draw
+# would have split it; generate() also runs the real splits on the real labels
+# before it writes anything (data.generate.check_splittable).
+def _stratified_problem(n: int, fraction: float, part: str, counts: list[int] | None, n_classes: int) -> tuple[str | None, list[int] | None]:
+    """(why a stratified hold-out of ``fraction`` fails or None, lower bounds of the kept part's class counts)."""
+    if counts is not None and min(counts) < 2:
+        return f"a class has {min(counts)} subject(s) before {part} is drawn (at least 2 needed)", None
+    held = math.ceil(fraction * n)
+    kept = n - held
+    if held < n_classes:
+        return f"{part} would get {held} subject(s) for {n_classes} classes", None
+    if kept < n_classes:
+        return f"{kept} subject(s) would be left beside {part} for {n_classes} classes", None
+    return None, None if counts is None else [kept * c // n for c in counts]
+
+
+def emt_split_problem(n: int, split: "ThreeWaySplit") -> str | None:
+    # Odd ids are TRD (emt_cohort.emt_label), so the class counts are known.
+    counts = [n - n // 2, n // 2]
+    why, rest = _stratified_problem(n, split.test, "the test part", counts, 2)
+    if why:
+        return why
+    n_rest = n - math.ceil(split.test * n)
+    why, _ = _stratified_problem(n_rest, split.val / (split.train + split.val), "the val part", rest, 2)
+    return why
+
+
+def volume_split_problem(n: int, split: "VolumeSplit") -> str | None:
+    # Classes are drawn per subject, so only the sizes are checked here (3 classes).
+    why, _ = _stratified_problem(n, split.test, "the test part", None, 3)
+    if why:
+        return why
+    why, _ = _stratified_problem(n - math.ceil(split.test * n), split.val, "the val part", None, 3)
+    if why:
+        return why
+    if split.folds > n:
+        return f"{split.folds} folds need at least {split.folds} subjects"
+    rest = n - math.ceil(n / split.folds)  # the training side of the largest fold
+    why, _ = _stratified_problem(rest, split.val, "the val part of a cross-validation fold", None, 3)
+    return why
+
+
+def _split_error(n: int, split: BaseModel, problem) -> str | None:
+    why = problem(n, split)
+    if why is None:
+        return None
+    at_least = next((m for m in range(n + 1, n + 100_000) if problem(m, split) is None), None)
+    fractions = ", ".join(f"{k}={v}" for k, v in split.model_dump().items())
+    hint = f"; the smallest cohort that splits is n_subjects={at_least}" if at_least else ""
+    return f"cohort.n_subjects={n} is too few to split ({fractions}): {why}{hint}"
+
+
 class EMTCohortConfig(Strict):
     kind: Literal["emt"] = "emt"
     n_subjects: int = Field(1000, ge=4)
@@ -143,6 +212,9 @@ class EMTCohortConfig(Strict):
                     raise ValueError(
                         f"regions.{name}.box axis {axis} = [{lo}, {hi}) is empty or outside 0..{size}"
                     )
+        err = _split_error(self.n_subjects, self.split, emt_split_problem)
+        if err:
+            raise ValueError(err)
         return self
 
 
@@ -183,7 +255,7 @@ class VolumeCohortConfig(Strict):
     n_subjects: int = Field(1500, ge=6)
     seed: int = 42
     subjects_per_shard: int = Field(256, ge=1)
-    shape: tuple[int, int, int] = (64, 64, 16)
+    shape: tuple[PosInt, PosInt, PosInt] = (64, 64, 16)
     class_names: tuple[str, str, str] = ("non_responder", "partial_responder", "responder")
     class_probs: tuple[float, float, float] = (0.25, 0.50, 0.25)
     # Severity is uniform inside each class's range on a 0..severity_max scale.
@@ -211,6 +283,9 @@ class VolumeCohortConfig(Strict):
         for k, (lo, hi) in enumerate(self.severity_ranges):
             if not 0 <= lo < hi <= self.severity_max:
                 raise ValueError(f"severity_ranges[{k}] = ({lo}, {hi}) must lie inside 0..{self.severity_max}")
+        err = _split_error(self.n_subjects, self.split, volume_split_problem)
+        if err:
+            raise ValueError(err)
         return self
 
 
@@ -238,7 +313,7 @@ class EMTModelConfig(Strict):
 
     name: Literal["emt", "late_fusion_mlp"] = "emt"
     d_model: int = Field(256, ge=8)
-    patch: tuple[int, int, int] = (6, 6, 4)  # spatial; all frames kept in each token
+    patch: tuple[PosInt, PosInt, PosInt] = (6, 6, 4)  # spatial; all frames kept in each token
     snp_embed_dim: int = Field(64, ge=1)
     n_layers: int = Field(4, ge=1)
     n_heads: int = Field(8, ge=1)
@@ -263,7 +338,7 @@ class CNN3DModelConfig(Strict):
     """Dual-path 3-D CNN (paper 001, section 2.3) and its baselines."""
 
     name: Literal["dual_path", "single_task_response", "single_task_severity", "resnet18"] = "dual_path"
-    channels: tuple[int, ...] = (16, 32, 64)  # one Conv3d-BN-ReLU-MaxPool block each (chosen)
+    channels: tuple[PosInt, ...] = Field((16, 32, 64), min_length=1)  # one Conv3d-BN-ReLU-MaxPool block each (chosen)
     attention: Literal["se", "spatial", "none"] = "se"  # per path: squeeze-excitation or spatial gate
     dropout: float = Field(0.3, ge=0, lt=1)
     dense: int = Field(64, ge=1)
@@ -298,6 +373,8 @@ class TrainConfig(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(12, ge=1)  # per process and micro-batch
+    # Micro-batches per optimiser step: the global batch is batch_size x processes x this.
+    # W processes accumulating A give bit for bit what W*A processes give (A a power of two).
     grad_accum_steps: int = Field(1, ge=1)
     max_epochs: int = Field(50, ge=1)
     optimizer: Literal["adamw", "adam"] = "adamw"
@@ -364,6 +441,20 @@ class EMTExperiment(Strict):
     @classmethod
     def _baselines(cls, data: Any) -> Any:
         return _default_baselines(data, ["late_fusion_mlp", "random_forest"])
+
+    @model_validator(mode="after")
+    def _patch_fits(self) -> "EMTExperiment":
+        # The EMT cuts the fMRI volume into whole patches; checked here, where both
+        # sections are known, instead of failing when the model is built.
+        if self.model.name == "emt":
+            spatial = tuple(self.cohort.fmri.shape[:3])
+            bad = [f"axis {a}: {s} % {p} = {s % p}" for a, (s, p) in enumerate(zip(spatial, self.model.patch)) if s % p]
+            if bad:
+                raise ValueError(
+                    f"model.patch {tuple(self.model.patch)} does not divide the spatial shape {spatial} of "
+                    f"cohort.fmri.shape ({'; '.join(bad)}); change model.patch or cohort.fmri.shape"
+                )
+        return self
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -461,6 +552,10 @@ def _format_errors(err: ValidationError, root: type[BaseModel], source: str) -> 
             owner = _model_at(root, loc)
             valid = sorted(owner.model_fields) if owner else []
             lines.append(f"  unknown key '{key}'; valid keys here: {', '.join(valid)}")
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):
+            # A check across keys: its message names them; the input is a whole section.
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  '{key}': {msg}" if loc else f"  {msg}")
         else:
             got = e.get("input")
             got_s = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
@@ -490,9 +585,39 @@ def merge_overrides(data: dict, overrides: list[str] | None, source: str = "") -
     try:
         base = OmegaConf.create(data)
         merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+        uses = _resolver_uses(OmegaConf.to_container(merged, resolve=False))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot apply overrides {overrides} to {source or 'config'}: {e}") from e
+    if uses:
+        key, name = uses[0]
+        raise ConfigError(
+            f"{source or 'config'}: key '{key}' calls the OmegaConf resolver '{name}' (${{{name}:...}}); resolvers are "
+            f"not allowed (they read the environment, and the value would be written into the run's config.yaml): "
+            f"write the value itself" + (f" (also in: {', '.join(k for k, _ in uses[1:])})" if len(uses) > 1 else "")
+        )
+    try:
         return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot apply overrides {overrides} to {source or 'config'}: {e}") from e
+
+
+# `${name:` with a name, i.e. a resolver call (oc.env, oc.decode, any registered one), also
+# nested inside another interpolation; `${a.b}` (another key's value) is not one.  `\${` is
+# OmegaConf's escape for a literal.
+_RESOLVER = re.compile(r"(?<!\\)\$\{\s*([A-Za-z_][\w.\-]*)\s*:")
+
+
+def _resolver_uses(node: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, resolver name) of every string value that calls a resolver."""
+    if isinstance(node, dict):
+        return [u for k, v in node.items() for u in _resolver_uses(v, f"{prefix}{k}.")]
+    if isinstance(node, (list, tuple)):
+        return [u for i, v in enumerate(node) for u in _resolver_uses(v, f"{prefix}{i}.")]
+    if isinstance(node, str):
+        m = _RESOLVER.search(node)
+        if m:
+            return [(prefix[:-1], m.group(1))]
+    return []
 
 
 def validate_experiment(data: dict, source: str = "config") -> ExperimentConfig:

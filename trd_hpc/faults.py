@@ -11,6 +11,8 @@ reaches that point, e.g.::
                        :before-val        before validation, :before-save  before its checkpoint
     TRD_FAULT=prune:1                     while pruning old checkpoints (1st time)
     TRD_FAULT=evaluate | report           at the start of the evaluation stage / the report
+    TRD_FAULT=shard-subject:K:J           generate: writing subject J (0-based) of shard K
+    TRD_FAULT=shard-write:K               generate: K-th shard of this process complete, not renamed
 
 Several points may be given, comma-separated; the first reached fires.
 ``TRD_FAULT_KILL=self`` (default) sends SIGKILL to this process,
@@ -34,9 +36,10 @@ import signal
 import sys
 
 COUNTED = {"checkpoint-write", "checkpoint-rename", "prune", "metrics-write", "metrics-rename",
-           "model-write", "model-rename"}
+           "model-write", "model-rename", "shard-write", "shard-rename"}
 POINTS = ("after-step", "mid-step", "checkpoint-write", "checkpoint-rename", "epoch-end", "prune",
-          "evaluate", "report", "metrics-write", "metrics-rename", "model-write", "model-rename")
+          "evaluate", "report", "metrics-write", "metrics-rename", "model-write", "model-rename",
+          "shard-subject", "shard-write", "shard-rename")
 
 
 def _parse(spec: str | None) -> dict[str, list[tuple[str, ...]]]:

@@ -7,7 +7,10 @@ In one run, on the same cohort:
 * common: float32 storage and a Dataset that opens the HDF5 file on every item
   with h5py slicing and the default collate (what most projects do);
 * memory: peak RSS (main process + workers) over an epoch of a cohort and of
-  one 10x larger.
+  one 10x larger;
+* verification: the first epoch of a fresh dataset, which checks every row
+  against its checksum when it first opens a shard, against the same epoch
+  with the check off (warm page cache, num_workers=0).
 Targets: ours >= 0.8 of raw, >= 1.5x the common approach, RSS flat.
 """
 
@@ -26,8 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from trd_hpc.config import load_config
-from trd_hpc.data.dataset import CohortDataset, make_loader
+from trd_hpc.config import ConfigError, load_config
+from trd_hpc.data.dataset import CohortDataset, forget_verified, make_loader
 from trd_hpc.data.generate import generate
 from trd_hpc.data.manifest import load_manifest
 from trd_hpc.data.sampler import ShardAwareSampler
@@ -128,6 +131,20 @@ def epoch(root: Path, workers: int, batch: int, bulk_name: str, cold_files: list
     return dt, n, nbytes
 
 
+def first_epoch(root: Path, batch: int, verify: bool) -> float:
+    """Seconds of the first epoch of a fresh in-process dataset (shards opened, and
+    with ``verify`` checked, during it)."""
+    forget_verified()
+    ds = CohortDataset(root, "all", verify=verify)
+    sampler = ShardAwareSampler.for_dataset(ds, shuffle=True, seed=0, block=16)
+    t0 = time.perf_counter()
+    for b in make_loader(ds, batch, sampler, num_workers=0):
+        del b
+    dt = time.perf_counter() - t0
+    ds.close()
+    return dt
+
+
 class CommonDataset(Dataset):
     """The usual pattern: open the file for every item, slice with h5py."""
 
@@ -163,7 +180,7 @@ def common_epoch(root: Path, workers: int, batch: int) -> tuple[float, int]:
 def run(a) -> int:
     cfg = load_config(a.config or "configs/emt.yaml", a.overrides)
     if cfg.cohort.kind != "emt":
-        raise ValueError("bench load compares against float32 fMRI storage: use an EMT config")
+        raise ConfigError(f"{a.config}: bench load compares against float32 fMRI storage: use an EMT config (task: emt)")
     n = a.subjects or 48
     batch = 12
     scratch = Path(a.dir or tempfile.mkdtemp(prefix="trd-bench-load-"))
@@ -200,6 +217,13 @@ def run(a) -> int:
         figures["ratio_to_raw_warm"] = best_warm / (figures["raw_warm_MB_per_s"] * total_fraction)
         figures["ratio_to_raw_cold"] = best_cold / (figures["raw_cold_MB_per_s"] * total_fraction)
 
+        raw_read(files)  # warm: the check's own cost, not the disk's
+        plain = min(first_epoch(ours_dir, batch, verify=False) for _ in range(2))
+        checked = min(first_epoch(ours_dir, batch, verify=True) for _ in range(2))
+        figures["first_epoch_s_unchecked"] = plain
+        figures["first_epoch_s_checked"] = checked
+        figures["first_epoch_check_ratio"] = checked / plain
+
         # Warm page cache for the float32 files too, so the comparison is of the code paths.
         raw_read(sorted(common_dir.glob("shard-*.h5")))
         dt, got = common_epoch(common_dir, 2, batch)
@@ -233,6 +257,8 @@ def run(a) -> int:
           f"speed-up vs common: {f['speedup_vs_common']:.1f}x (target >= 1.5)")
     print(f"  peak RSS over an epoch: {f['peak_rss_MB_1x']:.0f} MB (1x), {f['peak_rss_MB_10x']:.0f} MB (10x): "
           f"growth {f['rss_growth_10x']:.2f}x")
+    print(f"  checksums on first open: first epoch {f['first_epoch_s_checked']:.3f} s checked vs "
+          f"{f['first_epoch_s_unchecked']:.3f} s unchecked = {f['first_epoch_check_ratio']:.2f}x (later epochs: no cost)")
     if a.json:
         Path(a.json).write_text(json.dumps(figures, indent=1))
     return 0

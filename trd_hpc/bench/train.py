@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from trd_hpc.config import load_config
-from trd_hpc.data.dataset import CohortDataset
 from trd_hpc.data.generate import generate
 from trd_hpc.train import distributed as D
 from trd_hpc.train.perf import peak_flops

@@ -10,6 +10,13 @@
   keep their stored dtype (float16 fMRI halves the bytes moved; the trainer
   casts on the device).
 * Memory: one batch per worker plus per-shard scalars, never the cohort.
+* Trust: when a process first opens a shard, the shard's own attributes must
+  say it is the manifest's (seed, config, subject range: a shard copied in
+  from another cohort is refused), and the rows this split reads must match
+  their CRC-32 in the manifest (a flipped bit is refused naming the shard and
+  the subject) before any of them reaches a batch.  That costs one extra read
+  of the split per reading process; rows already checked in this process (or
+  in the parent before a fork) are not read again.
 """
 
 from __future__ import annotations
@@ -25,13 +32,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from trd_hpc.data.manifest import Manifest, load_manifest
 from trd_hpc.data.sampler import ShardAwareSampler, decode
-from trd_hpc.data.shards import CohortError, ShardReader
+from trd_hpc.data.shards import CohortError, ShardReader, shard_content_checksum
 from trd_hpc.data.volume_cohort import normalize_volume
 
 _TORCH_DTYPES = {
     "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8, "int64": torch.int64,
 }
 _abandoned: list = []  # handles inherited through fork: never used, never closed here
+# Rows whose checksums matched in this process, per shard file (and its content checksum).
+_verified: dict[tuple, np.ndarray] = {}
+
+
+def forget_verified() -> None:
+    """Check every shard again on its next open in this process (benchmarks)."""
+    _verified.clear()
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
@@ -84,7 +98,10 @@ class CohortDataset(Dataset):
         normalize_volumes: bool = True,
         max_open_shards: int = 32,
         check_files: bool = True,
+        verify: bool = True,
     ):
+        """``verify``: check the rows of this split against their checksums when a
+        shard is first opened (see the module docstring); off only to measure its cost."""
         self.root = Path(root)
         self.manifest: Manifest = load_manifest(self.root)
         self.split = split
@@ -96,6 +113,7 @@ class CohortDataset(Dataset):
         self.cols = self.manifest.columns  # type: ignore[attr-defined]
         self.normalize_volumes = normalize_volumes and self.manifest.kind == "volume"
         self.max_open_shards = max_open_shards
+        self.verify = verify
         firsts = np.array([s["first_subject"] for s in self.manifest.shards], dtype=np.int64)
         self._shard_pos = np.searchsorted(firsts, self.ids, side="right") - 1
         self._row = self.ids - firsts[self._shard_pos]
@@ -143,7 +161,13 @@ class CohortDataset(Dataset):
         r = self._readers.get(k)
         if r is None:
             s = self.manifest.shards[k]
-            r = ShardReader(self.root / s["file"], self.manifest.config, s["n_subjects"])
+            r = ShardReader(self.root / s["file"], self.manifest.config, s["n_subjects"], s["first_subject"])
+            try:
+                if self.verify:
+                    self._verify(k, r)
+            except BaseException:
+                r.close()
+                raise
             self._readers[k] = r
             if len(self._readers) > self.max_open_shards:
                 _, old = self._readers.popitem(last=False)
@@ -151,6 +175,50 @@ class CohortDataset(Dataset):
         else:
             self._readers.move_to_end(k)
         return r
+
+    def verify_all(self) -> None:
+        """Check every shard this split reads now, in this process (CohortError naming
+        the shard and subject).  Called before a DataLoader forks its workers, it also
+        spares each worker the check (every epoch, when the workers are not persistent):
+        they inherit its result.  No shard stays open."""
+        for k in np.unique(self._shard_pos):
+            s = self.manifest.shards[int(k)]
+            r = ShardReader(self.root / s["file"], self.manifest.config, s["n_subjects"], s["first_subject"])
+            try:
+                self._verify(int(k), r)
+            finally:
+                r.close()
+
+    def _verify(self, k: int, r: ShardReader) -> None:
+        s = self.manifest.shards[k]
+        st = os.fstat(r._fd) if r._fd is not None else os.stat(r.path)
+        key = (os.path.realpath(r.path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, s["checksum"])
+        done = _verified.setdefault(key, np.zeros(s["n_subjects"], dtype=bool))
+        rows = np.unique(self._row[self._shard_pos == k])
+        todo = rows[~done[rows]]
+        if not len(todo):
+            return
+        man = self.root / "manifest.json"
+        crcs = s.get("row_crc32")
+        if crcs is None:
+            # A manifest written before per-subject checksums: the shard's own, once.
+            if shard_content_checksum(r.path, self.manifest.config) != s["checksum"]:
+                raise CohortError(
+                    f"{r.path}: content does not match its checksum in {man} (changed or corrupt; this "
+                    f"manifest predates per-subject checksums, so `trd-hpc cohort validate {self.root}` cannot "
+                    f"name the subject either); regenerate the shard with `trd-hpc generate`"
+                )
+            done[:] = True
+            return
+        bad = r.bad_rows(todo, crcs)
+        if bad:
+            ids = ", ".join(str(s["first_subject"] + j) for j in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            raise CohortError(
+                f"{r.path}: subject {ids} ({len(bad)} of the {len(todo)} checked) does not match its checksum in "
+                f"{man} (changed or corrupt); no batch has used it. `trd-hpc generate` with the cohort's "
+                f"config remakes the shard"
+            )
+        done[todo] = True
 
     def close(self) -> None:
         if self._pid == os.getpid():

@@ -5,13 +5,26 @@ Re-running is safe and cheap to reason about: a shard whose file and sidecar
 record exist and whose content checksum verifies is kept; a missing, partial
 or corrupt one is made again.  The manifest is written once every shard is
 present, by whichever process completes the last one (or by ``--finalize``).
+
+Nothing that is not this cohort is ever replaced: before anything is written,
+the target directory must be missing, empty, or hold this very cohort (its
+cohort.json and manifest.json, where present, record this config, and every
+readable shard's own attributes say it was made with it).  Anything else -
+another cohort, another tool's manifest.json or shard files, unrelated files -
+is refused untouched unless ``force``.
+
+One writer at a time: a full generate and ``--finalize`` hold the directory's
+lock exclusively; SLURM array tasks (``shard_index``) hold it shared, so they
+run side by side, plus an exclusive lock on their own shard (and the one that
+writes the manifest, a lock on that).
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
+import re
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, wait, FIRST_COMPLETED
 from dataclasses import dataclass, field
@@ -19,28 +32,42 @@ from pathlib import Path
 
 import numpy as np
 
-from trd_hpc.config import CohortConfig, EMTCohortConfig, to_dict
+from trd_hpc.config import CohortConfig, ConfigError, EMTCohortConfig, to_dict
 from trd_hpc.data import manifest as mf
 from trd_hpc.data.shards import (
     SCHEMA_VERSION,
     CohortError,
-    _atomic_write_text,
+    config_diffs,
     config_fingerprint,
+    foreign_reason,
+    open_shard,
     schema,
     shard_content_checksum,
     shard_name,
     sidecar_name,
     write_shard,
 )
-from trd_hpc.data.splits import stratified_folds, three_way_split, train_test_with_val
+from trd_hpc.data.splits import fold_parts, stratified_folds, three_way_split, train_test_with_val
+from trd_hpc.errors import LockedError, WriteError
+from trd_hpc.fsio import HOST, atomic_write_json, pid_alive, remove_stale_temps
+from trd_hpc.locks import LOCK_FILE, DirLock
 
 LAYOUT = "cohort.json"
+MANIFEST_LOCK = ".manifest.lock"
+_SHARD = re.compile(r"^shard-[0-9]{5,}\.h5$")
+# What a cohort directory of this project holds; anything else makes a directory
+# without a matching cohort.json / manifest.json someone else's.
+_OWN = re.compile(
+    r"^(cohort\.json|manifest\.json|shard-[0-9]{5,}\.h5|\.shard-[0-9]{5,}\.(json|lock)|\.manifest\.lock|"
+    + re.escape(LOCK_FILE)
+    + r"|\.(cohort\.json|manifest\.json|shard-[0-9]{5,}\.h5|\.shard-[0-9]{5,}\.json)\.tmp-.+-[0-9]+)$"
+)
 
 
 def plan_shards(n_subjects: int, num_shards: int) -> list[tuple[int, int]]:
     """Contiguous subject ranges [first, stop), sizes differing by at most one."""
     if not 1 <= num_shards <= n_subjects:
-        raise ValueError(f"--num-shards must be between 1 and the number of subjects ({n_subjects}), got {num_shards}")
+        raise ConfigError(f"--num-shards must be between 1 and the number of subjects ({n_subjects}), got {num_shards}")
     bounds = [n_subjects * k // num_shards for k in range(num_shards + 1)]
     return [(bounds[k], bounds[k + 1]) for k in range(num_shards)]
 
@@ -53,70 +80,236 @@ def subject_nbytes(cfg: CohortConfig) -> int:
     return sum(int(np.prod(c.shape, dtype=np.int64)) * np.dtype(c.dtype).itemsize for c in schema(cfg))
 
 
-def _diff_keys(a, b, prefix="") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix[:-1]} ({a!r} on disk, {b!r} asked)"]
+# ---------------------------------------------------------------- splits
+def make_splits(cfg: CohortConfig, labels: np.ndarray) -> tuple[dict[str, list[int]], list[list[int]]]:
+    """The manifest's splits and folds for these labels (scikit-learn, seeded)."""
+    if isinstance(cfg, EMTCohortConfig):
+        s = cfg.split
+        return three_way_split(labels, s.train, s.val, s.test, cfg.seed), []
+    splits = train_test_with_val(labels, cfg.split.test, cfg.split.val, cfg.seed)
+    folds = stratified_folds(labels, cfg.split.folds, cfg.seed)
+    for k in range(len(folds)):  # what `trd-hpc cv` will ask for
+        fold_parts(folds, labels, k, cfg.split.val, cfg.seed)
+    return splits, folds
 
 
-def prepare_dir(cfg: CohortConfig, out: Path, num_shards: int) -> None:
-    """Create ``out`` and pin its config and shard layout, or check they match."""
+def predicted_labels(cfg: CohortConfig) -> np.ndarray:
+    """Every subject's class, without generating the subjects."""
+    if isinstance(cfg, EMTCohortConfig):
+        from trd_hpc.data.emt_cohort import emt_label
+
+        return np.array([emt_label(i) for i in range(cfg.n_subjects)], dtype=np.int64)
+    from trd_hpc.data.volume_cohort import volume_label
+
+    return np.array([volume_label(cfg, i) for i in range(cfg.n_subjects)], dtype=np.int64)
+
+
+def _split_failed(cfg: CohortConfig, e: Exception) -> ConfigError:
+    fractions = ", ".join(f"{k}={v}" for k, v in cfg.split.model_dump().items())
+    return ConfigError(
+        f"cohort.n_subjects={cfg.n_subjects} with cohort.split ({fractions}) cannot be split into stratified "
+        f"parts: {e}; use more subjects or other fractions"
+    )
+
+
+def check_splittable(cfg: CohortConfig) -> None:
+    """ConfigError unless finalize will be able to split this cohort: the same
+    splits, on the same labels, tried before any shard is written (shards
+    without a manifest are what a failure at the end would leave)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a fold with few of a class splits, and warns
+            make_splits(cfg, predicted_labels(cfg))
+    except ValueError as e:
+        raise _split_failed(cfg, e) from None
+
+
+# ---------------------------------------------------------------- is it this cohort?
+def _layout_diffs(have: dict, cfg: CohortConfig, num_shards: int) -> list[str]:
+    diffs = config_diffs(have.get("config"), cfg)
+    if have.get("num_shards") != num_shards:
+        diffs.append(f"--num-shards ({have.get('num_shards')} on disk, {num_shards} asked)")
+    if have.get("schema_version") != SCHEMA_VERSION:
+        diffs.append(f"schema_version ({have.get('schema_version')} on disk, {SCHEMA_VERSION} here)")
+    return diffs
+
+
+def _record_problem(path: Path, cfg: CohortConfig, num_shards: int) -> tuple[str | None, bool]:
+    """(why the cohort.json / manifest.json at ``path`` is not this cohort's, whether it is)."""
+    data, why = mf.read_json(path)
+    if why:
+        return f"{path.name} is {why}", False
+    if not isinstance(data, dict) or "config" not in data:
+        return f"{path.name} is not a trd-hpc cohort record (no 'config')", False
+    if path.name == LAYOUT:
+        diffs = _layout_diffs(data, cfg, num_shards)
+    else:
+        diffs = config_diffs(data.get("config"), cfg)
+        if data.get("schema_version") != SCHEMA_VERSION:
+            diffs.append(f"schema_version ({data.get('schema_version')} on disk, {SCHEMA_VERSION} here)")
+        if isinstance(data.get("shards"), list) and len(data["shards"]) != num_shards:
+            diffs.append(f"--num-shards ({len(data['shards'])} on disk, {num_shards} asked)")
+    if diffs:
+        return f"{path.name} records a cohort made differently: {'; '.join(diffs)}", False
+    return None, True
+
+
+def shard_origin(cfg: CohortConfig, path: Path) -> tuple[str, str | None]:
+    """("ours", None), ("foreign", why) or ("unreadable", why) for an existing shard file."""
+    try:
+        with open_shard(path) as f:
+            why = foreign_reason(f, cfg)
+    except CohortError as e:
+        return "unreadable", str(e)
+    return ("foreign", why) if why else ("ours", None)
+
+
+def _sidecar_fingerprint(out: Path, shard_file: str) -> str | None:
+    rec, _ = mf.read_json(out / f".{shard_file[:-3]}.json")
+    return rec.get("config_fingerprint") if isinstance(rec, dict) else None
+
+
+def foreign_contents(cfg: CohortConfig, out: Path, num_shards: int | None = None) -> list[str]:
+    """What in ``out`` is not (part of) cohort ``cfg``; empty when it may be written to."""
+    out = Path(out)
+    num_shards = num_shards or default_num_shards(cfg)
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        return [f"{out} is not a directory"]
+    problems: list[str] = []
+    identified = False
+    for name in (LAYOUT, mf.MANIFEST):
+        if (out / name).exists():
+            why, ours = _record_problem(out / name, cfg, num_shards)
+            identified |= ours
+            if why:
+                problems.append(why)
+    undecided = []
+    for p in sorted(out.glob("shard-*.h5")):
+        if not _SHARD.match(p.name):
+            continue
+        origin, why = shard_origin(cfg, p)
+        if origin == "foreign":
+            problems.append(f"{p.name} {why}")
+        elif origin == "ours":
+            identified = True
+        elif _sidecar_fingerprint(out, p.name) == config_fingerprint(cfg):
+            identified = True
+        else:
+            undecided.append(p.name)
+    if not identified:
+        others = sorted(p.name for p in out.iterdir() if not _OWN.match(p.name))
+        if others:
+            more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+            problems.append(f"it holds files that are not a trd-hpc cohort's ({', '.join(others[:5])}{more})")
+        if undecided:
+            problems.append(
+                f"{', '.join(undecided[:5])} cannot be read and nothing records which cohort it belongs to"
+            )
+    return problems
+
+
+def check_target_dir(cfg: CohortConfig, out: str | Path, num_shards: int | None = None, force: bool = False) -> None:
+    """Refuse (CohortError, nothing written) to generate ``cfg`` into ``out``
+    unless it is missing, empty, or holds this cohort or part of it.
+
+    ``train`` calls this before generating a missing cohort, so a mistyped
+    ``data.cohort`` pointing at someone's directory is refused, not filled.
+    ``force`` (``--force``) skips the check: cohort.json, manifest.json and the
+    shards of another config are then replaced; other files stay as they are."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CohortError(f"{out}: exists and is not a directory")
+    if force:
+        return
+    problems = foreign_contents(cfg, out, num_shards)
+    if problems:
+        raise CohortError(
+            f"{out} already holds something that is not this cohort: " + "; ".join(problems)
+            + ". Nothing was changed. Use another --out, or --force to write this cohort there anyway "
+            "(replaces cohort.json, manifest.json and those shards)."
+        )
+
+
+def prepare_dir(cfg: CohortConfig, out: Path, num_shards: int, force: bool = False) -> None:
+    """Check ``out`` again (under the lock) and pin its config and shard layout in cohort.json."""
+    check_target_dir(cfg, out, num_shards, force)
     out.mkdir(parents=True, exist_ok=True)
     want = {"schema_version": SCHEMA_VERSION, "config": to_dict(cfg), "num_shards": num_shards}
-    path = out / LAYOUT
-    if path.exists():
-        try:
-            have = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise CohortError(f"{path}: not valid JSON ({e}); delete it to start this cohort again") from None
-        diffs = _diff_keys(have.get("config"), want["config"], "cohort.")
-        if have.get("num_shards") != num_shards:
-            diffs.append(f"--num-shards ({have.get('num_shards')} on disk, {num_shards} asked)")
-        if have.get("schema_version") != SCHEMA_VERSION:
-            diffs.append(f"schema_version ({have.get('schema_version')} on disk, {SCHEMA_VERSION} here)")
-        if diffs:
-            raise CohortError(
-                f"{out} already holds a cohort made differently ({path}): "
-                + "; ".join(diffs)
-                + ". Use another --out, or delete the directory to remake it."
-            )
-        return
-    _atomic_write_text(path, json.dumps(want, indent=1))
+    have, _ = mf.read_json(out / LAYOUT) if (out / LAYOUT).exists() else (None, None)
+    if have != want:
+        atomic_write_json(out / LAYOUT, want)
 
 
-def shard_problem(cfg: CohortConfig, out: Path, k: int, first: int, stop: int, verify: bool = True) -> str | None:
-    """Why shard ``k`` must be (re)made, or None when it is complete and verifies."""
+def shard_problem(cfg: CohortConfig, out: Path, k: int, first: int, stop: int, verify: bool = True,
+                  force: bool = False) -> str | None:
+    """Why shard ``k`` must be (re)made, or None when it is complete and verifies.
+
+    A shard that its own attributes say belongs to another cohort is not remade
+    (CohortError) unless ``force``: it is someone's data, not a broken file."""
     f = out / shard_name(k)
     side = out / sidecar_name(k)
     if not f.exists():
         return "missing"
+    origin, why = shard_origin(cfg, f)
+    if origin == "foreign":
+        if not force:
+            raise CohortError(f"{f}: {why}; refusing to replace it (use another --out, or --force)")
+        return f"another cohort's ({why})"
     if not side.exists():
         return "no completion record (interrupted?)"
-    try:
-        rec = json.loads(side.read_text())
-    except json.JSONDecodeError:
+    rec, why = mf.read_json(side)
+    if not isinstance(rec, dict):
         return "completion record unreadable"
-    if rec.get("config_fingerprint") != config_fingerprint(cfg) or (rec["first_subject"], rec["n_subjects"]) != (first, stop - first):
-        return "made with another config or layout"
-    if f.stat().st_size != rec["bytes"]:
-        return f"size {f.stat().st_size} != recorded {rec['bytes']} (truncated?)"
+    try:
+        if rec.get("config_fingerprint") != config_fingerprint(cfg) or (rec["first_subject"], rec["n_subjects"]) != (first, stop - first):
+            return "made with another config or layout"
+        if f.stat().st_size != rec["bytes"]:
+            return f"size {f.stat().st_size} != recorded {rec['bytes']} (truncated?)"
+    except KeyError:
+        return "completion record incomplete"
+    if origin == "unreadable":
+        return f"unreadable: {why}"
     if verify:
         try:
             got = shard_content_checksum(f, cfg)
         except (CohortError, OSError, KeyError, ValueError) as e:
             return f"unreadable: {e}"
-        if got != rec["checksum"]:
+        if got != rec.get("checksum"):
             return "checksum mismatch (corrupt)"
     return None
 
 
-def _clean_tmp(out: Path, k: int | None = None) -> None:
-    pattern = f".{shard_name(k)}.tmp-*" if k is not None else ".shard-*.h5.tmp-*"
-    for p in out.glob(pattern):
-        p.unlink(missing_ok=True)
+# ---------------------------------------------------------------- locks
+def _live_shard_writers(out: Path) -> list[str]:
+    """Holders of per-shard locks that are alive (array tasks), for a refusal message."""
+    found = []
+    for p in sorted(out.glob(".shard-*.lock")):
+        try:
+            h = json.loads(p.read_text() or "{}")
+            if h.get("host") == HOST and not pid_alive(int(h["pid"])):
+                continue
+            found.append(f"pid {h['pid']} on {h['host']} ({p.name[1:-5]})")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
+def _lock(out: Path, shared: bool = False) -> DirLock:
+    lock = DirLock(out, what="cohort directory", shared=shared)
+    try:
+        return lock.acquire()
+    except LockedError as e:
+        writers = _live_shard_writers(out) if not shared else []
+        if writers:
+            raise LockedError(
+                f"{out}: this cohort directory is in use by array tasks writing shards: {', '.join(writers)}; "
+                f"wait for them to finish or use another directory"
+            ) from None
+        raise e from None
 
 
 # ---------------------------------------------------------------- worker side
@@ -131,18 +324,18 @@ def _init_worker(q) -> None:
     torch.set_num_threads(1)
 
 
-def _shard_task(cfg_dict: dict, out: str, k: int, first: int, stop: int, verify: bool) -> tuple[int, str]:
+def _shard_task(cfg_dict: dict, out: str, k: int, first: int, stop: int, verify: bool, force: bool = False) -> tuple[int, str]:
     from trd_hpc.config import validate_cohort
 
     cfg = validate_cohort(cfg_dict)
     outp = Path(out)
-    problem = shard_problem(cfg, outp, k, first, stop, verify)
+    problem = shard_problem(cfg, outp, k, first, stop, verify, force)
     if problem is None:
         if _progress_q is not None:
             _progress_q.put(("kept", stop - first))
         return k, "kept"
-    _clean_tmp(outp, k)
-    (outp / sidecar_name(k)).unlink(missing_ok=True)
+    # The old record stays until write_shard replaces it: a write that fails (full disk)
+    # leaves the directory as it was, and a record beside a broken file is re-checked anyway.
     report = (lambda nbytes: _progress_q.put(("subject", nbytes))) if _progress_q is not None else None
     write_shard(cfg, outp, k, first, stop, on_subject=report)
     return k, "made" if problem == "missing" else f"remade ({problem})"
@@ -170,29 +363,98 @@ def generate(
     finalize_only: bool = False,
     verify_existing: bool = True,
     progress: bool = True,
+    force: bool = False,
 ) -> GenerateResult:
+    """Write cohort ``cfg`` into ``out`` (see the module docstring).
+
+    ``force``: write even though ``out`` holds files that are not this cohort's
+    (another config's cohort.json, manifest.json or shards are replaced; other
+    files are left alone).  Errors: ConfigError (arguments, a cohort too small
+    to split), CohortError (``out`` is someone else's), LockedError (another
+    generate writes there), WriteError (disk full, read-only)."""
     out = Path(out)
-    num_shards = num_shards or default_num_shards(cfg)
+    num_shards = default_num_shards(cfg) if num_shards is None else num_shards
     plan = plan_shards(cfg.n_subjects, num_shards)
     if shard_index is not None and not 0 <= shard_index < num_shards:
-        raise ValueError(f"--shard-index {shard_index} is outside 0..{num_shards - 1}")
-    prepare_dir(cfg, out, num_shards)
+        raise ConfigError(f"--shard-index {shard_index} is outside 0..{num_shards - 1}")
+    if not finalize_only:
+        check_splittable(cfg)
+    # Before any lock or directory exists: a refused directory gets not even a lock file.
+    check_target_dir(cfg, out, num_shards, force)
+    if not finalize_only:
+        _check_space(cfg, out, plan, list(range(num_shards)) if shard_index is None else [shard_index])
     res = GenerateResult(out)
     t0 = time.perf_counter()
-    if not finalize_only:
-        todo = [shard_index] if shard_index is not None else list(range(num_shards))
-        _run_shards(cfg, out, plan, todo, workers, verify_existing, progress, res)
-    res.seconds = time.perf_counter() - t0
-    missing = [k for k in range(num_shards) if not (out / sidecar_name(k)).exists() or not (out / shard_name(k)).exists()]
-    if not missing:
-        finalize(cfg, out, plan)
-        res.finalized = True
-    elif finalize_only:
-        raise CohortError(f"{out}: cannot finalize, shards missing: {', '.join(shard_name(k) for k in missing)}")
+    if finalize_only or shard_index is None:
+        lock = _lock(out)
+        try:
+            prepare_dir(cfg, out, num_shards, force)
+            remove_stale_temps(out)
+            if not finalize_only:
+                _run_shards(cfg, out, plan, list(range(num_shards)), workers, verify_existing, progress, res, force)
+            res.seconds = time.perf_counter() - t0
+            missing = _missing(out, num_shards)
+            if not missing:
+                finalize(cfg, out, plan, force)
+                res.finalized = True
+            elif finalize_only:
+                raise CohortError(f"{out}: cannot finalize, shards missing: {', '.join(shard_name(k) for k in missing)}")
+        finally:
+            lock.release()
+        return res
+
+    # One SLURM array task: the directory shared with the other tasks, its own shard exclusively.
+    lock = _lock(out, shared=True)
+    try:
+        mine = DirLock(out, what=f"shard {shard_index} of this cohort", name=f".shard-{shard_index:05d}.lock").acquire()
+        try:
+            prepare_dir(cfg, out, num_shards, force)
+            remove_stale_temps(out)
+            _run_shards(cfg, out, plan, [shard_index], workers, verify_existing, progress, res, force)
+        finally:
+            mine.release()
+        res.seconds = time.perf_counter() - t0
+        # The task that sees every shard present writes the manifest, still under the shared
+        # lock (no full generate can start meanwhile; the directory's exclusive lock would
+        # turn away tasks starting now).  Of tasks finishing together one writes it: the
+        # others find the manifest lock taken, and would have written the same.
+        if not _missing(out, num_shards):
+            try:
+                writer = DirLock(out, what="manifest of this cohort", name=MANIFEST_LOCK).acquire()
+            except LockedError:
+                return res
+            try:
+                finalize(cfg, out, plan, force)
+                res.finalized = True
+            finally:
+                writer.release()
+    finally:
+        lock.release()
     return res
 
 
-def _run_shards(cfg, out, plan, todo, workers, verify, progress, res) -> None:
+def _missing(out: Path, num_shards: int) -> list[int]:
+    return [k for k in range(num_shards) if not (out / sidecar_name(k)).exists() or not (out / shard_name(k)).exists()]
+
+
+def _check_space(cfg: CohortConfig, out: Path, plan, todo: list[int]) -> None:
+    """WriteError before writing when the shards still missing cannot fit."""
+    need = sum((plan[k][1] - plan[k][0]) * subject_nbytes(cfg) + (1 << 16) for k in todo if not (out / shard_name(k)).exists())
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return
+    if need > free:
+        raise WriteError(
+            f"{out}: the shards still to be written need about {need / 1e9:.3g} GB, the file system has "
+            f"{free / 1e9:.3g} GB free; nothing was written"
+        )
+
+
+def _run_shards(cfg, out, plan, todo, workers, verify, progress, res, force=False) -> None:
     from tqdm import tqdm
 
     per_subject = subject_nbytes(cfg)
@@ -232,14 +494,14 @@ def _run_shards(cfg, out, plan, todo, workers, verify, progress, res) -> None:
                     first, stop = plan[k]
                     # Events arrive from the writer thread; drain them after each shard
                     # and, for a live bar, from a small polling thread.
-                    _drain_live(q, on_event, lambda: _shard_task(cfg_dict, str(out), k, first, stop, verify), record)
+                    _drain_live(q, on_event, lambda: _shard_task(cfg_dict, str(out), k, first, stop, verify, force), record)
             finally:
                 _progress_q = None
         else:
             ctx = mp.get_context("spawn")
             q = ctx.Queue()
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)) as ex:
-                futs = {ex.submit(_shard_task, cfg_dict, str(out), k, *plan[k], verify) for k in todo}
+                futs = {ex.submit(_shard_task, cfg_dict, str(out), k, *plan[k], verify, force) for k in todo}
                 while futs:
                     _drain(q, on_event)
                     done, futs = wait(futs, timeout=0.2, return_when=FIRST_COMPLETED)
@@ -281,15 +543,27 @@ def _drain_live(q, on_event, task, record) -> None:
         _drain(q, on_event)
 
 
-def finalize(cfg: CohortConfig, out: Path, plan: list[tuple[int, int]]) -> dict:
-    """Write manifest.json from the shards' completion records."""
+def finalize(cfg: CohortConfig, out: Path, plan: list[tuple[int, int]], force: bool = False) -> dict:
+    """Write manifest.json from the shards' completion records (the caller holds the lock).
+
+    An existing manifest of another cohort (or one that is not JSON) is not
+    replaced unless ``force``; one identical to the new content is left as it is."""
     shards = []
     for k, (first, stop) in enumerate(plan):
-        rec = json.loads((out / sidecar_name(k)).read_text())
-        if (rec["first_subject"], rec["n_subjects"]) != (first, stop - first):
-            raise CohortError(f"{out / sidecar_name(k)}: subject range does not match the cohort layout")
-        shards.append(
-            {
+        side = out / sidecar_name(k)
+        rec, why = mf.read_json(side)
+        if why or not isinstance(rec, dict):
+            raise CohortError(f"{side}: completion record {why or 'is not an object'}; run generate again to remake shard {k}")
+        try:
+            if rec["config_fingerprint"] != config_fingerprint(cfg) or rec["file"] != shard_name(k):
+                raise CohortError(f"{side}: completion record of another config or shard; run generate again to remake shard {k}")
+            if (rec["first_subject"], rec["n_subjects"]) != (first, stop - first):
+                raise CohortError(f"{side}: subject range does not match the cohort layout")
+            size = (out / shard_name(k)).stat().st_size
+            if size != rec["bytes"]:  # a remake that failed left the old, broken file
+                raise CohortError(f"{out / shard_name(k)}: {size} bytes, its completion record says {rec['bytes']}; "
+                                  f"run generate again to remake it")
+            entry = {
                 "file": rec["file"],
                 "first_subject": first,
                 "last_subject": stop - 1,
@@ -298,16 +572,17 @@ def finalize(cfg: CohortConfig, out: Path, plan: list[tuple[int, int]]) -> dict:
                 "checksum": rec["checksum"],
                 "labels": rec["labels"],
             }
-        )
+        except KeyError as e:
+            raise CohortError(f"{side}: completion record lacks {e}; run generate again to remake shard {k}") from None
+        if "row_crc32" in rec:
+            entry["row_crc32"] = rec["row_crc32"]
+        shards.append(entry)
     labels = np.frombuffer("".join(s["labels"] for s in shards).encode(), dtype=np.uint8) - ord("0")
     names = mf.class_names(cfg)
-    folds: list[list[int]] = []
-    if isinstance(cfg, EMTCohortConfig):
-        s = cfg.split
-        splits = three_way_split(labels, s.train, s.val, s.test, cfg.seed)
-    else:
-        splits = train_test_with_val(labels, cfg.split.test, cfg.split.val, cfg.seed)
-        folds = stratified_folds(labels, cfg.split.folds, cfg.seed)
+    try:
+        splits, folds = make_splits(cfg, labels)
+    except ValueError as e:
+        raise _split_failed(cfg, e) from None
 
     def counts(ids) -> dict[str, int]:
         c = np.bincount(labels[np.asarray(ids, dtype=np.int64)], minlength=len(names))
@@ -333,6 +608,18 @@ def finalize(cfg: CohortConfig, out: Path, plan: list[tuple[int, int]]) -> dict:
         "splits": splits,
         "folds": folds,
     }
+    path = out / mf.MANIFEST
+    if path.exists():
+        have, why = mf.read_json(path)
+        if not force:
+            if why or not isinstance(have, dict):
+                raise CohortError(f"{path}: {why or 'not a cohort manifest'}; not replaced (delete it, or --force)")
+            diffs = config_diffs(have.get("config"), cfg)
+            if diffs:
+                raise CohortError(f"{path}: records a cohort made differently ({'; '.join(diffs)}); not replaced (--force)")
+        if have == json.loads(json.dumps(data)):
+            remove_stale_temps(out)
+            return data
     mf.write_manifest(out, data)
-    _clean_tmp(out)
+    remove_stale_temps(out)
     return data

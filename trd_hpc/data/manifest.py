@@ -3,13 +3,19 @@
 It records the schema version, the full generator config, every shard (file,
 subject-id range, count, content checksum, labels as a digit string), the
 class counts and the subject-level splits (and folds for volume cohorts).
+
+Loading checks the structure before anything is opened: shard files named as
+this project names them (``shard-NNNNN.h5``, directly in the cohort directory),
+contiguous subject ranges covering the config's subjects, and split and fold ids
+that are in range, unique and disjoint (a test subject in the training split is
+leakage, not a preference).  Each failure names manifest.json and the key.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
-import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +24,13 @@ import numpy as np
 from trd_hpc.config import CohortConfig, ConfigError, EMTCohortConfig, validate_cohort
 from trd_hpc.data.shards import SCHEMA_VERSION, CohortError, schema
 from trd_hpc.data.splits import fold_parts
+from trd_hpc.fsio import atomic_write_json
 
 MANIFEST = "manifest.json"
+# The only shard names a manifest may hold: no directory part, so nothing outside
+# the cohort directory (../../etc/passwd, /abs/path) is ever opened.
+SHARD_FILE = re.compile(r"^shard-[0-9]{5,}\.h5$")
+SPLITS = ("train", "val", "test")
 
 
 def class_names(cfg: CohortConfig) -> list[str]:
@@ -80,10 +91,107 @@ class Manifest:
 
 
 def write_manifest(root: Path, data: dict) -> None:
-    path = Path(root) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(Path(root) / MANIFEST, data, indent=1)
+
+
+def read_json(path: Path) -> tuple[object, str | None]:
+    """(parsed JSON, None) or (None, why it could not be read)."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8")), None
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e})"
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _id_array(path: Path, key: str, ids, n: int) -> np.ndarray:
+    if not isinstance(ids, list) or not all(_is_int(i) for i in ids):
+        raise CohortError(f"{path}: key '{key}' must be a list of integer subject ids")
+    a = np.asarray(ids, dtype=np.int64)
+    if len(a) and (a.min() < 0 or a.max() >= n):
+        bad = int(a[(a < 0) | (a >= n)][0])
+        raise CohortError(f"{path}: key '{key}' names subject {bad}, outside the cohort's 0..{n - 1}")
+    u, c = np.unique(a, return_counts=True)
+    if (c > 1).any():
+        raise CohortError(f"{path}: key '{key}' lists subject {int(u[c > 1][0])} {int(c.max())} times")
+    return a
+
+
+def _disjoint(path: Path, parts: dict[str, np.ndarray], what: str) -> None:
+    names = list(parts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            both = np.intersect1d(parts[a], parts[b])
+            if len(both):
+                raise CohortError(
+                    f"{path}: keys '{a}' and '{b}' share {len(both)} subject(s) (e.g. {int(both[0])}): "
+                    f"{what} must be disjoint, or evaluation leaks into training"
+                )
+
+
+def _check_structure(path: Path, data: dict, cfg: CohortConfig) -> None:
+    shards = data["shards"]
+    if not isinstance(shards, list) or not shards:
+        raise CohortError(f"{path}: key 'shards' must be a non-empty list")
+    n_classes = len(class_names(cfg))
+    first = 0
+    seen: set[str] = set()
+    for k, s in enumerate(shards):
+        key = f"shards[{k}]"
+        if not isinstance(s, dict):
+            raise CohortError(f"{path}: key '{key}' must be an object")
+        for f in ("file", "first_subject", "n_subjects", "bytes", "checksum", "labels"):
+            if f not in s:
+                raise CohortError(f"{path}: key '{key}.{f}' is missing")
+        name = s["file"]
+        if not isinstance(name, str) or not SHARD_FILE.match(name):
+            raise CohortError(
+                f"{path}: key '{key}.file' is {name!r}; a shard must be a file named shard-NNNNN.h5 directly "
+                f"inside the cohort directory"
+            )
+        if name in seen:
+            raise CohortError(f"{path}: key '{key}.file' names {name} a second time")
+        seen.add(name)
+        for f in ("first_subject", "n_subjects", "bytes"):
+            if not _is_int(s[f]) or s[f] < (1 if f == "n_subjects" else 0):
+                raise CohortError(f"{path}: key '{key}.{f}' must be a {'positive' if f == 'n_subjects' else 'non-negative'} integer, got {s[f]!r}")
+        if s["first_subject"] != first:
+            raise CohortError(
+                f"{path}: key '{key}.first_subject' is {s['first_subject']}, expected {first}: the shards must "
+                f"cover the subjects in order without gaps (is a shard entry missing?)"
+            )
+        labels = s["labels"]
+        if not isinstance(labels, str) or len(labels) != s["n_subjects"] or any(
+            not ("0" <= ch < chr(ord("0") + n_classes)) for ch in labels
+        ):
+            raise CohortError(f"{path}: key '{key}.labels' must be {s['n_subjects']} digits 0..{n_classes - 1}")
+        crcs = s.get("row_crc32")
+        if crcs is not None and (not isinstance(crcs, list) or len(crcs) != s["n_subjects"] or not all(_is_int(c) for c in crcs)):
+            raise CohortError(f"{path}: key '{key}.row_crc32' must be {s['n_subjects']} integers")
+        first += s["n_subjects"]
+    if first != cfg.n_subjects:
+        raise CohortError(
+            f"{path}: key 'shards' covers {first} subjects, key 'config.n_subjects' says {cfg.n_subjects} "
+            f"(is a shard entry missing?)"
+        )
+    splits = data["splits"]
+    if not isinstance(splits, dict):
+        raise CohortError(f"{path}: key 'splits' must be an object with {', '.join(SPLITS)}")
+    for name in SPLITS:
+        if name not in splits:
+            raise CohortError(f"{path}: key 'splits.{name}' is missing")
+    parts = {f"splits.{name}": _id_array(path, f"splits.{name}", ids, first) for name, ids in splits.items()}
+    _disjoint(path, parts, "the splits")
+    folds = data.get("folds", [])
+    if not isinstance(folds, list):
+        raise CohortError(f"{path}: key 'folds' must be a list of lists of subject ids")
+    _disjoint(path, {f"folds[{k}]": _id_array(path, f"folds[{k}]", f, first) for k, f in enumerate(folds)}, "the folds")
 
 
 def load_manifest(root: str | Path) -> Manifest:
@@ -93,10 +201,11 @@ def load_manifest(root: str | Path) -> Manifest:
         raise CohortError(f"{root}: cohort directory does not exist")
     if not path.is_file():
         raise CohortError(f"{path}: no manifest (run `trd-hpc generate ... --out {root}` or `--finalize`)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CohortError(f"{path}: not valid JSON: {e}") from None
+    data, why = read_json(path)
+    if why:
+        raise CohortError(f"{path}: {why}; regenerate it with `trd-hpc generate ... --out {root} --finalize`")
+    if not isinstance(data, dict):
+        raise CohortError(f"{path}: not a cohort manifest (a JSON {type(data).__name__}, not an object)")
     v = data.get("schema_version")
     if v != SCHEMA_VERSION:
         raise CohortError(f"{path}: field 'schema_version' is {v!r}; this version of trd-hpc reads {SCHEMA_VERSION}")
@@ -107,6 +216,7 @@ def load_manifest(root: str | Path) -> Manifest:
         cfg = validate_cohort(data["config"], f"{path} field 'config'")
     except ConfigError as e:
         raise CohortError(str(e)) from None
+    _check_structure(path, data, cfg)
     m = Manifest(root, cfg, data["shards"], data["splits"], data.get("folds", []), data)
     m.columns = schema(cfg)  # type: ignore[attr-defined]
     return m

@@ -25,3 +25,8 @@ def subject_streams(seed: int, index: int) -> tuple[np.random.Generator, torch.G
     g = torch.Generator(device="cpu")
     g.manual_seed(int(torch_ss.generate_state(1, np.uint64)[0]) & ((1 << 63) - 1))
     return np.random.default_rng(np_ss), g
+
+
+def subject_numpy_stream(seed: int, index: int) -> np.random.Generator:
+    """The numpy stream of :func:`subject_streams` alone (no torch Generator to seed)."""
+    return np.random.default_rng(subject_seedseq(seed, index).spawn(2)[0])

@@ -12,16 +12,22 @@ Layout of a shard (readable by h5dump / h5ls; no custom filters):
 The checksum is over content, not file bytes: sha256 of the per-dataset sha256
 digests, each over that dataset's raw bytes in subject order.  It survives an
 ``h5repack`` and catches any changed voxel; a broken HDF5 structure is caught
-when the file is opened.
+when the file is opened.  Each subject also gets a CRC-32 over its row of every
+dataset (``row_crc32`` in the sidecar and the manifest): the loader checks the
+rows it will read the first time a process opens a shard, so a corrupt subject
+is named before training sees it, at the cost of one extra read per process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import queue
 import threading
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,12 +35,12 @@ from typing import Callable
 import h5py
 import numpy as np
 
-from trd_hpc.config import CohortConfig, EMTCohortConfig, VolumeCohortConfig, to_dict
+from trd_hpc import faults
+from trd_hpc.config import CohortConfig, ConfigError, EMTCohortConfig, VolumeCohortConfig, to_dict, validate_cohort
+from trd_hpc.errors import CohortError  # re-exported: a cohort file is missing, corrupt or foreign
+from trd_hpc.fsio import atomic_path, atomic_write_json
 
 SCHEMA_VERSION = 1
-
-
-from trd_hpc.errors import CohortError  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -104,13 +110,8 @@ class ContentHasher:
         return "sha256:" + top.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _row_bytes(a: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(a)).cast("B")
 
 
 def write_shard(
@@ -129,13 +130,41 @@ def write_shard(
     hashing, which run in a second thread.
     """
     out_dir = Path(out_dir)
+    final = out_dir / shard_name(shard_index)
+    # The temporary name carries host and pid (fsio.temp_name), so a later run removes
+    # it only once its writer is dead; a failed write (full disk) removes it at once.
+    with atomic_path(final, fault="shard") as tmp:
+        hasher, small, bulk_crc = _write_shard_file(cfg, tmp, shard_index, first, stop, on_subject)
+    cols = schema(cfg)
+    # Chain each subject's bulk CRC with its other columns (schema order: bulk first).
+    crcs = []
+    for j in range(stop - first):
+        crc = bulk_crc[j]
+        for c in cols[1:]:
+            crc = zlib.crc32(_row_bytes(small[c.name][j : j + 1]), crc)
+        crcs.append(crc)
+    record = {
+        "file": final.name,
+        "shard_index": shard_index,
+        "first_subject": first,
+        "n_subjects": stop - first,
+        "bytes": final.stat().st_size,
+        "checksum": hasher.hexdigest(),
+        "labels": "".join(map(str, small[label_column(cfg)].astype(int).tolist())),
+        "config_fingerprint": config_fingerprint(cfg),
+        "row_crc32": crcs,
+    }
+    atomic_write_json(out_dir / sidecar_name(shard_index), record, indent=None)
+    return record
+
+
+def _write_shard_file(cfg, tmp: Path, shard_index: int, first: int, stop: int, on_subject):
     cols = schema(cfg)
     bulk = cols[0]
     n = stop - first
-    final = out_dir / shard_name(shard_index)
-    tmp = out_dir / f".{final.name}.tmp-{os.getpid()}"
     hasher = ContentHasher(cols)
     small = {c.name: np.empty((n, *c.shape), dtype=c.dtype) for c in cols[1:]}
+    bulk_crc = [0] * n
     bulk_bytes = int(np.prod(bulk.shape)) * np.dtype(bulk.dtype).itemsize
 
     f = h5py.File(tmp, "w", libver="earliest")
@@ -169,6 +198,7 @@ def write_shard(
                     j, buf = item
                     dsets[bulk.name].id.write_direct_chunk((j,) + (0,) * len(bulk.shape), buf)
                     hasher.update(bulk.name, buf)
+                    bulk_crc[j] = zlib.crc32(_row_bytes(buf))
                     free.put(buf)
                     if on_subject:
                         on_subject(bulk_bytes)
@@ -180,6 +210,7 @@ def write_shard(
         t.start()
         try:
             for j, i in enumerate(range(first, stop)):
+                faults.point("shard-subject", shard_index, j)
                 buf = free.get()
                 if failure:
                     break
@@ -197,26 +228,30 @@ def write_shard(
             dsets[c.name][...] = small[c.name]
             hasher.update(c.name, small[c.name])
         f.flush()
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            f.close()
+        raise _as_oserror(e) from e
     except BaseException:
-        f.close()
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(Exception):
+            f.close()
         raise
-    f.close()
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    record = {
-        "file": final.name,
-        "shard_index": shard_index,
-        "first_subject": first,
-        "n_subjects": n,
-        "bytes": tmp.stat().st_size,
-        "checksum": hasher.hexdigest(),
-        "labels": "".join(map(str, small[label_column(cfg)].astype(int).tolist())),
-        "config_fingerprint": config_fingerprint(cfg),
-    }
-    os.replace(tmp, final)
-    _atomic_write_text(out_dir / sidecar_name(shard_index), json.dumps(record))
-    return record
+    try:
+        f.close()  # then atomic_path syncs and renames (or removes) the temporary file
+    except (OSError, RuntimeError) as e:
+        raise _as_oserror(e) from e
+    return hasher, small, bulk_crc
+
+
+def _as_oserror(e: Exception) -> OSError:
+    """h5py reports a failed write (disk full, file size limit) as an OSError or, at
+    close, a RuntimeError, with HDF5's multi-line text as its message; an OSError of
+    just the errno makes the WriteError one line that says what happened."""
+    m = re.search(r"errno = (\d+)", str(e))
+    code = int(m.group(1)) if m else getattr(e, "errno", None)
+    if code:
+        return OSError(code, os.strerror(code))
+    return OSError(" ".join(str(e).split()))
 
 
 def config_fingerprint(cfg: CohortConfig) -> str:
@@ -224,6 +259,70 @@ def config_fingerprint(cfg: CohortConfig) -> str:
     d = to_dict(cfg)
     d.pop("subjects_per_shard", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def diff_keys(a, b, prefix: str = "") -> list[str]:
+    """``key (A on disk, B asked)`` for every leaf where the two config dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]} ({a!r} on disk, {b!r} asked)"]
+
+
+def normalized_config(raw) -> dict | None:
+    """A stored cohort config as this version would write it (defaults of keys added
+    since filled in), or None when it is not a valid cohort config."""
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return to_dict(validate_cohort(raw))
+    except (ConfigError, TypeError, ValueError):
+        return None
+
+
+def config_diffs(raw, cfg: CohortConfig, prefix: str = "cohort.") -> list[str]:
+    """How a stored config differs from ``cfg`` (the shard size excluded)."""
+    have = normalized_config(raw)
+    if have is None:
+        return [f"{prefix[:-1]} (not a valid cohort config on disk)"]
+    want = to_dict(cfg)
+    have.pop("subjects_per_shard", None)
+    want.pop("subjects_per_shard", None)
+    return diff_keys(have, want, prefix)
+
+
+def foreign_reason(f: h5py.File, cfg: CohortConfig) -> str | None:
+    """Why an open shard was not made with ``cfg`` (another seed or config, not a
+    trd-hpc shard), from its own attributes; None when it was."""
+    a = f.attrs
+    if "generator_config" not in a or "seed" not in a:
+        return "has no trd-hpc attributes (seed, generator_config): not a shard of a trd-hpc cohort"
+    try:
+        raw = json.loads(a["generator_config"])
+    except (TypeError, ValueError):
+        return "its generator_config attribute is not JSON"
+    if int(a["seed"]) != cfg.seed:
+        return f"was made with seed {int(a['seed'])}, not {cfg.seed} (a shard of another cohort)"
+    diffs = config_diffs(raw, cfg)
+    if diffs:
+        more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+        return f"was made with another config ({'; '.join(diffs[:3])}{more}): a shard of another cohort"
+    return None
+
+
+def check_shard_identity(f: h5py.File, path: Path, cfg: CohortConfig, first: int, n: int, source: str = "the manifest") -> None:
+    """The shard's own attributes say it holds subjects [first, first + n) of ``cfg``."""
+    why = foreign_reason(f, cfg)
+    if why:
+        raise CohortError(f"{path}: {why}; {source} is for seed {cfg.seed}")
+    have = (int(f.attrs.get("first_subject", -1)), int(f.attrs.get("n_subjects", -1)))
+    if have != (first, n):
+        raise CohortError(
+            f"{path}: holds subjects {have[0]}..{have[0] + have[1] - 1} by its attributes, "
+            f"{source} says {first}..{first + n - 1} (a shard of another layout?)"
+        )
 
 
 # --------------------------------------------------------------------------- reading
@@ -272,6 +371,16 @@ def shard_content_checksum(path: Path, cfg: CohortConfig) -> str:
     return hasher.hexdigest()
 
 
+def shard_row_crcs(path: Path, cfg: CohortConfig, n_subjects: int) -> list[int]:
+    """The per-subject CRC-32s of a shard file as it is now (a manifest's ``row_crc32``);
+    for tests that plant a value the checksums must not catch (a NaN "generated")."""
+    r = ShardReader(path, cfg, n_subjects)
+    try:
+        return r.row_crcs(range(n_subjects))
+    finally:
+        r.close()
+
+
 class ShardReader:
     """Per-process reader of one shard.
 
@@ -282,11 +391,18 @@ class ShardReader:
     The scalar columns of the shard (8 bytes a subject) are read once.
     """
 
-    def __init__(self, path: Path, cfg: CohortConfig, n_subjects: int):
+    def __init__(self, path: Path, cfg: CohortConfig, n_subjects: int, first_subject: int | None = None):
+        """``first_subject`` given: the shard's attributes must match it and ``cfg``."""
         self.path = Path(path)
         self.cols = schema(cfg)
         self.file = open_shard(self.path)
-        check_shard_layout(self.file, self.path, cfg, n_subjects)
+        try:
+            check_shard_layout(self.file, self.path, cfg, n_subjects)
+            if first_subject is not None:
+                check_shard_identity(self.file, self.path, cfg, first_subject, n_subjects)
+        except BaseException:
+            self.file.close()
+            raise
         self.n = n_subjects
         self.chunked = [c for c in self.cols if c.chunked]
         self._nbytes = {c.name: int(np.prod(c.shape)) * np.dtype(c.dtype).itemsize for c in self.chunked}
@@ -318,6 +434,28 @@ class ShardReader:
                 )
         else:
             self.file[name].read_direct(out[None], np.s_[j : j + 1], np.s_[0:1])
+
+    def row_crcs(self, rows) -> list[int]:
+        """CRC-32 of each row in ``rows``: over its row of every dataset, in schema order
+        (what write_shard records as ``row_crc32``)."""
+        bufs = {c.name: np.empty(c.shape, dtype=c.dtype) for c in self.chunked}
+        out = []
+        for j in rows:
+            j = int(j)
+            crc = 0
+            for c in self.cols:
+                if c.chunked:
+                    self.read(c.name, j, bufs[c.name])
+                    crc = zlib.crc32(_row_bytes(bufs[c.name]), crc)
+                else:
+                    crc = zlib.crc32(_row_bytes(self.scalars[c.name][j : j + 1]), crc)
+            out.append(crc)
+        return out
+
+    def bad_rows(self, rows, expected: list[int]) -> list[int]:
+        """The rows among ``rows`` whose CRC-32 is not ``expected[row]``."""
+        rows = [int(j) for j in rows]
+        return [j for j, crc in zip(rows, self.row_crcs(rows)) if crc != expected[j]]
 
     def close(self) -> None:
         if self._fd is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+from trd_hpc.errors import CohortError
+
 
 def _split(ids: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(rest, held) with ``held`` a stratified ``fraction`` of ``ids``."""
@@ -37,7 +39,7 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[list[int]]:
 def fold_parts(folds: list[list[int]], labels: np.ndarray, k: int, val: float, seed: int) -> dict[str, list[int]]:
     """Fold ``k`` as a run: test = fold k; the other folds give train and val."""
     if not 0 <= k < len(folds):
-        raise ValueError(f"fold {k} does not exist: the cohort has folds 0..{len(folds) - 1}")
+        raise CohortError(f"fold {k} does not exist: the cohort has folds 0..{len(folds) - 1}")
     test_ids = np.asarray(folds[k])
     rest = np.sort(np.concatenate([np.asarray(f) for i, f in enumerate(folds) if i != k]))
     train_ids, val_ids = _split(rest, labels[rest], val, seed + 100 + k)

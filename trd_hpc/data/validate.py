@@ -1,4 +1,11 @@
-"""``trd-hpc cohort validate`` and ``cohort info``: check a cohort against its manifest."""
+"""``trd-hpc cohort validate`` and ``cohort info``: check a cohort against its manifest.
+
+Quick (``--quick``): the manifest's structure, each shard's size, HDF5 layout,
+own attributes (seed, config, subject range), subject ids and labels; no voxel
+is read, so a changed value inside a chunk is not seen.  Deep (the default):
+also every byte, against the content checksum and, to name the subject, the
+per-subject CRC-32s.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,8 @@ from trd_hpc.config import EMTCohortConfig
 from trd_hpc.data.manifest import MANIFEST, Manifest, class_names, load_manifest
 from trd_hpc.data.shards import (
     CohortError,
+    ShardReader,
+    check_shard_identity,
     check_shard_layout,
     label_column,
     open_shard,
@@ -39,6 +48,7 @@ def _check_shard(m: Manifest, k: int, deep: bool) -> list[Problem]:
     try:
         with open_shard(path) as f:
             check_shard_layout(f, path, m.config, s["n_subjects"])
+            check_shard_identity(f, path, m.config, s["first_subject"], s["n_subjects"], "manifest.json")
             ids = f["subject_id"][...]
             labels = f[label_column(m.config)][...]
             first = int(f.attrs.get("first_subject", -1))
@@ -56,8 +66,26 @@ def _check_shard(m: Manifest, k: int, deep: bool) -> list[Problem]:
         except (CohortError, OSError) as e:
             return out + [Problem(name, f"unreadable while checksumming: {e}")]
         if got != s["checksum"]:
-            out.append(Problem(name, f"checksum mismatch (content changed or corrupt): {got} != manifest {s['checksum']}"))
+            out.append(Problem(name, f"checksum mismatch (content changed or corrupt): {got} != manifest {s['checksum']}"
+                               + _bad_subjects(m, k)))
     return out
+
+
+def _bad_subjects(m: Manifest, k: int) -> str:
+    s = m.shards[k]
+    if "row_crc32" not in s:
+        return ""
+    try:
+        r = ShardReader(m.root / s["file"], m.config, s["n_subjects"])
+        try:
+            bad = r.bad_rows(range(s["n_subjects"]), s["row_crc32"])
+        finally:
+            r.close()
+    except (CohortError, OSError):
+        return ""
+    if not bad:
+        return ""
+    return f"; subjects changed: {', '.join(str(s['first_subject'] + j) for j in bad[:10])}" + (" ..." if len(bad) > 10 else "")
 
 
 def _check_balance_and_splits(m: Manifest) -> list[Problem]:

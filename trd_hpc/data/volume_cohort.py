@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from trd_hpc.config import VolumeCohortConfig
-from trd_hpc.data.rng import subject_streams
+from trd_hpc.data.rng import subject_numpy_stream, subject_streams
 
 
 def _grid(shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -83,6 +83,12 @@ def sample_label_and_severity(cfg: VolumeCohortConfig, rng: np.random.Generator)
     label = int(rng.choice(3, p=cfg.class_probs))
     lo, hi = cfg.severity_ranges[label]
     return label, float(rng.uniform(lo, hi))
+
+
+def volume_label(cfg: VolumeCohortConfig, index: int) -> int:
+    """Subject ``index``'s class without making its volume (the first draw of its stream),
+    so a cohort's splits can be tried before any shard is written."""
+    return sample_label_and_severity(cfg, subject_numpy_stream(cfg.seed, index))[0]
 
 
 def make_volume_subject(cfg: VolumeCohortConfig, index: int, out: np.ndarray) -> dict:

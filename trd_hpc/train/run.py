@@ -22,7 +22,7 @@ import yaml
 
 from trd_hpc import faults
 from trd_hpc.config import ConfigError, to_dict, to_yaml, validate_experiment
-from trd_hpc.data.generate import generate
+from trd_hpc.data.generate import check_target_dir, generate
 from trd_hpc.data.manifest import MANIFEST, load_manifest
 from trd_hpc.errors import RunDirError
 from trd_hpc.fsio import atomic_write_json, atomic_write_text, atomic_write_with
@@ -42,6 +42,7 @@ def ensure_cohort(cfg, info: D.DistInfo, progress: bool = True) -> Path:
     """The config's cohort directory, generated first (by rank 0) when absent."""
     root = Path(cfg.data.cohort)
     if info.is_main and not (root / MANIFEST).exists():
+        check_target_dir(cfg.cohort, root)  # never generate over another cohort's or tool's files
         print(f"cohort {root} not found: generating it from the config's cohort section", flush=True)
         generate(cfg.cohort, root, progress=progress)
     D.barrier(info)

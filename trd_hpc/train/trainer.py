@@ -187,6 +187,10 @@ class Trainer:
         self.datasets = {role: CohortDataset(self.cohort_root, self.cfg.data.split(role),
                                              normalize_volumes=self.cfg.data.normalize_volumes)
                          for role in ("train", "val", "test")}
+        for ds in self.datasets.values():
+            # Content checked before the first step (a flipped bit, a foreign shard), not mid-epoch;
+            # forked loader workers inherit the result.
+            ds.verify_all()
         bs = tc.batch_size
         self.accum = tc.grad_accum_steps
         self.train_sampler = ShardAwareSampler.for_dataset(
