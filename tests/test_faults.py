@@ -134,22 +134,9 @@ CNN_POINTS = [  # 11 steps an epoch, a checkpoint every 3 steps
     "after-step:30",
     "model-write:1",
 ]
-# DeepSpeed start-up costs ~10 s a process: the points where its checkpoints (a directory per step,
-# every rank's files, then a `complete` marker) differ from the single-file ones.
-DS_POINTS = {
-    EMT: ["mid-step:3",
-          "checkpoint-write:2",    # every rank's files saved, no `complete` marker yet
-          "checkpoint-rename:1",   # marker written, older ones not yet pruned
-          "prune:1",               # an old directory half-deleted (its marker goes first)
-          "model-write:1"],
-    CNN: ["checkpoint-write:1",    # the first checkpoint incomplete: the resume starts from scratch
-          "epoch-end:2:before-bn", "after-step:30"],
-}
-
-
 def _points(config: str, strategy: str) -> list[str]:
-    if strategy == "zero1":
-        return DS_POINTS[config]
+    # DeepSpeed's checkpoints differ (a directory per step with every rank's files, then a
+    # `complete` marker: checkpoint-write dies between the two), the points are the same.
     return EMT_POINTS if config == EMT else CNN_POINTS
 
 
