@@ -40,6 +40,8 @@ command -v "$RAY" >/dev/null || { echo "ray not found: pip install 'trd-hpc[tune
 # Ray turns token authentication on by default: every process must agree on the mode and
 # hold the same token. srun passes the environment on to every node.
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+# Trials at normal priority: Ray's default worker niceness (15) starves them next to any other process.
+export RAY_worker_niceness="${RAY_worker_niceness:-0}"
 if [[ "$RAY_AUTH_MODE" == token && -z "${RAY_AUTH_TOKEN:-}" ]]; then
   RAY_AUTH_TOKEN="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
   export RAY_AUTH_TOKEN

@@ -66,7 +66,11 @@ def trial_runs(out: Path) -> dict[str, list[int]]:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    # address="local": never join a `ray start` cluster left on this machine (e.g. by the SLURM test)
+    # address="local": never join a `ray start` cluster left on this machine (e.g. by the SLURM test);
+    # trials at normal priority, as `trd-hpc tune` runs them (a niced trial crawls next to a busy CPU)
+    from trd_hpc.tune.sweep import use_normal_priority_for_trials
+
+    use_normal_priority_for_trials()
     ray.init(address="local", num_cpus=2, object_store_memory=OBJECT_STORE, include_dashboard=False,
              log_to_driver=False)
     yield

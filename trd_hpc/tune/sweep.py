@@ -130,6 +130,14 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def use_normal_priority_for_trials() -> None:
+    """Ray starts its workers at niceness 15, so on a node with anything else running
+    (another job's processes, data loading, a busy login node) the trials, which are the
+    whole point of a sweep, get a few percent of a core.  0 unless the user set it; read
+    by the raylet this process starts."""
+    os.environ.setdefault("RAY_worker_niceness", "0")
+
+
 def start_ray(address: str | None = None, num_cpus: int | None = None,
               object_store_memory: int = OBJECT_STORE_BYTES, log_to_driver: bool = True) -> bool:
     """Connect to ``address`` ('auto': the running cluster; default: $RAY_ADDRESS) or start
@@ -139,6 +147,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None,
 
     if ray.is_initialized():
         return False
+    use_normal_priority_for_trials()
     kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=log_to_driver)
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
