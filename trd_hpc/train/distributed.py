@@ -151,6 +151,23 @@ def broadcast_object(info: DistInfo, obj, src: int = 0):
     return box[0]
 
 
+_DONE_KEY = "trd-hpc/main-done"
+
+
+def release_others(info: DistInfo) -> None:
+    """Let the ranks waiting in :func:`wait_for_main` go on (rank 0, when its own work is done)."""
+    if info.distributed:
+        dist.distributed_c10d._get_default_store().set(_DONE_KEY, "1")
+
+
+def wait_for_main(info: DistInfo, timeout_s: float = 7 * 24 * 3600) -> None:
+    """Wait, without a collective's timeout, until rank 0 calls :func:`release_others`
+    (its evaluation may take longer than the process group's timeout).  Raises if rank 0
+    dies meanwhile (its store goes away)."""
+    if info.distributed:
+        dist.distributed_c10d._get_default_store().wait([_DONE_KEY], timedelta(seconds=timeout_s))
+
+
 def any_flag(info: DistInfo, *flags: bool) -> list[bool]:
     """Element-wise OR of boolean flags over all ranks (one small all-reduce)."""
     if not info.distributed:

@@ -187,14 +187,25 @@ def train(cfg, run_dir: str | Path, resume: str | None = None, evaluate_after: b
                 atomic_write_json(run_dir / "metrics.json", metrics, fault="metrics")
                 tracker.log_summary(metrics)
             D.barrier(info)
+            if evaluate_after:
+                # Rank 0 evaluates (baselines as one process) while the other ranks wait, still
+                # part of the job: a rank that exits while rank 0 works can end the whole srun
+                # step (--kill-on-bad-exit) and take the evaluation with it.
+                try:
+                    if info.is_main:
+                        from trd_hpc.eval.pipeline import run_evaluation
+
+                        metrics = run_evaluation(run_dir)
+                        tracker.log_summary(metrics)
+                        tracker.log_figures(figures_of(run_dir))
+                    else:
+                        D.wait_for_main(info)
+                finally:
+                    if info.is_main:
+                        D.release_others(info)
+                D.barrier(info)  # rank 0 stays until every rank has seen the release
         finally:
             D.shutdown(info)
-        if info.is_main and evaluate_after:
-            from trd_hpc.eval.pipeline import run_evaluation
-
-            metrics = run_evaluation(run_dir)
-            tracker.log_summary(metrics)
-            tracker.log_figures(figures_of(run_dir))
         return metrics
     finally:
         tracker.finish()
