@@ -273,7 +273,7 @@ def evaluate_cnn3d(cfg: CNN3DExperiment, run_dir: Path, metrics: dict, history: 
 
 
 # ---------------------------------------------------------------------------- entry points
-def apply_eval_overrides(run_dir: Path, overrides):
+def eval_override_config(run_dir: Path, overrides):
     """The run's config with ``eval`` keys changed (e.g. more baselines), not yet written.
 
     Only ``eval.*`` keys: the rest describes how the model was trained and stays as it was."""
@@ -305,7 +305,7 @@ def run_evaluation(run_dir: Path, figures: bool = True, overrides=()) -> dict:
         raise RunDirError(f"{run_dir}: no such run directory")
     with DirLock(run_dir, "run directory"):  # nests inside train()'s own lock
         faults.point("evaluate")
-        new_cfg = apply_eval_overrides(run_dir, overrides)
+        new_cfg = eval_override_config(run_dir, overrides)
         cfg, metrics, history, preds = load_run(run_dir)
         load_model(cfg, run_dir)  # every input read and checked before anything is written
         if new_cfg is not None:

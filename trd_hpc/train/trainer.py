@@ -25,7 +25,6 @@ from torch import nn
 
 from trd_hpc import faults
 from trd_hpc.data.dataset import CohortDataset, make_loader
-from trd_hpc.data.manifest import load_manifest
 from trd_hpc.data.sampler import ShardAwareSampler
 from trd_hpc.train import checkpoint as ckpt
 from trd_hpc.train import distributed as D
@@ -183,10 +182,11 @@ class Trainer:
         model = self.task.build_model().to(self.device)
         self.flops_per_sample = self.task.flops_per_sample(model)
 
-        self.identity = identity.run_identity(self.cfg, load_manifest(self.cohort_root))
         self.datasets = {role: CohortDataset(self.cohort_root, self.cfg.data.split(role),
                                              normalize_volumes=self.cfg.data.normalize_volumes)
                          for role in ("train", "val", "test")}
+        # the manifest the datasets already read, not a fourth read of it
+        self.identity = identity.run_identity(self.cfg, self.datasets["train"].manifest)
         for ds in self.datasets.values():
             # Content checked before the first step (a flipped bit, a foreign shard), not mid-epoch;
             # forked loader workers inherit the result.
