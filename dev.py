@@ -62,8 +62,16 @@ def setup(all_parts: bool) -> None:
 def demo() -> None:
     setup(all_parts=False)
     out = ROOT / "runs" / "demo"
-    sh(str(BIN / "trd-hpc"), "train", "configs/emt_tiny.yaml", "--out", str(out), "--resume", "auto",
-       f"data.cohort={ROOT / 'runs' / 'demo-cohort'}")
+    sh(
+        str(BIN / "trd-hpc"),
+        "train",
+        "configs/emt_tiny.yaml",
+        "--out",
+        str(out),
+        "--resume",
+        "auto",
+        f"data.cohort={ROOT / 'runs' / 'demo-cohort'}",
+    )
     print(f"\nreport: {out / 'report.html'}\nmetrics: {out / 'metrics.json'}")
 
 

@@ -28,6 +28,23 @@ except ImportError:  # pragma: no cover
     pass
 
 
+# The marker a test gets from the real service it uses (through its fixtures, however deep).
+SERVICE_FIXTURES = {"slurm_cluster": "slurm", "local_ray": "ray"}
+NOT_UNIT = {"slurm", "ray", "gpu", "slow"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test by what it needs: `slurm` / `ray` from the fixtures it uses, and `unit`
+    for a test that needs nothing but this CPU and Python (HDF5 files and gloo process
+    groups included) and is not slow: `python3 dev.py test -m unit` is the quick subset."""
+    for item in items:
+        for fixture, marker in SERVICE_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+        if not NOT_UNIT & {m.name for m in item.iter_markers()}:
+            item.add_marker("unit")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
@@ -99,4 +116,6 @@ def emt_cohort_copy(emt_cohort_dir, tmp_path):
 
 def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
     """Every file under ``root`` with its size and bytes (for 'nothing changed' checks)."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()
+    }

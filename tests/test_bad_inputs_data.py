@@ -46,7 +46,7 @@ def one_line_error(r, code: int = 1) -> str:
     lines = r.stderr.splitlines()
     at = [i for i, line in enumerate(lines) if line.startswith("error: ")]
     assert len(at) == 1, r.stderr
-    return "\n".join(lines[at[0]:])
+    return "\n".join(lines[at[0] :])
 
 
 def edit_manifest(root: Path, fn) -> None:
@@ -195,7 +195,9 @@ def test_finalize_does_not_replace_the_manifest_of_another_cohort(emt_cohort_cop
     shutil.copy(emt_seed8_dir / "manifest.json", emt_cohort_copy / "manifest.json")
     before = snapshot(emt_cohort_copy)
     plan = plan_shards(64, 4)
-    with pytest.raises(CohortError, match=r"manifest.json: records a cohort made differently \(cohort.seed \(8 on disk, 7 asked\)\)"):
+    with pytest.raises(
+        CohortError, match=r"manifest.json: records a cohort made differently \(cohort.seed \(8 on disk, 7 asked\)\)"
+    ):
         finalize(emt_tiny.cohort, emt_cohort_copy, plan)
     assert snapshot(emt_cohort_copy) == before
     (emt_cohort_copy / "manifest.json").write_text("{not json")
@@ -217,21 +219,36 @@ def test_a_flipped_bit_is_caught_before_training_naming_shard_and_subject(emt_co
     before = snapshot(emt_cohort_copy)
     # In the reading process ...
     ds = CohortDataset(emt_cohort_copy, "train")
-    with pytest.raises(CohortError, match=rf"shard-00002.h5: subject {sid} \(1 of the \d+ checked\) does not match its checksum"):
-        for b in make_loader(ds, 4, ShardAwareSampler.for_dataset(ds, seed=0), num_workers=0):
+    with pytest.raises(
+        CohortError, match=rf"shard-00002.h5: subject {sid} \(1 of the \d+ checked\) does not match its checksum"
+    ):
+        for _b in make_loader(ds, 4, ShardAwareSampler.for_dataset(ds, seed=0), num_workers=0):
             pass
     # ... in DataLoader workers ...
     ds = CohortDataset(emt_cohort_copy, "train")
     with pytest.raises(CohortError, match=rf"shard-00002.h5: subject {sid} "):
-        for b in make_loader(ds, 4, ShardAwareSampler.for_dataset(ds, seed=0), num_workers=2):
+        for _b in make_loader(ds, 4, ShardAwareSampler.for_dataset(ds, seed=0), num_workers=2):
             pass
     # ... by `trd-hpc train`, and by a full `cohort validate`.
     run = tmp_path / "run"
-    err = one_line_error(cli("train", EMT_TINY, "--out", str(run), "--no-eval", "--quiet",
-                             f"data.cohort={emt_cohort_copy}", "train.max_epochs=1", check=False))
+    err = one_line_error(
+        cli(
+            "train",
+            EMT_TINY,
+            "--out",
+            str(run),
+            "--no-eval",
+            "--quiet",
+            f"data.cohort={emt_cohort_copy}",
+            "train.max_epochs=1",
+            check=False,
+        )
+    )
     assert f"shard-00002.h5: subject {sid} " in err
     r = cli("cohort", "validate", str(emt_cohort_copy), "--quiet", check=False)
-    assert r.returncode == 1 and "shard-00002.h5: checksum mismatch" in r.stderr and f"subjects changed: {sid}" in r.stderr
+    assert (
+        r.returncode == 1 and "shard-00002.h5: checksum mismatch" in r.stderr and f"subjects changed: {sid}" in r.stderr
+    )
     assert snapshot(emt_cohort_copy) == before
 
 
@@ -294,20 +311,27 @@ def _bad_count(m):
     m["shards"][3]["n_subjects"] = "16"
 
 
-@pytest.mark.parametrize("edit,expected", [
-    (_traversal, r"key 'shards\[0\]\.file' is '\.\./\.\./\.\./etc/passwd'; a shard must be a file named shard-NNNNN.h5"),
-    (_absolute, r"key 'shards\[0\]\.file' is '/etc/passwd'"),
-    (_subdir, r"key 'shards\[0\]\.file' is 'sub/shard-00000.h5'"),
-    (_drop_shard_entry, r"key 'shards\[1\]\.first_subject' is 32, expected 16.*is a shard entry missing"),
-    (_out_of_range, r"key 'splits.train' names subject 64, outside the cohort's 0..63"),
-    (_negative, r"key 'splits.val' names subject -1"),
-    (_duplicate, r"key 'splits.train' lists subject \d+ 2 times"),
-    (_leak, r"keys 'splits.train' and 'splits.test' share 2 subject\(s\).*leaks"),
-    (_not_int, r"key 'splits.val' must be a list of integer subject ids"),
-    (_no_val, r"key 'splits.val' is missing"),
-    (_bad_labels, r"key 'shards\[0\]\.labels' must be 16 digits 0..1"),
-    (_bad_count, r"key 'shards\[3\]\.n_subjects' must be a positive integer, got '16'"),
-], ids=lambda x: x.__name__.strip("_") if callable(x) else None)
+@pytest.mark.parametrize(
+    "edit,expected",
+    [
+        (
+            _traversal,
+            r"key 'shards\[0\]\.file' is '\.\./\.\./\.\./etc/passwd'; a shard must be a file named shard-NNNNN.h5",
+        ),
+        (_absolute, r"key 'shards\[0\]\.file' is '/etc/passwd'"),
+        (_subdir, r"key 'shards\[0\]\.file' is 'sub/shard-00000.h5'"),
+        (_drop_shard_entry, r"key 'shards\[1\]\.first_subject' is 32, expected 16.*is a shard entry missing"),
+        (_out_of_range, r"key 'splits.train' names subject 64, outside the cohort's 0..63"),
+        (_negative, r"key 'splits.val' names subject -1"),
+        (_duplicate, r"key 'splits.train' lists subject \d+ 2 times"),
+        (_leak, r"keys 'splits.train' and 'splits.test' share 2 subject\(s\).*leaks"),
+        (_not_int, r"key 'splits.val' must be a list of integer subject ids"),
+        (_no_val, r"key 'splits.val' is missing"),
+        (_bad_labels, r"key 'shards\[0\]\.labels' must be 16 digits 0..1"),
+        (_bad_count, r"key 'shards\[3\]\.n_subjects' must be a positive integer, got '16'"),
+    ],
+    ids=lambda x: x.__name__.strip("_") if callable(x) else None,
+)
 def test_bad_manifest_is_refused_naming_the_key(emt_cohort_copy, edit, expected):
     edit_manifest(emt_cohort_copy, edit)
     before = snapshot(emt_cohort_copy)
@@ -324,11 +348,14 @@ def test_overlapping_folds_are_refused(volume_cohort_copy):
         CohortDataset(volume_cohort_copy, "fold:1:train")
 
 
-@pytest.mark.parametrize("content,expected", [
-    (b'{"schema_version": 1, "config": {', "not valid JSON"),
-    (b"\xff\xfe\x00garbage", "not UTF-8 text"),
-    (b"[1, 2, 3]", "not a cohort manifest (a JSON list, not an object)"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (b'{"schema_version": 1, "config": {', "not valid JSON"),
+        (b"\xff\xfe\x00garbage", "not UTF-8 text"),
+        (b"[1, 2, 3]", "not a cohort manifest (a JSON list, not an object)"),
+    ],
+)
 def test_unreadable_manifest(emt_cohort_copy, content, expected):
     (emt_cohort_copy / "manifest.json").write_bytes(content)
     before = snapshot(emt_cohort_copy)
@@ -343,16 +370,19 @@ def test_unreadable_manifest(emt_cohort_copy, content, expected):
 
 
 # ================================================================ 3. configs
-@pytest.mark.parametrize("config,override,key", [
-    (EMT_TINY, "train.lr=inf", "train.lr"),
-    (EMT_TINY, "train.lr=nan", "train.lr"),
-    (EMT_TINY, "cohort.fmri.noise_sd=inf", "cohort.fmri.noise_sd"),
-    (EMT_TINY, "cohort.clinical.trd_shifts.severity=-inf", "cohort.clinical.trd_shifts.severity"),
-    (EMT_TINY, "cohort.regions.right_amygdala.offset_mean=nan", "cohort.regions.right_amygdala.offset_mean"),
-    (CNN_TINY, "cohort.noise_sd=nan", "cohort.noise_sd"),
-    (CNN_TINY, "train.grad_clip_norm=inf", "train.grad_clip_norm"),
-    (CNN_TINY, "cohort.severity_ranges=[[66.7,inf],[33.3,66.7],[0,33.3]]", "cohort.severity_ranges.0.1"),
-])
+@pytest.mark.parametrize(
+    "config,override,key",
+    [
+        (EMT_TINY, "train.lr=inf", "train.lr"),
+        (EMT_TINY, "train.lr=nan", "train.lr"),
+        (EMT_TINY, "cohort.fmri.noise_sd=inf", "cohort.fmri.noise_sd"),
+        (EMT_TINY, "cohort.clinical.trd_shifts.severity=-inf", "cohort.clinical.trd_shifts.severity"),
+        (EMT_TINY, "cohort.regions.right_amygdala.offset_mean=nan", "cohort.regions.right_amygdala.offset_mean"),
+        (CNN_TINY, "cohort.noise_sd=nan", "cohort.noise_sd"),
+        (CNN_TINY, "train.grad_clip_norm=inf", "train.grad_clip_norm"),
+        (CNN_TINY, "cohort.severity_ranges=[[66.7,inf],[33.3,66.7],[0,33.3]]", "cohort.severity_ranges.0.1"),
+    ],
+)
 def test_non_finite_numbers_are_refused(config, override, key):
     err = one_line_error(cli("config", "show", config, override, check=False), code=2)
     assert f"'{key}': Input should be a finite number" in err
@@ -386,8 +416,11 @@ def test_a_cohort_too_small_to_split_is_refused_before_anything_is_written(tmp_p
 def test_volume_labels_that_cannot_be_split_are_refused_before_anything_is_written(tmp_path, cnn3d_tiny):
     # A rare class: find the seed whose draw leaves it one subject (the check uses the real labels).
     base = cnn3d_tiny.cohort.model_copy(update={"n_subjects": 40, "class_probs": (0.03, 0.485, 0.485)})
-    cfg = next(c for c in (base.model_copy(update={"seed": s}) for s in range(500))
-               if np.bincount(predicted_labels(c), minlength=3)[0] == 1)
+    cfg = next(
+        c
+        for c in (base.model_copy(update={"seed": s}) for s in range(500))
+        if np.bincount(predicted_labels(c), minlength=3)[0] == 1
+    )
     out = tmp_path / "c"
     with pytest.raises(ConfigError, match=r"cohort.n_subjects=40 with cohort.split .* cannot be split.*only 1 member"):
         generate(cfg, out, progress=False)
@@ -413,9 +446,11 @@ def test_env_resolver_is_refused_and_the_secret_appears_nowhere(tmp_path):
     y = tmp_path / "exp.yaml"
     y.write_text((CONFIGS / "emt_tiny.yaml").read_text() + "\ntracking:\n  project: ${oc.env:TRD_FAKE_SECRET}\n")
     run, cohort = tmp_path / "run", tmp_path / "cohort"
-    for args in (["train", str(y), "--out", str(run), f"data.cohort={cohort}"],
-                 ["generate", str(y), "--out", str(cohort)],
-                 ["generate", EMT_TINY, "--out", str(cohort), "tracking.tags=[ok,'${oc.decode:${oc.env:TRD_FAKE_SECRET}}']"]):
+    for args in (
+        ["train", str(y), "--out", str(run), f"data.cohort={cohort}"],
+        ["generate", str(y), "--out", str(cohort)],
+        ["generate", EMT_TINY, "--out", str(cohort), "tracking.tags=[ok,'${oc.decode:${oc.env:TRD_FAKE_SECRET}}']"],
+    ):
         r = cli(*args, env=env, check=False)
         err = one_line_error(r, code=2)
         assert "calls the OmegaConf resolver" in err and SECRET not in r.stdout + r.stderr
@@ -454,7 +489,8 @@ def test_records_are_written_atomically(tmp_path, emt_tiny):
     names = sorted(p.name for p in out.iterdir())
     assert not [n for n in names if ".tmp-" in n]
     assert set(names) == {"cohort.json", "manifest.json", LOCK_FILE} | {f"shard-0000{k}.h5" for k in range(4)} | {
-        f".shard-0000{k}.json" for k in range(4)}
+        f".shard-0000{k}.json" for k in range(4)
+    }
 
 
 # ================================================================ 5. locks
@@ -473,7 +509,9 @@ sys.stdin.read()
 def held_lock(out: Path, shared: bool = False, shard_lock: str | None = None):
     """A process that holds the cohort's lock until the block ends (no timing involved:
     it says when it holds it, and lets go when its stdin closes)."""
-    args = [sys.executable, "-c", HOLD, str(out), "shared" if shared else "exclusive"] + ([shard_lock] if shard_lock else [])
+    args = [sys.executable, "-c", HOLD, str(out), "shared" if shared else "exclusive"] + (
+        [shard_lock] if shard_lock else []
+    )
     p = subprocess.Popen(args, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "held"
@@ -487,7 +525,9 @@ def test_a_second_generate_is_refused_naming_the_holder(emt_cohort_copy):
     with held_lock(emt_cohort_copy) as holder:
         before = snapshot(emt_cohort_copy)
         for extra in ([], ["--finalize"], ["--shard-index", "1"]):
-            err = one_line_error(cli("generate", EMT_TINY, "--out", str(emt_cohort_copy), "--quiet", *extra, check=False))
+            err = one_line_error(
+                cli("generate", EMT_TINY, "--out", str(emt_cohort_copy), "--quiet", *extra, check=False)
+            )
             assert f"is in use by pid {holder.pid} on {HOST}" in err, extra
         assert snapshot(emt_cohort_copy) == before
     cli("generate", EMT_TINY, "--out", str(emt_cohort_copy), "--quiet")
@@ -512,8 +552,10 @@ def test_array_tasks_share_the_directory_but_not_a_shard(tmp_path):
 
 
 def test_the_lock_of_a_killed_process_is_taken_over(emt_cohort_copy, emt_tiny):
-    code = ("import os, signal, sys; from trd_hpc.locks import DirLock; "
-            "DirLock(sys.argv[1]).acquire(); os.kill(os.getpid(), signal.SIGKILL)")
+    code = (
+        "import os, signal, sys; from trd_hpc.locks import DirLock; "
+        "DirLock(sys.argv[1]).acquire(); os.kill(os.getpid(), signal.SIGKILL)"
+    )
     p = subprocess.Popen([sys.executable, "-c", code, str(emt_cohort_copy)], cwd=REPO)
     assert p.wait() == -signal.SIGKILL
     assert json.loads((emt_cohort_copy / LOCK_FILE).read_text())["pid"] == p.pid  # left behind
@@ -524,9 +566,11 @@ def test_the_lock_of_a_killed_process_is_taken_over(emt_cohort_copy, emt_tiny):
 # ================================================================ 6. error classes
 def test_argument_errors_are_config_errors(tmp_path, emt_tiny):
     out = tmp_path / "c"
-    for extra, msg in ((["--num-shards", "0"], "--num-shards must be between 1"),
-                       (["--num-shards", "65"], "--num-shards must be between 1"),
-                       (["--shard-index", "4"], "--shard-index 4 is outside 0..3")):
+    for extra, msg in (
+        (["--num-shards", "0"], "--num-shards must be between 1"),
+        (["--num-shards", "65"], "--num-shards must be between 1"),
+        (["--shard-index", "4"], "--shard-index 4 is outside 0..3"),
+    ):
         err = one_line_error(cli("generate", EMT_TINY, "--out", str(out), *extra, check=False), code=2)
         assert msg in err
     assert not out.exists()
@@ -564,7 +608,7 @@ def test_reading_a_cohort_writes_nothing_into_it(emt_cohort_copy):
     listing = sorted(p.name for p in emt_cohort_copy.rglob("*"))
     for split in ("train", "val", "test", "all"):
         ds = CohortDataset(emt_cohort_copy, split)
-        for b in make_loader(ds, 8, ShardAwareSampler.for_dataset(ds, seed=0), num_workers=0):
+        for _b in make_loader(ds, 8, ShardAwareSampler.for_dataset(ds, seed=0), num_workers=0):
             pass
         ds.close()
     assert validate_cohort_dir(emt_cohort_copy, progress=False) == []
@@ -575,10 +619,13 @@ def test_reading_a_cohort_writes_nothing_into_it(emt_cohort_copy):
 
 def test_not_enough_space_is_refused_before_writing(tmp_path, emt_tiny):
     # ~900 TB asked: more than any test machine has free.
-    big = emt_tiny.cohort.model_copy(update={"n_subjects": 1000, "fmri": emt_tiny.cohort.fmri.model_copy(
-        update={"shape": (4800, 4800, 240, 80)})})
+    big = emt_tiny.cohort.model_copy(
+        update={"n_subjects": 1000, "fmri": emt_tiny.cohort.fmri.model_copy(update={"shape": (4800, 4800, 240, 80)})}
+    )
     out = tmp_path / "c"
-    with pytest.raises(WriteError, match=r"c: the shards still to be written need about .* GB free; nothing was written"):
+    with pytest.raises(
+        WriteError, match=r"c: the shards still to be written need about .* GB free; nothing was written"
+    ):
         generate(big, out, progress=False)
     assert not out.exists()
 
@@ -599,8 +646,12 @@ def _mount_tmpfs(where: Path, size: str) -> bool:
     where.mkdir()
     if os.geteuid() != 0:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_a_write_failing_mid_shard_leaves_the_old_file_and_no_partial_one(tmp_path, emt_cohort_dir):
@@ -627,8 +678,13 @@ def test_a_write_failing_mid_shard_leaves_the_old_file_and_no_partial_one(tmp_pa
                 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
         before = snapshot(root)
-        r = subprocess.run([sys.executable, "-c", WRITE_FAILS, EMT_TINY, str(root)], cwd=REPO,
-                           capture_output=True, text=True, preexec_fn=preexec)
+        r = subprocess.run(
+            [sys.executable, "-c", WRITE_FAILS, EMT_TINY, str(root)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            preexec_fn=preexec,
+        )
         assert r.stdout.startswith("WriteError cannot write ") and "shard-00001.h5" in r.stdout, r.stdout + r.stderr
         assert ("no space left on device" if mounted else "file too large") in r.stdout.lower()
         assert "the previous file (if any) is unchanged" in r.stdout and r.stdout.count("\n") == 1
@@ -636,4 +692,3 @@ def test_a_write_failing_mid_shard_leaves_the_old_file_and_no_partial_one(tmp_pa
     finally:
         if mounted:
             subprocess.run(["umount", str(disk)], check=False)
-

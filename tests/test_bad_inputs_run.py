@@ -25,8 +25,19 @@ ONE_EPOCH = ["train.max_epochs=1", "train.num_threads=1", "train.checkpoint_ever
 
 
 def train(out: Path, cohort: Path, *extra: str, check: bool = False, env: dict | None = None):
-    return cli("train", TINY, "--out", str(out), "--quiet", "--no-eval", f"data.cohort={cohort}", *ONE_EPOCH, *extra,
-               check=check, env=env)
+    return cli(
+        "train",
+        TINY,
+        "--out",
+        str(out),
+        "--quiet",
+        "--no-eval",
+        f"data.cohort={cohort}",
+        *ONE_EPOCH,
+        *extra,
+        check=check,
+        env=env,
+    )
 
 
 def one_line_error(r, *needles: str) -> None:
@@ -175,9 +186,17 @@ def test_second_train_into_the_same_out_is_refused_naming_the_holder(tmp_path, e
 def test_lock_of_a_killed_process_is_taken_over(tmp_path, emt_cohort_dir):
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from trd_hpc.locks import DirLock; DirLock(sys.argv[1]).acquire(); "
-                               "print('held', flush=True); time.sleep(600)", str(out)],
-        cwd=REPO, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from trd_hpc.locks import DirLock; DirLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(600)",
+            str(out),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     busy = train(out, emt_cohort_dir)
     one_line_error(busy, f"pid {holder.pid}")
@@ -234,6 +253,7 @@ def test_own_errors_are_one_line_and_others_keep_their_traceback(monkeypatch, ca
     def boom(exc):
         def f(_):
             raise exc
+
         return f
 
     parser = trd_cli.build_parser()

@@ -18,8 +18,19 @@ def cnn_cmd(out, cohort, *overrides, nproc=1, resume=False):
     base = [sys.executable]
     if nproc > 1:
         base += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = base + ["-m", "trd_hpc.cli", "train", TINY, "--out", str(out), "--quiet", "--no-eval",
-                  f"data.cohort={cohort}", "train.num_threads=1", *overrides]
+    cmd = base + [
+        "-m",
+        "trd_hpc.cli",
+        "train",
+        TINY,
+        "--out",
+        str(out),
+        "--quiet",
+        "--no-eval",
+        f"data.cohort={cohort}",
+        "train.num_threads=1",
+        *overrides,
+    ]
     return cmd + (["--resume"] if resume else [])
 
 
@@ -40,8 +51,18 @@ def test_folds_are_stratified_disjoint_and_cover_every_subject(volume_cohort_dir
 
 def test_cv_writes_fold_runs_and_mean_sd(tmp_path, volume_cohort_dir):
     out = tmp_path / "cv"
-    r = cli("cv", TINY, "--folds", "5", "--out", str(out), "--quiet", f"data.cohort={volume_cohort_dir}",
-            "train.max_epochs=1", "train.num_threads=1")
+    r = cli(
+        "cv",
+        TINY,
+        "--folds",
+        "5",
+        "--out",
+        str(out),
+        "--quiet",
+        f"data.cohort={volume_cohort_dir}",
+        "train.max_epochs=1",
+        "train.num_threads=1",
+    )
     assert "5-fold cross-validation" in r.stdout
     s = json.loads((out / "cv_summary.json").read_text())
     accs = [json.loads((out / f"fold-{k}" / "metrics.json").read_text())["test.accuracy"] for k in range(5)]

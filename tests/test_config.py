@@ -1,4 +1,3 @@
-
 import pytest
 
 from tests.conftest import CONFIGS, cli
@@ -10,15 +9,22 @@ def test_paper_values_are_the_defaults_of_emt_yaml():
     assert c.n_subjects == 1000
     assert tuple(c.fmri.shape) == (48, 48, 24, 80) and c.fmri.noise_sd == 0.08 and c.fmri.dtype == "float16"
     r = c.regions
-    assert (r["right_amygdala"].applies_to, r["right_amygdala"].offset_mean, r["right_amygdala"].offset_sd) == ("trd", 0.5, 0.1)
+    assert (r["right_amygdala"].applies_to, r["right_amygdala"].offset_mean, r["right_amygdala"].offset_sd) == (
+        "trd",
+        0.5,
+        0.1,
+    )
     assert (r["dorsolateral_prefrontal"].applies_to, r["dorsolateral_prefrontal"].offset_mean) == ("trd", -0.4)
     assert (r["anterior_cingulate"].applies_to, r["anterior_cingulate"].offset_mean) == ("non_trd", 0.3)
     assert c.snp.n_snps == 800 and c.snp.n_predictive == 100
     assert c.snp.probs_trd == (0.40, 0.35, 0.25) and c.snp.probs_non_trd == (0.80, 0.15, 0.05)
     assert len(c.clinical.names) == 15 and c.clinical.sd == 0.8
     assert c.clinical.trd_shifts == {
-        "severity": 2.0, "illness_duration": 1.5, "episode_count": 1.2,
-        "functional_capacity": -1.5, "anxiety_comorbidity": 1.0,
+        "severity": 2.0,
+        "illness_duration": 1.5,
+        "episode_count": 1.2,
+        "functional_capacity": -1.5,
+        "anxiety_comorbidity": 1.0,
     }
     assert (c.split.train, c.split.val, c.split.test) == (0.70, 0.15, 0.15)
 
@@ -32,7 +38,10 @@ def test_paper_values_are_the_defaults_of_cnn3d_yaml():
 
 
 def test_dotted_overrides_parse_types():
-    cfg = load_config(CONFIGS / "emt.yaml", ["cohort.n_subjects=20000", "cohort.fmri.shape=[48,48,24,40]", "cohort.fmri.dtype=float32"])
+    cfg = load_config(
+        CONFIGS / "emt.yaml",
+        ["cohort.n_subjects=20000", "cohort.fmri.shape=[48,48,24,40]", "cohort.fmri.dtype=float32"],
+    )
     assert cfg.cohort.n_subjects == 20000
     assert tuple(cfg.cohort.fmri.shape) == (48, 48, 24, 40)
     assert cfg.cohort.fmri.dtype == "float32"

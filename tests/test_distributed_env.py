@@ -9,10 +9,16 @@ from trd_hpc.train.distributed import _first_host, env_from_slurm, slurm_port
 
 
 def test_env_from_slurm_tasks():
-    env = env_from_slurm({
-        "SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4",
-        "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456",
-    })
+    env = env_from_slurm(
+        {
+            "SLURM_PROCID": "3",
+            "SLURM_NTASKS": "8",
+            "SLURM_LOCALID": "1",
+            "SLURM_NTASKS_PER_NODE": "4",
+            "SLURM_JOB_NODELIST": "gpu[07-08]",
+            "SLURM_JOB_ID": "123456",
+        }
+    )
     assert env["RANK"] == "3" and env["WORLD_SIZE"] == "8" and env["LOCAL_RANK"] == "1"
     assert env["LOCAL_WORLD_SIZE"] == "4"
     assert env["MASTER_ADDR"] == "gpu07"
@@ -20,8 +26,16 @@ def test_env_from_slurm_tasks():
 
 
 def test_env_from_slurm_keeps_an_explicit_master_and_ignores_non_slurm():
-    env = env_from_slurm({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "a1,b2",
-                          "SLURM_JOB_ID": "9", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "2222"})
+    env = env_from_slurm(
+        {
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "2",
+            "SLURM_JOB_NODELIST": "a1,b2",
+            "SLURM_JOB_ID": "9",
+            "MASTER_ADDR": "10.0.0.5",
+            "MASTER_PORT": "2222",
+        }
+    )
     assert env["MASTER_ADDR"] == "10.0.0.5" and env["MASTER_PORT"] == "2222"
     assert env_from_slurm({"PATH": "/bin"}) == {}
 
@@ -34,8 +48,18 @@ def test_first_host(nodelist, first):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_on_cpu(tmp_path, emt_cohort_dir, precision):
     out = tmp_path / "run"
-    cli("train", str(CONFIGS / "emt_tiny.yaml"), "--out", str(out), "--quiet", "--no-eval",
-        f"data.cohort={emt_cohort_dir}", "train.max_epochs=2", f"train.precision={precision}", "train.num_threads=1")
+    cli(
+        "train",
+        str(CONFIGS / "emt_tiny.yaml"),
+        "--out",
+        str(out),
+        "--quiet",
+        "--no-eval",
+        f"data.cohort={emt_cohort_dir}",
+        "train.max_epochs=2",
+        f"train.precision={precision}",
+        "train.num_threads=1",
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert m["precision"] == precision
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
+from tests.test_generate import read_all
 from trd_hpc.data.emt_cohort import make_emt_subject
 from trd_hpc.data.generate import generate
 from trd_hpc.data.manifest import load_manifest
 from trd_hpc.data.volume_cohort import make_volume_subject, region_masks
-from tests.test_generate import read_all
 
 
 @pytest.fixture(scope="module")

@@ -193,9 +193,18 @@ def test_every_figure_writes_a_png(tmp_path):
     rng = np.random.default_rng(0)
     y = np.array([0, 1] * 10)
     p = np.clip(0.3 + 0.2 * y + rng.normal(0, 0.05, y.size), 0, 1)
-    hist = [{"epoch": e, "train.loss": 1 / e, "val.loss": 1.2 / e, "val.auc": 0.5 + e / 20,
-             "train.accuracy": 0.5 + e / 20, "val.accuracy": 0.4 + e / 20, "train.severity_mae": 20 / e}
-            for e in range(1, 6)]
+    hist = [
+        {
+            "epoch": e,
+            "train.loss": 1 / e,
+            "val.loss": 1.2 / e,
+            "val.auc": 0.5 + e / 20,
+            "train.accuracy": 0.5 + e / 20,
+            "val.accuracy": 0.4 + e / 20,
+            "train.severity_mae": 20 / e,
+        }
+        for e in range(1, 6)
+    ]
     vol = rng.normal(size=(12, 12, 6, 3)).astype(np.float16)
     regions = {"a": ((1, 4), (2, 5), (1, 3)), "b": {"box": ((6, 10), (6, 9), (2, 5))}}
     t = rng.uniform(0, 100, 30)
@@ -203,11 +212,17 @@ def test_every_figure_writes_a_png(tmp_path):
         F.loss_and_auc_curves(hist, tmp_path / "loss.png"),
         F.roc_curve_plot(y, p, tmp_path / "roc.png"),
         F.roc_curve_plot({"emt": (y, p), "rf": (y, 1 - p)}, None, tmp_path / "roc2.png"),
-        F.pr_curve_plot({"emt": (y, p), "mlp": (y, p ** 2)}, None, tmp_path / "pr.png"),
+        F.pr_curve_plot({"emt": (y, p), "mlp": (y, p**2)}, None, tmp_path / "pr.png"),
         F.probability_densities(y, p, tmp_path / "dens.png", prob_calibrated=y * 0.9 + 0.05),
         F.probability_densities(y[:3], p[:3], tmp_path / "dens_tiny.png"),
-        F.feature_importance_plot({"fMRI regions": {"a": 0.3, "b": 0.1}, "SNPs": {"snp_0001": 0.2},
-                                   "clinical": {"severity": 1.0, "age": 0.1}}, tmp_path / "imp.png"),
+        F.feature_importance_plot(
+            {
+                "fMRI regions": {"a": 0.3, "b": 0.1},
+                "SNPs": {"snp_0001": 0.2},
+                "clinical": {"severity": 1.0, "age": 0.1},
+            },
+            tmp_path / "imp.png",
+        ),
         F.fmri_slices_with_regions({"TRD": vol, "non-TRD": vol * 0.5}, regions, tmp_path / "slices.png"),
         F.snp_allele_histograms(rng.integers(0, 3, (20, 10)).astype(np.int8), y, 4, tmp_path / "snp.png"),
         F.confidence_violins(y, p, tmp_path / "violin.png", prob_calibrated=np.where(y == 1, 0.9, 0.1)),
@@ -222,16 +237,25 @@ def test_every_figure_writes_a_png(tmp_path):
 
 # --------------------------------------------------------------------------- report
 def test_flatten_and_report(tmp_path):
-    metrics = {"test": {"auc": 0.987654321, "accuracy": 0.5, "confusion_matrix": [[1, 0], [0, 1]]},
-               "calibrated": {"platt": {"accuracy": 1.0, "a": 12.3456789}},
-               "baselines": {"random_forest": {"test": {"auc": 0.93}}},
-               "val": {"curve": list(range(100))}, "epochs": 8}
+    metrics = {
+        "test": {"auc": 0.987654321, "accuracy": 0.5, "confusion_matrix": [[1, 0], [0, 1]]},
+        "calibrated": {"platt": {"accuracy": 1.0, "a": 12.3456789}},
+        "baselines": {"random_forest": {"test": {"auc": 0.93}}},
+        "val": {"curve": list(range(100))},
+        "epochs": 8,
+    }
     flat = flatten(metrics)
     assert flat["calibrated.platt.a"] == 12.3456789
     assert flat["baselines.random_forest.test.auc"] == 0.93
     fig = F.error_histogram([1, 2, 3], [1.5, 2, 2], tmp_path / "err.png")
-    out = write_report(tmp_path / "run", "EMT <run>", metrics, {"severity error": fig, "gone": tmp_path / "x.png"},
-                       "cohort:\n  n_subjects: 10 # <x>\n", notes=["a & b"])
+    out = write_report(
+        tmp_path / "run",
+        "EMT <run>",
+        metrics,
+        {"severity error": fig, "gone": tmp_path / "x.png"},
+        "cohort:\n  n_subjects: 10 # <x>\n",
+        notes=["a & b"],
+    )
     text = out.read_text()
     assert out.name == "report.html"
     assert '<img src="data:image/png;base64,' in text

@@ -27,8 +27,12 @@ EMT = str(CONFIGS / "emt_tiny.yaml")
 CNN = str(CONFIGS / "cnn3d_tiny.yaml")
 # EMT tiny: 45 training subjects, batch 8 -> 6 steps an epoch; AUC 1.0 after epoch 1,
 # so patience 2 stops early after epoch 3 (the early-stop epoch is compared too).
-EMT_RUN = ["train.max_epochs=5", "train.early_stopping.patience=2", "train.checkpoint_every_steps=2",
-           "train.num_threads=1"]
+EMT_RUN = [
+    "train.max_epochs=5",
+    "train.early_stopping.patience=2",
+    "train.checkpoint_every_steps=2",
+    "train.num_threads=1",
+]
 CNN_RUN = ["train.max_epochs=3", "train.checkpoint_every_steps=3", "train.num_threads=1"]
 STRATEGIES = {
     "single": (1, []),
@@ -50,8 +54,9 @@ def _env(fault: str | None, nproc: int) -> dict:
 
 
 def _run(cmd: list[str], fault: str | None, nproc: int) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, env=_env(fault, nproc), capture_output=True, text=True, timeout=900,
-                          start_new_session=True)
+    return subprocess.run(
+        cmd, cwd=REPO, env=_env(fault, nproc), capture_output=True, text=True, timeout=900, start_new_session=True
+    )
 
 
 def overrides_for(config: str, strategy: str) -> tuple[int, list[str]]:
@@ -78,7 +83,8 @@ def kill_chain(out, cohort, config: str, strategy: str, points: list[str], evalu
             assert r.returncode == 0, log
         else:
             assert r.returncode != 0 and f"TRD_FAULT: dying at {point}" in r.stderr, (
-                f"the run did not die at {point} (exit {r.returncode})\n{log}")
+                f"the run did not die at {point} (exit {r.returncode})\n{log}"
+            )
 
 
 def assert_same_run(ref, out) -> None:
@@ -110,30 +116,32 @@ def test_early_stop_epoch_is_part_of_the_comparison(emt_reference):
 # EMT (6 steps an epoch, a checkpoint every 2 steps and at each epoch end, the two newest kept).
 # Counted points (checkpoint-*, prune, model-*, metrics-*) count in the process that was resumed.
 EMT_POINTS = [
-    "after-step:3",            # between checkpoints
-    "mid-step:5",              # after backward, before the optimiser step
-    "checkpoint-write:1",      # epoch 1's end checkpoint written to its temp name, not renamed
+    "after-step:3",  # between checkpoints
+    "mid-step:5",  # after backward, before the optimiser step
+    "checkpoint-write:1",  # epoch 1's end checkpoint written to its temp name, not renamed
     "epoch-end:1:before-val",  # after precise-BN, before validation
-    "checkpoint-rename:1",     # epoch 1's checkpoint renamed, older ones not yet pruned
-    "prune:1",                 # half-way through pruning
+    "checkpoint-rename:1",  # epoch 1's checkpoint renamed, older ones not yet pruned
+    "prune:1",  # half-way through pruning
     "epoch-end:2:before-bn",
-    "epoch-end:2:before-save", # metrics.jsonl already has epoch 2's row, its checkpoint not yet written
-    "after-step:14",           # a checkpoint step, killed before that checkpoint
-    "epoch-end:3:before-save", # the early-stop decision taken, not yet saved
-    "model-write:1",           # training done, model.pt half-written
-    "metrics-write:1",         # model.pt written, metrics.json not
+    "epoch-end:2:before-save",  # metrics.jsonl already has epoch 2's row, its checkpoint not yet written
+    "after-step:14",  # a checkpoint step, killed before that checkpoint
+    "epoch-end:3:before-save",  # the early-stop decision taken, not yet saved
+    "model-write:1",  # training done, model.pt half-written
+    "metrics-write:1",  # model.pt written, metrics.json not
 ]
 CNN_POINTS = [  # 11 steps an epoch, a checkpoint every 3 steps
     "mid-step:4",
-    "after-step:10",           # the epoch's last mid-epoch checkpoint written (step 9), not yet at its end
-    "checkpoint-write:1",      # epoch 1's end checkpoint
-    "epoch-end:2:before-bn",   # precise-BN recomputes the BatchNorm buffers after this
+    "after-step:10",  # the epoch's last mid-epoch checkpoint written (step 9), not yet at its end
+    "checkpoint-write:1",  # epoch 1's end checkpoint
+    "epoch-end:2:before-bn",  # precise-BN recomputes the BatchNorm buffers after this
     "epoch-end:2:before-val",
     "checkpoint-rename:2",
     "prune:1",
     "after-step:30",
     "model-write:1",
 ]
+
+
 def _points(config: str, strategy: str) -> list[str]:
     # DeepSpeed's checkpoints differ (a directory per step with every rank's files, then a
     # `complete` marker: checkpoint-write dies between the two), the points are the same.
@@ -159,7 +167,8 @@ def test_kills_during_evaluation_and_report_resume_to_the_same_metrics(tmp_path,
     extra = ["eval.baselines=[late_fusion_mlp]"]
     ref = finished_run(tmp_path / "ref", emt_cohort_dir, EMT, "single", evaluate=True, extra=extra)
     out = tmp_path / "run"
-    kill_chain(out, emt_cohort_dir, EMT, "single", ["evaluate", "checkpoint-write:1", "report"], evaluate=True,
-               extra=extra)
+    kill_chain(
+        out, emt_cohort_dir, EMT, "single", ["evaluate", "checkpoint-write:1", "report"], evaluate=True, extra=extra
+    )
     assert_same_run(ref, out)
     assert (out / "report.html").exists()

@@ -124,14 +124,27 @@ def test_repair_after_deleted_and_corrupted_shards(emt_cohort_copy, emt_tiny):
 def test_killed_generation_leaves_no_finished_looking_shard_and_rerun_repairs(tmp_path):
     out = tmp_path / "c"
     # Big enough per subject that the kill lands mid-shard.
-    args = ["generate", str(CONFIGS / "emt_tiny.yaml"), "--out", str(out), "--quiet",
-            "cohort.fmri.shape=[48,48,24,40]", "cohort.n_subjects=16", "cohort.subjects_per_shard=8",
-            "cohort.regions.right_amygdala.box=[[30,36],[22,28],[6,10]]",
-            "cohort.regions.dorsolateral_prefrontal.box=[[8,16],[36,44],[14,20]]",
-            "cohort.regions.anterior_cingulate.box=[[21,27],[32,38],[10,16]]"]
+    args = [
+        "generate",
+        str(CONFIGS / "emt_tiny.yaml"),
+        "--out",
+        str(out),
+        "--quiet",
+        "cohort.fmri.shape=[48,48,24,40]",
+        "cohort.n_subjects=16",
+        "cohort.subjects_per_shard=8",
+        "cohort.regions.right_amygdala.box=[[30,36],[22,28],[6,10]]",
+        "cohort.regions.dorsolateral_prefrontal.box=[[8,16],[36,44],[14,20]]",
+        "cohort.regions.anterior_cingulate.box=[[21,27],[32,38],[10,16]]",
+    ]
     # The writer kills itself while writing subject 4 of shard 1 (after shard 0 was renamed).
-    proc = subprocess.run([sys.executable, "-m", "trd_hpc.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "TRD_FAULT": "shard-subject:1:4"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "trd_hpc.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRD_FAULT": "shard-subject:1:4"},
+    )
     assert proc.returncode == -signal.SIGKILL and "dying at shard-subject:1:4" in proc.stderr, proc.stderr
     assert list(out.glob(".shard-00001.h5.tmp-*")), "the writer should have been killed mid-shard"
     assert (out / "shard-00000.h5").exists()
@@ -147,8 +160,16 @@ def test_killed_generation_leaves_no_finished_looking_shard_and_rerun_repairs(tm
 
 def test_shard_index_then_finalize_like_a_slurm_array(tmp_path):
     out = tmp_path / "c"
-    base = ["generate", str(CONFIGS / "cnn3d_tiny.yaml"), "--out", str(out), "--num-shards", "3", "--quiet",
-            "cohort.n_subjects=30"]
+    base = [
+        "generate",
+        str(CONFIGS / "cnn3d_tiny.yaml"),
+        "--out",
+        str(out),
+        "--num-shards",
+        "3",
+        "--quiet",
+        "cohort.n_subjects=30",
+    ]
     for k in (2, 0):
         r = cli(*base, "--shard-index", str(k))
         assert "not written yet" in r.stdout
@@ -180,8 +201,12 @@ def _ensure_hdf5_tools() -> bool:
         return False
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=300)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "hdf5-tools"],
-                   env=env, capture_output=True, timeout=600)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "hdf5-tools"],
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
     return bool(shutil.which("h5dump") and shutil.which("h5ls"))
 
 
@@ -195,7 +220,9 @@ def test_other_hdf5_tools_read_the_shards(emt_cohort_dir):
     assert "{16, 12, 12, 8, 10}" in ls.replace("/Inf", "")
     dump = subprocess.run(["h5dump", "-d", "/subject_id", str(f)], capture_output=True, text=True, check=True).stdout
     assert "0, 1, 2, 3" in dump
-    attrs = subprocess.run(["h5dump", "-A", "-a", "/schema_version", str(f)], capture_output=True, text=True, check=True).stdout
+    attrs = subprocess.run(
+        ["h5dump", "-A", "-a", "/schema_version", str(f)], capture_output=True, text=True, check=True
+    ).stdout
     assert "1" in attrs
 
 

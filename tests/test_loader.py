@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_generate import read_all
 from trd_hpc.data.dataset import CohortDataset, make_loader
 from trd_hpc.data.manifest import load_manifest
 from trd_hpc.data.sampler import ShardAwareSampler, decode
-from tests.test_generate import read_all
 
 
 def _epoch_ids(ds, world, epoch, block=4, shuffle=True):
@@ -39,13 +39,15 @@ def test_striped_ranks_together_equal_one_process_with_the_global_batch(emt_coho
     ds = CohortDataset(emt_cohort_dir, "train")  # 44 subjects
     one = ShardAwareSampler.for_dataset(ds, seed=2, block=4, batch_size=world * batch)
     order = list(one)
-    ranks = [list(ShardAwareSampler.for_dataset(ds, num_replicas=world, rank=r, seed=2, block=4, batch_size=batch))
-             for r in range(world)]
+    ranks = [
+        list(ShardAwareSampler.for_dataset(ds, num_replicas=world, rank=r, seed=2, block=4, batch_size=batch))
+        for r in range(world)
+    ]
     assert len({len(r) for r in ranks}) == 1
     full = len(order) // (world * batch)
     for k in range(full):  # every full global step: the same samples
-        step = sorted(i for r in ranks for i in r[k * batch:(k + 1) * batch])
-        assert step == sorted(order[k * world * batch:(k + 1) * world * batch])
+        step = sorted(i for r in ranks for i in r[k * batch : (k + 1) * batch])
+        assert step == sorted(order[k * world * batch : (k + 1) * world * batch])
     seen = sorted(decode(i)[0] for r in ranks for i in r if not decode(i)[1])
     assert seen == list(range(len(ds)))
 
@@ -166,7 +168,7 @@ def test_each_split_checks_the_rows_it_reads(emt_cohort_copy):
     _flip(emt_cohort_copy / "shard-00001.h5", sid - 16)
     train = CohortDataset(emt_cohort_copy, "train")
     train.verify_all()  # the train rows of shard 1 are intact
-    for b in make_loader(train, 8, ShardAwareSampler.for_dataset(train, seed=0), num_workers=0):
+    for _b in make_loader(train, 8, ShardAwareSampler.for_dataset(train, seed=0), num_workers=0):
         pass
     test = CohortDataset(emt_cohort_copy, "test")
     with pytest.raises(CohortError, match=rf"shard-00001.h5: subject {sid} "):
@@ -180,8 +182,9 @@ def test_verify_all_records_the_checked_rows_for_forked_workers(emt_cohort_dir):
     dsmod.forget_verified()
     ds = CohortDataset(emt_cohort_dir, "train")
     ds.verify_all()
-    assert dsmod._verified and all(v[np.unique(ds._row[ds._shard_pos == k])].all()
-                                    for k, v in zip(range(4), dsmod._verified.values()))
+    assert dsmod._verified and all(
+        v[np.unique(ds._row[ds._shard_pos == k])].all() for k, v in zip(range(4), dsmod._verified.values())
+    )
     got = [b["subject_id"] for b in make_loader(ds, 8, ShardAwareSampler.for_dataset(ds, seed=0), num_workers=2)]
     assert sorted(torch.cat(got).tolist()) == sorted(ds.ids.tolist())
 
@@ -198,5 +201,7 @@ def test_a_manifest_without_per_subject_checksums_falls_back_to_the_shard_checks
     p.write_text(json.dumps(m))
     CohortDataset(emt_cohort_copy, "all").verify_all()
     _flip(emt_cohort_copy / "shard-00003.h5", 2)
-    with pytest.raises(CohortError, match=r"shard-00003.h5: content does not match its checksum .* predates per-subject"):
+    with pytest.raises(
+        CohortError, match=r"shard-00003.h5: content does not match its checksum .* predates per-subject"
+    ):
         CohortDataset(emt_cohort_copy, "all").verify_all()

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import CONFIGS
 from trd_hpc.config import CNN3DExperiment, CNN3DModelConfig, MultiTaskLossConfig, load_config
 from trd_hpc.models.cnn3d import (
     DualPathCNN3D,
@@ -18,7 +19,6 @@ from trd_hpc.models.cnn3d import (
     pool_kernels,
 )
 from trd_hpc.models.losses import MultiTaskLoss, focal_loss
-from tests.conftest import CONFIGS
 
 TINY = (24, 24, 8)
 PAPER = (64, 64, 16)
@@ -48,8 +48,9 @@ def test_output_shapes_and_ranges(name, shape):
         pytest.importorskip("monai")
     torch.manual_seed(0)
     model = build_cnn3d_model(_exp(name, shape))
-    assert isinstance(model, ResNet18TwoHeads if name == "resnet18" else
-                      DualPathCNN3D if name == "dual_path" else SingleTaskCNN3D)
+    assert isinstance(
+        model, ResNet18TwoHeads if name == "resnet18" else DualPathCNN3D if name == "dual_path" else SingleTaskCNN3D
+    )
     x = torch.rand(2, 1, *shape)
     for train in (True, False):
         model.train(train)
@@ -59,8 +60,12 @@ def test_output_shapes_and_ranges(name, shape):
         assert out["severity"].shape == (2,)
         assert torch.isfinite(out["response_logits"]).all()
         assert ((out["severity"] >= 0) & (out["severity"] <= 1)).all()
-    expected = {"dual_path": ("response", "severity"), "resnet18": ("response", "severity"),
-                "single_task_response": ("response",), "single_task_severity": ("severity",)}[name]
+    expected = {
+        "dual_path": ("response", "severity"),
+        "resnet18": ("response", "severity"),
+        "single_task_response": ("response",),
+        "single_task_severity": ("severity",),
+    }[name]
     assert tuple(model.tasks) == expected
     if name == "single_task_response":
         assert (out["severity"] == 0).all()
@@ -200,15 +205,21 @@ def test_single_task_baselines_stop_on_and_report_their_own_target():
     import numpy as np
 
     from trd_hpc.config import validate_experiment
-    from trd_hpc.train.tasks import CNN3DTask
+    from trd_hpc.tasks.cnn3d import CNN3DTask
 
     base = load_config(CONFIGS / "cnn3d.yaml")
     assert base.train.early_stopping.monitor == "val.accuracy"
     rng = np.random.default_rng(0)
-    rec = {"response_logits": rng.normal(size=(6, 3)).astype(np.float32), "severity_pred": rng.random(6).astype(np.float32),
-           "response": np.array([0, 1, 2, 0, 1, 2]), "severity": rng.random(6).astype(np.float32)}
-    for name, monitor, mode, absent in (("single_task_severity", "val.severity_mae", "min", "accuracy"),
-                                        ("single_task_response", "val.accuracy", "max", "severity_mae")):
+    rec = {
+        "response_logits": rng.normal(size=(6, 3)).astype(np.float32),
+        "severity_pred": rng.random(6).astype(np.float32),
+        "response": np.array([0, 1, 2, 0, 1, 2]),
+        "severity": rng.random(6).astype(np.float32),
+    }
+    for name, monitor, mode, absent in (
+        ("single_task_severity", "val.severity_mae", "min", "accuracy"),
+        ("single_task_response", "val.accuracy", "max", "severity_mae"),
+    ):
         data = base.model_dump(mode="json")
         data["model"]["name"] = name
         data["train"]["plateau"]["monitor"] = "val.severity_mae"  # a foreign monitor is switched too

@@ -260,12 +260,15 @@ def test_summary_features(emt_tiny):
     assert X.shape == (6, len(names)) and X.dtype == np.float32
     assert len(set(names)) == len(names)
     assert names[:5] == [
-        "fmri.right_amygdala.mean", "fmri.dorsolateral_prefrontal.mean", "fmri.anterior_cingulate.mean",
-        "fmri.global.mean", "fmri.global.std",
+        "fmri.right_amygdala.mean",
+        "fmri.dorsolateral_prefrontal.mean",
+        "fmri.anterior_cingulate.mean",
+        "fmri.global.mean",
+        "fmri.global.std",
     ]
     assert names[5:9] == ["snp.predictive.count1", "snp.predictive.count2", "snp.other.count1", "snp.other.count2"]
     assert names[9] == "snp.00" and names[9 + n_pred - 1] == f"snp.{n_pred - 1}"
-    assert names[9 + n_pred:] == [f"clinical.{n}" for n in co.clinical.names]
+    assert names[9 + n_pred :] == [f"clinical.{n}" for n in co.clinical.names]
     col = {n: X[:, j] for j, n in enumerate(names)}
     for i, s in enumerate(subjects):
         cls = "trd" if s["label"] else "non_trd"
@@ -277,8 +280,8 @@ def test_summary_features(emt_tiny):
         g = s["snp"].astype(int)
         assert col["snp.predictive.count2"][i] == (g[:n_pred] == 2).sum()
         assert col["snp.other.count1"][i] == (g[n_pred:] == 1).sum()
-        np.testing.assert_array_equal(X[i, 9:9 + n_pred], g[:n_pred])
-        np.testing.assert_allclose(X[i, 9 + n_pred:], s["clinical"])
+        np.testing.assert_array_equal(X[i, 9 : 9 + n_pred], g[:n_pred])
+        np.testing.assert_allclose(X[i, 9 + n_pred :], s["clinical"])
     rf = fit_random_forest(X, np.array([s["label"] for s in subjects]), n_estimators=10, seed=0)
     assert rf.n_jobs == 1 and rf.predict_proba(X).shape == (6, 2)
 
@@ -288,17 +291,17 @@ def test_flops_hand_count():
     cfg = EMTModelConfig(d_model=16, n_heads=2, d_ff=32, snp_embed_dim=4, head_hidden=8, n_layers=2)
     shape, n_snps, n_clin = (12, 12, 8, 10), 10, 3
     # N = 8 patches of P = 6*6*4*10 = 1440 values; L = 8 + 5 = 13 tokens
-    patch = 2 * 8 * 1440 * 16                     # 368640
-    snp = 2 * 10 * 4 + 2 * (10 * 4) * 16          # 1360
-    clin = 2 * 3 * 16                             # 96
+    patch = 2 * 8 * 1440 * 16  # 368640
+    snp = 2 * 10 * 4 + 2 * (10 * 4) * 16  # 1360
+    clin = 2 * 3 * 16  # 96
     layer = (
-        2 * 13 * 16 * 48      # QKV          19968
-        + 2 * 13 * 16 * 16    # out proj      6656
-        + 2 * 13 * 13 * 16    # Q K^T         5408
-        + 2 * 13 * 13 * 16    # attn x V      5408
+        2 * 13 * 16 * 48  # QKV          19968
+        + 2 * 13 * 16 * 16  # out proj      6656
+        + 2 * 13 * 13 * 16  # Q K^T         5408
+        + 2 * 13 * 13 * 16  # attn x V      5408
         + 2 * 2 * 13 * 16 * 32  # FFN        26624
     )
-    head = 2 * 16 * 8 + 2 * 8                     # 272
+    head = 2 * 16 * 8 + 2 * 8  # 272
     fwd = patch + snp + clin + 2 * layer + head
     assert fwd == 498496
     assert emt_flops_per_sample(cfg, shape, n_snps, n_clin) == 3 * fwd

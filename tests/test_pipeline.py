@@ -14,18 +14,38 @@ from tests.conftest import CONFIGS, cli
 @pytest.fixture(scope="module")
 def emt_run(tmp_path_factory, emt_cohort_dir):
     out = tmp_path_factory.mktemp("emt_run") / "run"
-    r = cli("train", str(CONFIGS / "emt_tiny.yaml"), "--out", str(out), "--quiet", f"data.cohort={emt_cohort_dir}",
-            "train.max_epochs=4", "train.num_threads=1")
+    r = cli(
+        "train",
+        str(CONFIGS / "emt_tiny.yaml"),
+        "--out",
+        str(out),
+        "--quiet",
+        f"data.cohort={emt_cohort_dir}",
+        "train.max_epochs=4",
+        "train.num_threads=1",
+    )
     assert "report:" in r.stdout and "test.auc" in r.stdout
     return out
 
 
 def test_emt_metrics_hold_test_calibration_and_baselines(emt_run):
     m = json.loads((emt_run / "metrics.json").read_text())
-    for k in ("test.auc", "test.ap", "test.accuracy", "test.f1", "test.ece", "test.brier",
-              "calibrated.uncalibrated.accuracy", "calibrated.platt.accuracy", "calibrated.isotonic.ece",
-              "calibrated.temperature.T", "baselines.late_fusion_mlp.auc", "baselines.random_forest.auc",
-              "best_epoch", "epochs_run"):
+    for k in (
+        "test.auc",
+        "test.ap",
+        "test.accuracy",
+        "test.f1",
+        "test.ece",
+        "test.brier",
+        "calibrated.uncalibrated.accuracy",
+        "calibrated.platt.accuracy",
+        "calibrated.isotonic.ece",
+        "calibrated.temperature.T",
+        "baselines.late_fusion_mlp.auc",
+        "baselines.random_forest.auc",
+        "best_epoch",
+        "epochs_run",
+    ):
         assert k in m, k
     # Calibration is a monotone map: Platt and temperature keep the AUC exactly ...
     assert m["calibrated.platt.auc"] == pytest.approx(m["test.auc"], abs=1e-12)
@@ -42,8 +62,13 @@ def test_emt_importance_points_at_the_generated_effects(emt_run):
     assert effect > regions["outside_regions"]
     clin = imp["clinical"]
     shifted = np.mean([clin[k] for k in ("severity", "illness_duration", "functional_capacity")])
-    others = np.mean([v for k, v in clin.items() if k not in ("severity", "illness_duration", "episode_count",
-                                                               "functional_capacity", "anxiety_comorbidity")])
+    others = np.mean(
+        [
+            v
+            for k, v in clin.items()
+            if k not in ("severity", "illness_duration", "episode_count", "functional_capacity", "anxiety_comorbidity")
+        ]
+    )
     assert shifted > others
     assert 0.0 < imp["snp"]["predictive_share"] <= 1.0
 
@@ -93,22 +118,44 @@ def test_evaluate_takes_eval_overrides_only(emt_run):
 
 
 def test_train_refuses_to_overwrite_a_run(emt_run, emt_cohort_dir):
-    r = cli("train", str(CONFIGS / "emt_tiny.yaml"), "--out", str(emt_run), f"data.cohort={emt_cohort_dir}",
-            "train.max_epochs=4", check=False)
+    r = cli(
+        "train",
+        str(CONFIGS / "emt_tiny.yaml"),
+        "--out",
+        str(emt_run),
+        f"data.cohort={emt_cohort_dir}",
+        "train.max_epochs=4",
+        check=False,
+    )
     assert r.returncode == 2 and "--resume auto" in r.stderr
 
 
 def test_train_makes_the_cohort_when_missing(tmp_path):
     cohort = tmp_path / "cohort"
-    r = cli("train", str(CONFIGS / "cnn3d_tiny.yaml"), "--out", str(tmp_path / "run"), "--quiet",
-            f"data.cohort={cohort}", "cohort.n_subjects=60", "train.max_epochs=2", "train.num_threads=1",
-            "eval.baselines=[single_task_response]")
+    r = cli(
+        "train",
+        str(CONFIGS / "cnn3d_tiny.yaml"),
+        "--out",
+        str(tmp_path / "run"),
+        "--quiet",
+        f"data.cohort={cohort}",
+        "cohort.n_subjects=60",
+        "train.max_epochs=2",
+        "train.num_threads=1",
+        "eval.baselines=[single_task_response]",
+    )
     assert "generating it" in r.stdout
     assert (cohort / "manifest.json").exists()
     run = tmp_path / "run"
     m = json.loads((run / "metrics.json").read_text())
-    for k in ("test.accuracy", "test.severity_mae", "test.precision.responder", "test.recall.non_responder",
-              "test.f1.partial_responder", "baselines.single_task_response.accuracy"):
+    for k in (
+        "test.accuracy",
+        "test.severity_mae",
+        "test.precision.responder",
+        "test.recall.non_responder",
+        "test.f1.partial_responder",
+        "baselines.single_task_response.accuracy",
+    ):
         assert k in m, k
     assert np.array(m["test.confusion_matrix"]).sum() == m["test.n"]
     figs = json.loads((run / "figures" / "index.json").read_text())
@@ -116,8 +163,15 @@ def test_train_makes_the_cohort_when_missing(tmp_path):
 
 
 def test_cohort_mismatch_is_refused(emt_cohort_dir, tmp_path):
-    r = cli("train", str(CONFIGS / "emt_tiny.yaml"), "--out", str(tmp_path / "run"),
-            f"data.cohort={emt_cohort_dir}", "cohort.seed=123", check=False)
+    r = cli(
+        "train",
+        str(CONFIGS / "emt_tiny.yaml"),
+        "--out",
+        str(tmp_path / "run"),
+        f"data.cohort={emt_cohort_dir}",
+        "cohort.seed=123",
+        check=False,
+    )
     assert r.returncode == 2 and "cohort.seed" in r.stderr and not (tmp_path / "run").exists()
 
 
@@ -125,9 +179,19 @@ def test_training_writes_an_offline_wandb_run_matching_metrics_jsonl(tmp_path, e
     from trd_hpc.tracking import read_offline_run
 
     out = tmp_path / "run"
-    cli("train", str(CONFIGS / "emt_tiny.yaml"), "--out", str(out), "--quiet", "--no-eval",
-        f"data.cohort={emt_cohort_dir}", "train.max_epochs=3", "train.num_threads=1", "tracking.group=g1",
-        env={"WANDB_MODE": "offline"})
+    cli(
+        "train",
+        str(CONFIGS / "emt_tiny.yaml"),
+        "--out",
+        str(out),
+        "--quiet",
+        "--no-eval",
+        f"data.cohort={emt_cohort_dir}",
+        "train.max_epochs=3",
+        "train.num_threads=1",
+        "tracking.group=g1",
+        env={"WANDB_MODE": "offline"},
+    )
     record = json.loads((out / "wandb_run.json").read_text())
     assert record["mode"] == "offline" and list((out / "wandb").glob("offline-run-*"))
     run = read_offline_run(out)

@@ -45,8 +45,15 @@ def test_generate_array_makes_the_same_cohort_as_one_process(slurm_cluster, tmp_
     logs = tmp_path / "logs"
     logs.mkdir()
     job = slurm_cluster.sbatch(
-        ["--array=0-3", f"--output={logs}/gen-%A_%a.out", "slurm/generate.sh", str(CONFIGS / "emt_tiny.yaml"), str(out)],
-        cwd=REPO, env=job_env(),
+        [
+            "--array=0-3",
+            f"--output={logs}/gen-%A_%a.out",
+            "slurm/generate.sh",
+            str(CONFIGS / "emt_tiny.yaml"),
+            str(out),
+        ],
+        cwd=REPO,
+        env=job_env(),
     )
     wait_all(slurm_cluster, job, timeout=300)
     log_text = "\n".join(p.read_text() for p in sorted(logs.glob("*.out")))

@@ -28,8 +28,14 @@ TINY = str(CONFIGS / "emt_tiny.yaml")
 QUICK = ["tracking.wandb=false"]
 # model.pt holds the best epoch's weights: with val.loss (falling every epoch here) that is the
 # last epoch, so comparing model.pt compares the final weights.
-RESUME_CASE = ["train.max_epochs=4", "train.checkpoint_every_steps=1", "train.num_threads=1",
-               "train.early_stopping.monitor=val.loss", "train.early_stopping.mode=min", *QUICK]
+RESUME_CASE = [
+    "train.max_epochs=4",
+    "train.checkpoint_every_steps=1",
+    "train.num_threads=1",
+    "train.early_stopping.monitor=val.loss",
+    "train.early_stopping.mode=min",
+    *QUICK,
+]
 
 
 def job_env(**extra: str) -> dict[str, str]:
@@ -56,8 +62,15 @@ def sacct_states(cluster, job: int | str) -> list[str]:
 
 
 def newest_step(run_dir: Path) -> int:
-    steps = [int(m.group(1)) for p in (run_dir / "checkpoints").glob("step-*.pt")
-             if (m := re.fullmatch(r"step-(\d+)\.pt", p.name))] if (run_dir / "checkpoints").is_dir() else []
+    steps = (
+        [
+            int(m.group(1))
+            for p in (run_dir / "checkpoints").glob("step-*.pt")
+            if (m := re.fullmatch(r"step-(\d+)\.pt", p.name))
+        ]
+        if (run_dir / "checkpoints").is_dir()
+        else []
+    )
     return max(steps, default=-1)
 
 
@@ -92,9 +105,23 @@ class Reference:
         self.run_dir, self.log = run_dir, run_dir.parent / "reference.log"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "trd_hpc.cli", "train", TINY, "--out", str(run_dir), "--no-eval", "--quiet",
-                 f"data.cohort={cohort}", *RESUME_CASE],
-                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                [
+                    sys.executable,
+                    "-m",
+                    "trd_hpc.cli",
+                    "train",
+                    TINY,
+                    "--out",
+                    str(run_dir),
+                    "--no-eval",
+                    "--quiet",
+                    f"data.cohort={cohort}",
+                    *RESUME_CASE,
+                ],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
             )
 
     def model(self, timeout: float = 300) -> Path:
@@ -120,9 +147,19 @@ def test_sbatch_train_emt_one_task_default_out(slurm_cluster, tmp_path, emt_coho
     # submitted from another directory: the repository comes from TRD_HPC_ROOT, the run directory
     # defaults to runs/<job name>-<job id> and the log to slurm-<job name>-<job id>.out there
     job = slurm_cluster.sbatch(
-        ["--cpus-per-task=1", str(REPO / "slurm" / "train_emt.sh"), TINY, "--no-eval", "train.max_epochs=2",
-         f"data.cohort={emt_cohort_dir}", *QUICK],
-        cwd=tmp_path, env=job_env(TRD_HPC_ROOT=str(REPO)), wait=True, timeout=300,
+        [
+            "--cpus-per-task=1",
+            str(REPO / "slurm" / "train_emt.sh"),
+            TINY,
+            "--no-eval",
+            "train.max_epochs=2",
+            f"data.cohort={emt_cohort_dir}",
+            *QUICK,
+        ],
+        cwd=tmp_path,
+        env=job_env(TRD_HPC_ROOT=str(REPO)),
+        wait=True,
+        timeout=300,
     )
     log = read(tmp_path / f"slurm-trd-train-emt-{job}.out")
     assert slurm_cluster.job_state(job) == "COMPLETED", log
@@ -137,9 +174,23 @@ def test_sbatch_ddp_two_tasks_under_srun(slurm_cluster, tmp_path, emt_cohort_dir
     # With the evaluation stage: after the two ranks finish, rank 0 trains the baselines alone.
     out, log = tmp_path / "run", tmp_path / "job.out"
     job = slurm_cluster.sbatch(
-        ["--ntasks=2", "--cpus-per-task=1", f"--output={log}", "slurm/train_emt.sh", TINY, "--out", str(out),
-         "train.max_epochs=1", "eval.baselines=[late_fusion_mlp]", f"data.cohort={emt_cohort_dir}", *QUICK],
-        cwd=REPO, env=job_env(), wait=True, timeout=600,
+        [
+            "--ntasks=2",
+            "--cpus-per-task=1",
+            f"--output={log}",
+            "slurm/train_emt.sh",
+            TINY,
+            "--out",
+            str(out),
+            "train.max_epochs=1",
+            "eval.baselines=[late_fusion_mlp]",
+            f"data.cohort={emt_cohort_dir}",
+            *QUICK,
+        ],
+        cwd=REPO,
+        env=job_env(),
+        wait=True,
+        timeout=600,
     )
     text = read(log)
     assert slurm_cluster.job_state(job) == "COMPLETED", text
@@ -149,12 +200,24 @@ def test_sbatch_ddp_two_tasks_under_srun(slurm_cluster, tmp_path, emt_cohort_dir
     assert f":{15000 + job % 15000}" in text  # MASTER_PORT from the job id, as distributed.slurm_port
 
 
-def test_sbatch_preempted_job_requeues_and_resumes_to_the_same_weights(slurm_cluster, tmp_path, emt_cohort_dir, reference):
+def test_sbatch_preempted_job_requeues_and_resumes_to_the_same_weights(
+    slurm_cluster, tmp_path, emt_cohort_dir, reference
+):
     out, log = tmp_path / "run", tmp_path / "job.out"
     job = slurm_cluster.sbatch(
-        ["--cpus-per-task=1", f"--output={log}", "slurm/train_emt.sh", TINY, "--out", str(out), "--no-eval",
-         f"data.cohort={emt_cohort_dir}", *RESUME_CASE],
-        cwd=REPO, env=job_env(**PAUSE_AT_3),
+        [
+            "--cpus-per-task=1",
+            f"--output={log}",
+            "slurm/train_emt.sh",
+            TINY,
+            "--out",
+            str(out),
+            "--no-eval",
+            f"data.cohort={emt_cohort_dir}",
+            *RESUME_CASE,
+        ],
+        cwd=REPO,
+        env=job_env(**PAUSE_AT_3),
     )
     try:
         wait_for_text(log, "TRD_FAULT: paused at after-step:3", timeout=300)
@@ -180,10 +243,32 @@ def submit_cmd(*args: str) -> list[str]:
 def test_submit_train_on_slurm_waits_for_the_result(slurm_cluster, tmp_path, emt_cohort_dir):
     out, logs = tmp_path / "run", tmp_path / "logs"
     res = subprocess.run(
-        submit_cmd("train", TINY, "--cluster", "slurm", "--wait", "--wait-timeout", "300", "--out", str(out),
-                   "--logs", f"{logs}/%j", "--cpus-per-task", "1", "--time", "10", "--no-eval",
-                   "train.max_epochs=1", f"data.cohort={emt_cohort_dir}", *QUICK),
-        cwd=REPO, env=slurm_cluster.client_env(job_env()), capture_output=True, text=True, timeout=360,
+        submit_cmd(
+            "train",
+            TINY,
+            "--cluster",
+            "slurm",
+            "--wait",
+            "--wait-timeout",
+            "300",
+            "--out",
+            str(out),
+            "--logs",
+            f"{logs}/%j",
+            "--cpus-per-task",
+            "1",
+            "--time",
+            "10",
+            "--no-eval",
+            "train.max_epochs=1",
+            f"data.cohort={emt_cohort_dir}",
+            *QUICK,
+        ),
+        cwd=REPO,
+        env=slurm_cluster.client_env(job_env()),
+        capture_output=True,
+        text=True,
+        timeout=360,
     )
     assert res.returncode == 0, res.stdout + res.stderr
     job = re.search(r"submitted slurm job (\d+)", res.stdout).group(1)
@@ -200,10 +285,32 @@ def test_submit_preempted_job_is_requeued_by_submitit_and_resumes(slurm_cluster,
     name = f"trd-submit-{os.getpid()}-{time.monotonic_ns()}"
     with open(tmp_path / "submit.log", "w") as sink:
         proc = subprocess.Popen(
-            submit_cmd("train", TINY, "--cluster", "slurm", "--wait", "--wait-timeout", "400", "--out", str(out),
-                       "--logs", f"{logs}/%j", "--name", name, "--cpus-per-task", "1", "--time", "30", "--no-eval",
-                       f"data.cohort={emt_cohort_dir}", *RESUME_CASE),
-            cwd=REPO, env=slurm_cluster.client_env(job_env(**PAUSE_AT_3)), stdout=sink, stderr=subprocess.STDOUT,
+            submit_cmd(
+                "train",
+                TINY,
+                "--cluster",
+                "slurm",
+                "--wait",
+                "--wait-timeout",
+                "400",
+                "--out",
+                str(out),
+                "--logs",
+                f"{logs}/%j",
+                "--name",
+                name,
+                "--cpus-per-task",
+                "1",
+                "--time",
+                "30",
+                "--no-eval",
+                f"data.cohort={emt_cohort_dir}",
+                *RESUME_CASE,
+            ),
+            cwd=REPO,
+            env=slurm_cluster.client_env(job_env(**PAUSE_AT_3)),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
         )
     job = None
     try:
@@ -256,11 +363,24 @@ def test_sbatch_cv_array_one_fold_per_task_and_summary(slurm_cluster, tmp_path):
     cohort, out = tmp_path / "cohort", tmp_path / "cv"
     generate(load_config(tiny, small).cohort, cohort, progress=False)  # once, not by two tasks at a time
     args = [tiny, "--out", str(out), *small, f"data.cohort={cohort}", "train.max_epochs=1", *QUICK]
-    job = slurm_cluster.sbatch(["--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/cv-%a.out",
-                                "slurm/cv_cnn3d.sh", *args], cwd=REPO, env=job_env())
+    job = slurm_cluster.sbatch(
+        ["--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/cv-%a.out", "slurm/cv_cnn3d.sh", *args],
+        cwd=REPO,
+        env=job_env(),
+    )
     # the summary again once every fold is done: a dependent job, not an array
-    agg = slurm_cluster.sbatch([f"--dependency=afterok:{job}", "--cpus-per-task=1", f"--output={tmp_path}/agg.out",
-                                "slurm/cv_cnn3d.sh", *args, "--aggregate"], cwd=REPO, env=job_env())
+    agg = slurm_cluster.sbatch(
+        [
+            f"--dependency=afterok:{job}",
+            "--cpus-per-task=1",
+            f"--output={tmp_path}/agg.out",
+            "slurm/cv_cnn3d.sh",
+            *args,
+            "--aggregate",
+        ],
+        cwd=REPO,
+        env=job_env(),
+    )
     try:
         states = array_states(slurm_cluster, job, 2, timeout=300)
         logs = "\n".join(read(tmp_path / f"cv-{k}.out") for k in range(2))

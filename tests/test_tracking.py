@@ -16,15 +16,30 @@ from tests.conftest import CONFIGS
 from trd_hpc.config import load_config, to_yaml
 
 FAKE_KEY = "local-0123456789abcdef0123456789abcdef0123456789abcdef"
-WANDB_ENV = ("WANDB_MODE", "WANDB_DISABLED", "WANDB_API_KEY", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME",
-             "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_JOB_TYPE", "WANDB_TAGS", "WANDB_NAME")
+WANDB_ENV = (
+    "WANDB_MODE",
+    "WANDB_DISABLED",
+    "WANDB_API_KEY",
+    "WANDB_DIR",
+    "WANDB_RUN_ID",
+    "WANDB_RESUME",
+    "WANDB_PROJECT",
+    "WANDB_RUN_GROUP",
+    "WANDB_JOB_TYPE",
+    "WANDB_TAGS",
+    "WANDB_NAME",
+)
 
 
 def _isolate(mp: pytest.MonkeyPatch, home: Path) -> None:
     for k in WANDB_ENV:
         mp.delenv(k, raising=False)
-    for k, sub in (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"),
-                   ("WANDB_ARTIFACT_DIR", "artifacts")):
+    for k, sub in (
+        ("WANDB_CONFIG_DIR", "config"),
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_DATA_DIR", "data"),
+        ("WANDB_ARTIFACT_DIR", "artifacts"),
+    ):
         mp.setenv(k, str(home / sub))
 
 
@@ -44,9 +59,19 @@ def _rows(n: int = 3) -> list[dict]:
     """Rows shaped like the trainer's (one NaN to check it survives the round trip)."""
     rows = []
     for e in range(1, n + 1):
-        rows.append({"epoch": e, "step": 6 * e, "lr": 0.001, "train.loss": 0.5 / e, "train.auc": 0.9 + e / 100,
-                     "val.loss": 0.4 / e, "val.auc": math.nan if e == 2 else 0.8 + e / 50,
-                     "seconds": 0.1 * e, "best_epoch": 1 if e < 3 else 3})
+        rows.append(
+            {
+                "epoch": e,
+                "step": 6 * e,
+                "lr": 0.001,
+                "train.loss": 0.5 / e,
+                "train.auc": 0.9 + e / 100,
+                "val.loss": 0.4 / e,
+                "val.auc": math.nan if e == 2 else 0.8 + e / 50,
+                "seconds": 0.1 * e,
+                "best_epoch": 1 if e < 3 else 3,
+            }
+        )
     return rows
 
 
@@ -71,9 +96,17 @@ def _figure(path: Path) -> Path:
     return path
 
 
-SUMMARY = {"test.auc": 0.875, "test.ap": 0.8, "test.accuracy": 0.75, "calibrated.platt.accuracy": 0.7,
-           "baselines.random_forest.auc": 0.66, "best_epoch": 3, "epochs_run": 3, "strategy": "single",
-           "test.ece": None}
+SUMMARY = {
+    "test.auc": 0.875,
+    "test.ap": 0.8,
+    "test.accuracy": 0.75,
+    "calibrated.platt.accuracy": 0.7,
+    "baselines.random_forest.auc": 0.66,
+    "best_epoch": 3,
+    "epochs_run": 3,
+    "strategy": "single",
+    "test.ece": None,
+}
 
 
 # ---------------------------------------------------------------------------- one logged run
@@ -237,9 +270,20 @@ def _fake_run(root: Path, name: str, overrides: list[str], test_auc: float, offl
     for r in rows:
         r["val.auc"] = test_auc - 0.1 / r["epoch"]
     _write_jsonl(rd, rows)
-    (rd / "metrics.json").write_text(json.dumps({
-        "test.auc": test_auc, "test.ap": test_auc - 0.05, "test.accuracy": 0.5, "test.confusion": [[1, 2], [3, 4]],
-        "val.auc": 0.9, "best_epoch": 3, "epochs_run": 3, "calibrated.platt.accuracy": 0.61}))
+    (rd / "metrics.json").write_text(
+        json.dumps(
+            {
+                "test.auc": test_auc,
+                "test.ap": test_auc - 0.05,
+                "test.accuracy": 0.5,
+                "test.confusion": [[1, 2], [3, 4]],
+                "val.auc": 0.9,
+                "best_epoch": 3,
+                "epochs_run": 3,
+                "calibrated.platt.accuracy": 0.61,
+            }
+        )
+    )
     (rd / "baselines" / "random_forest").mkdir(parents=True)  # a nested run: not a run of its own here
     (rd / "baselines" / "random_forest" / "config.yaml").write_text(to_yaml(cfg))
     if offline:
@@ -250,15 +294,13 @@ def _fake_run(root: Path, name: str, overrides: list[str], test_auc: float, offl
 
 
 def _compare_args(*argv: str) -> argparse.Namespace:
-    from trd_hpc.compare import add_compare_parser
+    from trd_hpc.cli import build_parser
 
-    p = argparse.ArgumentParser(prog="trd-hpc")
-    add_compare_parser(p.add_subparsers(dest="cmd"))
-    return p.parse_args(["compare", *argv])
+    return build_parser().parse_args(["compare", *argv])
 
 
 def test_compare_tables_curves_and_group(tmp_path, capsys):
-    from trd_hpc.compare import compare, run_compare
+    from trd_hpc.compare import compare
 
     root = tmp_path / "runs"
     a = _fake_run(root, "lr-small", ["tracking.group=g1"], 0.8125, offline=True)
@@ -267,12 +309,22 @@ def test_compare_tables_curves_and_group(tmp_path, capsys):
 
     png = tmp_path / "out" / "cmp.png"
     args = _compare_args(str(a), str(b), "--out", str(png))
-    assert args.func is run_compare
-    assert run_compare(args) == 0
+    assert args.func.__module__ == "trd_hpc.cli.compare"
+    assert args.func(args) == 0
     out = capsys.readouterr().out
     metrics_part, config_part = out.split("config keys that differ")
-    for v in ("lr-small", "lr-big", "test.auc", "0.8125", "0.6875", "test.ap", "0.7625", "0.6375",
-              "best_epoch", "epochs_run"):
+    for v in (
+        "lr-small",
+        "lr-big",
+        "test.auc",
+        "0.8125",
+        "0.6875",
+        "test.ap",
+        "0.7625",
+        "0.6375",
+        "best_epoch",
+        "epochs_run",
+    ):
         assert v in metrics_part, v
     assert "calibrated.platt" not in metrics_part and "val.auc" not in metrics_part
     assert "test.confusion" not in metrics_part  # not a scalar

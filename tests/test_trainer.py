@@ -25,16 +25,30 @@ def train_cmd(out: Path, cohort: Path, *overrides: str, nproc: int = 1, resume: 
         base += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     else:
         base += []
-    cmd = base + ["-m", "trd_hpc.cli", "train", TINY, "--out", str(out), "--quiet", "--no-eval",
-                  f"data.cohort={cohort}", "train.num_threads=1", *overrides]
+    cmd = base + [
+        "-m",
+        "trd_hpc.cli",
+        "train",
+        TINY,
+        "--out",
+        str(out),
+        "--quiet",
+        "--no-eval",
+        f"data.cohort={cohort}",
+        "train.num_threads=1",
+        *overrides,
+    ]
     if resume:
         cmd.append("--resume")
     return cmd
 
 
-def run(cmd: list[str], timeout: float = 600, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, **ENV, **(env or {})})
+def run(
+    cmd: list[str], timeout: float = 600, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    r = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENV, **(env or {})}
+    )
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)}\nexit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
     return r
@@ -58,7 +72,10 @@ def assert_same_weights(a: dict, b: dict, exact: bool = True, atol: float = 0.0)
         if exact:
             assert torch.equal(a[k], b[k]), k
         else:
-            assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), (k, (a[k].float() - b[k].float()).abs().max())
+            assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), (
+                k,
+                (a[k].float() - b[k].float()).abs().max(),
+            )
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +87,14 @@ def reference(tmp_path_factory, emt_cohort_dir):
 
 
 def test_run_directory_layout_and_metrics(reference):
-    for name in ("config.yaml", "metrics.jsonl", "metrics.json", "model.pt", "predictions/val.npz", "predictions/test.npz"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "metrics.json",
+        "model.pt",
+        "predictions/val.npz",
+        "predictions/test.npz",
+    ):
         assert (reference / name).exists(), name
     m = metrics(reference)
     for k in ("test.auc", "test.ap", "test.accuracy", "val.auc", "best_epoch", "epochs_run"):
@@ -129,7 +153,7 @@ def test_accumulating_sampler_gives_a_process_the_micro_batches_of_its_virtual_r
     s0, s1, sa = (s.rank_indices() for s in (*two, acc))
     assert len(sa) == len(s0) + len(s1) and len(s0) == len(s1)
     # step k of the accumulating process = rank 0's micro-batch k, then rank 1's
-    steps = [(s0[i:i + b], s1[i:i + b]) for i in range(0, len(s0), b)]
+    steps = [(s0[i : i + b], s1[i : i + b]) for i in range(0, len(s0), b)]
     assert sa.tolist() == [int(x) for p0, p1 in steps for x in (*p0, *p1)]
     assert sorted(abs(x) for x in sa.tolist() if x >= 0) == list(range(45))  # each subject once (pads < 0)
 
@@ -150,9 +174,25 @@ def test_torchrun_two_processes_then_evaluation_and_baselines(tmp_path, emt_coho
     # The README's DDP command without --no-eval: rank 0 evaluates and trains the baselines
     # alone (standalone, while the launcher's RANK/WORLD_SIZE are still set).
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trd_hpc.cli",
-           "train", TINY, "--out", str(out), "--quiet", f"data.cohort={emt_cohort_dir}", "train.num_threads=1",
-           "train.strategy=ddp", "train.max_epochs=2", "eval.baselines=[late_fusion_mlp,random_forest]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "trd_hpc.cli",
+        "train",
+        TINY,
+        "--out",
+        str(out),
+        "--quiet",
+        f"data.cohort={emt_cohort_dir}",
+        "train.num_threads=1",
+        "train.strategy=ddp",
+        "train.max_epochs=2",
+        "eval.baselines=[late_fusion_mlp,random_forest]",
+    ]
     r = run(cmd)
     m = metrics(out)
     assert (m["world_size"], m["strategy"]) == (2, "ddp")
@@ -165,7 +205,9 @@ def test_torchrun_two_processes_then_evaluation_and_baselines(tmp_path, emt_coho
 def test_ddp_resumes_at_another_world_size(tmp_path, emt_cohort_dir):
     out = tmp_path / "run"
     run(train_cmd(out, emt_cohort_dir, "train.max_epochs=1", "train.batch_size=4", "train.strategy=ddp", nproc=2))
-    r = run(train_cmd(out, emt_cohort_dir, "train.max_epochs=2", "train.batch_size=4", "train.strategy=ddp", resume=True))
+    r = run(
+        train_cmd(out, emt_cohort_dir, "train.max_epochs=2", "train.batch_size=4", "train.strategy=ddp", resume=True)
+    )
     assert "resumed from" in r.stdout
     assert [row["epoch"] for row in history(out)] == [1, 2]
     assert metrics(out)["world_size"] == 1
@@ -176,8 +218,12 @@ def test_ddp_resumes_at_another_world_size(tmp_path, emt_cohort_dir):
 @pytest.mark.parametrize("stage", [2])
 def test_deepspeed_zero_runs_on_two_processes_and_resumes(tmp_path, emt_cohort_dir, stage):
     pytest.importorskip("deepspeed")
-    ds = ["train.strategy=deepspeed", f"train.deepspeed_config=zero{stage}_bf16.json", "train.precision=fp32",
-          "train.batch_size=4"]
+    ds = [
+        "train.strategy=deepspeed",
+        f"train.deepspeed_config=zero{stage}_bf16.json",
+        "train.precision=fp32",
+        "train.batch_size=4",
+    ]
     full, part = tmp_path / "full", tmp_path / "part"
     run(train_cmd(full, emt_cohort_dir, *ds, "train.max_epochs=2", nproc=2))
     run(train_cmd(part, emt_cohort_dir, *ds, "train.max_epochs=1", nproc=2))
@@ -196,8 +242,16 @@ def test_deepspeed_zero_runs_on_two_processes_and_resumes(tmp_path, emt_cohort_d
 def test_early_stopping_restores_the_best_epoch(tmp_path, emt_cohort_dir):
     out = tmp_path / "run"
     # A high learning rate makes the validation AUC wander so the best epoch is not the last.
-    run(train_cmd(out, emt_cohort_dir, "train.max_epochs=12", "train.lr=0.02",
-                  "train.early_stopping.patience=3", "train.plateau.patience=100"))
+    run(
+        train_cmd(
+            out,
+            emt_cohort_dir,
+            "train.max_epochs=12",
+            "train.lr=0.02",
+            "train.early_stopping.patience=3",
+            "train.plateau.patience=100",
+        )
+    )
     h = history(out)
     m = metrics(out)
     aucs = [r["val.auc"] for r in h]
@@ -210,7 +264,10 @@ def test_early_stopping_restores_the_best_epoch(tmp_path, emt_cohort_dir):
 
 def test_nan_loss_is_a_clear_error_naming_the_step(tmp_path, emt_cohort_dir):
     out = tmp_path / "run"
-    r = run(train_cmd(out, emt_cohort_dir, "train.max_epochs=3", "train.lr=1e30", "train.checkpoint_every_steps=1"), check=False)
+    r = run(
+        train_cmd(out, emt_cohort_dir, "train.max_epochs=3", "train.lr=1e30", "train.checkpoint_every_steps=1"),
+        check=False,
+    )
     assert r.returncode == 1
     assert "NaN/inf at step" in r.stderr and "Last good checkpoint" in r.stderr
     assert list((out / "checkpoints").glob("step-*.pt"))

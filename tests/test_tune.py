@@ -21,8 +21,6 @@ import yaml
 
 from tests.conftest import CONFIGS, REPO, cli
 
-pytestmark = pytest.mark.ray
-
 ray = pytest.importorskip("ray", reason="ray[tune] is not installed (pip install -e '.[tune]')")
 
 from trd_hpc.config import ConfigError, load_config  # noqa: E402
@@ -71,8 +69,9 @@ def local_ray():
     from trd_hpc.tune.sweep import use_normal_priority_for_trials
 
     use_normal_priority_for_trials()
-    ray.init(address="local", num_cpus=2, object_store_memory=OBJECT_STORE, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=2, object_store_memory=OBJECT_STORE, include_dashboard=False, log_to_driver=False
+    )
     yield
     ray.shutdown()
 
@@ -90,16 +89,22 @@ def test_shipped_specs_check_against_their_base(name):
         assert {"model.d_model", "model.n_heads", "model.n_layers"} <= set(sw.spec.space)
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"space": {"train.lrr": {"type": "uniform", "low": 0.1, "high": 0.2}}}, ["train.lrr", "valid keys under 'train'", "lr"]),
-    ({"space": {"train.lr": {"type": "uniform", "low": 0.2, "high": 0.1}}}, ["space.train.lr", "below"]),
-    ({"space": {"train.lr": {"type": "uniform", "lo": 0.1, "high": 0.2}}}, ["space.train.lr.lo", "low"]),
-    ({"space": {"model.dense": {"type": "choice", "values": [16, -1]}}}, ["model.dense", "-1"]),
-    ({"schedular": "asha"}, ["schedular", "scheduler"]),
-    ({"metric": "test.accuracy"}, ["metric", "val."]),
-    ({"overrides": ["train.foo=1"]}, ["train.foo"]),
-    ({"grace_period": 9}, ["grace_period", "max_t"]),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (
+            {"space": {"train.lrr": {"type": "uniform", "low": 0.1, "high": 0.2}}},
+            ["train.lrr", "valid keys under 'train'", "lr"],
+        ),
+        ({"space": {"train.lr": {"type": "uniform", "low": 0.2, "high": 0.1}}}, ["space.train.lr", "below"]),
+        ({"space": {"train.lr": {"type": "uniform", "lo": 0.1, "high": 0.2}}}, ["space.train.lr.lo", "low"]),
+        ({"space": {"model.dense": {"type": "choice", "values": [16, -1]}}}, ["model.dense", "-1"]),
+        ({"schedular": "asha"}, ["schedular", "scheduler"]),
+        ({"metric": "test.accuracy"}, ["metric", "val."]),
+        ({"overrides": ["train.foo=1"]}, ["train.foo"]),
+        ({"grace_period": 9}, ["grace_period", "max_t"]),
+    ],
+)
 def test_bad_specs_name_the_key(tmp_path, change, words):
     with pytest.raises(ConfigError) as e:
         load_spec(write_spec(tmp_path / "s.yaml", **change))
@@ -122,30 +127,27 @@ def test_tie_breaker_only_orders_equal_values():
 
 
 def test_cli_parsers():
-    import argparse
+    from trd_hpc.cli import build_parser
 
-    from trd_hpc.tune import add_bench_tune, add_tune_parser, run_bench_tune, run_tune
-
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="cmd")
-    add_tune_parser(sub)
+    p = build_parser()
     # trd_hpc.cli.main parses known args and appends the KEY=VALUE extras to `overrides`
-    a, extra = p.parse_known_args(["tune", "tune/cnn3d_asha.yaml", "--out", "x", "--address", "auto",
-                                   "--scheduler", "fifo", "train.lr=0.1"])
-    assert (a.func, a.spec, a.address, a.scheduler) == (run_tune, "tune/cnn3d_asha.yaml", "auto", "fifo")
+    a, extra = p.parse_known_args(
+        ["tune", "tune/cnn3d_asha.yaml", "--out", "x", "--address", "auto", "--scheduler", "fifo", "train.lr=0.1"]
+    )
+    assert (a.func.__name__, a.spec, a.address, a.scheduler) == ("_tune", "tune/cnn3d_asha.yaml", "auto", "fifo")
     assert a.overrides + extra == ["train.lr=0.1"]
-    b = argparse.ArgumentParser()
-    add_bench_tune(b.add_subparsers(dest="what"))
-    a = b.parse_args(["tune", "--base", "configs/cnn3d_tiny.yaml", "--max-t", "3"])
-    assert (a.func, a.base, a.max_t, a.spec_grid) == (run_bench_tune, "configs/cnn3d_tiny.yaml", 3, "tune/cnn3d_grid.yaml")
-    # or onto a `bench WHAT` parser that has some of the options already
-    c = argparse.ArgumentParser()
-    c.add_argument("what", choices=["generate", "load", "train", "tune"])
-    for opt in ("--config", "--dir", "--json"):
-        c.add_argument(opt)
-    add_bench_tune(c)
-    a, extra = c.parse_known_args(["tune", "--config", "configs/cnn3d_tiny.yaml", "--spec-asha", "s.yaml", "a.b=1"])
-    assert (a.config, a.spec_asha, a.overrides + extra) == ("configs/cnn3d_tiny.yaml", "s.yaml", ["a.b=1"])
+    a = p.parse_args(["bench", "tune", "--base", "configs/cnn3d_tiny.yaml", "--max-t", "3"])
+    assert (a.base, a.max_t, a.spec_grid) == ("configs/cnn3d_tiny.yaml", 3, "tune/cnn3d_grid.yaml")
+    # --config and --dir, as the other benchmarks call them
+    a, extra = p.parse_known_args(
+        ["bench", "tune", "--config", "configs/cnn3d_tiny.yaml", "--spec-asha", "s.yaml", "--dir", "d", "a.b=1"]
+    )
+    assert (a.base, a.spec_asha, a.out, a.overrides + extra) == ("configs/cnn3d_tiny.yaml", "s.yaml", "d", ["a.b=1"])
+    # each benchmark has its own options only
+    with pytest.raises(SystemExit):
+        p.parse_args(["bench", "train", "--spec-grid", "g.yaml"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["bench", "load", "--kills", "3"])
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -175,8 +177,9 @@ def test_asha_stops_trials_early(asha_and_fifo):
     assert asha["stopped_early"] >= 1
     assert asha["trial_epochs"] < fifo["trial_epochs"]
     # the same seed samples the same 6 configurations under both schedulers
-    assert sorted(json.dumps(t["params"], sort_keys=True) for t in asha["trials"]) == \
-        sorted(json.dumps(t["params"], sort_keys=True) for t in fifo["trials"])
+    assert sorted(json.dumps(t["params"], sort_keys=True) for t in asha["trials"]) == sorted(
+        json.dumps(t["params"], sort_keys=True) for t in fifo["trials"]
+    )
     # best.json points at the trial whose run has the best val.loss of all epochs
     best = json.loads((root / "asha" / "best.json").read_text())
     rows = [json.loads(line) for line in (Path(best["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
@@ -200,20 +203,36 @@ def test_best_config_trains_as_is(asha_and_fifo, tmp_path):
 
 
 def test_killed_sweep_resumes_without_repeating_epochs(local_ray, volume_cohort_dir, tmp_path):
-    spec = write_spec(tmp_path / "spec.yaml", scheduler="fifo", max_t=6, num_samples=4, max_concurrent=2,
-                      space={"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
-                      overrides=["train.early_stopping.patience=100", "tracking.wandb=false", "train.batch_size=2"])
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        scheduler="fifo",
+        max_t=6,
+        num_samples=4,
+        max_concurrent=2,
+        space={"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+        overrides=["train.early_stopping.patience=100", "tracking.wandb=false", "train.batch_size=2"],
+    )
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "trd_hpc.tune.sweep", str(spec), "--out", str(out), "--quiet",
-           f"data.cohort={volume_cohort_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trd_hpc.cli",
+        "tune",
+        str(spec),
+        "--out",
+        str(out),
+        "--quiet",
+        f"data.cohort={volume_cohort_dir}",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
     log = tmp_path / "first.log"
 
     def reported() -> int:
         return sum(len(e) for e in trial_runs(out).values())
 
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 180
         while reported() < 3 and first.poll() is None and time.monotonic() < deadline:
@@ -259,15 +278,21 @@ def _trd_hpc_command(tmp_path: Path) -> str:
     except SystemExit:
         pass
     stand_in = tmp_path / "trd-hpc"
-    stand_in.write_text(f'#!/bin/sh\n[ "$1" = tune ] && shift\nexec {sys.executable} -m trd_hpc.tune.sweep "$@"\n')
+    stand_in.write_text(f'#!/bin/sh\n[ "$1" = tune ] && shift\nexec {sys.executable} -m trd_hpc.cli tune "$@"\n')
     stand_in.chmod(0o755)
     return str(stand_in)
 
 
 @pytest.mark.slurm
 def test_slurm_script_runs_a_sweep_on_its_ray_cluster(slurm_cluster, volume_cohort_dir, tmp_path):
-    spec = write_spec(tmp_path / "spec.yaml", scheduler="fifo", max_t=2, num_samples=2, max_concurrent=2,
-                      space={"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}})
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        scheduler="fifo",
+        max_t=2,
+        num_samples=2,
+        max_concurrent=2,
+        space={"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+    )
     out, log = tmp_path / "out", tmp_path / "job.out"
     venv_bin = Path(sys.executable).parent
     env = {
@@ -278,9 +303,21 @@ def test_slurm_script_runs_a_sweep_on_its_ray_cluster(slurm_cluster, volume_coho
         "RAY_OBJECT_STORE_BYTES": str(OBJECT_STORE),
     }
     job = slurm_cluster.sbatch(
-        ["--nodes=1", f"--cpus-per-task={slurm_cluster.cpus}", "--mem-per-cpu=1G", f"--output={log}",
-         "slurm/tune.sh", str(spec), str(out), "--quiet", f"data.cohort={volume_cohort_dir}"],
-        cwd=REPO, env=env, wait=True, timeout=300,
+        [
+            "--nodes=1",
+            f"--cpus-per-task={slurm_cluster.cpus}",
+            "--mem-per-cpu=1G",
+            f"--output={log}",
+            "slurm/tune.sh",
+            str(spec),
+            str(out),
+            "--quiet",
+            f"data.cohort={volume_cohort_dir}",
+        ],
+        cwd=REPO,
+        env=env,
+        wait=True,
+        timeout=300,
     )
     text = log.read_text() if log.exists() else "(no log)"
     assert slurm_cluster.job_state(job) == "COMPLETED", text[-4000:]

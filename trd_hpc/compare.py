@@ -17,7 +17,6 @@ for run directories (not descending into a run's own ``baselines/``).
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
 import math
@@ -30,7 +29,6 @@ import yaml
 
 from trd_hpc.errors import ConfigError, RunDirError
 
-CURVES = {"emt": ["val.loss", "val.auc"], "cnn3d": ["val.loss", "val.accuracy", "val.severity_mae"]}
 DEFAULT_EXTRA = ["best_epoch", "epochs_run"]
 
 
@@ -112,6 +110,16 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
             seen.add(r)
             out.append(p)
     return out
+
+
+def _curves(task: str) -> list[str]:
+    """The task's learning curves (its registry entry); val.loss for a task not registered here."""
+    from trd_hpc.tasks import get
+
+    try:
+        return list(get(task).curves)
+    except ConfigError:
+        return ["val.loss"]
 
 
 def _json_lines(path: Path) -> list[dict]:
@@ -222,8 +230,7 @@ def _same(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
-def render_table(title: str, header: list[str], rows: list[list[str]], use_rich: bool | None = None,
-                 file=None) -> None:
+def render_table(title: str, header: list[str], rows: list[list[str]], use_rich: bool | None = None, file=None) -> None:
     file = file or sys.stdout
     if use_rich is None:
         use_rich = bool(getattr(file, "isatty", lambda: False)())
@@ -258,7 +265,7 @@ def render_table(title: str, header: list[str], rows: list[list[str]], use_rich:
 def curve_keys(runs: list[Run]) -> list[str]:
     keys: list[str] = []
     for r in runs:
-        for k in CURVES.get(r.task, ["val.loss"]):
+        for k in _curves(r.task):
             if k not in keys:
                 keys.append(k)
     return keys
@@ -274,8 +281,11 @@ def plot_curves(runs: list[Run], out: Path, keys: Sequence[str] | None = None) -
     for ax, key in zip(axes, keys):
         plotted = False
         for i, r in enumerate(runs):
-            pts = [(row.get("epoch", j + 1), row[key]) for j, row in enumerate(r.history)
-                   if _scalar(row.get(key)) and not math.isnan(row[key])]
+            pts = [
+                (row.get("epoch", j + 1), row[key])
+                for j, row in enumerate(r.history)
+                if _scalar(row.get(key)) and not math.isnan(row[key])
+            ]
             if pts:
                 e, v = zip(*pts)
                 ax.plot(e, v, marker="o", ms=3, lw=1.4, color=f"C{i % 10}", label=r.label)
@@ -300,8 +310,14 @@ def sync_lines(runs: list[Run]) -> list[str]:
     return [f"wandb sync {d}" for r in runs for d in r.offline_dirs]
 
 
-def compare(paths: Sequence[str | Path], group: str | None = None, out: str | Path = "compare.png",
-            metrics: Sequence[str] | None = None, file=None, use_rich: bool | None = None) -> dict:
+def compare(
+    paths: Sequence[str | Path],
+    group: str | None = None,
+    out: str | Path = "compare.png",
+    metrics: Sequence[str] | None = None,
+    file=None,
+    use_rich: bool | None = None,
+) -> dict:
     """Print the tables and write the curves; returns what was shown (for tests and scripts)."""
     file = file or sys.stdout
     runs = select_runs(paths, group)
@@ -311,8 +327,13 @@ def compare(paths: Sequence[str | Path], group: str | None = None, out: str | Pa
     diff = config_diff(runs)
     if len(runs) > 1:
         if diff:
-            render_table("config keys that differ", ["key"] + [r.label for r in runs],
-                         [[k] + [_fmt(v) for v in vals] for k, vals in diff.items()], use_rich, file)
+            render_table(
+                "config keys that differ",
+                ["key"] + [r.label for r in runs],
+                [[k] + [_fmt(v) for v in vals] for k, vals in diff.items()],
+                use_rich,
+                file,
+            )
         else:
             print("configs: identical\n", file=file)
     png = plot_curves(runs, Path(out))
@@ -327,35 +348,14 @@ def compare(paths: Sequence[str | Path], group: str | None = None, out: str | Pa
         where = f"project {', '.join(projects)}"
         if groups:
             where += f", group {', '.join(groups)} (Group by: Group)"
-        print(f"then compare them in the W&B web interface: {where}; select the runs in the Runs table "
-              f"and their charts overlay.", file=file)
+        print(
+            f"then compare them in the W&B web interface: {where}; select the runs in the Runs table "
+            f"and their charts overlay.",
+            file=file,
+        )
     else:
-        print("\nno offline W&B runs in these run directories (tracking was off, or online runs are already uploaded)",
-              file=file)
+        print(
+            "\nno offline W&B runs in these run directories (tracking was off, or online runs are already uploaded)",
+            file=file,
+        )
     return {"runs": runs, "metric_keys": keys, "config_diff": diff, "png": png, "sync": lines}
-
-
-def add_compare_parser(subparsers) -> argparse.ArgumentParser:
-    c = subparsers.add_parser(
-        "compare",
-        help="compare runs: final metrics, differing config keys, overlaid learning curves (no W&B needed)",
-        description="Compare run directories from their files alone: final metrics (metrics.json), the "
-        "config keys that differ (config.yaml), learning curves per epoch (metrics.jsonl) as a PNG, and "
-        "the `wandb sync` lines that upload their offline W&B runs.",
-    )
-    c.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                   help="run directories, or directories to search for run directories")
-    c.add_argument("--group", default=None, help="only runs whose config has tracking.group == NAME")
-    c.add_argument("--out", default="compare.png", help="PNG for the learning curves (default: ./compare.png)")
-    c.add_argument("--metrics", default=None,
-                   help="comma-separated metrics.json keys (globs allowed, e.g. 'test.*,calibrated.platt.*'); "
-                   "default: the test.* scalars, best_epoch and epochs_run")
-    c.set_defaults(func=run_compare)
-    return c
-
-
-def run_compare(args: argparse.Namespace) -> int:
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if getattr(args, "metrics", None) else None
-    compare(args.runs, group=getattr(args, "group", None), out=getattr(args, "out", None) or "compare.png",
-            metrics=metrics)
-    return 0

@@ -23,7 +23,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
 from trd_hpc.errors import ConfigError  # noqa: E402  (re-exported: a config file or override is invalid)
 
 
@@ -95,10 +94,21 @@ class SNPConfig(Strict):
 
 
 DEFAULT_CLINICAL = [
-    "severity", "illness_duration", "episode_count", "functional_capacity",
-    "anxiety_comorbidity", "age", "sleep_disturbance", "anhedonia",
-    "suicidal_ideation", "prior_medication_trials", "bmi", "substance_use",
-    "social_support", "cognitive_function", "childhood_adversity",
+    "severity",
+    "illness_duration",
+    "episode_count",
+    "functional_capacity",
+    "anxiety_comorbidity",
+    "age",
+    "sleep_disturbance",
+    "anhedonia",
+    "suicidal_ideation",
+    "prior_medication_trials",
+    "bmi",
+    "substance_use",
+    "social_support",
+    "cognitive_function",
+    "childhood_adversity",
 ]
 
 
@@ -107,8 +117,11 @@ class ClinicalConfig(Strict):
     sd: float = Field(0.8, ge=0)
     trd_shifts: dict[str, float] = Field(
         default_factory=lambda: {
-            "severity": 2.0, "illness_duration": 1.5, "episode_count": 1.2,
-            "functional_capacity": -1.5, "anxiety_comorbidity": 1.0,
+            "severity": 2.0,
+            "illness_duration": 1.5,
+            "episode_count": 1.2,
+            "functional_capacity": -1.5,
+            "anxiety_comorbidity": 1.0,
         }
     )
 
@@ -143,7 +156,9 @@ class ThreeWaySplit(Strict):
 # their lower bound, so a borderline size may be refused although sklearn's draw
 # would have split it; generate() also runs the real splits on the real labels
 # before it writes anything (data.generate.check_splittable).
-def _stratified_problem(n: int, fraction: float, part: str, counts: list[int] | None, n_classes: int) -> tuple[str | None, list[int] | None]:
+def _stratified_problem(
+    n: int, fraction: float, part: str, counts: list[int] | None, n_classes: int
+) -> tuple[str | None, list[int] | None]:
     """(why a stratified hold-out of ``fraction`` fails or None, lower bounds of the kept part's class counts)."""
     if counts is not None and min(counts) < 2:
         return f"a class has {min(counts)} subject(s) before {part} is drawn (at least 2 needed)", None
@@ -209,9 +224,7 @@ class EMTCohortConfig(Strict):
         for name, r in self.regions.items():
             for axis, ((lo, hi), size) in enumerate(zip(r.box, spatial)):
                 if not 0 <= lo < hi <= size:
-                    raise ValueError(
-                        f"regions.{name}.box axis {axis} = [{lo}, {hi}) is empty or outside 0..{size}"
-                    )
+                    raise ValueError(f"regions.{name}.box axis {axis} = [{lo}, {hi}) is empty or outside 0..{size}")
         err = _split_error(self.n_subjects, self.split, emt_split_problem)
         if err:
             raise ValueError(err)
@@ -262,7 +275,9 @@ class VolumeCohortConfig(Strict):
     # Contiguous ranges: a model that only knows the class scores MAE = width/4.
     severity_max: float = Field(100.0, gt=0)
     severity_ranges: tuple[tuple[float, float], tuple[float, float], tuple[float, float]] = (
-        (66.7, 100.0), (33.3, 66.7), (0.0, 33.3),
+        (66.7, 100.0),
+        (33.3, 66.7),
+        (0.0, 33.3),
     )
     noise_sd: float = Field(0.01, ge=0)
     intensity_shift: float = Field(0.05, ge=0, lt=1)
@@ -401,9 +416,9 @@ class EvalConfig(Strict):
         default_factory=lambda: ["platt", "isotonic", "temperature"]
     )
     ece_bins: int = Field(10, ge=2)
-    baselines: list[Literal["late_fusion_mlp", "random_forest", "single_task_response", "single_task_severity", "resnet18"]] = Field(
-        default_factory=list
-    )
+    baselines: list[
+        Literal["late_fusion_mlp", "random_forest", "single_task_response", "single_task_severity", "resnet18"]
+    ] = Field(default_factory=list)
     rf_estimators: int = Field(300, ge=1)
     importance_subjects: int = Field(64, ge=1)  # gradient x input on this many test subjects
 
@@ -466,7 +481,12 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 def _cnn_train() -> TrainConfig:
     return TrainConfig(
-        optimizer="adam", lr=5e-4, weight_decay=0.0, grad_clip_norm=1.0, batch_size=16, max_epochs=39,
+        optimizer="adam",
+        lr=5e-4,
+        weight_decay=0.0,
+        grad_clip_norm=1.0,
+        batch_size=16,
+        max_epochs=39,
         precise_bn_batches=16,
         plateau=PlateauConfig(monitor="val.loss", mode="min", patience=3, factor=0.5),
         early_stopping=EarlyStoppingConfig(monitor="val.accuracy", mode="max", patience=7),
@@ -481,7 +501,9 @@ class CNN3DExperiment(Strict):
     loss: MultiTaskLossConfig = Field(default_factory=MultiTaskLossConfig)
     train: TrainConfig = Field(default_factory=_cnn_train)
     eval: EvalConfig = Field(
-        default_factory=lambda: EvalConfig(calibration=[], baselines=["single_task_response", "single_task_severity", "resnet18"])
+        default_factory=lambda: EvalConfig(
+            calibration=[], baselines=["single_task_response", "single_task_severity", "resnet18"]
+        )
     )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -501,8 +523,10 @@ class CNN3DExperiment(Strict):
         # accuracy and the response model no severity MAE. Its plateau and early stopping
         # follow the metric of its own target, so the baseline made from the dual-path
         # config (early stopping on val.accuracy) stops on something it actually predicts.
-        own = {"single_task_severity": ("val.severity_mae", "min"),
-               "single_task_response": ("val.accuracy", "max")}.get(self.model.name)
+        own = {
+            "single_task_severity": ("val.severity_mae", "min"),
+            "single_task_response": ("val.accuracy", "max"),
+        }.get(self.model.name)
         if own is not None:
             foreign = "val.accuracy" if own[0] == "val.severity_mae" else "val.severity_mae"
             for section in (self.train.plateau, self.train.early_stopping):
@@ -513,8 +537,19 @@ class CNN3DExperiment(Strict):
 
 ExperimentConfig = Union[EMTExperiment, CNN3DExperiment]
 CohortConfig = Union[EMTCohortConfig, VolumeCohortConfig]
+# Experiment classes by `task` value.  The two papers' are here; a task added through the
+# registry (trd_hpc.tasks.register) adds its own class, so the config layer never imports
+# the tasks.
 _TASKS: dict[str, type[BaseModel]] = {"emt": EMTExperiment, "cnn3d": CNN3DExperiment}
 _COHORTS: dict[str, type[BaseModel]] = {"emt": EMTCohortConfig, "volume": VolumeCohortConfig}
+
+
+def register_experiment(task: str, cls: type[BaseModel]) -> None:
+    """Make ``task: NAME`` in a config validate with ``cls`` (called by trd_hpc.tasks.register)."""
+    have = _TASKS.get(task)
+    if have is not None and have is not cls:
+        raise ValueError(f"task {task!r} already has the config class {have.__name__}")
+    _TASKS[task] = cls
 
 
 # --------------------------------------------------------------------------- loading
@@ -623,9 +658,7 @@ def _resolver_uses(node: Any, prefix: str = "") -> list[tuple[str, str]]:
 def validate_experiment(data: dict, source: str = "config") -> ExperimentConfig:
     task = data.get("task")
     if task not in _TASKS:
-        raise ConfigError(
-            f"{source}: key 'task' must be one of {sorted(_TASKS)}, got {task!r}"
-        )
+        raise ConfigError(f"{source}: key 'task' must be one of {sorted(_TASKS)}, got {task!r}")
     model = _TASKS[task]
     try:
         return model.model_validate(data)  # type: ignore[return-value]
@@ -648,6 +681,36 @@ def validate_cohort(data: dict, source: str = "cohort config") -> CohortConfig:
         return model.model_validate(data)  # type: ignore[return-value]
     except ValidationError as e:
         raise ConfigError(_format_errors(e, model, source)) from None
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    """``data['a']['b'] = value`` for ``key='a.b'`` (intermediate mappings created)."""
+    *path, last = key.split(".")
+    node = data
+    for part in path:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = node[part] = {}
+        node = nxt
+    node[last] = value
+
+
+def derive(cfg: BaseModel, updates: dict[str, Any], source: str = "derived config") -> Any:
+    """A new config: ``cfg`` as a dict, the dotted ``updates`` set, validated again whole.
+
+    The one way to make a config from another (a baseline's, a fold's, a benchmark's): setting
+    attributes on a copy (pydantic's ``model_copy``, or assignment) validates only the field
+    set, so a cross-key rule (a single-task baseline's early-stopping monitor, the patch that
+    must divide the fMRI shape) would not be applied again."""
+    data = to_dict(cfg)
+    for key, value in updates.items():
+        set_dotted(data, key, value)
+    if isinstance(cfg, tuple(_TASKS.values())):
+        return validate_experiment(data, source)
+    try:
+        return type(cfg).model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, type(cfg), source)) from None
 
 
 def to_dict(cfg: BaseModel) -> dict:

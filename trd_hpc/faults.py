@@ -35,11 +35,34 @@ import os
 import signal
 import sys
 
-COUNTED = {"checkpoint-write", "checkpoint-rename", "prune", "metrics-write", "metrics-rename",
-           "model-write", "model-rename", "shard-write", "shard-rename"}
-POINTS = ("after-step", "mid-step", "checkpoint-write", "checkpoint-rename", "epoch-end", "prune",
-          "evaluate", "report", "metrics-write", "metrics-rename", "model-write", "model-rename",
-          "shard-subject", "shard-write", "shard-rename")
+COUNTED = {
+    "checkpoint-write",
+    "checkpoint-rename",
+    "prune",
+    "metrics-write",
+    "metrics-rename",
+    "model-write",
+    "model-rename",
+    "shard-write",
+    "shard-rename",
+}
+POINTS = (
+    "after-step",
+    "mid-step",
+    "checkpoint-write",
+    "checkpoint-rename",
+    "epoch-end",
+    "prune",
+    "evaluate",
+    "report",
+    "metrics-write",
+    "metrics-rename",
+    "model-write",
+    "model-rename",
+    "shard-subject",
+    "shard-write",
+    "shard-rename",
+)
 
 
 def _parse(spec: str | None) -> dict[str, list[tuple[str, ...]]]:

@@ -25,8 +25,15 @@ _held: dict[str, int] = {}
 
 
 class DirLock:
-    def __init__(self, directory: str | Path, what: str = "directory", wait: bool = False, poll_s: float = 0.5,
-                 shared: bool = False, name: str = LOCK_FILE):
+    def __init__(
+        self,
+        directory: str | Path,
+        what: str = "directory",
+        wait: bool = False,
+        poll_s: float = 0.5,
+        shared: bool = False,
+        name: str = LOCK_FILE,
+    ):
         """``shared``: many holders at once (e.g. SLURM array tasks writing one shard each),
         none while an exclusive holder has it."""
         self.dir = Path(directory)
@@ -63,11 +70,17 @@ class DirLock:
                 if not self.wait:
                     who = self.holder()
                     os.close(fd)
-                    raise LockedError(f"{self.dir}: this {self.what} is in use by {who}; wait for it to finish "
-                                      f"or use another directory") from None
+                    raise LockedError(
+                        f"{self.dir}: this {self.what} is in use by {who}; wait for it to finish "
+                        f"or use another directory"
+                    ) from None
                 time.sleep(self.poll_s)
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "cmd": " ".join(sys.argv[:3]),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "cmd": " ".join(sys.argv[:3]),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         if not self.shared:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode(), 0)

@@ -113,8 +113,9 @@ def read_run_record(run_dir: Path) -> dict | None:
 class Tracker:
     """One W&B run for one run directory (or nothing, see ``enabled``)."""
 
-    def __init__(self, run: Any = None, run_dir: Path | None = None, record: dict | None = None,
-                 reason: str | None = None):
+    def __init__(
+        self, run: Any = None, run_dir: Path | None = None, record: dict | None = None, reason: str | None = None
+    ):
         self.run = run
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.record = record or {}
@@ -128,8 +129,15 @@ class Tracker:
         return cls(reason=reason or "off")
 
     @classmethod
-    def start(cls, cfg, run_dir: Path, rank: int = 0, job_type: str | None = None,
-              group: str | None = None, name: str | None = None) -> "Tracker":
+    def start(
+        cls,
+        cfg,
+        run_dir: Path,
+        rank: int = 0,
+        job_type: str | None = None,
+        group: str | None = None,
+        name: str | None = None,
+    ) -> "Tracker":
         run_dir = Path(run_dir)
         if rank != 0:
             return cls.noop(f"rank {rank}")
@@ -168,8 +176,13 @@ class Tracker:
         t0 = time.perf_counter()
         try:
             run = wandb.init(
-                dir=str(run_dir), mode=mode, id=run_id, resume="allow" if run_id else None,
-                reinit=_reinit(wandb), settings=_settings(wandb), **kwargs,
+                dir=str(run_dir),
+                mode=mode,
+                id=run_id,
+                resume="allow" if run_id else None,
+                reinit=_reinit(wandb),
+                settings=_settings(wandb),
+                **kwargs,
             )
         except Exception as e:  # noqa: BLE001  (tracking must never stop a training run)
             msg = str(e).replace(secret, "<redacted>") if secret else str(e)
@@ -204,9 +217,12 @@ class Tracker:
         t._write_record()
         where = f"{run_dir / rel}" if mode != "online" else (record["url"] or str(run_dir / rel))
         verb = "resumed" if run_id else "started"
-        print(f"W&B {mode} run {run.id} {verb}: {where}"
-              + (f" (upload later: wandb sync {run_dir / rel})" if mode == "offline" else ""),
-              file=sys.stderr, flush=True)
+        print(
+            f"W&B {mode} run {run.id} {verb}: {where}"
+            + (f" (upload later: wandb sync {run_dir / rel})" if mode == "offline" else ""),
+            file=sys.stderr,
+            flush=True,
+        )
         return t
 
     # ---------------------------------------------------------------- state
@@ -252,8 +268,7 @@ class Tracker:
         """Final metrics (flat dotted keys) into the run summary; None/NaN kept out."""
         if not self.enabled:
             return
-        clean = {k: v for k, v in metrics.items()
-                 if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        clean = {k: v for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
         self._guard("summary", self.run.summary.update, clean)
 
     def log_figures(self, figures: Mapping[str, Path | str], step: int | None = None) -> None:
@@ -264,8 +279,11 @@ class Tracker:
         import wandb
 
         def _log() -> None:
-            imgs = {f"figures/{title}": wandb.Image(str(p), caption=title)
-                    for title, p in figures.items() if Path(p).is_file()}
+            imgs = {
+                f"figures/{title}": wandb.Image(str(p), caption=title)
+                for title, p in figures.items()
+                if Path(p).is_file()
+            }
             if imgs:
                 s = step if step is not None else max(self._last_step, int(getattr(self.run, "step", 0) or 0)) + 1
                 self.run.log(imgs, step=s)
@@ -307,9 +325,15 @@ def wandb_run_dirs(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "wandb"
     if not root.is_dir():
         return []
-    found = [d for d in root.iterdir()
-             if d.is_dir() and not d.is_symlink() and (d.name.startswith("offline-run-") or d.name.startswith("run-"))
-             and any(d.glob("run-*.wandb"))]
+    found = [
+        d
+        for d in root.iterdir()
+        if d.is_dir()
+        and not d.is_symlink()
+        and (d.name.startswith("offline-run-") or d.name.startswith("run-"))
+        and any(d.glob("run-*.wandb"))
+    ]
+
     # offline-run-YYYYMMDD_HHMMSS-ID: the timestamp orders them; mtime breaks ties
     def key(d: Path) -> tuple[str, float]:
         m = re.search(r"\d{8}_\d{6}", d.name)
@@ -323,7 +347,9 @@ def _inspect(path: Path, summary: bool) -> str:
     env["WANDB_MODE"] = "offline"  # no observability upload from the reader
     env["WANDB_SILENT"] = "true"
     env.pop("WANDB_API_KEY", None)
-    cmd = [sys.executable, "-m", "wandb", "leet", "inspect", "--json"] + (["--summary"] if summary else []) + [str(path)]
+    cmd = (
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json"] + (["--summary"] if summary else []) + [str(path)]
+    )
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if r.returncode != 0:
         raise TrdError(f"{' '.join(cmd)} failed ({r.returncode}); it needs wandb >= 0.31:\n{r.stderr.strip()}")
@@ -358,8 +384,17 @@ def read_offline_run(run_dir: Path) -> dict:
     dirs = wandb_run_dirs(run_dir)
     if not dirs:
         raise RunDirError(f"{run_dir}: no W&B run folder (wandb/offline-run-*) with a .wandb log")
-    out: dict[str, Any] = {"id": None, "project": None, "group": None, "job_type": None, "tags": [],
-                           "state": None, "directories": [str(d) for d in dirs], "config": {}, "summary": {}}
+    out: dict[str, Any] = {
+        "id": None,
+        "project": None,
+        "group": None,
+        "job_type": None,
+        "tags": [],
+        "state": None,
+        "directories": [str(d) for d in dirs],
+        "config": {},
+        "summary": {},
+    }
     by_step: dict[int, dict] = {}
     for d in dirs:
         s = json.loads(_inspect(d, summary=True))

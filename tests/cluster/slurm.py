@@ -94,9 +94,7 @@ _PROGRAMS = {
     "mariadbd": "mariadb-server",
     "mariadb-install-db": "mariadb-server",
 }
-_SEARCH_PATH = os.pathsep.join(
-    [os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-)
+_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
 _INSTALL_LOCK = Path("/tmp/trd-hpc-slurm-install.lock")
 
 
@@ -122,9 +120,7 @@ def ensure_installed(timeout: float = 900.0) -> None:
     if not _missing_programs():
         return
     if os.geteuid() != 0:
-        raise SlurmError(
-            f"missing {', '.join(_missing_programs())} and not root: cannot apt-get install"
-        )
+        raise SlurmError(f"missing {', '.join(_missing_programs())} and not root: cannot apt-get install")
     if _which("apt-get") is None:
         raise SlurmError("missing SLURM programs and no apt-get to install them")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
@@ -159,8 +155,7 @@ def ensure_installed(timeout: float = 900.0) -> None:
                     raise SlurmError(f"{' '.join(cmd)} timed out after {left:.0f}s") from exc
                 if res.returncode != 0:
                     raise SlurmError(
-                        f"{' '.join(cmd)} failed ({res.returncode}):\n"
-                        f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+                        f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
                     )
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
@@ -200,9 +195,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _proc_text(pid: int, what: str) -> str:
     try:
-        return Path(f"/proc/{pid}/{what}").read_bytes().replace(b"\0", b"\n").decode(
-            errors="replace"
-        )
+        return Path(f"/proc/{pid}/{what}").read_bytes().replace(b"\0", b"\n").decode(errors="replace")
     except OSError:
         return ""
 
@@ -295,9 +288,7 @@ class LocalSlurm:
         kw.setdefault("stdin", subprocess.DEVNULL)
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
         if check and res.returncode != 0:
-            raise SlurmError(
-                f"{' '.join(cmd)} failed ({res.returncode}): {res.stdout}{res.stderr}".strip()
-            )
+            raise SlurmError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stdout}{res.stderr}".strip())
         return res
 
     # --------------------------------------------------------------- config
@@ -320,8 +311,8 @@ ClusterName={self.CLUSTER_NAME}
 SlurmctldHost={self.hostname}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
-SlurmctldPort={p['slurmctld']}
-SlurmdPort={p['slurmd']}
+SlurmctldPort={p["slurmctld"]}
+SlurmdPort={p["slurmd"]}
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire=10: a requeued job restarts after ~25 s instead of ~150 s
@@ -329,15 +320,15 @@ AuthInfo={auth_info}
 # clients talk to slurmdbd with AccountingStoragePass as their munge options,
 # not AuthInfo: without it they use the system socket /run/munge/munge.socket.2
 AccountingStoragePass={self.munge_socket}
-StateSaveLocation={self.state_dir / 'ctld'}
-SlurmdSpoolDir={self.state_dir / 'spool'}
-SlurmctldPidFile={self._daemons['slurmctld'].pidfile}
-SlurmdPidFile={self._daemons['slurmd'].pidfile}
-SlurmctldLogFile={self._daemons['slurmctld'].log}
-SlurmdLogFile={self._daemons['slurmd'].log}
+StateSaveLocation={self.state_dir / "ctld"}
+SlurmdSpoolDir={self.state_dir / "spool"}
+SlurmctldPidFile={self._daemons["slurmctld"].pidfile}
+SlurmdPidFile={self._daemons["slurmd"].pidfile}
+SlurmctldLogFile={self._daemons["slurmctld"].log}
+SlurmdLogFile={self._daemons["slurmd"].log}
 SlurmctldDebug=info
 SlurmdDebug=info
-PlugStackConfig={self.state_dir / 'plugstack.conf'}
+PlugStackConfig={self.state_dir / "plugstack.conf"}
 MailProg=/bin/true
 MpiDefault=none
 # no cgroups in the test machines
@@ -349,7 +340,7 @@ SelectTypeParameters=CR_CPU_Memory
 DefMemPerCPU={def_mem}
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
-AccountingStoragePort={p['slurmdbd']}
+AccountingStoragePort={p["slurmdbd"]}
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=1,sched_min_interval=0,batch_sched_delay=0
@@ -370,14 +361,14 @@ AuthType=auth/munge
 AuthInfo=socket={self.munge_socket}
 DbdHost={self.hostname}
 DbdAddr=127.0.0.1
-DbdPort={p['slurmdbd']}
+DbdPort={p["slurmdbd"]}
 SlurmUser=root
-PidFile={self._daemons['slurmdbd'].pidfile}
-LogFile={self._daemons['slurmdbd'].log}
+PidFile={self._daemons["slurmdbd"].pidfile}
+LogFile={self._daemons["slurmdbd"].log}
 DebugLevel=info
 StorageType=accounting_storage/mysql
 StorageHost=127.0.0.1
-StoragePort={p['mariadb']}
+StoragePort={p["mariadb"]}
 StorageUser=slurm
 StoragePass=slurm
 StorageLoc=slurm_acct_db
@@ -560,22 +551,15 @@ StorageLoc=slurm_acct_db
                 installer.wait(5)
                 raise SlurmError("mariadb-install-db timed out") from None
             if rc != 0:
-                raise SlurmError(
-                    f"mariadb-install-db failed ({rc}):\n"
-                    f"{_tail(self.log_dir / 'mariadb-install-db.out')}"
-                )
+                raise SlurmError(f"mariadb-install-db failed ({rc}):\n{_tail(self.log_dir / 'mariadb-install-db.out')}")
             mark("mariadb-install-db")
             self._start_mariadb()
             self._wait_for("munged socket", self.munge_socket.exists, left(), "munged")
-            self._wait_for(
-                "MariaDB port", lambda: _port_open(self.ports["mariadb"]), left(), "mariadbd"
-            )
+            self._wait_for("MariaDB port", lambda: _port_open(self.ports["mariadb"]), left(), "mariadbd")
             mark("mariadbd")
             self._spawn("slurmdbd", [_which("slurmdbd") or "slurmdbd", "-D"], cwd=self.state_dir)
             # slurmdbd creates its tables (a few seconds) before it listens
-            self._wait_for(
-                "slurmdbd port", lambda: _port_open(self.ports["slurmdbd"]), left(), "slurmdbd"
-            )
+            self._wait_for("slurmdbd port", lambda: _port_open(self.ports["slurmdbd"]), left(), "slurmdbd")
             mark("slurmdbd")
             # register the cluster before slurmctld connects (so it needs no retry)
             self.run(
@@ -600,9 +584,7 @@ StorageLoc=slurm_acct_db
             self.stop()
             raise
         self.startup_seconds = time.monotonic() - t0
-        (self.log_dir / "startup-timings.txt").write_text(
-            "".join(f"{k}\t{v}\n" for k, v in self.timings.items())
-        )
+        (self.log_dir / "startup-timings.txt").write_text("".join(f"{k}\t{v}\n" for k, v in self.timings.items()))
 
     def _ctld_up(self) -> bool:
         try:
@@ -662,9 +644,7 @@ StorageLoc=slurm_acct_db
             raise TimeoutError(f"sbatch {' '.join(args)} did not return in {timeout}s") from exc
         m = re.match(r"\s*(\d+)", res.stdout)
         if not m:
-            raise SlurmError(
-                f"sbatch {' '.join(args)} failed ({res.returncode}): {res.stdout}{res.stderr}"
-            )
+            raise SlurmError(f"sbatch {' '.join(args)} failed ({res.returncode}): {res.stdout}{res.stderr}")
         job_id = int(m.group(1))
         if wait:
             self.wait_job(job_id, timeout=max(1.0, timeout - (time.monotonic() - t0)))
@@ -675,9 +655,7 @@ StorageLoc=slurm_acct_db
 
         Asks slurmctld first and sacct once slurmctld has forgotten the job.
         """
-        res = self.run(
-            ["scontrol", "show", "job", "-o", str(job_id)], timeout=15, check=False
-        )
+        res = self.run(["scontrol", "show", "job", "-o", str(job_id)], timeout=15, check=False)
         if res.returncode == 0:
             m = re.search(r"\bJobState=(\S+)", res.stdout)
             if m:

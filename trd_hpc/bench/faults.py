@@ -79,13 +79,23 @@ def compare_runs(ref: Path, run: Path, weights_file: str = "model.pt") -> list[s
     return out
 
 
-def train_command(config: str, out: Path, cohort: Path, overrides: list[str], nproc: int,
-                  resume: bool = False, evaluate: bool = False) -> list[str]:
+def train_command(
+    config: str, out: Path, cohort: Path, overrides: list[str], nproc: int, resume: bool = False, evaluate: bool = False
+) -> list[str]:
     base = [sys.executable]
     if nproc > 1:
         base += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = base + ["-m", "trd_hpc.cli", "train", config, "--out", str(out), "--quiet",
-                  f"data.cohort={cohort}", *overrides]
+    cmd = base + [
+        "-m",
+        "trd_hpc.cli",
+        "train",
+        config,
+        "--out",
+        str(out),
+        "--quiet",
+        f"data.cohort={cohort}",
+        *overrides,
+    ]
     if not evaluate:
         cmd.append("--no-eval")
     if resume:
@@ -115,20 +125,27 @@ def _attempt(cmd: list[str], kill_after: float | None, log: Path) -> tuple[bool,
             return True, time.perf_counter() - t0, p.returncode
 
 
-def run(a) -> int:
+def run(
+    config: str | None = None,
+    overrides=(),
+    kills: int = 20,
+    seed: int = 0,
+    nproc: int = 1,
+    scratch_dir: str | None = None,
+    json_path: str | None = None,
+) -> int:
     from trd_hpc.config import load_config
     from trd_hpc.data.generate import generate
 
-    config = a.config or "configs/emt_tiny.yaml"
-    kills, seed, nproc = a.kills, a.seed, a.nproc
-    overrides = list(a.overrides or [])
+    config = config or "configs/emt_tiny.yaml"
+    overrides = list(overrides or [])
     if not any(o.startswith("train.checkpoint_every_steps=") for o in overrides):
         overrides.append("train.checkpoint_every_steps=2")
     if nproc > 1 and not any(o.startswith("train.strategy=") for o in overrides):
         overrides.append("train.strategy=ddp")
     overrides.append("train.num_threads=1")
     cfg = load_config(config, overrides)
-    scratch = Path(a.dir or tempfile.mkdtemp(prefix="trd-bench-faults-"))
+    scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="trd-bench-faults-"))
     cohort = scratch / "cohort"
     if not (cohort / "manifest.json").exists():
         print(f"bench faults: making the cohort of {config} in {cohort} ...", flush=True)
@@ -152,7 +169,9 @@ def run(a) -> int:
         resume = False
         while True:
             delay = rng.uniform(0.0, t_ref) if tried < kills else None
-            was_killed, dt, rc = _attempt(train_command(config, out, cohort, overrides, nproc, resume=resume), delay, log)
+            was_killed, dt, rc = _attempt(
+                train_command(config, out, cohort, overrides, nproc, resume=resume), delay, log
+            )
             wall += dt
             if was_killed:
                 tried += 1
@@ -174,18 +193,31 @@ def run(a) -> int:
             break
     extra = wall - runs * t_ref
     res = {
-        "config": config, "nproc": nproc, "seed": seed, "kills_tried": tried, "kills_survived": survived,
-        "runs": runs, "reference_s": t_ref, "wall_s": wall, "extra_s": extra,
-        "extra_per_kill_s": extra / tried if tried else 0.0, "schedule": schedule, "failures": failures,
+        "config": config,
+        "nproc": nproc,
+        "seed": seed,
+        "kills_tried": tried,
+        "kills_survived": survived,
+        "runs": runs,
+        "reference_s": t_ref,
+        "wall_s": wall,
+        "extra_s": extra,
+        "extra_per_kill_s": extra / tried if tried else 0.0,
+        "schedule": schedule,
+        "failures": failures,
     }
-    print(f"\nkills survived / tried: {survived}/{tried} ({runs} run(s), all compared with the reference: "
-          f"weights bit for bit, metrics.jsonl and metrics.json less timings)")
-    print(f"wall: {wall:.1f} s for {runs} run(s) vs {runs * t_ref:.1f} s uninterrupted "
-          f"= {wall / (runs * t_ref):.2f}x; {res['extra_per_kill_s']:.1f} s extra per kill")
+    print(
+        f"\nkills survived / tried: {survived}/{tried} ({runs} run(s), all compared with the reference: "
+        f"weights bit for bit, metrics.jsonl and metrics.json less timings)"
+    )
+    print(
+        f"wall: {wall:.1f} s for {runs} run(s) vs {runs * t_ref:.1f} s uninterrupted "
+        f"= {wall / (runs * t_ref):.2f}x; {res['extra_per_kill_s']:.1f} s extra per kill"
+    )
     for f in failures:
         print(f"FAILED {f}", file=sys.stderr)
-    if a.json:
+    if json_path:
         from trd_hpc.fsio import atomic_write_json
 
-        atomic_write_json(a.json, res)
+        atomic_write_json(json_path, res)
     return 1 if failures or survived != tried else 0

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trd_hpc.config import load_config
+from trd_hpc.config import derive, load_config
 from trd_hpc.data.generate import generate, subject_nbytes
 
 
@@ -40,11 +40,17 @@ def _limit(n_subjects: int, numel: int, nbytes: int, scratch: Path) -> float:
     return dt
 
 
-def run(a) -> int:
-    cfg = load_config(a.config or "configs/emt.yaml", a.overrides)
-    n = a.subjects or 64
-    cohort = cfg.cohort.model_copy(update={"n_subjects": n, "subjects_per_shard": max(n // 2, 1)})
-    scratch = Path(a.dir or tempfile.mkdtemp(prefix="trd-bench-gen-"))
+def run(
+    config: str | None = None,
+    overrides=(),
+    subjects: int | None = None,
+    scratch_dir: str | None = None,
+    json_path: str | None = None,
+) -> int:
+    cfg = load_config(config or "configs/emt.yaml", list(overrides))
+    n = subjects or 64
+    cohort = derive(cfg.cohort, {"n_subjects": n, "subjects_per_shard": max(n // 2, 1)}, "bench generate")
+    scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="trd-bench-gen-"))
     scratch.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     per_subject = subject_nbytes(cohort)
@@ -60,7 +66,7 @@ def run(a) -> int:
         limit = _limit(n, numel, per_subject, scratch)
         shutil.rmtree(out, ignore_errors=True)
     finally:
-        if not a.dir:
+        if not scratch_dir:
             shutil.rmtree(scratch, ignore_errors=True)
     figures = {
         "benchmark": "generate",
@@ -82,6 +88,6 @@ def run(a) -> int:
         f"(torch.randn of {numel} float32 + plain write of {per_subject} bytes)\n"
         f"  ratio: {figures['ratio_to_limit']:.2f} (target >= 0.8)"
     )
-    if a.json:
-        Path(a.json).write_text(json.dumps(figures, indent=1))
+    if json_path:
+        Path(json_path).write_text(json.dumps(figures, indent=1))
     return 0

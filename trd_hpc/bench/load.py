@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from trd_hpc.config import ConfigError, load_config
+from trd_hpc.config import ConfigError, derive, load_config
 from trd_hpc.data.dataset import CohortDataset, forget_verified, make_loader
 from trd_hpc.data.generate import generate
 from trd_hpc.data.manifest import load_manifest
@@ -108,7 +108,9 @@ class PeakRSS:
         self._t.join()
 
 
-def epoch(root: Path, workers: int, batch: int, bulk_name: str, cold_files: list[Path] | None = None) -> tuple[float, int, int]:
+def epoch(
+    root: Path, workers: int, batch: int, bulk_name: str, cold_files: list[Path] | None = None
+) -> tuple[float, int, int]:
     """Seconds, subjects and bulk bytes of the second of two epochs (steady state:
     worker start-up and first-touch allocations excluded, as for the raw read's
     buffer).  With ``cold_files`` the page cache is dropped before the timed epoch."""
@@ -167,7 +169,9 @@ class CommonDataset(Dataset):
 
 
 def common_epoch(root: Path, workers: int, batch: int) -> tuple[float, int]:
-    loader = DataLoader(CommonDataset(root), batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=True)
+    loader = DataLoader(
+        CommonDataset(root), batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=True
+    )
     for _ in range(2):  # second epoch timed, as for ours
         n = 0
         t0 = time.perf_counter()
@@ -177,22 +181,28 @@ def common_epoch(root: Path, workers: int, batch: int) -> tuple[float, int]:
     return dt, n
 
 
-def run(a) -> int:
-    cfg = load_config(a.config or "configs/emt.yaml", a.overrides)
+def run(
+    config: str | None = None,
+    overrides=(),
+    subjects: int | None = None,
+    scratch_dir: str | None = None,
+    json_path: str | None = None,
+) -> int:
+    cfg = load_config(config or "configs/emt.yaml", list(overrides))
     if cfg.cohort.kind != "emt":
-        raise ConfigError(f"{a.config}: bench load compares against float32 fMRI storage: use an EMT config (task: emt)")
-    n = a.subjects or 48
+        raise ConfigError(f"{config}: bench load compares against float32 fMRI storage: use an EMT config (task: emt)")
+    n = subjects or 48
     batch = 12
-    scratch = Path(a.dir or tempfile.mkdtemp(prefix="trd-bench-load-"))
+    scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="trd-bench-load-"))
     scratch.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     figures: dict = {"benchmark": "load", "subjects": n, "batch": batch}
     try:
-        base = cfg.cohort.model_copy(update={"n_subjects": n, "subjects_per_shard": max(n // 4, 1)})
+        base = derive(cfg.cohort, {"n_subjects": n, "subjects_per_shard": max(n // 4, 1)}, "bench load")
         ours_dir, common_dir = scratch / "f16", scratch / "f32"
         print(f"making cohorts of {n} subjects in {scratch} ...", flush=True)
         generate(base, ours_dir, workers=2, progress=False)
-        f32 = base.model_copy(update={"fmri": base.fmri.model_copy(update={"dtype": "float32"})})
+        f32 = derive(base, {"fmri.dtype": "float32"}, "bench load")
         generate(f32, common_dir, workers=2, progress=False)
         files = sorted(ours_dir.glob("shard-*.h5"))
         fmri_bytes_per_subject = int(np.prod(base.fmri.shape)) * 2
@@ -204,7 +214,9 @@ def run(a) -> int:
         dt, nbytes = raw_read(files)
         figures["raw_warm_MB_per_s"] = nbytes / dt / 1e6
         total_fraction = fmri_bytes_per_subject * n / nbytes  # fMRI share of the file bytes
-        figures["raw_warm_subjects_per_s"] = figures["raw_warm_MB_per_s"] * 1e6 * total_fraction / fmri_bytes_per_subject
+        figures["raw_warm_subjects_per_s"] = (
+            figures["raw_warm_MB_per_s"] * 1e6 * total_fraction / fmri_bytes_per_subject
+        )
 
         for w in (0, 1, 2):
             for cache in ("cold", "warm"):
@@ -231,7 +243,7 @@ def run(a) -> int:
         figures["speedup_vs_common"] = figures["ours_w2_warm_subjects_per_s"] / figures["common_w2_warm_subjects_per_s"]
         shutil.rmtree(common_dir, ignore_errors=True)
 
-        big = base.model_copy(update={"n_subjects": 10 * n})
+        big = derive(base, {"n_subjects": 10 * n}, "bench load")
         big_dir = scratch / "f16x10"
         print(f"making a cohort of {10 * n} subjects for the memory check ...", flush=True)
         generate(big, big_dir, workers=2, progress=False)
@@ -241,24 +253,34 @@ def run(a) -> int:
             figures[f"peak_rss_MB_{name}"] = rss.peak / 1e6
         figures["rss_growth_10x"] = figures["peak_rss_MB_10x"] / figures["peak_rss_MB_1x"]
     finally:
-        if not a.dir:
+        if not scratch_dir:
             shutil.rmtree(scratch, ignore_errors=True)
 
     f = figures
     print(f"load: EMT fMRI {tuple(cfg.cohort.fmri.shape)} float16, batch {batch}, {n} subjects (10x: {10 * n})")
-    print(f"  raw sequential read : cold {f['raw_cold_MB_per_s']:7.0f} MB/s   warm {f['raw_warm_MB_per_s']:7.0f} MB/s"
-          + ("" if f["cold_cache_dropped"] else "  (could not drop the page cache)"))
+    print(
+        f"  raw sequential read : cold {f['raw_cold_MB_per_s']:7.0f} MB/s   warm {f['raw_warm_MB_per_s']:7.0f} MB/s"
+        + ("" if f["cold_cache_dropped"] else "  (could not drop the page cache)")
+    )
     for w in (0, 1, 2):
-        print(f"  ours num_workers={w}  : cold {f[f'ours_w{w}_cold_MB_per_s']:7.0f} MB/s "
-              f"({f[f'ours_w{w}_cold_subjects_per_s']:6.1f} subj/s)   warm {f[f'ours_w{w}_warm_MB_per_s']:7.0f} MB/s "
-              f"({f[f'ours_w{w}_warm_subjects_per_s']:6.1f} subj/s)")
+        print(
+            f"  ours num_workers={w}  : cold {f[f'ours_w{w}_cold_MB_per_s']:7.0f} MB/s "
+            f"({f[f'ours_w{w}_cold_subjects_per_s']:6.1f} subj/s)   warm {f[f'ours_w{w}_warm_MB_per_s']:7.0f} MB/s "
+            f"({f[f'ours_w{w}_warm_subjects_per_s']:6.1f} subj/s)"
+        )
     print(f"  common (f32, open per item, workers=2, warm): {f['common_w2_warm_subjects_per_s']:.1f} subj/s")
-    print(f"  ratio to raw: warm {f['ratio_to_raw_warm']:.2f}, cold {f['ratio_to_raw_cold']:.2f} (target >= 0.8); "
-          f"speed-up vs common: {f['speedup_vs_common']:.1f}x (target >= 1.5)")
-    print(f"  peak RSS over an epoch: {f['peak_rss_MB_1x']:.0f} MB (1x), {f['peak_rss_MB_10x']:.0f} MB (10x): "
-          f"growth {f['rss_growth_10x']:.2f}x")
-    print(f"  checksums on first open: first epoch {f['first_epoch_s_checked']:.3f} s checked vs "
-          f"{f['first_epoch_s_unchecked']:.3f} s unchecked = {f['first_epoch_check_ratio']:.2f}x (later epochs: no cost)")
-    if a.json:
-        Path(a.json).write_text(json.dumps(figures, indent=1))
+    print(
+        f"  ratio to raw: warm {f['ratio_to_raw_warm']:.2f}, cold {f['ratio_to_raw_cold']:.2f} (target >= 0.8); "
+        f"speed-up vs common: {f['speedup_vs_common']:.1f}x (target >= 1.5)"
+    )
+    print(
+        f"  peak RSS over an epoch: {f['peak_rss_MB_1x']:.0f} MB (1x), {f['peak_rss_MB_10x']:.0f} MB (10x): "
+        f"growth {f['rss_growth_10x']:.2f}x"
+    )
+    print(
+        f"  checksums on first open: first epoch {f['first_epoch_s_checked']:.3f} s checked vs "
+        f"{f['first_epoch_s_unchecked']:.3f} s unchecked = {f['first_epoch_check_ratio']:.2f}x (later epochs: no cost)"
+    )
+    if json_path:
+        Path(json_path).write_text(json.dumps(figures, indent=1))
     return 0

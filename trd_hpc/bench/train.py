@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from trd_hpc.config import load_config
+from trd_hpc.config import derive, load_config
 from trd_hpc.data.generate import generate
+from trd_hpc.tasks import make_task
 from trd_hpc.train import distributed as D
 from trd_hpc.train.perf import peak_flops
-from trd_hpc.train.tasks import make_task
 from trd_hpc.train.trainer import Trainer
 
 
@@ -41,27 +41,44 @@ def _bare_epoch(model, task, batches, opt, device) -> float:
     return time.perf_counter() - t0
 
 
-def run(a) -> int:
-    cfg = load_config(a.config or "configs/emt.yaml", a.overrides)
-    steps = max(2, (a.subjects or 0) // cfg.train.batch_size) if a.subjects else 8
+def run(
+    config: str | None = None,
+    overrides=(),
+    subjects: int | None = None,
+    scratch_dir: str | None = None,
+    json_path: str | None = None,
+) -> int:
+    cfg = load_config(config or "configs/emt.yaml", list(overrides))
+    steps = max(2, (subjects or 0) // cfg.train.batch_size) if subjects else 8
     n_train = steps * cfg.train.batch_size
-    scratch = Path(a.dir or tempfile.mkdtemp(prefix="trd-bench-train-"))
+    scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="trd-bench-train-"))
     threads = cfg.train.num_threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         # A cohort whose train split is exactly `steps` full batches.
-        n = int(round(n_train / cfg.cohort.split.train if cfg.task == "emt" else n_train / ((1 - cfg.cohort.split.test) * (1 - cfg.cohort.split.val))))
+        n = int(
+            round(
+                n_train / cfg.cohort.split.train
+                if hasattr(cfg.cohort.split, "train")
+                else n_train / ((1 - cfg.cohort.split.test) * (1 - cfg.cohort.split.val))
+            )
+        )
         n += n % 2
-        cohort = cfg.cohort.model_copy(update={"n_subjects": n, "subjects_per_shard": max(n // 4, 1)})
         root = scratch / "cohort"
+        cfg = derive(
+            cfg,
+            {
+                "cohort.n_subjects": n,
+                "cohort.subjects_per_shard": max(n // 4, 1),
+                "data.cohort": str(root),
+                "data.num_workers": 0,
+                "train.strategy": "single",
+                "train.num_threads": threads,
+            },
+            "bench train",
+        )
         print(f"bench train: making a {cfg.task} cohort of {n} subjects in {root} ...", flush=True)
-        generate(cohort, root, workers=1, progress=False)
-        cfg = cfg.model_copy(deep=True)
-        cfg.cohort = cohort
-        cfg.data.cohort = str(root)
-        cfg.data.num_workers = 0
-        cfg.train.strategy = "single"
-        cfg.train.num_threads = threads
+        generate(cfg.cohort, root, workers=1, progress=False)
         info = D.DistInfo()
         trainer = Trainer(cfg, make_task(cfg, str(root)), scratch / "run", info, root, progress=False)
         ds = trainer.datasets["train"]
@@ -116,14 +133,22 @@ def run(a) -> int:
         except ImportError:
             figures["lightning"] = "not installed"
     finally:
-        if not a.dir:
+        if not scratch_dir:
             shutil.rmtree(scratch, ignore_errors=True)
     f = figures
-    print(f"train {f['task']} ({f['model']}), batch {f['batch_size']}, {f['threads']} threads, {f['subjects_per_epoch']} subjects/epoch, fp32")
-    print(f"  bare PyTorch loop (data in memory): {f['bare_samples_per_s']:7.2f} samples/s  MFU {100 * f['mfu_bare']:.1f}%")
-    print(f"  trd-hpc Trainer (reads the cohort): {f['ours_samples_per_s']:7.2f} samples/s  MFU {100 * f['mfu_ours']:.1f}%")
-    print(f"  ratio {f['ratio']:.3f} (target >= 0.95); {f['flops_per_sample'] / 1e9:.2f} GFLOP/sample; "
-          f"peak {f['peak_flops'] / 1e9:.0f} GFLOP/s ({f['peak_source']}); PyTorch Lightning: {f['lightning']}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(figures, indent=1))
+    print(
+        f"train {f['task']} ({f['model']}), batch {f['batch_size']}, {f['threads']} threads, {f['subjects_per_epoch']} subjects/epoch, fp32"
+    )
+    print(
+        f"  bare PyTorch loop (data in memory): {f['bare_samples_per_s']:7.2f} samples/s  MFU {100 * f['mfu_bare']:.1f}%"
+    )
+    print(
+        f"  trd-hpc Trainer (reads the cohort): {f['ours_samples_per_s']:7.2f} samples/s  MFU {100 * f['mfu_ours']:.1f}%"
+    )
+    print(
+        f"  ratio {f['ratio']:.3f} (target >= 0.95); {f['flops_per_sample'] / 1e9:.2f} GFLOP/sample; "
+        f"peak {f['peak_flops'] / 1e9:.0f} GFLOP/s ({f['peak_source']}); PyTorch Lightning: {f['lightning']}"
+    )
+    if json_path:
+        Path(json_path).write_text(json.dumps(figures, indent=1))
     return 0

@@ -22,7 +22,17 @@ from trd_hpc.eval.metrics import (
 from trd_hpc.eval.report import flatten, write_report
 
 __all__ = [
-    "IsotonicCalibrator", "PlattCalibrator", "TemperatureCalibrator", "calibrate_all", "make_calibrator",
-    "binary_metrics", "curves", "expected_calibration_error", "multiclass_metrics", "regression_metrics",
-    "reliability_bins", "flatten", "write_report",
+    "IsotonicCalibrator",
+    "PlattCalibrator",
+    "TemperatureCalibrator",
+    "calibrate_all",
+    "make_calibrator",
+    "binary_metrics",
+    "curves",
+    "expected_calibration_error",
+    "multiclass_metrics",
+    "regression_metrics",
+    "reliability_bins",
+    "flatten",
+    "write_report",
 ]

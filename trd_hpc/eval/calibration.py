@@ -26,7 +26,8 @@ from typing import Literal, Sequence
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import expit, logit as _logit
+from scipy.special import expit
+from scipy.special import logit as _logit
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 

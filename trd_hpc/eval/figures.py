@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from scipy.stats import gaussian_kde
-from sklearn.metrics import average_precision_score, roc_auc_score, precision_recall_curve, roc_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from trd_hpc.eval.importance import as_box
 
@@ -129,8 +129,9 @@ def _density(ax, values: np.ndarray, color: str, label: str) -> None:
         ax.plot(xs, gaussian_kde(values)(xs), color=color)
 
 
-def probability_densities(y, prob, path, prob_calibrated=None, threshold: float = 0.5,
-                          calibrated_label: str = "calibrated") -> Path:
+def probability_densities(
+    y, prob, path, prob_calibrated=None, threshold: float = 0.5, calibrated_label: str = "calibrated"
+) -> Path:
     """Per-class density of P(TRD); a second panel after calibration if given."""
     y, prob = _labels_probs(y, prob)
     panels = [("uncalibrated", prob)]
@@ -202,8 +203,10 @@ def snp_allele_histograms(snp, y, n_predictive: int, path) -> Path:
     predictive SNPs (the first ``n_predictive``) and over the others."""
     g = np.asarray(snp).astype(int)
     y = np.asarray(y).reshape(-1).astype(int)
-    groups = [(f"predictive SNPs (first {n_predictive})", g[:, :n_predictive]),
-              (f"other SNPs ({g.shape[1] - n_predictive})", g[:, n_predictive:])]
+    groups = [
+        (f"predictive SNPs (first {n_predictive})", g[:, :n_predictive]),
+        (f"other SNPs ({g.shape[1] - n_predictive})", g[:, n_predictive:]),
+    ]
     groups = [(t, a) for t, a in groups if a.shape[1] > 0]
     fig = Figure(figsize=(4.4 * len(groups), 3.4))
     axes = np.atleast_1d(fig.subplots(1, len(groups)))
@@ -214,7 +217,13 @@ def snp_allele_histograms(snp, y, n_predictive: int, path) -> Path:
             if sub.size == 0:
                 continue
             freq = np.bincount(sub.ravel(), minlength=3)[:3] / sub.size
-            ax.bar(np.arange(3) + (c - 0.5) * width, freq, width, color=CLASS_COLORS[c], label=f"{CLASS_NAMES[c]} (n={len(sub)})")
+            ax.bar(
+                np.arange(3) + (c - 0.5) * width,
+                freq,
+                width,
+                color=CLASS_COLORS[c],
+                label=f"{CLASS_NAMES[c]} (n={len(sub)})",
+            )
         ax.set_xticks(range(3), labels=["0", "1", "2"])
         ax.set(xlabel="minor allele count", ylabel="frequency", title=title, ylim=(0, 1))
         ax.legend(fontsize=8)
@@ -261,8 +270,15 @@ def confusion_matrix_plot(cm, class_names: Sequence[str], path, title: str = "Co
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
-                    color="white" if norm[i, j] > 0.5 else "black", fontsize=10)
+            ax.text(
+                j,
+                i,
+                f"{int(cm[i, j])}",
+                ha="center",
+                va="center",
+                color="white" if norm[i, j] > 0.5 else "black",
+                fontsize=10,
+            )
     ax.set_xticks(range(n), labels=class_names, rotation=20, fontsize=8)
     ax.set_yticks(range(n), labels=class_names, fontsize=8)
     ax.set(xlabel="predicted", ylabel="true", title=title)
@@ -302,7 +318,9 @@ def training_progression(history: Sequence[Mapping[str, Any]], path) -> Path:
     """Accuracy, severity MAE and loss per epoch, train vs validation."""
     fig = Figure(figsize=(12, 3.4))
     axes = fig.subplots(1, 3)
-    for ax, (metric, ylabel) in zip(axes, [("accuracy", "accuracy"), ("severity_mae", "severity MAE"), ("loss", "loss")]):
+    for ax, (metric, ylabel) in zip(
+        axes, [("accuracy", "accuracy"), ("severity_mae", "severity MAE"), ("loss", "loss")]
+    ):
         _plot_keys(ax, history, [(f"train.{metric}", "train"), (f"val.{metric}", "validation")], ylabel)
         ax.set_title(ylabel[0].upper() + ylabel[1:])
     return _save(fig, path)

@@ -172,7 +172,13 @@ def regression_metrics(true_scaled, pred_scaled, scale: float) -> dict:
     if t.shape != p.shape:
         raise ValueError(f"true has {t.size} values but pred has {p.size}")
     if t.size == 0:
-        return {"n": 0, "severity_mae": NAN, "severity_rmse": NAN, "severity_mae_scaled": NAN, "severity_pearson_r": NAN}
+        return {
+            "n": 0,
+            "severity_mae": NAN,
+            "severity_rmse": NAN,
+            "severity_mae_scaled": NAN,
+            "severity_pearson_r": NAN,
+        }
     mae_scaled = float(mean_absolute_error(t, p))
     rmse_scaled = float(np.sqrt(np.mean((t - p) ** 2)))
     r = NAN

@@ -87,7 +87,9 @@ def _figures_html(figures: Mapping[str, Path]) -> str:
             parts.append(f'<p class="note">figure {cap}: missing ({html.escape(str(p))})</p>')
             continue
         data = base64.b64encode(p.read_bytes()).decode("ascii")
-        parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{cap}"><figcaption>{cap}</figcaption></figure>')
+        parts.append(
+            f'<figure><img src="data:image/png;base64,{data}" alt="{cap}"><figcaption>{cap}</figcaption></figure>'
+        )
     return "\n".join(parts)
 
 

@@ -12,12 +12,12 @@ Pre-emption and time limits (train and cv):
   handler*, i.e. in the middle of a training step and without saving the model.
 * So ``__call__`` keeps submitit's handler aside and installs trd's (``trd_hpc.train.signals``:
   SIGUSR2/SIGTERM only set a flag). On SIGUSR2 the trainer finishes the step, every rank agrees,
-  rank 0 writes a checkpoint and ``RUN_DIR/PREEMPTED``, and ``train()`` returns None.
+  rank 0 writes a checkpoint and ``RUN_DIR/PREEMPTED``, and ``experiment.run()`` returns None.
 * ``__call__`` on rank 0 then calls submitit's handler itself: it tells a time-out from a
   pre-emption (and counts time-outs), calls ``checkpoint()`` -- which resubmits this same callable
   (``DelayedSubmission(self)``) -- runs ``scontrol requeue`` (``--cluster local``: exit code 144,
   which makes submitit's controller restart the tasks) and exits. The requeued job keeps its id,
-  runs ``__call__`` again, and ``train(..., resume="auto")`` continues from the newest checkpoint.
+  runs ``__call__`` again, and ``experiment.run(..., resume="auto")`` continues from the newest checkpoint.
   Other ranks return; SLURM ends them when the job is requeued.
 * After SIGTERM (scancel, or pre-emption by the scheduler, which requeues by itself when its
   PreemptMode says so) the checkpoint is written the same way, but the job is not requeued by us.
@@ -28,17 +28,18 @@ finished ones); ``tune`` too (rerunning a sweep restores it from Ray Tune's chec
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trd_hpc.errors import ConfigError, TrainingError
 
 VERBS = ("train", "generate", "cv", "tune")
 CLUSTERS = ("slurm", "local", "debug")
+
 
 def _need_submitit():
     try:
@@ -101,17 +102,25 @@ class _TrdJob:
     Use ``TrdJob`` (this class with ``submitit.helpers.Checkpointable`` as a base), made when first
     asked for: importing submitit costs ~60 ms, which every `trd-hpc` command would pay."""
 
-    def __init__(self, verb: str, config: str, out: str, overrides: list[str] | None = None,
-                 cfg_data: dict | None = None, options: dict | None = None, cwd: str | None = None):
+    def __init__(
+        self,
+        verb: str,
+        config: str,
+        out: str,
+        overrides: list[str] | None = None,
+        cfg_data: dict | None = None,
+        options: dict | None = None,
+        cwd: str | None = None,
+    ):
         if verb not in VERBS:
             raise ConfigError(f"unknown verb {verb!r}; one of {', '.join(VERBS)}")
         self.verb = verb
-        self.config = config          # path of the config (train, generate, cv) or sweep spec (tune)
-        self.out = out                # absolute: the run, cohort, cv or sweep directory
+        self.config = config  # path of the config (train, generate, cv) or sweep spec (tune)
+        self.out = out  # absolute: the run, cohort, cv or sweep directory
         self.overrides = list(overrides or [])
-        self.cfg_data = cfg_data      # the config resolved at submission (a requeue runs the same one)
+        self.cfg_data = cfg_data  # the config resolved at submission (a requeue runs the same one)
         self.options = dict(options or {})
-        self.cwd = cwd                # relative paths in the config (data.cohort) are from here
+        self.cwd = cwd  # relative paths in the config (data.cohort) are from here
 
     def __repr__(self) -> str:
         return f"TrdJob({self.verb} {self.config} -> {self.out})"
@@ -144,17 +153,16 @@ class _TrdJob:
         return load_config(self.config, self.overrides)
 
     def _run_train(self, rank: int, requeue):
-        from trd_hpc.train.run import train
+        from trd_hpc.experiment import run
 
-        metrics = train(self._cfg(), self.out, resume="auto", evaluate_after=not self.options.get("no_eval"),
-                        progress=False)
+        metrics = run(self._cfg(), self.out, resume="auto", evaluate=not self.options.get("no_eval"), progress=False)
         if rank == 0 and metrics is None:
             return self._preempted(rank, requeue)
         return metrics
 
     def _run_cv(self, rank: int, requeue):
+        from trd_hpc.cv import aggregate, check_folds, fold_dir, run_cv
         from trd_hpc.train import signals
-        from trd_hpc.train.cv import aggregate, check_folds, fold_dir, run_cv
 
         cfg = self._cfg()
         out = Path(self.out)
@@ -176,21 +184,26 @@ class _TrdJob:
     def _run_generate(self, rank: int, requeue):
         from trd_hpc.data.generate import generate
 
-        res = generate(self._cfg().cohort, Path(self.out), workers=int(self.options.get("workers") or 1),
-                       progress=False)
-        return {"out": str(res.out), "made": res.made, "kept": res.kept, "remade": res.remade,
-                "finalized": res.finalized, "seconds": res.seconds, "subjects_written": res.subjects_written}
+        res = generate(
+            self._cfg().cohort, Path(self.out), workers=int(self.options.get("workers") or 1), progress=False
+        )
+        return {
+            "out": str(res.out),
+            "made": res.made,
+            "kept": res.kept,
+            "remade": res.remade,
+            "finalized": res.finalized,
+            "seconds": res.seconds,
+            "subjects_written": res.subjects_written,
+        }
 
     def _run_tune(self, rank: int, requeue):
-        import json
+        from trd_hpc.tune.sweep import run_sweep
 
-        from trd_hpc.tune.sweep import main as tune_main
-
-        rc = tune_main([self.config, "--out", self.out, "--quiet", *self.overrides])
-        if rc != 0:
-            raise TrainingError(f"trd-hpc tune {self.config} --out {self.out} exited with {rc}")
-        best = Path(self.out) / "best.json"
-        return json.loads(best.read_text()) if best.exists() else {"out": self.out}
+        res = run_sweep(self.config, self.out, overrides=tuple(self.overrides), verbose=0, progress=False)
+        if not res["finished"]:  # errored trials or an interruption: the job failed; resubmitting resumes
+            raise TrainingError(f"the sweep {self.config} -> {self.out} did not finish; submit it again to resume")
+        return res
 
     def _preempted(self, rank: int, requeue):
         """The trainer stopped at a step boundary after a signal and wrote its checkpoint."""
@@ -200,8 +213,11 @@ class _TrdJob:
         if rank != 0:
             return {"preempted": True, "rank": rank}
         if sig == "SIGTERM":
-            print("SIGTERM: checkpoint written; not requeuing (the scheduler requeues a pre-empted job "
-                  "itself, a cancelled one ends)", flush=True)
+            print(
+                "SIGTERM: checkpoint written; not requeuing (the scheduler requeues a pre-empted job "
+                "itself, a cancelled one ends)",
+                flush=True,
+            )
             sys.exit(-1)  # like submitit: no result file, the job is not finished
         if requeue is not None:
             print(f"{sig or 'a signal on another rank'}: checkpoint written; requeueing through submitit", flush=True)
@@ -215,65 +231,53 @@ def __getattr__(name: str):
     name, so that (cloud)pickle stores it by reference and the job process finds it again."""
     if name == "TrdJob":
         submitit = _need_submitit()
-        cls = type("TrdJob", (_TrdJob, submitit.helpers.Checkpointable),
-                   {"__module__": __name__, "__qualname__": "TrdJob", "__doc__": _TrdJob.__doc__})
+        cls = type(
+            "TrdJob",
+            (_TrdJob, submitit.helpers.Checkpointable),
+            {"__module__": __name__, "__qualname__": "TrdJob", "__doc__": _TrdJob.__doc__},
+        )
         globals()["TrdJob"] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# --------------------------------------------------------------------------- command line
-def add_submit_parser(subparsers) -> argparse.ArgumentParser:
-    """``trd-hpc submit VERB CONFIG [options] [KEY=VALUE ...]`` (call from cli.build_parser)."""
-    p = subparsers.add_parser(
-        "submit",
-        help="run train, generate, cv or tune as a SLURM job (or a local one) through submitit",
-        description="Submit `trd-hpc VERB CONFIG` as a submitit job: SLURM (default when srun is on PATH), a "
-        "local background process (--cluster local) or in this process (--cluster debug). Prints the job id "
-        "and log files; with --wait follows the log and prints the result. train and cv are checkpointed and "
-        "requeued on pre-emption or time-out (SIGUSR2) and resume from their newest checkpoint.",
-        epilog="Example:\n  trd-hpc submit train configs/emt.yaml --out runs/emt --nodes 2 --tasks-per-node 4 "
-        "--gpus-per-node 4 --cpus-per-task 8 --time 720 --partition gpu\n"
-        "  trd-hpc submit cv configs/cnn3d.yaml --out runs/cv --cpus-per-task 4   # one array task per fold",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("verb", choices=VERBS, help="what to run")
-    p.add_argument("config", help="experiment YAML (train, generate, cv) or sweep spec (tune)")
-    p.add_argument("--out", help="run / cohort / cv / sweep directory (default: runs/<verb>-<config>-<time>; "
-                   "generate: the config's data.cohort)")
-    r = p.add_argument_group("resources (per job; one task per GPU or per CPU slot)")
-    r.add_argument("--nodes", type=int, default=1)
-    r.add_argument("--tasks-per-node", type=int, default=1, help="DDP processes per node (train, cv)")
-    r.add_argument("--gpus-per-node", type=int, default=None, help="default: none requested")
-    r.add_argument("--cpus-per-task", type=int, default=1, help="also the torch threads per task (default 1)")
-    r.add_argument("--mem-gb", type=float, default=None, help="memory per node (default: the cluster's)")
-    r.add_argument("--time", type=int, default=240, metavar="MINUTES", help="time limit per attempt (default 240)")
-    r.add_argument("--partition", default=None)
-    r.add_argument("--account", default=None)
-    r.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other sbatch option, e.g. --slurm qos=high --slurm constraint=a100 (repeatable)")
-    r.add_argument("--signal-delay", type=int, default=120, metavar="S",
-                   help="SIGUSR2 this many seconds before the time limit (default 120)")
-    r.add_argument("--max-timeouts", type=int, default=10,
-                   help="requeues after reaching the time limit before giving up (default 10; pre-emptions are not counted)")
-    j = p.add_argument_group("submission")
-    j.add_argument("--cluster", choices=CLUSTERS, default=None,
-                   help="slurm, local (background processes) or debug (in this process); default: slurm if srun is found")
-    j.add_argument("--logs", default=None, help="submitit folder: job pickles and logs (default: submitit-logs/%%j)")
-    j.add_argument("--name", default=None, help="job name (default trd-VERB-CONFIG)")
-    j.add_argument("--wait", action="store_true", help="follow the job's log until it ends and print its result")
-    j.add_argument("--wait-timeout", type=float, default=None, metavar="S",
-                   help="stop waiting after S seconds (the job keeps running); Ctrl-C also stops waiting")
-    v = p.add_argument_group("verb options")
-    v.add_argument("--no-eval", action="store_true", help="train: skip calibration, baselines, figures, report")
-    v.add_argument("--folds", type=int, default=None, help="cv: number of folds (default: cohort.split.folds)")
-    v.add_argument("--fold", type=int, default=None, help="cv: only this fold (default: one array task per fold)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    p.set_defaults(func=run_submit)
-    return p
+# --------------------------------------------------------------------------- submission
+@dataclass
+class SubmitRequest:
+    """What ``trd-hpc submit`` was asked for (the CLI fills it; code may too)."""
+
+    verb: str
+    config: str
+    out: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int | None = None
+    cpus_per_task: int = 1
+    mem_gb: float | None = None
+    time: int = 240  # minutes per attempt
+    partition: str | None = None
+    account: str | None = None
+    slurm: list[str] = field(default_factory=list)  # other sbatch options, KEY=VALUE
+    signal_delay: int = 120
+    max_timeouts: int = 10
+    cluster: str | None = None
+    logs: str | None = None
+    name: str | None = None
+    wait: bool = False
+    wait_timeout: float | None = None
+    no_eval: bool = False
+    folds: int | None = None
+    fold: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.verb not in VERBS:
+            raise ConfigError(f"unknown verb {self.verb!r}; one of {', '.join(VERBS)}")
+        if self.cluster is not None and self.cluster not in CLUSTERS:
+            raise ConfigError(f"unknown cluster {self.cluster!r}; one of {', '.join(CLUSTERS)}")
 
 
-def _overrides_with_defaults(a) -> list[str]:
+def _overrides_with_defaults(a: SubmitRequest) -> list[str]:
     """The user's overrides plus what the resources imply (ddp for several tasks, threads per task)."""
     ov = list(a.overrides or [])
     keys = {o.split("=", 1)[0] for o in ov}
@@ -285,7 +289,7 @@ def _overrides_with_defaults(a) -> list[str]:
     return ov
 
 
-def make_jobs(a) -> tuple[list, str]:
+def make_jobs(a: SubmitRequest) -> tuple[list, str]:
     """The callables to submit (TrdJob: one, or one per fold for cv) and the job name."""
     from trd_hpc.config import load_config, to_dict
 
@@ -312,7 +316,7 @@ def make_jobs(a) -> tuple[list, str]:
     out = str(Path(a.out or f"runs/{a.verb}-{stem}-{time.strftime('%Y%m%d-%H%M%S')}").absolute())
     if a.verb == "train":
         return [TrdJob("train", config, out, overrides, data, {"no_eval": a.no_eval}, cwd)], name
-    from trd_hpc.train.cv import check_folds
+    from trd_hpc.cv import check_folds
 
     k = check_folds(cfg, a.folds)
     folds = [a.fold] if a.fold is not None else list(range(k))
@@ -321,15 +325,20 @@ def make_jobs(a) -> tuple[list, str]:
     return [TrdJob("cv", config, out, overrides, data, {"folds": k, "fold": f}, cwd) for f in folds], name
 
 
-def make_executor(a, name: str):
+def make_executor(a: SubmitRequest, name: str):
     submitit = _need_submitit()
     logs = a.logs or "submitit-logs/%j"
     cluster = a.cluster
     if cluster is None:
         cluster = "slurm" if submitit.AutoExecutor.which() == "slurm" else "local"
     ex = submitit.AutoExecutor(folder=logs, cluster=cluster, slurm_max_num_timeout=a.max_timeouts)
-    params = {"name": name, "timeout_min": a.time, "nodes": a.nodes, "tasks_per_node": a.tasks_per_node,
-              "cpus_per_task": a.cpus_per_task}
+    params = {
+        "name": name,
+        "timeout_min": a.time,
+        "nodes": a.nodes,
+        "tasks_per_node": a.tasks_per_node,
+        "cpus_per_task": a.cpus_per_task,
+    }
     if a.gpus_per_node is not None:
         params["gpus_per_node"] = a.gpus_per_node
     if a.mem_gb is not None:
@@ -408,17 +417,28 @@ def _print_result(verb: str, res) -> None:
     if res.get("preempted"):
         print(f"pre-empted (not requeued): resubmit the same command to continue from {res.get('out')}")
     elif verb == "train":
-        keys = [k for k in ("test.auc", "test.ap", "test.accuracy", "test.severity_mae", "best_epoch", "world_size") if k in res]
-        print("final: " + "  ".join(f"{k} {res[k]:.4g}" if isinstance(res[k], float) else f"{k} {res[k]}" for k in keys))
+        keys = [
+            k
+            for k in ("test.auc", "test.ap", "test.accuracy", "test.severity_mae", "best_epoch", "world_size")
+            if k in res
+        ]
+        print(
+            "final: " + "  ".join(f"{k} {res[k]:.4g}" if isinstance(res[k], float) else f"{k} {res[k]}" for k in keys)
+        )
     elif verb == "cv" and "folds" in res:
-        from trd_hpc.train.cv import format_summary
+        from trd_hpc.cv import format_summary
 
         print(format_summary(res))
     else:
-        print("result: " + ", ".join(f"{k}={v}" for k, v in res.items() if not isinstance(v, (list, dict)) or len(str(v)) < 80))
+        print(
+            "result: "
+            + ", ".join(f"{k}={v}" for k, v in res.items() if not isinstance(v, (list, dict)) or len(str(v)) < 80)
+        )
 
 
-def run_submit(a: argparse.Namespace) -> int:
+def submit(a: SubmitRequest) -> int:
+    """Submit the job(s), print their ids and logs; with ``a.wait`` follow them and print the
+    result.  The exit code of ``trd-hpc submit``."""
     submitit = _need_submitit()
     jobs_to_run, name = make_jobs(a)
     ex, cluster = make_executor(a, name)
@@ -432,8 +452,11 @@ def run_submit(a: argparse.Namespace) -> int:
     out = jobs_to_run[0].out
     for h, j in zip(handles, jobs_to_run):
         t0 = _task0(h)
-        print(f"submitted {cluster} job {h.job_id}: {j.verb} {a.config} -> {j.out}"
-              + (f" (fold {j.options['fold']})" if j.verb == "cv" else ""), flush=True)
+        print(
+            f"submitted {cluster} job {h.job_id}: {j.verb} {a.config} -> {j.out}"
+            + (f" (fold {j.options['fold']})" if j.verb == "cv" else ""),
+            flush=True,
+        )
         print(f"  logs: {t0.paths.stdout}  {t0.paths.stderr}", flush=True)
     if cluster == "slurm":
         ids = " ".join(sorted({str(h.job_id).split("_")[0] for h in handles}))
@@ -460,7 +483,7 @@ def run_submit(a: argparse.Namespace) -> int:
         return rc
     verb = jobs_to_run[0].verb
     if verb == "cv" and len(results) > 1:
-        from trd_hpc.train.cv import SUMMARY, run_cv
+        from trd_hpc.cv import SUMMARY, run_cv
 
         summary_file = Path(out) / SUMMARY
         if summary_file.exists():
@@ -472,7 +495,9 @@ def run_submit(a: argparse.Namespace) -> int:
             from trd_hpc.config import validate_experiment
 
             cfg = validate_experiment(jobs_to_run[0].cfg_data, jobs_to_run[0].config)
-            _print_result("cv", run_cv(cfg, Path(out), folds=jobs_to_run[0].options["folds"], only_aggregate=True, progress=False))
+            _print_result(
+                "cv", run_cv(cfg, Path(out), folds=jobs_to_run[0].options["folds"], only_aggregate=True, progress=False)
+            )
             print(f"summary: {summary_file}")
         return 0
     for res in results:

@@ -40,9 +40,7 @@ class LateFusionMLP(nn.Module):
         self.fmri_enc = nn.Sequential(nn.Linear(math.prod(self.grid), h), nn.GELU())
         self.snp_enc = nn.Sequential(nn.Linear(3 * self.n_snps, h), nn.GELU())
         self.clin_enc = nn.Sequential(nn.Linear(self.n_clinical, h), nn.GELU())
-        self.head = nn.Sequential(
-            nn.Linear(3 * h, h), nn.GELU(), nn.Dropout(model_cfg.dropout), nn.Linear(h, 1)
-        )
+        self.head = nn.Sequential(nn.Linear(3 * h, h), nn.GELU(), nn.Dropout(model_cfg.dropout), nn.Linear(h, 1))
 
     @classmethod
     def from_config(cls, exp: EMTExperiment) -> "LateFusionMLP":

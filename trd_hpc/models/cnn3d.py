@@ -78,12 +78,14 @@ class Encoder3D(nn.Module):
         blocks = []
         c_in = in_channels
         for c_out, k in zip(channels, pool_kernels(in_shape, len(channels))):
-            blocks.append(nn.Sequential(
-                nn.Conv3d(c_in, c_out, kernel_size=3, padding=1, bias=False),  # BN follows: no bias
-                nn.BatchNorm3d(c_out),
-                nn.ReLU(inplace=True),
-                nn.MaxPool3d(kernel_size=k, stride=k),
-            ))
+            blocks.append(
+                nn.Sequential(
+                    nn.Conv3d(c_in, c_out, kernel_size=3, padding=1, bias=False),  # BN follows: no bias
+                    nn.BatchNorm3d(c_out),
+                    nn.ReLU(inplace=True),
+                    nn.MaxPool3d(kernel_size=k, stride=k),
+                )
+            )
             c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         self.out_channels = c_in
@@ -232,8 +234,11 @@ class ResNet18TwoHeads(nn.Module):
 
         self.in_shape = _shape3(in_shape)
         self.trunk = resnet18(
-            spatial_dims=3, n_input_channels=1, feed_forward=False,
-            conv1_t_size=(7, 7, 3), conv1_t_stride=(2, 2, 1),
+            spatial_dims=3,
+            n_input_channels=1,
+            feed_forward=False,
+            conv1_t_size=(7, 7, 3),
+            conv1_t_stride=(2, 2, 1),
         )
         n_feat = 512  # block_inplanes[-1] * expansion of the basic block
         self.dropout = nn.Dropout(model_cfg.dropout)
@@ -302,9 +307,13 @@ def cnn3d_flops_per_sample(model: nn.Module, in_shape: Sequence[int], in_channel
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
     p = next(model.parameters(), None)
-    x = torch.zeros(1, in_channels, *(int(s) for s in in_shape),
-                    device=p.device if p is not None else None,
-                    dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
+    x = torch.zeros(
+        1,
+        in_channels,
+        *(int(s) for s in in_shape),
+        device=p.device if p is not None else None,
+        dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32,
+    )
     was_training = model.training
     try:
         model.eval()

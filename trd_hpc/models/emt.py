@@ -127,7 +127,12 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         h = self.n_heads
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (
+            F.linear(x, self.in_proj_weight, self.in_proj_bias)
+            .view(b, n, 3, h, d // h)
+            .permute(2, 0, 3, 1, 4)
+            .unbind(0)
+        )
         p = self.attn_dropout if self.training else 0.0
         if p > 0.0 and x.device.type == "cpu":
             w = torch.softmax(torch.matmul(q * (d // h) ** -0.5, k.transpose(-1, -2)), dim=-1)
@@ -150,8 +155,14 @@ class EncoderLayer(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.1,
-        attn_dropout: float = 0.0, norm_first: bool = False, layer_norm_eps: float = 1e-5,
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        dropout: float = 0.1,
+        attn_dropout: float = 0.0,
+        norm_first: bool = False,
+        layer_norm_eps: float = 1e-5,
     ):
         super().__init__()
         self.self_attn = SelfAttention(d_model, n_heads, attn_dropout)
@@ -255,8 +266,13 @@ class EMT(nn.Module):
     """
 
     def __init__(
-        self, model_cfg: EMTModelConfig, fmri_shape: Sequence[int], n_snps: int, n_clinical: int,
-        *, attn_dropout: float = 0.0,
+        self,
+        model_cfg: EMTModelConfig,
+        fmri_shape: Sequence[int],
+        n_snps: int,
+        n_clinical: int,
+        *,
+        attn_dropout: float = 0.0,
     ):
         super().__init__()
         c = model_cfg
@@ -290,12 +306,20 @@ class EMT(nn.Module):
         self.tok_clin = nn.Parameter(torch.zeros(1, 1, d))
 
         self.encoder = Encoder(
-            c.n_layers, d_model=d, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.encoder_dropout,
-            attn_dropout=attn_dropout, norm_first=False,
+            c.n_layers,
+            d_model=d,
+            n_heads=c.n_heads,
+            d_ff=c.d_ff,
+            dropout=c.encoder_dropout,
+            attn_dropout=attn_dropout,
+            norm_first=False,
         )
         self.head = nn.Sequential(
-            nn.Linear(d, c.head_hidden), nn.LayerNorm(c.head_hidden), nn.GELU(),
-            FastDropout(c.dropout), nn.Linear(c.head_hidden, 1),
+            nn.Linear(d, c.head_hidden),
+            nn.LayerNorm(c.head_hidden),
+            nn.GELU(),
+            FastDropout(c.dropout),
+            nn.Linear(c.head_hidden, 1),
         )
         for p in (self.pos_embed, self.tok_fmri, self.tok_snp, self.tok_clin):
             nn.init.trunc_normal_(p, std=0.02)
@@ -345,9 +369,12 @@ class EMT(nn.Module):
         patches = self.encode_fmri(fmri)
         b, dt = patches.shape[0], patches.dtype
         parts = [
-            self.tok_fmri.expand(b, -1, -1), patches,
-            self.tok_snp.expand(b, -1, -1), self.encode_snp(snp).unsqueeze(1),
-            self.tok_clin.expand(b, -1, -1), self.encode_clinical(clinical).unsqueeze(1),
+            self.tok_fmri.expand(b, -1, -1),
+            patches,
+            self.tok_snp.expand(b, -1, -1),
+            self.encode_snp(snp).unsqueeze(1),
+            self.tok_clin.expand(b, -1, -1),
+            self.encode_clinical(clinical).unsqueeze(1),
         ]
         return torch.cat([t.to(dt) for t in parts], dim=1)
 
@@ -357,9 +384,7 @@ class EMT(nn.Module):
 
 
 # --------------------------------------------------------------------------- FLOPs
-def emt_flops_per_sample(
-    model_cfg: EMTModelConfig, fmri_shape: Sequence[int], n_snps: int, n_clinical: int
-) -> int:
+def emt_flops_per_sample(model_cfg: EMTModelConfig, fmri_shape: Sequence[int], n_snps: int, n_clinical: int) -> int:
     """Training FLOPs per sample of the EMT: 3 x the forward matmul FLOPs
     (backward ~ 2 x forward), counting 2 FLOPs per multiply-add.
 
@@ -387,9 +412,11 @@ def emt_flops_per_sample(
     seq = n + 5
     fwd = (
         2 * n * p * d
-        + 2 * n_snps * e + 2 * n_snps * e * d
+        + 2 * n_snps * e
+        + 2 * n_snps * e * d
         + 2 * n_clinical * d
         + c.n_layers * (8 * seq * d * d + 4 * seq * seq * d + 4 * seq * d * f)
-        + 2 * d * h + 2 * h
+        + 2 * d * h
+        + 2 * h
     )
     return int(3 * fwd)

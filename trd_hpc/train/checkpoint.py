@@ -92,7 +92,7 @@ def newest_valid(run_dir: Path) -> tuple[Path, dict | None] | None:
         try:
             return p, load_file(p)
         except Exception as e:  # corrupt or truncated: fall back to the previous one
-            warnings.warn(f"skipping unreadable checkpoint {p}: {e}")
+            warnings.warn(f"skipping unreadable checkpoint {p}: {e}", stacklevel=2)
     return None
 
 

@@ -21,7 +21,12 @@ REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def resolve_config_path(name: str) -> Path:
-    for cand in (Path(name), REPO_CONFIGS / name, REPO_CONFIGS / "deepspeed" / name, REPO_CONFIGS / "deepspeed" / f"{name}.json"):
+    for cand in (
+        Path(name),
+        REPO_CONFIGS / name,
+        REPO_CONFIGS / "deepspeed" / name,
+        REPO_CONFIGS / "deepspeed" / f"{name}.json",
+    ):
         if cand.is_file():
             return cand
     raise ConfigError(
@@ -42,7 +47,9 @@ def build_ds_config(train: TrainConfig, world_size: int) -> tuple[dict, str]:
     for key in ("optimizer", "scheduler", "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_clipping"):
         if key in ds:
             raise ConfigError(f"{path}: '{key}' comes from the experiment config (train.*); remove it from the JSON")
-    file_precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+    file_precision = (
+        "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+    )
     precision = file_precision if train.precision == "auto" else train.precision
     ds.pop("bf16", None) if precision != "bf16" else None
     ds.pop("fp16", None) if precision != "fp16" else None
@@ -52,8 +59,13 @@ def build_ds_config(train: TrainConfig, world_size: int) -> tuple[dict, str]:
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     ds["optimizer"] = {
         "type": "AdamW" if train.optimizer == "adamw" else "Adam",
-        "params": {"lr": train.lr, "weight_decay": train.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8,
-                   "torch_adam": True},
+        "params": {
+            "lr": train.lr,
+            "weight_decay": train.weight_decay,
+            "betas": [0.9, 0.999],
+            "eps": 1e-8,
+            "torch_adam": True,
+        },
     }
     if train.optimizer == "adam":
         ds["optimizer"]["params"]["adam_w_mode"] = False
@@ -73,7 +85,9 @@ def initialize(model: torch.nn.Module, ds_config: dict):
     # Avoid compiling the shared-memory communication op on first use.
     getattr(deepspeed.ops, "__compatible_ops__", {})["deepspeed_shm_comm"] = False
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
         dist_init_required=False,
     )
     return engine, optimizer

@@ -69,7 +69,9 @@ def env_from_slurm(environ: dict | None = None) -> dict[str, str]:
         "RANK": e["SLURM_PROCID"],
         "WORLD_SIZE": e["SLURM_NTASKS"],
         "LOCAL_RANK": e.get("SLURM_LOCALID", "0"),
-        "LOCAL_WORLD_SIZE": e.get("SLURM_NTASKS_PER_NODE", e.get("SLURM_STEP_TASKS_PER_NODE", "1")).split("(")[0].split(",")[0],
+        "LOCAL_WORLD_SIZE": e.get("SLURM_NTASKS_PER_NODE", e.get("SLURM_STEP_TASKS_PER_NODE", "1"))
+        .split("(")[0]
+        .split(",")[0],
         "MASTER_ADDR": e.get("MASTER_ADDR") or _first_host(nodelist),
         "MASTER_PORT": e.get("MASTER_PORT") or str(slurm_port(job)),
     }

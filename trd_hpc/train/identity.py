@@ -17,8 +17,17 @@ from trd_hpc.config import to_dict
 # Keys that may change when a run is resumed (more epochs, another launcher or
 # world size, logging); every other key must be the same.
 # data.cohort may move: the cohort's content is checked by its checksums instead.
-RESUMABLE_CHANGES = ("train.max_epochs", "train.strategy", "train.num_threads", "data.num_workers", "data.cohort",
-                     "data.prefetch_factor", "train.checkpoint_every_steps", "train.log_every_steps", "tracking.")
+RESUMABLE_CHANGES = (
+    "train.max_epochs",
+    "train.strategy",
+    "train.num_threads",
+    "data.num_workers",
+    "data.cohort",
+    "data.prefetch_factor",
+    "train.checkpoint_every_steps",
+    "train.log_every_steps",
+    "tracking.",
+)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

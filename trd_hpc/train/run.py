@@ -1,41 +1,32 @@
-"""``trd-hpc train``: cohort (made if missing) -> run directory -> Trainer -> final
-predictions and metrics -> evaluation stage (calibration, figures, report).
-
-Run directory:
-  config.yaml        the resolved experiment config
-  metrics.jsonl      one row per epoch
-  metrics.json       final metrics (test.*, val.*, calibration, baselines)
-  model.pt           the best weights (state_dict; loads with weights_only=True)
-  checkpoints/       resumable training state
-  predictions/       val.npz, test.npz (per-subject outputs)
-  figures/, report.html
+"""One training run: cohort (made if missing) -> run directory -> Trainer -> final
+predictions and metrics.  The files it writes are described in ``trd_hpc.rundir``;
+what comes after (baselines, evaluation, report) is the experiment layer's.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-import yaml
 
 from trd_hpc import faults
-from trd_hpc.config import ConfigError, to_dict, to_yaml, validate_experiment
+from trd_hpc.config import ConfigError, to_dict
 from trd_hpc.data.generate import check_target_dir, generate
 from trd_hpc.data.manifest import MANIFEST, load_manifest
-from trd_hpc.errors import RunDirError
-from trd_hpc.fsio import atomic_write_json, atomic_write_text, atomic_write_with
+from trd_hpc.fsio import atomic_write_json, atomic_write_with
 from trd_hpc.locks import DirLock
+from trd_hpc.rundir import PREEMPTED, RunDir
+from trd_hpc.tasks import make_task
 from trd_hpc.train import checkpoint as ckpt
 from trd_hpc.train import distributed as D
 from trd_hpc.train import signals
 from trd_hpc.train.identity import RESUMABLE_CHANGES, differing_keys, flatten
-from trd_hpc.train.tasks import make_task
 from trd_hpc.train.trainer import Preempted, Trainer
 
-PREEMPTED = "PREEMPTED"
-__all__ = ["train", "RESUMABLE_CHANGES", "read_run_config"]
+__all__ = ["train_run", "RESUMABLE_CHANGES", "read_run_config"]
 
 
 def ensure_cohort(cfg, info: D.DistInfo, progress: bool = True) -> Path:
@@ -59,19 +50,8 @@ def ensure_cohort(cfg, info: D.DistInfo, progress: bool = True) -> Path:
 
 
 def read_run_config(run_dir: Path):
-    """The validated config.yaml of a run directory; RunDirError naming the file when it is
-    missing, truncated or not a config."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise RunDirError(f"{run_dir}: no config.yaml (is this a run directory?)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise RunDirError(f"{path}: unreadable ({type(e).__name__}); the file is truncated or damaged. "
-                          f"Restore it, or start a new run with another --out") from None
-    if not isinstance(data, dict):
-        raise RunDirError(f"{path}: not a config (a mapping of keys); the file is truncated or damaged")
-    return validate_experiment(data, str(path))
+    """The validated config.yaml of a run directory (RunDirError naming the file otherwise)."""
+    return RunDir(run_dir).config()
 
 
 def prepare_run_dir(cfg, run_dir: Path, resume: str | None, info: D.DistInfo) -> None:
@@ -88,61 +68,67 @@ def prepare_run_dir(cfg, run_dir: Path, resume: str | None, info: D.DistInfo) ->
             print(f"{run_dir}: no checkpoint yet from the earlier start; starting afresh with this config", flush=True)
         elif cfg_file.exists():
             if not resume:
-                raise ConfigError(f"{run_dir} already holds a run; pass --resume auto to continue it, or use another --out")
+                raise ConfigError(
+                    f"{run_dir} already holds a run; pass --resume auto to continue it, or use another --out"
+                )
             old = flatten(to_dict(read_run_config(run_dir)))
             diffs = differing_keys(old, flatten(to_dict(cfg)))
             if diffs:
                 raise ConfigError(f"cannot resume {run_dir}: the config differs from {cfg_file} in " + ", ".join(diffs))
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cfg_file, to_yaml(cfg))
+        RunDir(run_dir).write_config(cfg)
         (run_dir / PREEMPTED).unlink(missing_ok=True)
     D.barrier(info)
-
-
-def save_predictions(run_dir: Path, split: str, rec: dict) -> None:
-    # np.savez adds ".npz" to a name without it: write through an open file instead.
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **rec)
-
-    atomic_write_with(run_dir / "predictions" / f"{split}.npz", write)
 
 
 def final_metrics(trainer: Trainer, val_m: dict, test_m: dict, seconds: float) -> dict:
     st = trainer.state
     out = {f"val.{k}": v for k, v in val_m.items()}
     out.update({f"test.{k}": v for k, v in test_m.items()})
-    out.update({
-        "best_epoch": trainer.early.best_epoch,
-        "epochs_run": st.epoch,
-        "stopped_early": st.stopped_early,
-        "steps": st.step,
-        "world_size": trainer.info.world_size,
-        "strategy": trainer.tc.strategy,
-        "precision": trainer.precision,
-        "train_seconds": seconds,
-        "flops_per_sample": trainer.flops_per_sample,
-    })
+    out.update(
+        {
+            "best_epoch": trainer.early.best_epoch,
+            "epochs_run": st.epoch,
+            "stopped_early": st.stopped_early,
+            "steps": st.step,
+            "world_size": trainer.info.world_size,
+            "strategy": trainer.tc.strategy,
+            "precision": trainer.precision,
+            "train_seconds": seconds,
+            "flops_per_sample": trainer.flops_per_sample,
+        }
+    )
     if st.history:
         out["train.samples_per_s"] = float(np.mean([r.get("train.samples_per_s", np.nan) for r in st.history]))
         out["train.mfu"] = float(np.mean([r.get("train.mfu", np.nan) for r in st.history]))
     return out
 
 
-def train(cfg, run_dir: str | Path, resume: str | None = None, evaluate_after: bool = True,
-          progress: bool = True, on_step=None, on_epoch=None, standalone: bool = False) -> dict | None:
+def train_run(
+    cfg,
+    run_dir: str | Path,
+    resume: str | None = None,
+    progress: bool = True,
+    on_step=None,
+    on_epoch=None,
+    standalone: bool = False,
+    then: Callable[[Path], dict | None] | None = None,
+) -> dict | None:
     """Train one run; returns the final metrics on rank 0 (None elsewhere or when pre-empted).
 
     ``on_step(trainer)`` runs after every optimiser step and ``on_epoch(trainer, row)``
     after each epoch's checkpoint is written (Ray Tune reports there).  ``standalone``:
     one process whatever the launcher says (baselines trained by rank 0 of a DDP job).
 
-    After multi-process training, rank 0 alone runs the evaluation stage (calibration,
-    baselines, figures, report); the other ranks return once training is done."""
+    ``then(run_dir) -> metrics`` runs on rank 0 once training is done (the evaluation
+    stage) while the other ranks wait, still part of the job: a rank that exits while
+    rank 0 works can end the whole srun step (--kill-on-bad-exit) and take that work
+    with it.  What it returns is the run's metrics from then on."""
     signals.install()
     from trd_hpc.tracking import Tracker, figures_of
 
     run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     info = D.init(cfg.train.strategy, cfg.train.device, standalone=standalone)
     faults.set_rank(info.rank)
     tracker = Tracker.noop()
@@ -159,8 +145,12 @@ def train(cfg, run_dir: str | Path, resume: str | None = None, evaluate_after: b
             if resume:
                 path = trainer.load_checkpoint(resume)
                 if info.is_main:
-                    print(f"resumed from {path} (epoch {trainer.state.epoch + 1}, step {trainer.state.step})"
-                          if path else "no checkpoint yet: starting from scratch", flush=True)
+                    print(
+                        f"resumed from {path} (epoch {trainer.state.epoch + 1}, step {trainer.state.step})"
+                        if path
+                        else "no checkpoint yet: starting from scratch",
+                        flush=True,
+                    )
 
             def _on_epoch(tr, row):
                 tracker.log_epoch(row)
@@ -172,32 +162,30 @@ def train(cfg, run_dir: str | Path, resume: str | None = None, evaluate_after: b
                 trainer.fit(on_step=on_step, on_epoch=_on_epoch)
             except Preempted as p:
                 if info.is_main:
-                    atomic_write_json(run_dir / PREEMPTED, {"step": p.step, "signal": p.signame, "checkpoint": str(p.path)})
+                    atomic_write_json(
+                        run_dir / PREEMPTED, {"step": p.step, "signal": p.signame, "checkpoint": str(p.path)}
+                    )
                     print(f"{p}; continue with --resume auto", flush=True)
                 return None
             val_m, val_rec = trainer.evaluate("val")
             test_m, test_rec = trainer.evaluate("test")
             metrics = None
             if info.is_main:
-                save_predictions(run_dir, "val", val_rec)
-                save_predictions(run_dir, "test", test_rec)
+                run.write_predictions("val", val_rec)
+                run.write_predictions("test", test_rec)
                 state = trainer.raw_model.state_dict()
-                atomic_write_with(run_dir / "model.pt", lambda tmp: torch.save(state, tmp), fault="model")
+                atomic_write_with(run.model_file, lambda tmp: torch.save(state, tmp), fault="model")
                 metrics = final_metrics(trainer, val_m, test_m, time.perf_counter() - t0)
-                atomic_write_json(run_dir / "metrics.json", metrics, fault="metrics")
+                atomic_write_json(run.metrics_file, metrics, fault="metrics")
                 tracker.log_summary(metrics)
             D.barrier(info)
-            if evaluate_after:
-                # Rank 0 evaluates (baselines as one process) while the other ranks wait, still
-                # part of the job: a rank that exits while rank 0 works can end the whole srun
-                # step (--kill-on-bad-exit) and take the evaluation with it.
+            if then is not None:
                 try:
                     if info.is_main:
-                        from trd_hpc.eval.pipeline import run_evaluation
-
-                        metrics = run_evaluation(run_dir)
-                        tracker.log_summary(metrics)
-                        tracker.log_figures(figures_of(run_dir))
+                        metrics = then(run_dir)  # None: pre-empted during that stage
+                        if metrics is not None:
+                            tracker.log_summary(metrics)
+                            tracker.log_figures(figures_of(run_dir))
                     else:
                         D.wait_for_main(info)
                 finally:

@@ -11,8 +11,6 @@ pre-emption signal arrives.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import time
@@ -26,13 +24,13 @@ from torch import nn
 from trd_hpc import faults
 from trd_hpc.data.dataset import CohortDataset, make_loader
 from trd_hpc.data.sampler import ShardAwareSampler
+from trd_hpc.errors import TrainingError  # noqa: E402  (re-exported)
+from trd_hpc.rundir import RunDir
+from trd_hpc.tasks.base import merge_records
 from trd_hpc.train import checkpoint as ckpt
 from trd_hpc.train import distributed as D
 from trd_hpc.train import identity, signals
-from trd_hpc.train.tasks import merge_records
-
-
-from trd_hpc.errors import TrainingError  # noqa: E402  (re-exported)
+from trd_hpc.train.strategy import make_strategy
 
 
 class Preempted(Exception):
@@ -148,14 +146,6 @@ def _split_batch(batch: dict, parts: int) -> list[dict]:
     return [{k: p[j].clone() for k, p in pieces.items()} for j in range(parts) if len(pieces["subject_id"][j])]
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"  # CPUs without bf16 units run bf16 2-4x slower than fp32
-
-
 class Trainer:
     def __init__(self, cfg, task, run_dir: Path, info: D.DistInfo, cohort_root: Path, progress: bool = True):
         self.cfg, self.task, self.run_dir, self.info = cfg, task, Path(run_dir), info
@@ -163,7 +153,6 @@ class Trainer:
         self.cohort_root = Path(cohort_root)
         self.progress = progress and info.is_main
         self.device = info.device
-        self.deepspeed = self.tc.strategy == "deepspeed"
         self.state = TrainState()
         self._setup()
 
@@ -182,9 +171,12 @@ class Trainer:
         model = self.task.build_model().to(self.device)
         self.flops_per_sample = self.task.flops_per_sample(model)
 
-        self.datasets = {role: CohortDataset(self.cohort_root, self.cfg.data.split(role),
-                                             normalize_volumes=self.cfg.data.normalize_volumes)
-                         for role in ("train", "val", "test")}
+        self.datasets = {
+            role: CohortDataset(
+                self.cohort_root, self.cfg.data.split(role), normalize_volumes=self.cfg.data.normalize_volumes
+            )
+            for role in ("train", "val", "test")
+        }
         # the manifest the datasets already read, not a fourth read of it
         self.identity = identity.run_identity(self.cfg, self.datasets["train"].manifest)
         for ds in self.datasets.values():
@@ -194,37 +186,24 @@ class Trainer:
         bs = tc.batch_size
         self.accum = tc.grad_accum_steps
         self.train_sampler = ShardAwareSampler.for_dataset(
-            self.datasets["train"], num_replicas=info.world_size, rank=info.rank, shuffle=True,
-            seed=tc.seed, block=self.cfg.data.locality_block, batch_size=bs, accum=self.accum,
+            self.datasets["train"],
+            num_replicas=info.world_size,
+            rank=info.rank,
+            shuffle=True,
+            seed=tc.seed,
+            block=self.cfg.data.locality_block,
+            batch_size=bs,
+            accum=self.accum,
         )
         # One loaded batch = one optimiser step's micro-batches, split in train_epoch.
         self.loaders = {"train": self._loader("train", self.train_sampler, bs * self.accum)}
 
-        if self.deepspeed:
-            from trd_hpc.train import deepspeed_engine as dse
-
-            ds_cfg, self.precision = dse.build_ds_config(tc, info.world_size)
-            self.engine, self.optimizer = dse.initialize(model, ds_cfg)
-            self.model = self.engine
-            self.raw_model = self.engine.module
-            self.in_dtype = dse.engine_dtype(self.precision)
-            self.zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
-            self.scaler = None
-        else:
-            self.precision = resolve_precision(tc.precision, self.device)
-            self.raw_model = model
-            if tc.compile:
-                model = torch.compile(model)
-            if info.distributed:
-                ids = [self.device.index] if self.device.type == "cuda" else None
-                model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-            self.model = model
-            opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-            self.optimizer = opt_cls(self.raw_model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-            self.in_dtype = torch.float32
-            self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-            self.zero_stage = None
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision) if not self.deepspeed else None
+        self.strategy = make_strategy(tc, info, self.device)
+        self.strategy.setup(model)
+        st = self.strategy
+        self.model, self.raw_model, self.optimizer = st.model, st.raw_model, st.optimizer
+        self.precision, self.in_dtype, self.autocast_dtype = st.precision, st.in_dtype, st.autocast_dtype
+        self.zero_stage = st.zero_stage
         p = tc.plateau
         self.plateau = LRPlateau(self.optimizer, tc.lr, p.mode, p.factor, p.patience, p.min_lr)
         self.early = EarlyStopping(tc.early_stopping.mode, tc.early_stopping.patience)
@@ -233,13 +212,24 @@ class Trainer:
 
     def _loader(self, split: str, sampler: ShardAwareSampler, batch_size: int | None = None):
         d = self.cfg.data
-        return make_loader(self.datasets[split], batch_size or self.tc.batch_size, sampler, num_workers=d.num_workers,
-                           prefetch_factor=d.prefetch_factor, persistent_workers=False,
-                           generator=torch.Generator().manual_seed(self.tc.seed))
+        return make_loader(
+            self.datasets[split],
+            batch_size or self.tc.batch_size,
+            sampler,
+            num_workers=d.num_workers,
+            prefetch_factor=d.prefetch_factor,
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(self.tc.seed),
+        )
 
     def eval_loader(self, split: str):
-        s = ShardAwareSampler.for_dataset(self.datasets[split], num_replicas=self.info.world_size,
-                                          rank=self.info.rank, shuffle=False, block=self.cfg.data.locality_block)
+        s = ShardAwareSampler.for_dataset(
+            self.datasets[split],
+            num_replicas=self.info.world_size,
+            rank=self.info.rank,
+            shuffle=False,
+            block=self.cfg.data.locality_block,
+        )
         return self._loader(split, s)
 
     # ------------------------------------------------------------------ steps
@@ -252,45 +242,6 @@ class Trainer:
         inputs = self.task.inputs(batch, self.device, self.in_dtype)
         with self._autocast():
             return model(**inputs)
-
-    def _no_sync(self, skip: bool):
-        """DDP's all-reduce waits for the last micro-batch of a step."""
-        if skip and isinstance(self.model, nn.parallel.DistributedDataParallel):
-            return self.model.no_sync()
-        return contextlib.nullcontext()
-
-    def _backward(self, loss: torch.Tensor, n_micro: int, last: bool) -> None:
-        if self.deepspeed:
-            self.engine.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps itself
-            if not last:
-                self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-            return
-        if n_micro > 1:
-            # Exact for powers of two: every gradient is then exactly half, a quarter, ... of
-            # the micro-batch's own, so W processes x A micro-batches add up bit for bit like
-            # W*A processes (DDP averages the same terms in its all-reduce).
-            loss = loss / n_micro
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-
-    def _step(self) -> None:
-        if self.deepspeed:
-            self.engine.step()
-            return
-        clip = self.tc.grad_clip_norm
-        if self.scaler is not None:
-            if clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            if clip:
-                nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -372,55 +323,32 @@ class Trainer:
         rngs = [g[0] for g in gathered]
         trainer = self._trainer_state()
         trainer["epoch_records"] = ckpt.records_to_tensors(merge_records([g[1] for g in gathered]))
-        d = ckpt.checkpoint_dir(self.run_dir)
-        if self.deepspeed:
-            name = ckpt.step_name(self.state.step, deepspeed=True)
-            client = {"format": ckpt.FORMAT, "trainer": trainer, "rng": rngs, "best_model": self.best_state}
-            self.engine.save_checkpoint(str(d), tag=name, client_state=client)
-            D.barrier(self.info)
-            path = d / name
-            if self.info.is_main:
-                from trd_hpc.fsio import atomic_write_json, atomic_write_text
-
-                atomic_write_json(path / "trainer.json",
-                                  {"world_size": self.info.world_size, "zero_stage": self.zero_stage, "step": self.state.step})
-                faults.point("checkpoint-write")
-                atomic_write_text(path / "complete", "ok\n")  # written last: the directory is now a checkpoint
-                faults.point("checkpoint-rename")
-                ckpt.prune(self.run_dir)
-            D.barrier(self.info)
-            return path
-        path = d / ckpt.step_name(self.state.step)
-        if self.info.is_main:
-            state = {
-                "format": ckpt.FORMAT,
-                "model": self.raw_model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler else None,
-                "trainer": trainer,
-                "rng": rngs,
-                "best_model": self.best_state,
-            }
-            ckpt.save_atomic(state, path)
-            ckpt.prune(self.run_dir)
-        D.barrier(self.info)
-        return path
+        return self.strategy.save(
+            self.run_dir, self.state.step, {"trainer": trainer, "rng": rngs, "best_model": self.best_state}
+        )
 
     def _check_identity(self, path: Path, trainer: dict) -> None:
         """Refuse a checkpoint of another run (other config keys, other cohort content)."""
         theirs = trainer.get("identity")
         if theirs is None:
-            raise TrainingError(f"{path}: written by an older trd-hpc without a run identity; "
-                                f"it cannot be checked against this run, so it is not resumed")
+            raise TrainingError(
+                f"{path}: written by an older trd-hpc without a run identity; "
+                f"it cannot be checked against this run, so it is not resumed"
+            )
         keys = identity.differing_keys(theirs["config"], self.identity["config"])
         if keys:
-            shown = ", ".join(f"{k} ({theirs['config'].get(k)!r} there, {self.identity['config'].get(k)!r} here)"
-                              for k in keys[:6])
-            raise TrainingError(f"{path}: checkpoint of another run: its config differs in {shown}"
-                                + (f" and {len(keys) - 6} more" if len(keys) > 6 else ""))
+            shown = ", ".join(
+                f"{k} ({theirs['config'].get(k)!r} there, {self.identity['config'].get(k)!r} here)" for k in keys[:6]
+            )
+            raise TrainingError(
+                f"{path}: checkpoint of another run: its config differs in {shown}"
+                + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+            )
         if theirs["cohort_sha256"] != self.identity["cohort_sha256"]:
-            raise TrainingError(f"{path}: checkpoint trained on another cohort (shard checksums or splits differ "
-                                f"from {self.cohort_root}); resume it with the cohort it was trained on")
+            raise TrainingError(
+                f"{path}: checkpoint trained on another cohort (shard checksums or splits differ "
+                f"from {self.cohort_root}); resume it with the cohort it was trained on"
+            )
 
     def load_checkpoint(self, where: str | Path) -> Path | None:
         """Resume from ``where`` ('auto': newest valid under the run dir). Returns the path or None."""
@@ -434,45 +362,20 @@ class Trainer:
             if not path.exists():
                 raise TrainingError(f"--resume {path}: no such checkpoint")
             state = None if path.is_dir() else ckpt.load_file(path)
-        if path.is_dir():
-            if not self.deepspeed:
-                raise TrainingError(f"{path} is a DeepSpeed checkpoint; resume it with train.strategy=deepspeed")
-            try:
-                meta = json.loads((path / "trainer.json").read_text())
-            except (OSError, ValueError) as e:
-                raise TrainingError(f"{path / 'trainer.json'}: unreadable ({e}); not a complete DeepSpeed checkpoint") from None
-            if meta["world_size"] != self.info.world_size and (meta.get("zero_stage") or 0) > 0:
-                raise TrainingError(
-                    f"{path}: written by {meta['world_size']} processes with ZeRO stage {meta['zero_stage']}; "
-                    f"ZeRO partitions do not reload at another world size ({self.info.world_size} now). "
-                    f"Resume with {meta['world_size']} processes, or consolidate the weights with DeepSpeed's "
-                    f"zero_to_fp32.py and start a new run from them."
-                )
-            _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=False)
-            if client is None or client.get("format") != ckpt.FORMAT:
-                raise TrainingError(f"{path}: DeepSpeed could not load this checkpoint as a {ckpt.FORMAT}")
-            trainer, rngs, best = client["trainer"], client["rng"], client.get("best_model")
-            self._check_identity(path, trainer)
-        else:
-            if self.deepspeed:
-                raise TrainingError(f"{path} was written without DeepSpeed; resume it with train.strategy={state['trainer']['strategy']}")
-            trainer, rngs, best = state["trainer"], state["rng"], state.get("best_model")
-            self._check_identity(path, trainer)
-            try:
-                self.raw_model.load_state_dict(state["model"])
-                self.optimizer.load_state_dict(state["optimizer"])
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise TrainingError(f"{path}: does not fit this model/optimiser: {str(e).splitlines()[0]}") from None
-            if self.scaler is not None and state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
+        client = self.strategy.load(path, state, self._check_identity)
+        trainer, rngs, best = client["trainer"], client["rng"], client.get("best_model")
         stopped = bool(trainer.get("stopped_early", False))
         # A run that ended at max_epochs continues when resumed with a larger train.max_epochs.
         records = ckpt.records_from_tensors(trainer.get("epoch_records") or {})
-        self.state = TrainState(epoch=trainer["epoch"], step=trainer["step"], history=list(trainer["history"]),
-                                finished=stopped or trainer["epoch"] >= self.tc.max_epochs, stopped_early=stopped,
-                                epoch_records=[records] if records and self.info.is_main else [],
-                                epoch_seconds=float(trainer.get("epoch_seconds", 0.0)))
+        self.state = TrainState(
+            epoch=trainer["epoch"],
+            step=trainer["step"],
+            history=list(trainer["history"]),
+            finished=stopped or trainer["epoch"] >= self.tc.max_epochs,
+            stopped_early=stopped,
+            epoch_records=[records] if records and self.info.is_main else [],
+            epoch_seconds=float(trainer.get("epoch_seconds", 0.0)),
+        )
         self.early.load_state_dict(trainer["early"])
         self.plateau.load_state_dict(trainer["plateau"])
         self.best_state = best
@@ -494,11 +397,8 @@ class Trainer:
         return self._peak
 
     def _write_history(self) -> None:
-        if not self.info.is_main:
-            return
-        from trd_hpc.fsio import atomic_write_text
-
-        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.state.history))
+        if self.info.is_main:
+            RunDir(self.run_dir).write_history(self.state.history)
 
     def train_epoch(self, epoch: int, on_step=None) -> dict:
         tc, info = self.tc, self.info
@@ -510,7 +410,9 @@ class Trainer:
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{tc.max_epochs}", unit="step", dynamic_ncols=True, leave=False)
+            bar = tqdm(
+                total=n_batches, desc=f"epoch {epoch + 1}/{tc.max_epochs}", unit="step", dynamic_ncols=True, leave=False
+            )
         parts, losses = self.state.epoch_records, []  # a resumed epoch continues its records
         samples, t0, seconds_before = 0, time.perf_counter(), self.state.epoch_seconds
         peak = self._peak_flops()
@@ -520,11 +422,11 @@ class Trainer:
             finite, step_loss = True, 0.0
             for j, mb in enumerate(micro):
                 last_micro = j == len(micro) - 1
-                with self._no_sync(not last_micro):
+                with self.strategy.no_sync(not last_micro):
                     out = self._forward(self.model, mb)
                     loss, _ = self.task.loss(out, mb, self.device)
                     finite &= bool(torch.isfinite(loss.detach()))
-                    self._backward(loss, len(micro), last_micro)
+                    self.strategy.backward(loss, len(micro), last_micro)
                 step_loss += float(loss.detach()) / len(micro)
                 parts.append(self.task.records(out, mb))
             nonfinite, stop = D.any_flag(info, not finite, signals.requested() is not None)
@@ -536,7 +438,7 @@ class Trainer:
                     f"Lower train.lr, set train.grad_clip_norm, or use train.precision=fp32."
                 )
             faults.point("mid-step", self.state.step + 1)
-            self._step()
+            self.strategy.step()
             self.state.step += 1
             bsz = len(batch["subject_id"])
             self.train_sampler.start += bsz
@@ -624,9 +526,14 @@ class Trainer:
         return self.state
 
     def _print_epoch(self, row: dict) -> None:
-        keys = [k for k in row if k.startswith("val.") and k.split(".")[1] in ("loss", "auc", "accuracy", "severity_mae")]
+        keys = [
+            k for k in row if k.startswith("val.") and k.split(".")[1] in ("loss", "auc", "accuracy", "severity_mae")
+        ]
         parts = [f"epoch {row['epoch']}", f"train.loss {row.get('train.loss', math.nan):.4f}"]
         parts += [f"{k} {row[k]:.4f}" for k in keys]
-        parts += [f"lr {row['lr']:.2e}", f"{row.get('train.samples_per_s', 0):.1f} samples/s",
-                  f"MFU {100 * row.get('train.mfu', 0):.1f}%"]
+        parts += [
+            f"lr {row['lr']:.2e}",
+            f"{row.get('train.samples_per_s', 0):.1f} samples/s",
+            f"MFU {100 * row.get('train.mfu', 0):.1f}%",
+        ]
         print("  ".join(parts), flush=True)

@@ -13,7 +13,6 @@ the command continues where it stopped and reuses a finished sweep.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
@@ -38,30 +37,53 @@ def tolerance(metric: str) -> float | None:
     return None
 
 
-def run_bench(spec_grid: str | Path = DEFAULT_GRID, spec_asha: str | Path = DEFAULT_ASHA,
-              out_dir: str | Path = DEFAULT_OUT, base: str | Path | None = None, address: str | None = None,
-              overrides=(), max_t: int | None = None, verbose: int = 0) -> dict:
+def run_bench(
+    spec_grid: str | Path = DEFAULT_GRID,
+    spec_asha: str | Path = DEFAULT_ASHA,
+    out_dir: str | Path = DEFAULT_OUT,
+    base: str | Path | None = None,
+    address: str | None = None,
+    overrides=(),
+    max_t: int | None = None,
+    verbose: int = 0,
+) -> dict:
     grid = load_spec(spec_grid, base=base, overrides=tuple(overrides), updates={"scheduler": "fifo", "max_t": max_t})
     n = grid.spec.num_trials
-    asha0 = load_spec(spec_asha, base=base, overrides=tuple(overrides),
-                      updates={"scheduler": "asha", "max_t": grid.spec.max_t})
+    asha0 = load_spec(
+        spec_asha, base=base, overrides=tuple(overrides), updates={"scheduler": "asha", "max_t": grid.spec.max_t}
+    )
     samples = math.ceil(n / asha0.spec.grid_size)
-    asha = load_spec(spec_asha, base=base, overrides=tuple(overrides),
-                     updates={"scheduler": "asha", "max_t": grid.spec.max_t, "num_samples": samples})
-    if (grid.spec.metric, grid.spec.mode, grid.spec.tie_breaker) != (asha.spec.metric, asha.spec.mode, asha.spec.tie_breaker):
-        raise ConfigError(f"the two specs optimise different things: {grid.spec.metric} ({grid.spec.mode}, "
-                          f"tie-breaker {grid.spec.tie_breaker}) vs {asha.spec.metric} ({asha.spec.mode}, "
-                          f"tie-breaker {asha.spec.tie_breaker})")
+    asha = load_spec(
+        spec_asha,
+        base=base,
+        overrides=tuple(overrides),
+        updates={"scheduler": "asha", "max_t": grid.spec.max_t, "num_samples": samples},
+    )
+    if (grid.spec.metric, grid.spec.mode, grid.spec.tie_breaker) != (
+        asha.spec.metric,
+        asha.spec.mode,
+        asha.spec.tie_breaker,
+    ):
+        raise ConfigError(
+            f"the two specs optimise different things: {grid.spec.metric} ({grid.spec.mode}, "
+            f"tie-breaker {grid.spec.tie_breaker}) vs {asha.spec.metric} ({asha.spec.mode}, "
+            f"tie-breaker {asha.spec.tie_breaker})"
+        )
     cg, ca = grid.trial_data({}).get("cohort"), asha.trial_data({}).get("cohort")
     if cg != ca or grid.task != asha.task:
-        raise ConfigError(f"{grid.source} and {asha.source} start from different tasks or cohorts "
-                          f"({grid.base_path}, {asha.base_path}); pass --base to use one config for both")
+        raise ConfigError(
+            f"{grid.source} and {asha.source} start from different tasks or cohorts "
+            f"({grid.base_path}, {asha.base_path}); pass --base to use one config for both"
+        )
     if grid.trial_data({}).get("data", {}).get("cohort") != asha.trial_data({}).get("data", {}).get("cohort"):
         raise ConfigError("the two specs point data.cohort at different directories; pass --base or data.cohort=DIR")
     out_dir = Path(out_dir).expanduser().absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"bench tune: {grid.task}, {n} trials each, max_t {grid.spec.max_t}, metric {grid.spec.metric} "
-          f"({grid.spec.mode}); sweeps in {out_dir}", flush=True)
+    print(
+        f"bench tune: {grid.task}, {n} trials each, max_t {grid.spec.max_t}, metric {grid.spec.metric} "
+        f"({grid.spec.mode}); sweeps in {out_dir}",
+        flush=True,
+    )
     prepare_cohort(grid)  # once, before either sweep
 
     started = start_ray(address, log_to_driver=verbose > 0)
@@ -83,7 +105,10 @@ def run_bench(spec_grid: str | Path = DEFAULT_GRID, spec_asha: str | Path = DEFA
         quality = bool(av >= gv - tol) if mode == "max" else bool(av <= gv + tol)
     ratio = a["trial_epochs"] / g["trial_epochs"] if g["trial_epochs"] else None
     res = {
-        "task": grid.task, "metric": metric, "mode": mode, "max_t": grid.spec.max_t,
+        "task": grid.task,
+        "metric": metric,
+        "mode": mode,
+        "max_t": grid.spec.max_t,
         "trials": {"grid": g["num_trials"], "asha": a["num_trials"]},
         "best": {"grid": gv, "asha": av},
         "best_params": {"grid": g["params"], "asha": a["params"]},
@@ -94,7 +119,10 @@ def run_bench(spec_grid: str | Path = DEFAULT_GRID, spec_asha: str | Path = DEFA
         "epoch_ratio": ratio,
         "targets": {
             "quality": {"tolerance": tol, "holds": quality},
-            "epochs": {"max_ratio": EPOCH_RATIO_TARGET, "holds": None if ratio is None else bool(ratio <= EPOCH_RATIO_TARGET)},
+            "epochs": {
+                "max_ratio": EPOCH_RATIO_TARGET,
+                "holds": None if ratio is None else bool(ratio <= EPOCH_RATIO_TARGET),
+            },
         },
         "this_run_seconds": seconds,
         "out": str(out_dir),
@@ -107,12 +135,14 @@ def format_bench(r: dict) -> str:
     def f(v):
         return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
-    rows = [("", "grid (fifo)", "ASHA"),
-            (f"best {r['metric']}", f(r["best"]["grid"]), f(r["best"]["asha"])),
-            ("trials", f(r["trials"]["grid"]), f(r["trials"]["asha"])),
-            ("trial-epochs", f(r["trial_epochs"]["grid"]), f(r["trial_epochs"]["asha"])),
-            ("stopped early", f(r["stopped_early"]["grid"]), f(r["stopped_early"]["asha"])),
-            ("wall s", f"{r['wall_seconds']['grid']:.1f}", f"{r['wall_seconds']['asha']:.1f}")]
+    rows = [
+        ("", "grid (fifo)", "ASHA"),
+        (f"best {r['metric']}", f(r["best"]["grid"]), f(r["best"]["asha"])),
+        ("trials", f(r["trials"]["grid"]), f(r["trials"]["asha"])),
+        ("trial-epochs", f(r["trial_epochs"]["grid"]), f(r["trial_epochs"]["asha"])),
+        ("stopped early", f(r["stopped_early"]["grid"]), f(r["stopped_early"]["asha"])),
+        ("wall s", f"{r['wall_seconds']['grid']:.1f}", f"{r['wall_seconds']['asha']:.1f}"),
+    ]
     w = [max(len(x[i]) for x in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row)) for row in rows]
     q, e = r["targets"]["quality"], r["targets"]["epochs"]
@@ -127,62 +157,3 @@ def format_bench(r: dict) -> str:
     if not all(r["finished"].values()):
         lines.append("note: a sweep did not finish; rerun the same command to complete it")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- command line
-def _add_bench_args(p: argparse.ArgumentParser) -> None:
-    have = set(p._option_string_actions)
-    dests = {a.dest for a in p._actions}
-
-    def add(*names, **kw):
-        if not any(n in have for n in names):
-            p.add_argument(*names, **kw)
-
-    add("--spec-grid", default=DEFAULT_GRID, help=f"the grid spec, run under fifo (default {DEFAULT_GRID})")
-    add("--spec-asha", default=DEFAULT_ASHA, help=f"the ASHA spec, as many trials as the grid (default {DEFAULT_ASHA})")
-    add("--base", default=None, help="training config for both sweeps instead of the specs' base (e.g. configs/cnn3d_tiny.yaml)")
-    add("--address", default=None, help="Ray cluster ('auto'); default: a local one")
-    add("--max-t", type=int, default=None, help="epochs per trial for both (default: the grid spec's max_t)")
-    add("--out", default=None, help=f"directory of the two sweeps and bench_tune.json (default {DEFAULT_OUT})")
-    add("--json", default=None, help="also write the figures to this JSON file")
-    if "overrides" not in dests:
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the base config")
-
-
-def add_bench_tune(target) -> argparse.ArgumentParser:
-    """Add ``bench tune``: given the ``bench`` parser's subparsers, a ``tune`` sub-command; given
-    the ``bench`` parser itself (``bench WHAT`` with choices), its options (skipping those it has)."""
-    if isinstance(target, argparse._SubParsersAction):
-        p = target.add_parser("tune", help="the paper's grid (fifo) against ASHA on the same budget",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        _add_bench_args(p)
-        p.set_defaults(func=run_bench_tune)
-        return p
-    _add_bench_args(target)
-    return target
-
-
-def run_bench_tune(args: argparse.Namespace) -> int:
-    base = getattr(args, "base", None) or getattr(args, "config", None)
-    out = getattr(args, "out", None) or getattr(args, "dir", None) or DEFAULT_OUT
-    res = run_bench(getattr(args, "spec_grid", None) or DEFAULT_GRID, getattr(args, "spec_asha", None) or DEFAULT_ASHA,
-                    out, base=base, address=getattr(args, "address", None),
-                    overrides=tuple(getattr(args, "overrides", None) or ()), max_t=getattr(args, "max_t", None))
-    print(format_bench(res))
-    print(f"figures: {Path(res['out']) / 'bench_tune.json'}")
-    if getattr(args, "json", None):
-        Path(args.json).write_text(dumps(res) + "\n")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m trd_hpc.tune.bench ...``: the same as ``trd-hpc bench tune``."""
-    import sys
-
-    from trd_hpc.cli import main as cli_main
-
-    return cli_main(["bench", "tune", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

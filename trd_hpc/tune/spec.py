@@ -173,8 +173,10 @@ class SweepSpec(_Strict):
     @classmethod
     def _metric(cls, v: str) -> str:
         if not (v.startswith("val.") or v.startswith("train.")):
-            raise ValueError(f"must be a per-epoch metric starting with 'val.' or 'train.' "
-                             f"(e.g. val.accuracy, val.auc, val.loss), got {v!r}")
+            raise ValueError(
+                f"must be a per-epoch metric starting with 'val.' or 'train.' "
+                f"(e.g. val.accuracy, val.auc, val.loss), got {v!r}"
+            )
         return v
 
     @field_validator("resources_per_trial")
@@ -193,7 +195,9 @@ class SweepSpec(_Strict):
             raise ValueError("needs at least one hyper-parameter")
         owned = [k for k in v if k in SWEEP_OWNED]
         if owned:
-            raise ValueError(f"{owned} are set by the sweep itself (max_t and the shared cohort); remove them from the space")
+            raise ValueError(
+                f"{owned} are set by the sweep itself (max_t and the shared cohort); remove them from the space"
+            )
         return v
 
     @field_validator("overrides", mode="before")
@@ -235,8 +239,13 @@ def _format(err: ValidationError, source: str) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            owner = (Param if (len(e["loc"]) >= 3 and e["loc"][0] == "space")
-                     else TieBreaker if e["loc"][0] == "tie_breaker" else SweepSpec)
+            owner = (
+                Param
+                if (len(e["loc"]) >= 3 and e["loc"][0] == "space")
+                else TieBreaker
+                if e["loc"][0] == "tie_breaker"
+                else SweepSpec
+            )
             lines.append(f"  unknown key '{key}'; valid keys here: {', '.join(sorted(owner.model_fields))}")
         elif e["type"] == "missing":
             lines.append(f"  '{key}': missing")
@@ -297,8 +306,14 @@ class Sweep:
     def task(self) -> str:
         return self.base_data["task"]
 
-    def trial_data(self, params: dict[str, Any], *, cohort: str | None = None, threads: int | None = None,
-                   tracking_off: bool = True) -> dict:
+    def trial_data(
+        self,
+        params: dict[str, Any],
+        *,
+        cohort: str | None = None,
+        threads: int | None = None,
+        tracking_off: bool = True,
+    ) -> dict:
         """The experiment dict of one trial: base + sampled params + what the sweep owns."""
         data = copy.deepcopy(self.base_data)
         for k, v in params.items():
@@ -319,8 +334,11 @@ class Sweep:
                 parent = key.rsplit(".", 1)[0] if "." in key else ""
                 while parent and parent not in valid:  # the deepest part of the key that exists
                     parent = parent.rsplit(".", 1)[0] if "." in parent else ""
-                here = sorted(k[len(parent) + 1 if parent else 0:] for k in valid
-                              if (k.rsplit(".", 1)[0] if "." in k else "") == parent)
+                here = sorted(
+                    k[len(parent) + 1 if parent else 0 :]
+                    for k in valid
+                    if (k.rsplit(".", 1)[0] if "." in k else "") == parent
+                )
                 where = f"under '{parent}'" if parent else "at the top level"
                 raise ConfigError(
                     f"{self.source}: space key '{key}' is not a key of the base config {self.base_path}; "
@@ -330,8 +348,8 @@ class Sweep:
         discrete = [n for n in names if self.spec.space[n].type in ("grid", "choice")]
         continuous = [n for n in names if n not in discrete]
         combos = itertools.product(*(self.spec.space[n].check_values() for n in discrete))
-        for i, combo in enumerate(itertools.islice(combos, MAX_CHECKED_COMBINATIONS)):
-            for end in ((0, 1) if continuous else (0,)):
+        for combo in itertools.islice(combos, MAX_CHECKED_COMBINATIONS):
+            for end in (0, 1) if continuous else (0,):
                 params = dict(zip(discrete, combo))
                 params.update({n: self.spec.space[n].check_values()[end] for n in continuous})
                 try:
@@ -341,18 +359,30 @@ class Sweep:
 
     def fingerprint(self, cohort: str) -> dict:
         """What must not change between a sweep and its resumption."""
-        return {"spec": self.spec.model_dump(mode="json", exclude={"base"}),  # the base by content:
-                "base": self.trial_data({}, cohort=cohort, tracking_off=False)}
+        return {
+            "spec": self.spec.model_dump(mode="json", exclude={"base"}),  # the base by content:
+            "base": self.trial_data({}, cohort=cohort, tracking_off=False),
+        }
 
 
-def load_spec(path: str | Path | None = None, *, data: dict | None = None, base: str | Path | None = None,
-              overrides: list[str] | tuple[str, ...] = (), updates: dict | None = None) -> Sweep:
+def load_spec(
+    path: str | Path | None = None,
+    *,
+    data: dict | None = None,
+    base: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    updates: dict | None = None,
+) -> Sweep:
     """Read and check a spec file (or a dict).  ``base`` replaces the spec's base config,
     ``overrides`` (dotted key=value) apply to the base after the spec's own, ``updates``
     replace top-level spec fields (e.g. ``{"scheduler": "fifo", "max_t": 4}``)."""
     spec_path = Path(path) if path is not None else None
-    if spec_path is not None and not spec_path.is_file() and not spec_path.is_absolute() \
-            and (REPO_ROOT / spec_path).is_file():
+    if (
+        spec_path is not None
+        and not spec_path.is_file()
+        and not spec_path.is_absolute()
+        and (REPO_ROOT / spec_path).is_file()
+    ):
         spec_path = REPO_ROOT / spec_path  # tune/*.yaml of this checkout, from another directory
     source = str(spec_path) if spec_path else "<spec>"
     if data is None:
@@ -389,6 +419,7 @@ def load_spec(path: str | Path | None = None, *, data: dict | None = None, base:
 
 def dumps(obj: Any) -> str:
     """JSON with NaN/inf written as null."""
+
     def clean(x):
         if isinstance(x, float) and not math.isfinite(x):
             return None
@@ -397,4 +428,5 @@ def dumps(obj: Any) -> str:
         if isinstance(x, (list, tuple)):
             return [clean(v) for v in x]
         return x
+
     return json.dumps(clean(obj), indent=1)

@@ -1,6 +1,6 @@
 """``trd-hpc tune SPEC --out DIR``: a Ray Tune sweep of the shared trainer.
 
-One trial is one run of ``trd_hpc.train.run.train`` in ``DIR/sweep/<trial>/run``
+One trial is one run of ``trd_hpc.experiment.train_run`` in ``DIR/sweep/<trial>/run``
 (``resume="auto"``), reporting once per epoch.  With ASHA a trial is stopped
 right after a report; its run directory keeps every finished epoch.
 
@@ -22,7 +22,6 @@ trainer's checkpoint and the report).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from trd_hpc.config import ConfigError, to_yaml, validate_experiment
+from trd_hpc.fsio import atomic_write_text
+from trd_hpc.rundir import RunDir
 from trd_hpc.tune.spec import SCORE_KEY, Sweep, dumps, load_spec, score
 
 EXPERIMENT = "sweep"
@@ -49,10 +50,7 @@ RESOURCE_WAIT_S = 120  # on an existing cluster, how long to wait for nodes with
 
 # --------------------------------------------------------------------------- the trial
 def _history(run_dir: Path) -> list[dict]:
-    f = run_dir / "metrics.jsonl"
-    if not f.exists():
-        return []
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return RunDir(run_dir).history()
 
 
 def _scalars(row: dict) -> dict:
@@ -63,7 +61,7 @@ def trial_main(config: dict, ctx: dict) -> None:
     """The Tune function trainable (``config``: the sampled dotted keys)."""
     from ray import tune
 
-    from trd_hpc.train.run import train
+    from trd_hpc.experiment import train_run
     from trd_hpc.train.trainer import TrainingError
 
     tc = tune.get_context()
@@ -71,11 +69,20 @@ def trial_main(config: dict, ctx: dict) -> None:
     run_dir = trial_dir / "run"
     trial_dir.mkdir(parents=True, exist_ok=True)
     params = dict(config)
-    (trial_dir / TRIAL_FILE).write_text(dumps({"trial_id": tc.get_trial_id(), "trial_name": tc.get_trial_name(),
-                                               "params": params, "run_dir": str(run_dir)}))
+    (trial_dir / TRIAL_FILE).write_text(
+        dumps(
+            {
+                "trial_id": tc.get_trial_id(),
+                "trial_name": tc.get_trial_name(),
+                "params": params,
+                "run_dir": str(run_dir),
+            }
+        )
+    )
     sweep: Sweep = ctx["sweep"]
-    cfg = validate_experiment(sweep.trial_data(params, cohort=ctx["cohort"], threads=ctx["threads"]),
-                              f"trial {tc.get_trial_id()}")
+    cfg = validate_experiment(
+        sweep.trial_data(params, cohort=ctx["cohort"], threads=ctx["threads"]), f"trial {tc.get_trial_id()}"
+    )
     spec = sweep.spec
     metric = spec.metric
     needed = [metric] + ([spec.tie_breaker.metric] if spec.tie_breaker else [])
@@ -89,8 +96,10 @@ def trial_main(config: dict, ctx: dict) -> None:
     def report(row: dict) -> None:
         for m in needed:
             if m not in row:
-                raise ConfigError(f"metric '{m}' is not reported by the {cfg.task} trainer; it reports: "
-                                  f"{', '.join(sorted(k for k in row if k.startswith(('val.', 'train.'))))}")
+                raise ConfigError(
+                    f"metric '{m}' is not reported by the {cfg.task} trainer; it reports: "
+                    f"{', '.join(sorted(k for k in row if k.startswith(('val.', 'train.'))))}"
+                )
         marker = Path(tempfile.mkdtemp(prefix="trd-tune-"))
         try:
             (marker / PROGRESS_FILE).write_text(json.dumps({"epoch": int(row["epoch"]), "run_dir": str(run_dir)}))
@@ -108,7 +117,7 @@ def trial_main(config: dict, ctx: dict) -> None:
                 report(r)
 
     try:
-        train(cfg, run_dir, resume="auto", evaluate_after=False, progress=False, on_epoch=on_epoch)
+        train_run(cfg, run_dir, resume="auto", progress=False, on_epoch=on_epoch)
     except TrainingError as e:  # e.g. a NaN loss at a high learning rate: the trial ends, the sweep goes on
         (trial_dir / FAILED_FILE).write_text(f"{e}\n")
         print(f"trial {tc.get_trial_id()} failed: {e}", file=sys.stderr, flush=True)
@@ -138,8 +147,12 @@ def use_normal_priority_for_trials() -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")
 
 
-def start_ray(address: str | None = None, num_cpus: int | None = None,
-              object_store_memory: int = OBJECT_STORE_BYTES, log_to_driver: bool = True) -> bool:
+def start_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    object_store_memory: int = OBJECT_STORE_BYTES,
+    log_to_driver: bool = True,
+) -> bool:
     """Connect to ``address`` ('auto': the running cluster; default: $RAY_ADDRESS) or start
     a small local instance; returns True when this call called ``ray.init`` (the caller
     shuts it down).  Reuses a Ray that this process already initialised."""
@@ -165,15 +178,24 @@ def _wandb_callbacks(sweep: Sweep, out_dir: Path) -> list:
     if not cfg_tracking.wandb or cfg_tracking.mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
         return []
     try:
-        from ray.air.integrations.wandb import WandbLoggerCallback
         import wandb  # noqa: F401
+        from ray.air.integrations.wandb import WandbLoggerCallback
     except ImportError:
         return []
     os.environ.setdefault("WANDB_MODE", cfg_tracking.mode)
     (out_dir / "wandb").mkdir(parents=True, exist_ok=True)
-    return [WandbLoggerCallback(project=cfg_tracking.project, group=cfg_tracking.group or out_dir.name,
-                                job_type="tune", tags=list(cfg_tracking.tags) or None, dir=str(out_dir / "wandb"),
-                                mode=os.environ["WANDB_MODE"], upload_checkpoints=False, log_config=True)]
+    return [
+        WandbLoggerCallback(
+            project=cfg_tracking.project,
+            group=cfg_tracking.group or out_dir.name,
+            job_type="tune",
+            tags=list(cfg_tracking.tags) or None,
+            dir=str(out_dir / "wandb"),
+            mode=os.environ["WANDB_MODE"],
+            upload_checkpoints=False,
+            log_config=True,
+        )
+    ]
 
 
 def _state_callback_class():
@@ -234,12 +256,20 @@ def trial_summaries(out_dir: Path, sweep: Sweep) -> list[dict]:
         scored = [t for t in scored if t[0] is not None]
         best = (max if mode == "max" else min)(scored, key=lambda t: t[0]) if scored else (None, None, None)
         failed = (tf.parent / FAILED_FILE).exists()
-        out.append({
-            "trial_id": info["trial_id"], "params": info["params"], "run_dir": str(run_dir),
-            "epochs": len(rows), "epoch_list": [r["epoch"] for r in rows],
-            "best_score": best[0], "best_value": best[1], "best_epoch": best[2], "failed": failed,
-            "stopped_early": (not failed) and 0 < len(rows) < max_t,
-        })
+        out.append(
+            {
+                "trial_id": info["trial_id"],
+                "params": info["params"],
+                "run_dir": str(run_dir),
+                "epochs": len(rows),
+                "epoch_list": [r["epoch"] for r in rows],
+                "best_score": best[0],
+                "best_value": best[1],
+                "best_epoch": best[2],
+                "failed": failed,
+                "stopped_early": (not failed) and 0 < len(rows) < max_t,
+            }
+        )
     return out
 
 
@@ -252,7 +282,10 @@ def summarize(out_dir: Path, sweep: Sweep, cohort: str, state: dict) -> dict:
         key = (lambda t: t["best_score"]) if spec.mode == "max" else (lambda t: -t["best_score"])
         best = max(scored, key=key)  # the first of equal values (trials sorted by id)
     result = {
-        "metric": spec.metric, "mode": spec.mode, "scheduler": spec.scheduler, "max_t": spec.max_t,
+        "metric": spec.metric,
+        "mode": spec.mode,
+        "scheduler": spec.scheduler,
+        "max_t": spec.max_t,
         "tie_breaker": spec.tie_breaker.model_dump() if spec.tie_breaker else None,
         "value": best["best_value"] if best else None,
         "trial_id": best["trial_id"] if best else None,
@@ -268,25 +301,28 @@ def summarize(out_dir: Path, sweep: Sweep, cohort: str, state: dict) -> dict:
         "failed": sum(t["failed"] for t in trials),
         "wall_seconds": state.get("wall_seconds", 0.0),
         "finished": bool(state.get("finished")),
-        "spec": sweep.source, "base": str(sweep.base_path),
-        "trials": [{k: t[k] for k in ("trial_id", "params", "epochs", "best_value", "best_epoch", "failed")} for t in trials],
+        "spec": sweep.source,
+        "base": str(sweep.base_path),
+        "trials": [
+            {k: t[k] for k in ("trial_id", "params", "epochs", "best_value", "best_epoch", "failed")} for t in trials
+        ],
     }
-    (out_dir / BEST_FILE).write_text(dumps(result) + "\n")
+    atomic_write_text(out_dir / BEST_FILE, dumps(result) + "\n")
     if best is not None:
         data = sweep.trial_data(best["params"], cohort=cohort, tracking_off=False)
         cfg = validate_experiment(data, "best trial")
-        header = (f"# Best trial {best['trial_id']} of the sweep {sweep.source} ({spec.scheduler}, {len(trials)} trials):\n"
-                  f"# {spec.metric} = {best['best_value']:.6g} at epoch {best['best_epoch']}; run: {best['run_dir']}\n"
-                  f"# Train it again: trd-hpc train {out_dir / BEST_CONFIG} --out RUN_DIR\n")
-        (out_dir / BEST_CONFIG).write_text(header + to_yaml(cfg))
+        header = (
+            f"# Best trial {best['trial_id']} of the sweep {sweep.source} ({spec.scheduler}, {len(trials)} trials):\n"
+            f"# {spec.metric} = {best['best_value']:.6g} at epoch {best['best_epoch']}; run: {best['run_dir']}\n"
+            f"# Train it again: trd-hpc train {out_dir / BEST_CONFIG} --out RUN_DIR\n"
+        )
+        atomic_write_text(out_dir / BEST_CONFIG, header + to_yaml(cfg))
     return result
 
 
 # --------------------------------------------------------------------------- the sweep
 def _write_state(out_dir: Path, state: dict) -> None:
-    tmp = out_dir / f".{STATE_FILE}.tmp"
-    tmp.write_text(dumps(state) + "\n")
-    os.replace(tmp, out_dir / STATE_FILE)
+    atomic_write_text(out_dir / STATE_FILE, dumps(state) + "\n")
 
 
 def prepare_cohort(sweep: Sweep, progress: bool = True) -> str:
@@ -300,8 +336,19 @@ def prepare_cohort(sweep: Sweep, progress: bool = True) -> str:
     return cohort
 
 
-def run_sweep(spec_path, out_dir, base=None, address=None, scheduler=None, overrides=(), resume=True, *,
-              spec_updates: dict | None = None, verbose: int = 1, progress: bool = True) -> dict:
+def run_sweep(
+    spec_path,
+    out_dir,
+    base=None,
+    address=None,
+    scheduler=None,
+    overrides=(),
+    resume=True,
+    *,
+    spec_updates: dict | None = None,
+    verbose: int = 1,
+    progress: bool = True,
+) -> dict:
     """Run (or continue) the sweep of ``spec_path`` in ``out_dir``; returns best.json's content.
 
     ``base`` replaces the spec's base config, ``scheduler`` its scheduler (asha|fifo),
@@ -309,8 +356,13 @@ def run_sweep(spec_path, out_dir, base=None, address=None, scheduler=None, overr
     spec fields (e.g. ``{"max_t": 4, "num_samples": 8}``).  With ``resume`` an existing
     sweep in ``out_dir`` is restored (its unfinished and errored trials continue from their
     checkpoints); without it an existing sweep is an error."""
-    sweep = spec_path if isinstance(spec_path, Sweep) else load_spec(
-        spec_path, base=base, overrides=tuple(overrides), updates={**(spec_updates or {}), "scheduler": scheduler})
+    sweep = (
+        spec_path
+        if isinstance(spec_path, Sweep)
+        else load_spec(
+            spec_path, base=base, overrides=tuple(overrides), updates={**(spec_updates or {}), "scheduler": scheduler}
+        )
+    )
     spec = sweep.spec
     out_dir = Path(out_dir).expanduser().absolute()
     exp_dir = out_dir / EXPERIMENT
@@ -328,19 +380,30 @@ def run_sweep(spec_path, out_dir, base=None, address=None, scheduler=None, overr
     restoring = tune.Tuner.can_restore(str(exp_dir))
     if restoring or fp_file.exists():
         if not resume:
-            raise ConfigError(f"{out_dir} already holds a sweep; rerun without --no-resume to continue it, or use another --out")
+            raise ConfigError(
+                f"{out_dir} already holds a sweep; rerun without --no-resume to continue it, or use another --out"
+            )
         old = _read_json(fp_file)
         if old is not None and old != json.loads(dumps(fingerprint)):
-            raise ConfigError(f"{out_dir} holds a sweep of another spec or base config ({fp_file} differs); "
-                              f"use another --out, or rerun with the same spec, base and overrides")
+            raise ConfigError(
+                f"{out_dir} holds a sweep of another spec or base config ({fp_file} differs); "
+                f"use another --out, or rerun with the same spec, base and overrides"
+            )
     state = _read_json(out_dir / STATE_FILE) or {"wall_seconds": 0.0, "invocations": 0}
     if resume and state.get("finished") and fp_file.exists():
         return summarize(out_dir, sweep, cohort, state)  # nothing left to run
     out_dir.mkdir(parents=True, exist_ok=True)
     fp_file.write_text(dumps(fingerprint) + "\n")
-    state.update({"finished": False, "experiment": str(exp_dir), "spec": sweep.source,
-                  "scheduler": spec.scheduler, "trials_expected": spec.num_trials,
-                  "invocations": int(state.get("invocations", 0)) + 1})
+    state.update(
+        {
+            "finished": False,
+            "experiment": str(exp_dir),
+            "spec": sweep.source,
+            "scheduler": spec.scheduler,
+            "trials_expected": spec.num_trials,
+            "invocations": int(state.get("invocations", 0)) + 1,
+        }
+    )
     _write_state(out_dir, state)
 
     t0 = time.perf_counter()
@@ -350,8 +413,11 @@ def run_sweep(spec_path, out_dir, base=None, address=None, scheduler=None, overr
 
         def missing() -> dict:
             have = ray.cluster_resources()
-            return {k: max(have.get(k, 0), have.get(k.upper(), 0)) for k, v in spec.resources_per_trial.items()
-                    if max(have.get(k, 0), have.get(k.upper(), 0)) < v}
+            return {
+                k: max(have.get(k, 0), have.get(k.upper(), 0))
+                for k, v in spec.resources_per_trial.items()
+                if max(have.get(k, 0), have.get(k.upper(), 0)) < v
+            }
 
         short = missing()
         joining = bool(address or os.environ.get("RAY_ADDRESS"))  # an existing cluster: nodes may still come
@@ -360,11 +426,15 @@ def run_sweep(spec_path, out_dir, base=None, address=None, scheduler=None, overr
             time.sleep(2)
             short = missing()
         if short:
-            raise ConfigError(f"resources_per_trial {spec.resources_per_trial} exceeds what the Ray cluster has "
-                              f"({short}); lower it")
-        ctx = {"exp_dir": str(exp_dir), "cohort": cohort,
-               "threads": max(1, int(spec.resources_per_trial.get("cpu", 1))),
-               "sweep": sweep}
+            raise ConfigError(
+                f"resources_per_trial {spec.resources_per_trial} exceeds what the Ray cluster has ({short}); lower it"
+            )
+        ctx = {
+            "exp_dir": str(exp_dir),
+            "cohort": cohort,
+            "threads": max(1, int(spec.resources_per_trial.get("cpu", 1))),
+            "sweep": sweep,
+        }
         resources = {k: v for k, v in spec.resources_per_trial.items()}
         trainable = tune.with_resources(tune.with_parameters(trial_main, ctx=ctx), resources)
         if restoring:
@@ -372,24 +442,35 @@ def run_sweep(spec_path, out_dir, base=None, address=None, scheduler=None, overr
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
             if spec.scheduler == "asha":
-                sched = ASHAScheduler(time_attr="epoch", max_t=spec.max_t, grace_period=spec.grace_period,
-                                      reduction_factor=spec.reduction_factor, brackets=1)
+                sched = ASHAScheduler(
+                    time_attr="epoch",
+                    max_t=spec.max_t,
+                    grace_period=spec.grace_period,
+                    reduction_factor=spec.reduction_factor,
+                    brackets=1,
+                )
             else:
                 sched = FIFOScheduler()
             tuner = tune.Tuner(
                 trainable,
                 param_space=spec.param_space(),
                 tune_config=tune.TuneConfig(
-                    metric=spec.scheduler_metric, mode=spec.mode, scheduler=sched, num_samples=spec.num_samples,
+                    metric=spec.scheduler_metric,
+                    mode=spec.mode,
+                    scheduler=sched,
+                    num_samples=spec.num_samples,
                     search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent),
                     reuse_actors=True,
                     trial_dirname_creator=_trial_dirname,
                 ),
                 run_config=tune.RunConfig(
-                    name=EXPERIMENT, storage_path=str(out_dir), stop={"epoch": spec.max_t},
+                    name=EXPERIMENT,
+                    storage_path=str(out_dir),
+                    stop={"epoch": spec.max_t},
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     failure_config=tune.FailureConfig(max_failures=0),
-                    callbacks=[_StateCallback(str(out_dir))] + _wandb_callbacks(sweep, out_dir), verbose=verbose,
+                    callbacks=[_StateCallback(str(out_dir))] + _wandb_callbacks(sweep, out_dir),
+                    verbose=verbose,
                 ),
             )
         grid = tuner.fit()
@@ -401,8 +482,14 @@ def run_sweep(spec_path, out_dir, base=None, address=None, scheduler=None, overr
             import ray
 
             ray.shutdown()
-    state.update({"finished": n == spec.num_trials and done == n and errors == 0,
-                  "trials": n, "terminated": done, "errored": errors})
+    state.update(
+        {
+            "finished": n == spec.num_trials and done == n and errors == 0,
+            "trials": n,
+            "terminated": done,
+            "errored": errors,
+        }
+    )
     _write_state(out_dir, state)
     return summarize(out_dir, sweep, cohort, state)
 
@@ -410,70 +497,28 @@ def run_sweep(spec_path, out_dir, base=None, address=None, scheduler=None, overr
 def format_result(res: dict) -> str:
     v = res.get("value")
     lines = [
-        f"best {res['metric']} = {v:.4f} (trial {res['trial_id']}, epoch {res['best_epoch']})" if v is not None
+        f"best {res['metric']} = {v:.4f} (trial {res['trial_id']}, epoch {res['best_epoch']})"
+        if v is not None
         else f"no trial reported {res['metric']} yet",
         f"params: {res.get('params')}",
         f"{res['num_trials']} trials, {res['trial_epochs']} trial-epochs, "
-        + (f"{res['stopped_early']} stopped early, " if res["finished"] else f"{res['short_of_max_t']} not at max_t yet, ")
+        + (
+            f"{res['stopped_early']} stopped early, "
+            if res["finished"]
+            else f"{res['short_of_max_t']} not at max_t yet, "
+        )
         + f"{res['failed']} failed, {res['wall_seconds']:.1f} s ({res['scheduler']}, max_t {res['max_t']})",
     ]
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- command line
-def _add_tune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", help="sweep spec YAML (tune/cnn3d_asha.yaml, tune/cnn3d_grid.yaml, tune/emt_asha.yaml)")
-    p.add_argument("--out", required=True, help="sweep directory (rerun the same command to resume it)")
-    p.add_argument("--base", default=None, help="training config to start from instead of the spec's base")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to use ('auto': the one running on this machine or allocation); "
-                        "default: start a local one with this machine's cores")
-    p.add_argument("--scheduler", choices=["asha", "fifo"], default=None, help="replace the spec's scheduler")
-    p.add_argument("--max-t", type=int, default=None, help="replace the spec's max_t (epochs per trial)")
-    p.add_argument("--num-samples", type=int, default=None, help="replace the spec's num_samples")
-    p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing sweep in --out")
-    p.add_argument("--quiet", action="store_true", help="no Tune progress table")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the base config")
-
-
-def add_tune_parser(subparsers) -> argparse.ArgumentParser:
-    """``trd-hpc tune SPEC --out DIR [--base CONFIG] [--address auto] [--scheduler asha|fifo] [KEY=VALUE ...]``."""
-    p = subparsers.add_parser(
-        "tune", help="hyper-parameter sweep with Ray Tune (ASHA or the full grid)",
-        description="Run the sweep of SPEC (tune/*.yaml): one trial = one training run of the spec's base config "
-                    "with sampled hyper-parameters, reporting every epoch; ASHA stops poor trials early. Writes "
-                    "best.json and best_config.yaml to --out; rerunning the same command resumes an interrupted sweep.",
-    )
-    _add_tune_args(p)
-    p.set_defaults(func=run_tune)
-    return p
-
-
-def run_tune(args: argparse.Namespace) -> int:
-    res = run_sweep(args.spec, args.out, base=args.base, address=args.address, scheduler=args.scheduler,
-                    overrides=tuple(args.overrides or ()), resume=not args.no_resume,
-                    spec_updates={"max_t": args.max_t, "num_samples": args.num_samples},
-                    verbose=0 if args.quiet else 1, progress=not args.quiet)
-    print(format_result(res))
-    out = Path(args.out)
-    if res["finished"]:
-        print(f"best: {out / BEST_FILE}\nconfig: {out / BEST_CONFIG}" if res["value"] is not None else f"summary: {out / BEST_FILE}")
-        return 0
-    state = _read_json(out / STATE_FILE) or {}
+def unfinished_reason(out_dir: Path) -> tuple[str, int]:
+    """Why a sweep that returned unfinished stopped, and the exit code to give: 1 when trials
+    ended with an error, 130 when it was interrupted."""
+    state = _read_json(Path(out_dir) / STATE_FILE) or {}
     if state.get("errored"):
-        print(f"{state['errored']} trial(s) ended with an error (see {out / EXPERIMENT}); rerun the same command to retry them",
-              file=sys.stderr)
-        return 1
-    print("sweep interrupted: rerun the same command to resume it", file=sys.stderr)
-    return 130
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m trd_hpc.tune.sweep SPEC --out DIR ...``: the same as ``trd-hpc tune``."""
-    from trd_hpc.cli import main as cli_main
-
-    return cli_main(["tune", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        return (
+            f"{state['errored']} trial(s) ended with an error (see {Path(out_dir) / EXPERIMENT}); "
+            f"rerun the same command to retry them"
+        ), 1
+    return "sweep interrupted: rerun the same command to resume it", 130

@@ -9,7 +9,6 @@ sd of every metric over the folds) is written when all folds are done.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,17 +16,10 @@ import numpy as np
 
 from trd_hpc.config import ConfigError
 from trd_hpc.errors import RunDirError
+from trd_hpc.fsio import atomic_write_json
+from trd_hpc.rundir import RunDir
 
 SUMMARY = "cv_summary.json"
-
-
-def fold_config(cfg, k: int):
-    c = cfg.model_copy(deep=True)
-    c.data.fold = k
-    c.tracking.group = c.tracking.group or "cv"
-    c.tracking.job_type = "cv-fold"
-    c.eval.baselines = []  # baselines are compared on the main split, not per fold
-    return c
 
 
 def check_folds(cfg, folds: int | None) -> int:
@@ -47,9 +39,9 @@ def fold_dir(out: Path, k: int) -> Path:
 
 
 def run_fold(cfg, out: Path, k: int, progress: bool = True) -> dict | None:
-    from trd_hpc.train.run import train
+    from trd_hpc.experiment import fold_config, run
 
-    return train(fold_config(cfg, k), fold_dir(out, k), resume="auto", evaluate_after=True, progress=progress)
+    return run(fold_config(cfg, k), fold_dir(out, k), resume="auto", progress=progress)
 
 
 def aggregate(out: Path, folds: int) -> dict:
@@ -58,9 +50,9 @@ def aggregate(out: Path, folds: int) -> dict:
     rows = []
     missing = []
     for k in range(folds):
-        p = fold_dir(out, k) / "metrics.json"
-        if p.exists():
-            rows.append(json.loads(p.read_text()))
+        run = RunDir(fold_dir(out, k))
+        if run.has_metrics():
+            rows.append(run.metrics())
         else:
             missing.append(k)
     if missing:
@@ -77,23 +69,31 @@ def aggregate(out: Path, folds: int) -> dict:
         summary[f"min.{key}"] = float(vals.min())
         summary[f"max.{key}"] = float(vals.max())
         summary[f"per_fold.{key}"] = [float(v) for v in vals]
-    from trd_hpc.fsio import atomic_write_json
-
     atomic_write_json(out / SUMMARY, summary)
     return summary
 
 
-def format_summary(summary: dict, keys=("test.accuracy", "test.severity_mae", "test.macro_f1", "best_epoch", "epochs_run")) -> str:
+def format_summary(
+    summary: dict, keys=("test.auc", "test.accuracy", "test.severity_mae", "test.macro_f1", "best_epoch", "epochs_run")
+) -> str:
     lines = [f"{summary['folds']}-fold cross-validation (mean +- sd; min..max)"]
     for k in keys:
         if f"mean.{k}" in summary:
-            lines.append(f"  {k:<20} {summary[f'mean.{k}']:.4f} +- {summary[f'sd.{k}']:.4f}  "
-                         f"({summary[f'min.{k}']:.4f}..{summary[f'max.{k}']:.4f})")
+            lines.append(
+                f"  {k:<20} {summary[f'mean.{k}']:.4f} +- {summary[f'sd.{k}']:.4f}  "
+                f"({summary[f'min.{k}']:.4f}..{summary[f'max.{k}']:.4f})"
+            )
     return "\n".join(lines)
 
 
-def run_cv(cfg, out: Path, folds: int | None = None, fold: int | None = None, only_aggregate: bool = False,
-           progress: bool = True) -> dict | None:
+def run_cv(
+    cfg,
+    out: Path,
+    folds: int | None = None,
+    fold: int | None = None,
+    only_aggregate: bool = False,
+    progress: bool = True,
+) -> dict | None:
     k_total = check_folds(cfg, folds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,10 +104,10 @@ def run_cv(cfg, out: Path, folds: int | None = None, fold: int | None = None, on
                 raise ConfigError(f"--fold {k} is outside 0..{k_total - 1}")
             if progress:
                 print(f"fold {k + 1}/{k_total} -> {fold_dir(out, k)}", flush=True)
-            if run_fold(cfg, out, k, progress) is None and not (fold_dir(out, k) / "metrics.json").exists():
+            if run_fold(cfg, out, k, progress) is None and not RunDir(fold_dir(out, k)).has_metrics():
                 print(f"fold {k} was pre-empted; rerun the same command to continue", flush=True)
                 return None
-    done = [k for k in range(k_total) if (fold_dir(out, k) / "metrics.json").exists()]
+    done = [k for k in range(k_total) if RunDir(fold_dir(out, k)).has_metrics()]
     if len(done) < k_total:
         if only_aggregate:
             raise RunDirError(f"{out}: folds {sorted(set(range(k_total)) - set(done))} are not finished")

@@ -1,0 +1,123 @@
+"""``trd-hpc bench generate|load|train|faults|tune``: each benchmark with its own options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trd_hpc.cli.common import add_overrides, verb
+
+
+def _common(p, config_default: str, subjects: bool = True) -> None:
+    p.add_argument("--config", default=None, help=f"experiment YAML (default: {config_default})")
+    if subjects:
+        p.add_argument("--subjects", type=int, default=None, help="subjects to use (default depends on the benchmark)")
+    p.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    add_overrides(p)
+
+
+def _generate(a) -> int:
+    from trd_hpc.bench.generate import run
+
+    return run(a.config, a.overrides, subjects=a.subjects, scratch_dir=a.dir, json_path=a.json)
+
+
+def _load(a) -> int:
+    from trd_hpc.bench.load import run
+
+    return run(a.config, a.overrides, subjects=a.subjects, scratch_dir=a.dir, json_path=a.json)
+
+
+def _train(a) -> int:
+    from trd_hpc.bench.train import run
+
+    return run(a.config, a.overrides, subjects=a.subjects, scratch_dir=a.dir, json_path=a.json)
+
+
+def _faults(a) -> int:
+    from trd_hpc.bench.faults import run
+
+    return run(a.config, a.overrides, kills=a.kills, seed=a.seed, nproc=a.nproc, scratch_dir=a.dir, json_path=a.json)
+
+
+def _tune(a) -> int:
+    from trd_hpc.tune.bench import DEFAULT_OUT, format_bench, run_bench
+    from trd_hpc.tune.spec import dumps
+
+    res = run_bench(
+        a.spec_grid,
+        a.spec_asha,
+        a.out or DEFAULT_OUT,
+        base=a.base,
+        address=a.address,
+        overrides=tuple(a.overrides or ()),
+        max_t=a.max_t,
+    )
+    print(format_bench(res))
+    print(f"figures: {Path(res['out']) / 'bench_tune.json'}")
+    if a.json:
+        from trd_hpc.fsio import atomic_write_text
+
+        atomic_write_text(a.json, dumps(res) + "\n")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    from trd_hpc.tune.bench import DEFAULT_ASHA, DEFAULT_GRID, DEFAULT_OUT
+
+    b = sub.add_parser("bench", help="measure throughput against this machine's limits")
+    bsub = b.add_subparsers(dest="what", required=True, metavar="BENCHMARK")
+    _common(
+        verb(bsub, "generate", _generate, help="cohort writing: subjects/s and MB/s against raw disk writes"),
+        "configs/emt.yaml with 64 subjects",
+    )
+    _common(
+        verb(bsub, "load", _load, help="Dataset + DataLoader against raw reads, cold and warm page cache"),
+        "configs/emt.yaml with 48 subjects",
+    )
+    _common(
+        verb(bsub, "train", _train, help="the Trainer against a bare training loop on the same batches"),
+        "configs/emt.yaml, 8 steps",
+    )
+    f = verb(
+        bsub,
+        "faults",
+        _faults,
+        help="SIGKILL a run at random moments, resume, compare with an uninterrupted run",
+        description="Train once uninterrupted, then again with SIGKILLs at random moments (resumed each "
+        "time); the two must end with the same weights bit for bit and the same metrics.",
+    )
+    f.add_argument("--kills", type=int, default=20, help="SIGKILLs to make (default 20)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the kill delays (printed; default 0)")
+    f.add_argument("--nproc", type=int, default=1, help="processes per run (>1: torchrun + DDP; default 1)")
+    _common(f, "configs/emt_tiny.yaml", subjects=False)
+    t = verb(
+        bsub,
+        "tune",
+        _tune,
+        help="the paper's grid (fifo) against ASHA on the same trial budget",
+        description="Run the paper's grid under fifo and ASHA with as many trials, and compare the best "
+        "value found and the trial-epochs spent.",
+    )
+    t.add_argument("--spec-grid", default=DEFAULT_GRID, help=f"the grid spec, run under fifo (default {DEFAULT_GRID})")
+    t.add_argument(
+        "--spec-asha", default=DEFAULT_ASHA, help=f"the ASHA spec, as many trials as the grid (default {DEFAULT_ASHA})"
+    )
+    t.add_argument(
+        "--base",
+        "--config",
+        dest="base",
+        default=None,
+        help="training config for both sweeps instead of the specs' base (e.g. configs/cnn3d_tiny.yaml)",
+    )
+    t.add_argument("--address", default=None, help="Ray cluster ('auto'); default: a local one")
+    t.add_argument("--max-t", type=int, default=None, help="epochs per trial for both (default: the grid spec's max_t)")
+    t.add_argument(
+        "--out",
+        "--dir",
+        dest="out",
+        default=None,
+        help=f"directory of the two sweeps and bench_tune.json (default {DEFAULT_OUT})",
+    )
+    t.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    add_overrides(t, "dotted overrides of the base config")

@@ -1,0 +1,122 @@
+"""``trd-hpc generate``, ``trd-hpc cohort validate|info``, ``trd-hpc config show``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from trd_hpc.cli.common import EPILOG, add_overrides, verb
+
+__all__ = ["EPILOG", "add_parsers"]
+
+
+def _generate(a) -> int:
+    from trd_hpc.config import load_config
+    from trd_hpc.data.generate import generate
+
+    cfg = load_config(a.config, a.overrides)
+    out = Path(a.out or cfg.data.cohort)
+    res = generate(
+        cfg.cohort,
+        out,
+        num_shards=a.num_shards,
+        workers=a.workers,
+        shard_index=a.shard_index,
+        finalize_only=a.finalize,
+        verify_existing=not a.no_verify,
+        progress=not a.quiet,
+        force=a.force,
+    )
+    parts = []
+    if res.made:
+        parts.append(f"made {len(res.made)}")
+    if res.remade:
+        parts.append(
+            f"remade {len(res.remade)} (" + "; ".join(f"{k}: {v}" for k, v in sorted(res.remade.items())) + ")"
+        )
+    if res.kept:
+        parts.append(f"kept {len(res.kept)} verified")
+    rate = (
+        f", {res.subjects_written / res.seconds:.1f} subjects/s, {res.bytes_written / res.seconds / 1e6:.0f} MB/s"
+        if res.subjects_written
+        else ""
+    )
+    print(f"shards: {', '.join(parts) or 'none to do'} in {res.seconds:.1f} s{rate}")
+    if res.finalized:
+        print(f"manifest: {out / 'manifest.json'}")
+    else:
+        print("manifest not written yet: other shards are still missing (run with --finalize when all are done)")
+    return 0
+
+
+def _cohort_validate(a) -> int:
+    from trd_hpc.data.validate import validate_cohort_dir
+
+    problems = validate_cohort_dir(a.dir, deep=not a.quick, progress=not a.quiet)
+    for p in problems:
+        print(f"BAD {p}", file=sys.stderr)
+    if problems:
+        print(f"{a.dir}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{a.dir}: OK")
+    return 0
+
+
+def _cohort_info(a) -> int:
+    from trd_hpc.data.validate import cohort_summary
+
+    print(cohort_summary(a.dir))
+    return 0
+
+
+def _config_show(a) -> int:
+    from trd_hpc.config import load_config, to_yaml
+
+    print(to_yaml(load_config(a.config, a.overrides)), end="")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    g = verb(
+        sub,
+        "generate",
+        _generate,
+        help="write a synthetic cohort as sharded HDF5 plus manifest.json",
+        description="Write the cohort of CONFIG's `cohort` section. Re-running keeps shards that verify and "
+        "remakes missing or corrupt ones; the manifest is written when every shard is present.",
+        epilog=EPILOG,
+    )
+    g.add_argument("config", help="experiment YAML (configs/emt.yaml, configs/cnn3d_tiny.yaml, ...)")
+    g.add_argument("--out", help="cohort directory (default: the config's data.cohort)")
+    g.add_argument("--num-shards", type=int, help="number of shards (default: n_subjects / cohort.subjects_per_shard)")
+    g.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")
+    g.add_argument("--shard-index", type=int, help="write only this shard (one SLURM array task)")
+    g.add_argument("--finalize", action="store_true", help="only write the manifest (all shards must exist)")
+    g.add_argument("--no-verify", action="store_true", help="keep existing shards without re-reading their checksums")
+    g.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a directory that holds other files or another cohort (replacing that cohort); "
+        "without it such a directory is refused untouched",
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overrides(g)
+
+    c = sub.add_parser("cohort", help="inspect a cohort directory")
+    csub = c.add_subparsers(dest="cohort_cmd", required=True, metavar="ACTION")
+    v = verb(csub, "validate", _cohort_validate, help="check files against the manifest; exit 1 naming each bad file")
+    v.add_argument("dir")
+    v.add_argument(
+        "--quick",
+        action="store_true",
+        help="structure, sizes, shapes, attributes, ids and labels only; no voxel is read (no content checksums)",
+    )
+    v.add_argument("--quiet", action="store_true")
+    i = verb(csub, "info", _cohort_info, help="print a summary of a cohort")
+    i.add_argument("dir")
+
+    cf = sub.add_parser("config", help="show a resolved config")
+    cfsub = cf.add_subparsers(dest="config_cmd", required=True, metavar="ACTION")
+    s = verb(cfsub, "show", _config_show, help="print CONFIG with overrides applied and defaults filled in")
+    s.add_argument("config")
+    add_overrides(s)

@@ -1,0 +1,117 @@
+"""``trd-hpc train``, ``cv``, ``evaluate``, ``report``: the experiment layer from the shell."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trd_hpc.cli.common import EPILOG, add_overrides, format_final, verb
+
+
+def _train(a) -> int:
+    from trd_hpc.train import signals
+
+    signals.install()  # before the slow imports, so an early pre-emption is not lost
+    from trd_hpc import experiment
+    from trd_hpc.config import load_config
+    from trd_hpc.tasks import spec_for
+
+    cfg = load_config(a.config, a.overrides)
+    metrics = experiment.run(cfg, a.out, resume=a.resume, evaluate=not a.no_eval, progress=not a.quiet)
+    if metrics is not None:
+        print(format_final(metrics, spec_for(cfg).summary_keys))
+        report = Path(a.out) / "report.html"
+        if report.exists():
+            print(f"report: {report}")
+    return 0
+
+
+def _cv(a) -> int:
+    from trd_hpc.train import signals
+
+    signals.install()
+    from trd_hpc.config import load_config
+    from trd_hpc.cv import format_summary, run_cv
+    from trd_hpc.tasks import spec_for
+
+    cfg = load_config(a.config, a.overrides)
+    summary = run_cv(cfg, Path(a.out), folds=a.folds, fold=a.fold, only_aggregate=a.aggregate, progress=not a.quiet)
+    if summary is None:
+        print("fold done; the summary is written when every fold has finished")
+    else:
+        print(format_summary(summary, spec_for(cfg).cv_keys))
+        print(f"summary: {Path(a.out) / 'cv_summary.json'}")
+    return 0
+
+
+def _evaluate(a) -> int:
+    from trd_hpc import experiment
+
+    m = experiment.evaluate(Path(a.run_dir), figures=not a.no_figures, overrides=a.overrides)
+    if m is None:
+        return 3
+    print(f"metrics: {Path(a.run_dir) / 'metrics.json'} ({len(m)} values)")
+    return 0
+
+
+def _report(a) -> int:
+    from trd_hpc.eval.pipeline import write_run_report
+
+    print(f"report: {write_run_report(Path(a.run_dir))}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    t = verb(
+        sub,
+        "train",
+        _train,
+        help="train a model (generates the config's cohort first when missing), evaluate it, write the report",
+        description="Train CONFIG's model on its cohort (data.cohort). train.strategy=single|ddp|deepspeed; "
+        "launch ddp/deepspeed with torchrun --nproc_per_node=N or as SLURM tasks under srun. Then the "
+        "baselines of eval.baselines are trained (one process) and the run is evaluated.",
+        epilog=EPILOG,
+    )
+    t.add_argument("config", help="experiment YAML (configs/emt_tiny.yaml, configs/cnn3d.yaml, ...)")
+    t.add_argument("--out", required=True, help="run directory (created; holds checkpoints, metrics, report)")
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="continue from the newest valid checkpoint in --out ('auto', the default value) or from a given checkpoint",
+    )
+    t.add_argument("--no-eval", action="store_true", help="skip calibration, baselines, figures and the report")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_overrides(t)
+
+    cv = verb(
+        sub,
+        "cv",
+        _cv,
+        help="k-fold cross-validation (folds in turn, or one per SLURM array task), then mean and sd",
+        description="Train every fold of the cohort's stratified k-fold split (test = fold k) and write "
+        "cv_summary.json with the mean and sd of every metric.",
+        epilog=EPILOG,
+    )
+    cv.add_argument("config")
+    cv.add_argument("--out", required=True, help="directory for fold-K run directories and cv_summary.json")
+    cv.add_argument("--folds", type=int, default=None, help="number of folds (must match cohort.split.folds)")
+    cv.add_argument("--fold", type=int, default=None, help="train only this fold (a SLURM array task)")
+    cv.add_argument("--aggregate", action="store_true", help="only write the summary of finished folds")
+    cv.add_argument("--quiet", action="store_true")
+    add_overrides(cv)
+
+    ev = verb(
+        sub,
+        "evaluate",
+        _evaluate,
+        help="redo calibration, importance, baselines, figures and report of a run",
+        description="Evaluate a trained run again. eval.* overrides (e.g. eval.baselines=[resnet18]) are "
+        "written into the run's config.yaml first; a baseline already trained in RUN_DIR/baselines/NAME is "
+        "reused, a new one trained first.",
+    )
+    ev.add_argument("run_dir")
+    ev.add_argument("--no-figures", action="store_true")
+    add_overrides(ev, "eval.* overrides of the run's config")
+    rp = verb(sub, "report", _report, help="rewrite report.html of a run from its metrics and figures")
+    rp.add_argument("run_dir")

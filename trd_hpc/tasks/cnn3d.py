@@ -1,0 +1,119 @@
+"""Paper 001: the dual-path 3-D CNN predicts medication response (3 classes, focal loss)
+and severity (regression) from a 3-D volume; baselines: two single-task CNNs and a 3-D
+ResNet-18 with the same two heads."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from trd_hpc.config import CNN3DExperiment
+from trd_hpc.tasks.base import Baseline, TaskSpec, check_finite
+
+# What each model predicts; a single-task model is scored on its own target only.
+_TARGETS = {"single_task_response": ("response",), "single_task_severity": ("severity",)}
+
+
+class CNN3DTask:
+    name = "cnn3d"
+    input_names = ("volume",)
+
+    def __init__(self, cfg: CNN3DExperiment, cohort_root: str = ""):
+        self.cfg = cfg
+        self.root = cohort_root
+        self.targets = _TARGETS.get(cfg.model.name, ("response", "severity"))
+        self._loss = None
+
+    def build_model(self) -> nn.Module:
+        from trd_hpc.models.cnn3d import build_cnn3d_model
+
+        return build_cnn3d_model(self.cfg)
+
+    def _loss_fn(self):
+        if self._loss is None:
+            from trd_hpc.models.losses import MultiTaskLoss
+
+            self._loss = MultiTaskLoss(self.cfg.loss, tasks=self.targets)
+        return self._loss
+
+    def flops_per_sample(self, model: nn.Module) -> int:
+        from trd_hpc.models.cnn3d import cnn3d_flops_per_sample
+
+        return int(cnn3d_flops_per_sample(model, tuple(self.cfg.cohort.shape)))
+
+    def inputs(self, batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+        v = batch["volume"].to(device, non_blocking=True).to(dtype)
+        check_finite("volume", v, batch, self.root)
+        return {"volume": v}
+
+    def loss(self, out: dict, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
+        total, parts = self._loss_fn()(
+            {"response_logits": out["response_logits"].float(), "severity": out["severity"].float()},
+            batch["response"].to(device),
+            batch["severity"].to(device).float(),
+        )
+        return total, {k: float(v) for k, v in parts.items()}
+
+    def records(self, out: dict, batch: dict) -> dict[str, np.ndarray]:
+        return {
+            "subject_id": batch["subject_id"].numpy(),
+            "is_pad": batch["is_pad"].numpy(),
+            "response_logits": out["response_logits"].detach().float().cpu().numpy(),
+            "severity_pred": out["severity"].detach().float().cpu().numpy(),
+            "response": batch["response"].numpy(),
+            "severity": batch["severity"].numpy(),
+        }
+
+    def metrics(self, rec: dict[str, np.ndarray]) -> dict[str, float]:
+        with torch.no_grad():
+            total, parts = self._loss_fn()(
+                {
+                    "response_logits": torch.from_numpy(rec["response_logits"]),
+                    "severity": torch.from_numpy(rec["severity_pred"]),
+                },
+                torch.from_numpy(rec["response"]).long(),
+                torch.from_numpy(rec["severity"]).float(),
+            )
+        scale = float(self.cfg.cohort.severity_max)
+        pred = rec["response_logits"].argmax(1)
+        m = {
+            "loss": float(total),
+            "accuracy": float((pred == rec["response"]).mean()) if len(pred) else math.nan,
+            "severity_mae": float(np.abs(rec["severity_pred"] - rec["severity"]).mean() * scale)
+            if len(pred)
+            else math.nan,
+        }
+        m.update({k: float(v) for k, v in parts.items()})
+        if "response" not in self.targets:
+            m.pop("accuracy")
+            m.pop("loss.response", None)
+        if "severity" not in self.targets:
+            m.pop("severity_mae")
+            m.pop("loss.severity", None)
+        return m
+
+
+def evaluate(cfg, run, metrics, history, preds, figures):
+    from trd_hpc.eval.cnn3d import evaluate_cnn3d
+
+    return evaluate_cnn3d(cfg, run, history, preds, figures)
+
+
+SPEC = TaskSpec(
+    name="cnn3d",
+    config_class=CNN3DExperiment,
+    make_task=CNN3DTask,
+    title="Dual-path 3-D CNN: response and severity",
+    baselines={
+        "single_task_response": Baseline(overrides={"model.name": "single_task_response"}, scored_on=("accuracy",)),
+        "single_task_severity": Baseline(overrides={"model.name": "single_task_severity"}, scored_on=("severity_mae",)),
+        "resnet18": Baseline(overrides={"model.name": "resnet18"}, scored_on=("accuracy", "severity_mae")),
+    },
+    evaluate=evaluate,
+    summary_keys=("test.accuracy", "test.severity_mae", "best_epoch"),
+    curves=("val.loss", "val.accuracy", "val.severity_mae"),
+    cv_keys=("test.accuracy", "test.severity_mae", "test.macro_f1", "best_epoch", "epochs_run"),
+)

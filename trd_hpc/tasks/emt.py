@@ -1,0 +1,124 @@
+"""Paper 000: the EMT predicts treatment-resistant depression (a binary label) from fMRI,
+SNPs and clinical variables; baselines: a late-fusion MLP and a random forest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trd_hpc.config import EMTExperiment
+from trd_hpc.tasks.base import Baseline, TaskSpec, check_finite, param_flops_estimate
+
+
+class EMTTask:
+    name = "emt"
+    input_names = ("fmri", "snp", "clinical")
+
+    def __init__(self, cfg: EMTExperiment, cohort_root: str = ""):
+        self.cfg = cfg
+        self.root = cohort_root
+
+    def build_model(self) -> nn.Module:
+        from trd_hpc.models.baselines import build_emt_model
+
+        return build_emt_model(self.cfg)
+
+    def flops_per_sample(self, model: nn.Module) -> int:
+        if self.cfg.model.name == "emt":
+            from trd_hpc.models.emt import emt_flops_per_sample
+
+            c = self.cfg.cohort
+            return int(emt_flops_per_sample(self.cfg.model, tuple(c.fmri.shape), c.snp.n_snps, len(c.clinical.names)))
+        return param_flops_estimate(model)
+
+    def inputs(self, batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+        fmri = batch["fmri"].to(device, non_blocking=True).to(dtype)
+        clinical = batch["clinical"].to(device, non_blocking=True).to(dtype)
+        check_finite("fmri", fmri, batch, self.root)
+        check_finite("clinical", clinical, batch, self.root)
+        return {"fmri": fmri, "snp": batch["snp"].to(device, non_blocking=True), "clinical": clinical}
+
+    def loss(self, out: torch.Tensor, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
+        y = batch["label"].to(device).float()
+        return F.binary_cross_entropy_with_logits(out.float(), y), {}
+
+    def records(self, out: torch.Tensor, batch: dict) -> dict[str, np.ndarray]:
+        return {
+            "subject_id": batch["subject_id"].numpy(),
+            "is_pad": batch["is_pad"].numpy(),
+            "logit": out.detach().float().cpu().numpy(),
+            "label": batch["label"].numpy(),
+        }
+
+    def metrics(self, rec: dict[str, np.ndarray]) -> dict[str, float]:
+        from trd_hpc.eval.metrics import binary_metrics
+
+        logit = torch.from_numpy(rec["logit"]).double()
+        y = torch.from_numpy(rec["label"]).double()
+        prob = torch.sigmoid(logit).numpy()
+        m = {"loss": float(F.binary_cross_entropy_with_logits(logit, y))}
+        bm = binary_metrics(rec["label"], prob)
+        m.update({k: float(bm[k]) for k in ("accuracy", "f1", "auc", "ap") if k in bm})
+        return m
+
+
+def fit_random_forest(cfg: EMTExperiment, out_dir: Path) -> dict:
+    """scikit-learn's random forest on per-subject summary features (regional fMRI means,
+    SNP dosages, clinical values); writes a run-like directory: metrics.json, the test
+    predictions and the forest's top features."""
+    from trd_hpc.data.dataset import CohortDataset
+    from trd_hpc.eval.metrics import binary_metrics
+    from trd_hpc.models.baselines import emt_summary_features
+    from trd_hpc.models.baselines import fit_random_forest as fit
+    from trd_hpc.rundir import RunDir
+
+    def features(split: str):
+        ds = CohortDataset(cfg.data.cohort, cfg.data.split(split))
+        xs, ys, ids = [], [], []
+        for lo in range(0, len(ds), 32):
+            b = ds.__getitems__(list(range(lo, min(lo + 32, len(ds)))))
+            x, names = emt_summary_features({k: b[k] for k in ("fmri", "snp", "clinical")}, cfg.cohort)
+            xs.append(np.asarray(x))
+            ys.append(b["label"].numpy())
+            ids.append(b["subject_id"].numpy())
+            del b
+        ds.close()
+        return np.concatenate(xs), np.concatenate(ys), np.concatenate(ids), names
+
+    xtr, ytr, _, names = features("train")
+    xte, yte, ids, _ = features("test")
+    rf = fit(xtr, ytr, cfg.eval.rf_estimators, cfg.train.seed)
+    prob = rf.predict_proba(xte)[:, 1]
+    run = RunDir(out_dir)
+    top = sorted(zip(names, rf.feature_importances_), key=lambda t: -t[1])[:10]
+    run.write_json("top_features.json", [[n, float(v)] for n, v in top])
+    run.write_predictions("test", {"subject_id": ids, "label": yte, "prob": prob})
+    return run.write_metrics({f"test.{k}": v for k, v in binary_metrics(yte, prob).items()})
+
+
+def evaluate(cfg, run, metrics, history, preds, figures):
+    from trd_hpc.eval.emt import evaluate_emt
+
+    return evaluate_emt(cfg, run, history, preds, figures)
+
+
+_SCORED = ("auc", "ap", "accuracy", "f1")
+
+SPEC = TaskSpec(
+    name="emt",
+    config_class=EMTExperiment,
+    make_task=EMTTask,
+    title="EMT: treatment-resistant depression",
+    baselines={
+        "late_fusion_mlp": Baseline(overrides={"model.name": "late_fusion_mlp"}, scored_on=_SCORED),
+        "random_forest": Baseline(fit=fit_random_forest, scored_on=_SCORED),
+    },
+    evaluate=evaluate,
+    summary_keys=("test.auc", "test.ap", "test.accuracy", "best_epoch"),
+    curves=("val.loss", "val.auc"),
+    cv_keys=("test.auc", "test.accuracy", "best_epoch", "epochs_run"),
+)
