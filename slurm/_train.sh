@@ -21,16 +21,12 @@ TRD_ROOT="$(dirname "$TRD_SLURM_DIR")"
 source "$TRD_SLURM_DIR/_common.sh"
 export PYTHONUNBUFFERED=1
 
-# torch.distributed rendezvous for the srun tasks: the first host of the job and a port derived
-# from the job id (the formula of trd_hpc.train.distributed.slurm_port), the same on every node.
-# Ranks come from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID in each task: drop torchrun-style
-# variables inherited from the submitting shell, they would take precedence.
+# Ranks, rendezvous (the job's first host, a port from the job id), "several tasks -> DDP" and
+# "torch threads = CPUs per task" are trd_hpc/launch/plan.py's, applied by `trd-hpc train`/`cv`
+# in each task.  Only torchrun-style variables inherited from the submitting shell are dropped
+# here: they would take precedence over SLURM's in the tasks.
 trd_rendezvous() {
-  unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
-  # sed reads all of scontrol's output (head -n1 could SIGPIPE it and trip pipefail)
-  MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p || true)"
-  export MASTER_ADDR="${MASTER_ADDR:-$(hostname)}"
-  export MASTER_PORT=$(( 15000 + ${SLURM_JOB_ID} % 15000 ))
+  unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT
 }
 
 # srun "$@" with one task per allocated slot (sbatch's --nodes x --ntasks-per-node), run in the
@@ -67,11 +63,11 @@ trd_requeue_if_preempted() {
 }
 
 # Split "[CONFIG] [--out DIR] [ARGS...]": sets TRD_CONFIG (default $1), TRD_OUT (may stay empty),
-# TRD_ARGS (the rest), TRD_HAS_STRATEGY / TRD_HAS_THREADS (the user chose them).
+# TRD_ARGS (the rest, passed on as they are).
 # --resume [auto] is accepted and dropped: these scripts always resume from the newest checkpoint.
 trd_parse_args() {
   TRD_CONFIG="$1"; shift
-  TRD_OUT="" TRD_ARGS=() TRD_HAS_STRATEGY=0 TRD_HAS_THREADS=0
+  TRD_OUT="" TRD_ARGS=()
   if [[ $# -gt 0 && "$1" != -* && "$1" != *=* ]]; then TRD_CONFIG="$1"; shift; fi
   while (( $# )); do
     case "$1" in
@@ -79,16 +75,9 @@ trd_parse_args() {
       --out=*) TRD_OUT="${1#--out=}"; shift ;;
       --resume|--resume=auto) shift; if [[ "${1:-}" == auto ]]; then shift; fi ;;
       --resume=*) echo "--resume: these scripts always resume from the newest checkpoint in --out (--resume auto)" >&2; exit 2 ;;
-      train.strategy=*) TRD_HAS_STRATEGY=1; TRD_ARGS+=("$1"); shift ;;
-      train.num_threads=*) TRD_HAS_THREADS=1; TRD_ARGS+=("$1"); shift ;;
       *) TRD_ARGS+=("$1"); shift ;;
     esac
   done
-  # several tasks: DDP unless the user picked a strategy (deepspeed); torch threads = CPUs per task
-  if (( $(trd_ntasks) > 1 && TRD_HAS_STRATEGY == 0 )); then TRD_ARGS+=("train.strategy=ddp"); fi
-  if (( TRD_HAS_THREADS == 0 )) && [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
-    TRD_ARGS+=("train.num_threads=${SLURM_CPUS_PER_TASK}")
-  fi
 }
 
 # Tasks srun will start: --ntasks, else one per node (SLURM leaves SLURM_NTASKS unset then).
@@ -96,7 +85,7 @@ trd_ntasks() { echo "${SLURM_NTASKS:-${SLURM_JOB_NUM_NODES:-1}}"; }
 
 trd_banner() {
   echo "$(date '+%F %T') job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}:" \
-       "$(trd_ntasks) task(s) x ${SLURM_CPUS_PER_TASK:-1} CPU(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT}"
+       "$(trd_ntasks) task(s) x ${SLURM_CPUS_PER_TASK:-1} CPU(s)"
 }
 
 # The body of train_emt.sh / train_cnn3d.sh: trd_train_main DEFAULT_CONFIG "$@"

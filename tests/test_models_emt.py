@@ -19,15 +19,8 @@ from trd_hpc.models.baselines import (
     emt_summary_features,
     fit_random_forest,
 )
-from trd_hpc.models.emt import (
-    EMT,
-    Encoder,
-    EncoderLayer,
-    emt_flops_per_sample,
-    fast_dropout,
-    patch_index_of_box,
-    patchify,
-)
+from trd_hpc.models.emt import EMT, emt_flops_per_sample, patch_index_of_box, patchify
+from trd_hpc.models.layers import Encoder, EncoderLayer, fast_dropout
 
 SMALL = dict(d_model=32, n_heads=4, d_ff=64, snp_embed_dim=8, head_hidden=16, n_layers=2, mlp_hidden=16)
 

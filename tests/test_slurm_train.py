@@ -197,7 +197,7 @@ def test_sbatch_ddp_two_tasks_under_srun(slurm_cluster, tmp_path, emt_cohort_dir
     m = json.loads((out / "metrics.json").read_text())
     assert (m["world_size"], m["strategy"]) == (2, "ddp"), m  # ddp chosen because SLURM_NTASKS=2
     assert "baselines.late_fusion_mlp.auc" in m and (out / "report.html").exists(), text[-3000:]
-    assert f":{15000 + job % 15000}" in text  # MASTER_PORT from the job id, as distributed.slurm_port
+    assert f":{15000 + job % 15000}" in text  # MASTER_PORT from the job id (launch.plan.slurm_port)
 
 
 def test_sbatch_preempted_job_requeues_and_resumes_to_the_same_weights(

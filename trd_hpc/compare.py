@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from trd_hpc.config import flatten
 from trd_hpc.errors import ConfigError, RunDirError
 
 DEFAULT_EXTRA = ["best_epoch", "epochs_run"]
@@ -56,19 +57,6 @@ class Run:
 
 
 # ---------------------------------------------------------------------------- loading
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings -> dotted keys (lists stay values)."""
-    out: dict[str, Any] = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict) and v:
-                out.update(flatten(v, key + "."))
-            else:
-                out[key] = v
-    return out
-
-
 def _is_run_dir(p: Path) -> bool:
     return (p / "config.yaml").is_file()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -578,23 +579,26 @@ def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return None
 
 
-def _format_errors(err: ValidationError, root: type[BaseModel], source: str) -> str:
-    lines = [f"invalid config {source}:"]
+def format_validation_error(err: ValidationError, root: type[BaseModel], source: str, what: str = "config") -> str:
+    """pydantic's errors as lines naming each dotted key; an unknown key lists the valid ones there."""
+    lines = [f"invalid {what} {source}:"]
     for e in err.errors():
         loc = tuple(p for p in e["loc"])
         key = ".".join(str(p) for p in loc) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             owner = _model_at(root, loc)
             valid = sorted(owner.model_fields) if owner else []
             lines.append(f"  unknown key '{key}'; valid keys here: {', '.join(valid)}")
+        elif e["type"] == "missing":
+            lines.append(f"  '{key}': missing")
         elif e["type"] == "value_error" and isinstance(e.get("input"), dict):
             # A check across keys: its message names them; the input is a whole section.
-            msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"  '{key}': {msg}" if loc else f"  {msg}")
         else:
             got = e.get("input")
             got_s = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
-            lines.append(f"  '{key}': {e['msg']} (got {got_s})")
+            lines.append(f"  '{key}': {msg} (got {got_s})")
     return "\n".join(lines)
 
 
@@ -663,7 +667,7 @@ def validate_experiment(data: dict, source: str = "config") -> ExperimentConfig:
     try:
         return model.model_validate(data)  # type: ignore[return-value]
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, model, source)) from None
+        raise ConfigError(format_validation_error(e, model, source)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -680,11 +684,14 @@ def validate_cohort(data: dict, source: str = "cohort config") -> CohortConfig:
     try:
         return model.model_validate(data)  # type: ignore[return-value]
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, model, source)) from None
+        raise ConfigError(format_validation_error(e, model, source)) from None
 
 
 def set_dotted(data: dict, key: str, value: Any) -> None:
-    """``data['a']['b'] = value`` for ``key='a.b'`` (intermediate mappings created)."""
+    """``data['a']['b'] = value`` for ``key='a.b'`` (missing levels are created, so validation
+    reports an unknown key by name; the value is copied)."""
+    import copy
+
     *path, last = key.split(".")
     node = data
     for part in path:
@@ -692,7 +699,21 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
         if not isinstance(nxt, dict):
             nxt = node[part] = {}
         node = nxt
-    node[last] = value
+    node[last] = copy.deepcopy(value)
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> dotted keys: ``{"test": {"auc": 1}}`` -> ``{"test.auc": 1}``.
+    Lists stay values; so does an empty mapping (a section set to ``{}`` is visible)."""
+    out: dict[str, Any] = {}
+    if isinstance(d, Mapping):
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, Mapping) and v:
+                out.update(flatten(v, key + "."))
+            else:
+                out[key] = v
+    return out
 
 
 def derive(cfg: BaseModel, updates: dict[str, Any], source: str = "derived config") -> Any:
@@ -710,7 +731,7 @@ def derive(cfg: BaseModel, updates: dict[str, Any], source: str = "derived confi
     try:
         return type(cfg).model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, type(cfg), source)) from None
+        raise ConfigError(format_validation_error(e, type(cfg), source)) from None
 
 
 def to_dict(cfg: BaseModel) -> dict:

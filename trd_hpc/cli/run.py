@@ -7,15 +7,26 @@ from pathlib import Path
 from trd_hpc.cli.common import EPILOG, add_overrides, format_final, verb
 
 
+def load_for_launch(config: str, overrides: list[str]):
+    """The config with what an srun launch implies (several tasks -> DDP, threads = CPUs per
+    task; trd_hpc.launch.plan), so the sbatch scripts pass the user's arguments through as they are."""
+    from trd_hpc.config import load_config
+    from trd_hpc.launch.plan import implied_overrides, slurm_tasks
+
+    tasks, cpus = slurm_tasks()
+    cfg = load_config(config, overrides)
+    implied = implied_overrides(overrides, tasks, cpus, cfg.train.strategy)
+    return load_config(config, implied) if implied != list(overrides or []) else cfg
+
+
 def _train(a) -> int:
     from trd_hpc.train import signals
 
     signals.install()  # before the slow imports, so an early pre-emption is not lost
     from trd_hpc import experiment
-    from trd_hpc.config import load_config
     from trd_hpc.tasks import spec_for
 
-    cfg = load_config(a.config, a.overrides)
+    cfg = load_for_launch(a.config, a.overrides)
     metrics = experiment.run(cfg, a.out, resume=a.resume, evaluate=not a.no_eval, progress=not a.quiet)
     if metrics is not None:
         print(format_final(metrics, spec_for(cfg).summary_keys))
@@ -29,11 +40,10 @@ def _cv(a) -> int:
     from trd_hpc.train import signals
 
     signals.install()
-    from trd_hpc.config import load_config
     from trd_hpc.cv import format_summary, run_cv
     from trd_hpc.tasks import spec_for
 
-    cfg = load_config(a.config, a.overrides)
+    cfg = load_for_launch(a.config, a.overrides)
     summary = run_cv(cfg, Path(a.out), folds=a.folds, fold=a.fold, only_aggregate=a.aggregate, progress=not a.quiet)
     if summary is None:
         print("fold done; the summary is written when every fold has finished")

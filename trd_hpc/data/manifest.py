@@ -61,14 +61,6 @@ class Manifest:
     def labels(self) -> np.ndarray:
         return np.frombuffer("".join(s["labels"] for s in self.shards).encode(), dtype=np.uint8) - ord("0")
 
-    def shard_of(self, subject: int) -> tuple[int, int]:
-        """(shard position, row inside the shard) of a subject id."""
-        firsts = [s["first_subject"] for s in self.shards]
-        k = bisect.bisect_right(firsts, subject) - 1
-        if k < 0 or subject >= firsts[k] + self.shards[k]["n_subjects"]:
-            raise KeyError(f"subject {subject} is not in cohort {self.root}")
-        return k, subject - firsts[k]
-
     def subjects(self, split: str) -> list[int]:
         """Subject ids of a split: train | val | test | all | fold:K (held-out fold K)
         | fold:K:train | fold:K:val | fold:K:test."""

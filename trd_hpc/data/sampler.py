@@ -25,10 +25,6 @@ import numpy as np
 from torch.utils.data import Sampler
 
 
-def encode_pad(position: int) -> int:
-    return -(position + 1)
-
-
 def decode(index: int) -> tuple[int, bool]:
     """(position, is_pad) of a sampler index."""
     return (-index - 1, True) if index < 0 else (index, False)

@@ -4,6 +4,7 @@ Submodules are imported lazily by callers (``from trd_hpc.eval.figures import
 ...``) so that metrics-only users do not pay for matplotlib or torch.
 """
 
+from trd_hpc.config import flatten
 from trd_hpc.eval.calibration import (
     IsotonicCalibrator,
     PlattCalibrator,
@@ -19,7 +20,7 @@ from trd_hpc.eval.metrics import (
     regression_metrics,
     reliability_bins,
 )
-from trd_hpc.eval.report import flatten, write_report
+from trd_hpc.eval.report import write_report
 
 __all__ = [
     "IsotonicCalibrator",

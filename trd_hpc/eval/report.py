@@ -10,6 +10,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from trd_hpc.config import flatten
+
 # Groups shown first, in this order; everything else follows alphabetically.
 GROUP_ORDER = ("test", "calibrated", "baselines", "val", "train", "importance", "cv")
 # Lists longer than this (curve arrays) are summarised rather than printed.
@@ -25,18 +27,6 @@ figcaption{font-size:12px;color:#555;text-align:center}
 pre{background:#f5f5f5;padding:0.8em;font-size:12px;overflow:auto}
 .note{color:#555}
 """
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"test": {"auc": 1}}`` -> ``{"test.auc": 1}``; lists are left as values."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def format_value(v: Any) -> str:

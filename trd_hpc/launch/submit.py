@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trd_hpc.errors import ConfigError, TrainingError
+from trd_hpc.launch.plan import implied_overrides
 
 VERBS = ("train", "generate", "cv", "tune")
 CLUSTERS = ("slurm", "local", "debug")
@@ -71,12 +72,11 @@ def _join_tasks() -> int:
     if env.num_tasks > 1:
         from submitit.helpers import TorchDistributedEnvironment
 
-        from trd_hpc.train.distributed import slurm_port
+        from trd_hpc.launch.plan import slurm_port
 
-        # the port of the sbatch scripts and of trd_hpc.train.distributed: same on every task, and
-        # not one inherited from the submitting shell (submitit would keep that)
-        digits = "".join(c for c in str(env.raw_job_id) if c.isdigit()) or "0"
-        os.environ["MASTER_PORT"] = str(slurm_port(digits))
+        # the port of every srun launch (trd_hpc.launch.plan): same on every task, and not one
+        # inherited from the submitting shell (submitit would keep that)
+        os.environ["MASTER_PORT"] = str(slurm_port(env.raw_job_id))
         # CUDA_VISIBLE_DEVICES is left alone: the trainer picks GPU local_rank % visible GPUs
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     return int(env.global_rank)
@@ -278,15 +278,13 @@ class SubmitRequest:
 
 
 def _overrides_with_defaults(a: SubmitRequest) -> list[str]:
-    """The user's overrides plus what the resources imply (ddp for several tasks, threads per task)."""
-    ov = list(a.overrides or [])
-    keys = {o.split("=", 1)[0] for o in ov}
-    if a.verb in ("train", "cv"):
-        if a.nodes * a.tasks_per_node > 1 and "train.strategy" not in keys:
-            ov.append("train.strategy=ddp")
-        if "train.num_threads" not in keys:
-            ov.append(f"train.num_threads={a.cpus_per_task}")
-    return ov
+    """The user's overrides plus what the resources imply (trd_hpc.launch.plan)."""
+    if a.verb not in ("train", "cv"):
+        return list(a.overrides or [])
+    from trd_hpc.config import load_config
+
+    configured = load_config(a.config, a.overrides).train.strategy
+    return implied_overrides(a.overrides, a.nodes * a.tasks_per_node, a.cpus_per_task, configured)
 
 
 def make_jobs(a: SubmitRequest) -> tuple[list, str]:

@@ -175,10 +175,6 @@ class DualPathCNN3D(nn.Module):
         self.severity_path = TaskPath(c, 1, model_cfg.attention, model_cfg.dense, model_cfg.dropout)
         self.response_path = TaskPath(c, N_CLASSES, model_cfg.attention, model_cfg.dense, model_cfg.dropout)
 
-    @classmethod
-    def from_config(cls, exp: CNN3DExperiment) -> "DualPathCNN3D":
-        return cls(exp.model, tuple(exp.cohort.shape))
-
     def forward(self, volume: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.encoder(volume)
         return {
@@ -200,12 +196,6 @@ class SingleTaskCNN3D(nn.Module):
         self.encoder = Encoder3D(model_cfg.channels, self.in_shape)
         out = N_CLASSES if task == "response" else 1
         self.path = TaskPath(self.encoder.out_channels, out, model_cfg.attention, model_cfg.dense, model_cfg.dropout)
-
-    @classmethod
-    def from_config(cls, exp: CNN3DExperiment, task: str | None = None) -> "SingleTaskCNN3D":
-        if task is None:
-            task = exp.model.name.removeprefix("single_task_")
-        return cls(exp.model, tuple(exp.cohort.shape), task)
 
     def forward(self, volume: torch.Tensor) -> dict[str, torch.Tensor]:
         y = self.path(self.encoder(volume))
@@ -244,10 +234,6 @@ class ResNet18TwoHeads(nn.Module):
         self.dropout = nn.Dropout(model_cfg.dropout)
         self.response_head = nn.Linear(n_feat, N_CLASSES)
         self.severity_head = nn.Linear(n_feat, 1)
-
-    @classmethod
-    def from_config(cls, exp: CNN3DExperiment) -> "ResNet18TwoHeads":
-        return cls(exp.model, tuple(exp.cohort.shape))
 
     def forward(self, volume: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.dropout(self.trunk(volume))

@@ -1,16 +1,14 @@
 """Process-group set-up for torchrun, SLURM (srun) and plain single-process runs.
 
 Rank, world size, local rank and the rendezvous come from torchrun's variables
-when present, else from SLURM's (one task per process under ``srun``): the
-master is the first host of ``SLURM_JOB_NODELIST`` and the port is derived
-from the job id, so every task computes the same address without talking.
+when present, else from SLURM's (one task per process under ``srun``; see
+``trd_hpc.launch.plan`` for the rendezvous).
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -18,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from trd_hpc.errors import ConfigError
+from trd_hpc.launch.plan import env_from_slurm
 
 
 @dataclass
@@ -36,45 +35,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.backend is not None
-
-
-def _first_host(nodelist: str) -> str:
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.split()[0]
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    # scontrol unavailable: "node[01-04],gpu7" -> "node01"
-    head = nodelist.split(",")[0]
-    if "[" in head:
-        prefix, rng = head.split("[", 1)
-        return prefix + rng.split("-")[0].split(",")[0].rstrip("]")
-    return head
-
-
-def slurm_port(job_id: str) -> int:
-    """A port in 15000..29999 from the job id (same on every task of the job)."""
-    return 15000 + int(job_id) % 15000
-
-
-def env_from_slurm(environ: dict | None = None) -> dict[str, str]:
-    """torch.distributed variables derived from SLURM's, for a task launched by srun."""
-    e = os.environ if environ is None else environ
-    if "SLURM_PROCID" not in e or "SLURM_NTASKS" not in e:
-        return {}
-    nodelist = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST") or socket.gethostname()
-    job = e.get("SLURM_JOB_ID", "0")
-    return {
-        "RANK": e["SLURM_PROCID"],
-        "WORLD_SIZE": e["SLURM_NTASKS"],
-        "LOCAL_RANK": e.get("SLURM_LOCALID", "0"),
-        "LOCAL_WORLD_SIZE": e.get("SLURM_NTASKS_PER_NODE", e.get("SLURM_STEP_TASKS_PER_NODE", "1"))
-        .split("(")[0]
-        .split(",")[0],
-        "MASTER_ADDR": e.get("MASTER_ADDR") or _first_host(nodelist),
-        "MASTER_PORT": e.get("MASTER_PORT") or str(slurm_port(job)),
-    }
 
 
 def _free_port() -> int:
@@ -121,6 +81,12 @@ def init(strategy: str, device_kind: str = "auto", timeout_s: int = 1800, standa
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
+        if rank == 0 and world > 1:
+            print(
+                f"process group: {backend}, {world} ranks, rendezvous "
+                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",
+                flush=True,
+            )
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     info.backend = backend
     return info

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from trd_hpc.config import to_dict
+from trd_hpc.config import flatten, to_dict
 
 # Keys that may change when a run is resumed (more epochs, another launcher or
 # world size, logging); every other key must be the same.
@@ -28,16 +28,6 @@ RESUMABLE_CHANGES = (
     "train.log_every_steps",
     "tracking.",
 )
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _resumable(key: str) -> bool:

@@ -25,6 +25,7 @@ from trd_hpc import faults
 from trd_hpc.data.dataset import CohortDataset, make_loader
 from trd_hpc.data.sampler import ShardAwareSampler
 from trd_hpc.errors import TrainingError  # noqa: E402  (re-exported)
+from trd_hpc.launch.plan import threads_per_process
 from trd_hpc.rundir import RunDir
 from trd_hpc.tasks.base import merge_records
 from trd_hpc.train import checkpoint as ckpt
@@ -122,17 +123,6 @@ class TrainState:
     epoch_seconds: float = 0.0
 
 
-def _default_threads(local_world_size: int) -> int:
-    """CPUs this process may use: SLURM's allocation, else its affinity mask, shared by the local ranks."""
-    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
-        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // max(local_world_size, 1))
-
-
 def _split_batch(batch: dict, parts: int) -> list[dict]:
     """A loaded batch as ``parts`` micro-batches (equal by construction of the sampler).
 
@@ -159,7 +149,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
         tc, info = self.tc, self.info
-        threads = tc.num_threads or _default_threads(info.local_world_size)
+        threads = tc.num_threads or threads_per_process(info.local_world_size)
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
         if tc.deterministic:

@@ -30,7 +30,15 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trd_hpc.config import ConfigError, _read_yaml, merge_overrides, to_dict, validate_experiment
+from trd_hpc.config import (
+    ConfigError,
+    _read_yaml,
+    format_validation_error,
+    merge_overrides,
+    set_dotted,
+    to_dict,
+    validate_experiment,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Keys the sweep sets itself in every trial.
@@ -234,43 +242,6 @@ class SweepSpec(_Strict):
         return {k: p.to_tune() for k, p in self.space.items()}
 
 
-def _format(err: ValidationError, source: str) -> str:
-    lines = [f"invalid sweep spec {source}:"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
-            owner = (
-                Param
-                if (len(e["loc"]) >= 3 and e["loc"][0] == "space")
-                else TieBreaker
-                if e["loc"][0] == "tie_breaker"
-                else SweepSpec
-            )
-            lines.append(f"  unknown key '{key}'; valid keys here: {', '.join(sorted(owner.model_fields))}")
-        elif e["type"] == "missing":
-            lines.append(f"  '{key}': missing")
-        else:
-            got = e.get("input")
-            got_s = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  '{key}': {msg} (got {got_s})")
-    return "\n".join(lines)
-
-
-def set_dotted(data: dict, key: str, value: Any) -> None:
-    """``data['a']['b']['c'] = value`` for ``key='a.b.c'`` (missing levels are created,
-    so validation reports an unknown key by name)."""
-    parts = key.split(".")
-    node = data
-    for p in parts[:-1]:
-        nxt = node.get(p)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            node[p] = nxt
-        node = nxt
-    node[parts[-1]] = copy.deepcopy(value)
-
-
 def _flat_keys(d: dict, prefix: str = "") -> set[str]:
     out: set[str] = set()
     for k, v in d.items():
@@ -396,7 +367,7 @@ def load_spec(
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format(e, source)) from None
+        raise ConfigError(format_validation_error(e, SweepSpec, source, "sweep spec")) from None
     base_path = _resolve_base(spec.base, spec_path)
     if not base_path.is_file():
         raise ConfigError(f"{source}: key 'base': config file not found: {spec.base}")
