@@ -15,7 +15,7 @@ are trained here first.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from trd_hpc import faults
 from trd_hpc.config import ConfigError, derive, merge_overrides, to_dict, validate_experiment
@@ -24,10 +24,13 @@ from trd_hpc.rundir import RunDir
 from trd_hpc.tasks import spec_for
 from trd_hpc.train.run import train_run
 
+if TYPE_CHECKING:
+    from trd_hpc.config import ExperimentConfig
+
 __all__ = ["derive_config", "evaluate", "fold_config", "run", "train_baselines", "train_run"]
 
 
-def derive_config(cfg, updates: Mapping[str, Any], source: str = "derived config"):
+def derive_config(cfg: "ExperimentConfig", updates: Mapping[str, Any], source: str = "derived config"):
     """``cfg`` with the dotted ``updates`` set, through dict -> set -> validate (see config.derive)."""
     return derive(cfg, dict(updates), source)
 
@@ -43,7 +46,7 @@ def check_baselines(cfg) -> None:
         )
 
 
-def baseline_config(cfg, run_dir: Path, name: str):
+def baseline_config(cfg: "ExperimentConfig", run_dir: Path, name: str):
     """The config of trainer baseline ``name``: the run's config with the baseline's keys,
     one process (it runs on rank 0 after a DDP job), tracked in the run's W&B group."""
     b = spec_for(cfg).baselines[name]
@@ -60,7 +63,7 @@ def baseline_config(cfg, run_dir: Path, name: str):
     )
 
 
-def train_baselines(cfg, run_dir: str | Path, progress: bool = False) -> dict[str, dict] | None:
+def train_baselines(cfg: "ExperimentConfig", run_dir: str | Path, progress: bool = False) -> dict[str, dict] | None:
     """Train each baseline of ``cfg.eval.baselines`` into ``RUN_DIR/baselines/NAME`` (reused
     when it already holds metrics and test predictions); their final metrics by name, or
     None when a pre-emption stopped one (it resumes on the next call)."""
@@ -161,7 +164,7 @@ def evaluate(run_dir: str | Path, figures: bool = True, overrides=()) -> dict | 
         return _evaluation_stage(run.path, figures)
 
 
-def fold_config(cfg, k: int):
+def fold_config(cfg: "ExperimentConfig", k: int):
     """Cross-validation fold ``k``: test = fold k, train/val from the others; baselines are
     compared on the main split, not per fold."""
     return derive_config(

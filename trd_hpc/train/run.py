@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -26,10 +26,13 @@ from trd_hpc.train import signals
 from trd_hpc.train.identity import RESUMABLE_CHANGES, differing_keys, flatten
 from trd_hpc.train.trainer import Preempted, Trainer
 
+if TYPE_CHECKING:
+    from trd_hpc.config import ExperimentConfig
+
 __all__ = ["train_run", "RESUMABLE_CHANGES", "read_run_config"]
 
 
-def ensure_cohort(cfg, info: D.DistInfo, progress: bool = True) -> Path:
+def ensure_cohort(cfg: "ExperimentConfig", info: D.DistInfo, progress: bool = True) -> Path:
     """The config's cohort directory, generated first (by rank 0) when absent."""
     root = Path(cfg.data.cohort)
     if info.is_main and not (root / MANIFEST).exists():

@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,11 +28,14 @@ from trd_hpc.data.sampler import ShardAwareSampler
 from trd_hpc.errors import TrainingError  # noqa: E402  (re-exported)
 from trd_hpc.launch.plan import threads_per_process
 from trd_hpc.rundir import RunDir
-from trd_hpc.tasks.base import merge_records
+from trd_hpc.tasks.base import Task, merge_records
 from trd_hpc.train import checkpoint as ckpt
 from trd_hpc.train import distributed as D
 from trd_hpc.train import identity, signals
 from trd_hpc.train.strategy import make_strategy
+
+if TYPE_CHECKING:
+    from trd_hpc.config import ExperimentConfig
 
 
 class Preempted(Exception):
@@ -137,7 +141,15 @@ def _split_batch(batch: dict, parts: int) -> list[dict]:
 
 
 class Trainer:
-    def __init__(self, cfg, task, run_dir: Path, info: D.DistInfo, cohort_root: Path, progress: bool = True):
+    def __init__(
+        self,
+        cfg: "ExperimentConfig",
+        task: Task,
+        run_dir: Path,
+        info: D.DistInfo,
+        cohort_root: Path,
+        progress: bool = True,
+    ):
         self.cfg, self.task, self.run_dir, self.info = cfg, task, Path(run_dir), info
         self.tc = cfg.train
         self.cohort_root = Path(cohort_root)
