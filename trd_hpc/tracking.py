@@ -239,9 +239,9 @@ class Tracker:
         if self.run_dir is None:
             return
         self.record["last_step"] = self._last_step
-        tmp = self.run_dir / f".{RUN_RECORD}.tmp"
-        tmp.write_text(json.dumps(_redact(self.record, _secret()), indent=1))
-        os.replace(tmp, self.run_dir / RUN_RECORD)
+        from trd_hpc.fsio import atomic_write_json
+
+        atomic_write_json(self.run_dir / RUN_RECORD, _redact(self.record, _secret()))
 
     def _guard(self, what: str, fn, *args, **kwargs) -> None:
         if not self.enabled:

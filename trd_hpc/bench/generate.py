@@ -8,7 +8,6 @@ file.  Ours/limit >= 0.8 is the target.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ import torch
 
 from trd_hpc.config import derive, load_config
 from trd_hpc.data.generate import generate, subject_nbytes
+from trd_hpc.fsio import atomic_write_json
 
 
 def _limit(n_subjects: int, numel: int, nbytes: int, scratch: Path) -> float:
@@ -89,5 +89,5 @@ def run(
         f"  ratio: {figures['ratio_to_limit']:.2f} (target >= 0.8)"
     )
     if json_path:
-        Path(json_path).write_text(json.dumps(figures, indent=1))
+        atomic_write_json(json_path, figures)
     return 0

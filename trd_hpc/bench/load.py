@@ -16,7 +16,6 @@ Targets: ours >= 0.8 of raw, >= 1.5x the common approach, RSS flat.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -34,6 +33,7 @@ from trd_hpc.data.dataset import CohortDataset, forget_verified, make_loader
 from trd_hpc.data.generate import generate
 from trd_hpc.data.manifest import load_manifest
 from trd_hpc.data.sampler import ShardAwareSampler
+from trd_hpc.fsio import atomic_write_json
 
 
 def drop_caches(files: list[Path]) -> bool:
@@ -282,5 +282,5 @@ def run(
         f"{f['first_epoch_s_unchecked']:.3f} s unchecked = {f['first_epoch_check_ratio']:.2f}x (later epochs: no cost)"
     )
     if json_path:
-        Path(json_path).write_text(json.dumps(figures, indent=1))
+        atomic_write_json(json_path, figures)
     return 0

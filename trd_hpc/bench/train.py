@@ -13,7 +13,6 @@ and this machine's measured matmul rate.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -23,6 +22,7 @@ import torch
 
 from trd_hpc.config import derive, load_config
 from trd_hpc.data.generate import generate
+from trd_hpc.fsio import atomic_write_json
 from trd_hpc.tasks import make_task
 from trd_hpc.train import distributed as D
 from trd_hpc.train.perf import peak_flops
@@ -150,5 +150,5 @@ def run(
         f"peak {f['peak_flops'] / 1e9:.0f} GFLOP/s ({f['peak_source']}); PyTorch Lightning: {f['lightning']}"
     )
     if json_path:
-        Path(json_path).write_text(json.dumps(figures, indent=1))
+        atomic_write_json(json_path, figures)
     return 0

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from trd_hpc.errors import ConfigError, TrainingError
 from trd_hpc.launch.plan import implied_overrides
+from trd_hpc.rundir import PREEMPTED, RunDir
 
 VERBS = ("train", "generate", "cv", "tune")
 CLUSTERS = ("slurm", "local", "debug")
@@ -87,9 +88,9 @@ def _fold_outcome(run_dir: Path, timeout_s: float = 300.0) -> str:
     the final barrier but PREEMPTED after the last collective, so another rank may have to wait."""
     deadline = time.monotonic() + timeout_s
     while True:
-        if (run_dir / "metrics.json").exists():
+        if RunDir(run_dir).has_metrics():
             return "done"
-        if (run_dir / "PREEMPTED").exists():
+        if (run_dir / PREEMPTED).exists():
             return "preempted"
         if time.monotonic() > deadline:
             return "unknown"
@@ -170,14 +171,14 @@ class _TrdJob:
         fold = self.options.get("fold")
         todo = [fold] if fold is not None else list(range(k_total))
         for k in todo:  # one fold at a time, so that a pre-emption stops before the next fold
-            if (fold_dir(out, k) / "metrics.json").exists():
+            if RunDir(fold_dir(out, k)).has_metrics():
                 continue  # finished before a requeue
             run_cv(cfg, out, folds=k_total, fold=k, progress=False)
             if signals.requested() is not None or _fold_outcome(fold_dir(out, k)) == "preempted":
                 return self._preempted(rank, requeue)
         if rank != 0:
             return None
-        if all((fold_dir(out, k) / "metrics.json").exists() for k in range(k_total)):
+        if all(RunDir(fold_dir(out, k)).has_metrics() for k in range(k_total)):
             return aggregate(out, k_total)  # the last fold to finish writes the summary
         return {"fold": fold, "summary": "written when every fold has finished"}
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from trd_hpc.config import ConfigError
+from trd_hpc.fsio import atomic_write_text
 from trd_hpc.tune.spec import dumps, load_spec
 from trd_hpc.tune.sweep import prepare_cohort, run_sweep, start_ray
 
@@ -127,7 +128,7 @@ def run_bench(
         "this_run_seconds": seconds,
         "out": str(out_dir),
     }
-    (out_dir / "bench_tune.json").write_text(dumps(res) + "\n")
+    atomic_write_text(out_dir / "bench_tune.json", dumps(res) + "\n")
     return res
 
 

@@ -69,7 +69,8 @@ def trial_main(config: dict, ctx: dict) -> None:
     run_dir = trial_dir / "run"
     trial_dir.mkdir(parents=True, exist_ok=True)
     params = dict(config)
-    (trial_dir / TRIAL_FILE).write_text(
+    atomic_write_text(
+        trial_dir / TRIAL_FILE,
         dumps(
             {
                 "trial_id": tc.get_trial_id(),
@@ -77,7 +78,7 @@ def trial_main(config: dict, ctx: dict) -> None:
                 "params": params,
                 "run_dir": str(run_dir),
             }
-        )
+        ),
     )
     sweep: Sweep = ctx["sweep"]
     cfg = validate_experiment(
@@ -102,7 +103,7 @@ def trial_main(config: dict, ctx: dict) -> None:
                 )
         marker = Path(tempfile.mkdtemp(prefix="trd-tune-"))
         try:
-            (marker / PROGRESS_FILE).write_text(json.dumps({"epoch": int(row["epoch"]), "run_dir": str(run_dir)}))
+            atomic_write_text(marker / PROGRESS_FILE, json.dumps({"epoch": int(row["epoch"]), "run_dir": str(run_dir)}))
             reported["epoch"] = int(row["epoch"])
             metrics = {**_scalars(row), "epoch": int(row["epoch"])}
             if spec.tie_breaker:
@@ -119,7 +120,7 @@ def trial_main(config: dict, ctx: dict) -> None:
     try:
         train_run(cfg, run_dir, resume="auto", progress=False, on_epoch=on_epoch)
     except TrainingError as e:  # e.g. a NaN loss at a high learning rate: the trial ends, the sweep goes on
-        (trial_dir / FAILED_FILE).write_text(f"{e}\n")
+        atomic_write_text(trial_dir / FAILED_FILE, f"{e}\n")
         print(f"trial {tc.get_trial_id()} failed: {e}", file=sys.stderr, flush=True)
         return
     for r in _history(run_dir):  # a restored trial whose trainer had already finished
@@ -393,7 +394,7 @@ def run_sweep(
     if resume and state.get("finished") and fp_file.exists():
         return summarize(out_dir, sweep, cohort, state)  # nothing left to run
     out_dir.mkdir(parents=True, exist_ok=True)
-    fp_file.write_text(dumps(fingerprint) + "\n")
+    atomic_write_text(fp_file, dumps(fingerprint) + "\n")
     state.update(
         {
             "finished": False,
