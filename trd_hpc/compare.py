@@ -29,6 +29,7 @@ import yaml
 
 from trd_hpc.config import flatten
 from trd_hpc.errors import ConfigError, RunDirError
+from trd_hpc.rundir import RunDir
 
 DEFAULT_EXTRA = ["best_epoch", "epochs_run"]
 
@@ -110,21 +111,10 @@ def _curves(task: str) -> list[str]:
         return ["val.loss"]
 
 
-def _json_lines(path: Path) -> list[dict]:
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a torn last line of a killed run
-                pass
-    return rows
-
-
 def load_run(path: Path) -> Run:
     cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
     metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
-    history = _json_lines(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else []
+    history = RunDir(path).history(skip_bad=True)  # what a torn last line leaves is still shown
     run = Run(path=path, config=cfg, metrics=metrics, history=history)
     if not history and run.offline_dirs:  # only the W&B log came along: read it back
         try:

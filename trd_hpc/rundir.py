@@ -44,13 +44,17 @@ def read_json(path: Path, what: str) -> Any:
         raise RunDirError(f"{path}: unreadable {what} ({type(e).__name__}); the file is truncated or damaged") from None
 
 
-def read_json_lines(path: Path) -> list[dict]:
+def read_json_lines(path: Path, skip_bad: bool = False) -> list[dict]:
+    """One JSON object per line; a line that is not JSON is an error naming it, or skipped
+    (``skip_bad``: readers that show what they can, e.g. a file copied from a killed run)."""
     rows = []
     for i, line in enumerate(Path(path).read_text().splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except ValueError:
+                if skip_bad:
+                    continue
                 raise RunDirError(f"{path}: line {i} is not JSON; the file is truncated or damaged") from None
     return rows
 
@@ -135,8 +139,8 @@ class RunDir:
             return {}
         return read_json(self.metrics_file, "metrics")
 
-    def history(self) -> list[dict]:
-        return read_json_lines(self.history_file) if self.history_file.is_file() else []
+    def history(self, skip_bad: bool = False) -> list[dict]:
+        return read_json_lines(self.history_file, skip_bad) if self.history_file.is_file() else []
 
     def predictions(self, split: str) -> dict[str, np.ndarray]:
         p = self.predictions_file(split)

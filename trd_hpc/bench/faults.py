@@ -28,12 +28,10 @@ from pathlib import Path
 
 import torch
 
+from trd_hpc.rundir import RunDir
+
 # Fields that measure time or speed: they differ between any two runs.
 TIMING_KEYS = ("seconds", "train.samples_per_s", "train.mfu", "train_seconds")
-
-
-def _load_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _same(a, b) -> bool:
@@ -63,7 +61,7 @@ def compare_runs(ref: Path, run: Path, weights_file: str = "model.pt") -> list[s
         if not torch.equal(a[k], b[k]):
             d = (a[k].double() - b[k].double()).abs().max().item() if a[k].shape == b[k].shape else "shape"
             out.append(f"weights: {k} differs (max |diff| {d})")
-    ha, hb = _load_rows(ref / "metrics.jsonl"), _load_rows(run / "metrics.jsonl")
+    ha, hb = RunDir(ref).history(), RunDir(run).history()
     if len(ha) != len(hb):
         out.append(f"metrics.jsonl: {len(ha)} epochs vs {len(hb)}")
     for i, (ra, rb) in enumerate(zip(ha, hb), 1):
