@@ -118,3 +118,25 @@ def test_a_third_task_trains_through_the_registry_alone(toy_spec, emt_tiny, emt_
     # it resumes like any run: a finished run resumed is left as it was
     again = experiment.run(cfg, run, resume="auto", progress=False)
     assert again["test.accuracy"] == m["test.accuracy"]
+
+
+def test_a_third_cohort_kind_generates_validates_and_loads_through_the_registry_alone(tmp_path):
+    import numpy as np
+
+    from tests import toy_cohort
+    from trd_hpc.data import kinds
+    from trd_hpc.data.dataset import CohortDataset
+    from trd_hpc.data.generate import generate
+    from trd_hpc.data.validate import validate_cohort_dir
+
+    kinds.register(toy_cohort.KIND)
+    cfg = toy_cohort.TableCohortConfig(n_subjects=60, subjects_per_shard=16)
+    res = generate(cfg, tmp_path / "c", progress=False)
+    assert res.finalized and len(res.made) == 4
+    assert validate_cohort_dir(tmp_path / "c", deep=True, progress=False) == []
+    ds = CohortDataset(tmp_path / "c", "all")
+    b = ds.__getitems__(list(range(len(ds))))
+    assert b["features"].shape == (60, toy_cohort.N_FEATURES)
+    assert np.array_equal(b["label"].numpy(), (b["features"].sum(1) > 0).numpy().astype(np.int64))
+    assert np.array_equal(b["features"][7].numpy(), toy_cohort._features(cfg, 7))
+    ds.close()

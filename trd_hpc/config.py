@@ -545,6 +545,14 @@ _TASKS: dict[str, type[BaseModel]] = {"emt": EMTExperiment, "cnn3d": CNN3DExperi
 _COHORTS: dict[str, type[BaseModel]] = {"emt": EMTCohortConfig, "volume": VolumeCohortConfig}
 
 
+def register_cohort(kind: str, cls: type[BaseModel]) -> None:
+    """Make ``kind: NAME`` in a cohort section validate with ``cls`` (trd_hpc.data.kinds.register)."""
+    have = _COHORTS.get(kind)
+    if have is not None and have is not cls:
+        raise ValueError(f"cohort kind {kind!r} already has the config class {have.__name__}")
+    _COHORTS[kind] = cls
+
+
 def register_experiment(task: str, cls: type[BaseModel]) -> None:
     """Make ``task: NAME`` in a config validate with ``cls`` (called by trd_hpc.tasks.register)."""
     have = _TASKS.get(task)

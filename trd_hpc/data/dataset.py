@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from trd_hpc.data.manifest import Manifest, load_manifest
 from trd_hpc.data.sampler import ShardAwareSampler, decode
 from trd_hpc.data.shards import CohortError, ShardReader, shard_content_checksum
-from trd_hpc.data.volume_cohort import normalize_volume
+from trd_hpc.data.kinds import kind_of
 
 _TORCH_DTYPES = {
     "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8, "int64": torch.int64,
@@ -111,7 +111,8 @@ class CohortDataset(Dataset):
             raise CohortError(str(e.args[0])) from None
         self.ids = np.sort(ids)
         self.cols = self.manifest.columns  # type: ignore[attr-defined]
-        self.normalize_volumes = normalize_volumes and self.manifest.kind == "volume"
+        self.normalize_volumes = normalize_volumes
+        self._prepare = kind_of(self.manifest.config).prepare_batch
         self.max_open_shards = max_open_shards
         self.verify = verify
         firsts = np.array([s["first_subject"] for s in self.manifest.shards], dtype=np.int64)
@@ -122,8 +123,6 @@ class CohortDataset(Dataset):
         self._pid = None
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
         self._pool = BufferPool()
-        cfg = self.manifest.config
-        self.severity_max = float(getattr(cfg, "severity_max", 1.0))
 
     def _check_files(self) -> None:
         for k in np.unique(self._shard_pos):
@@ -263,14 +262,8 @@ class CohortDataset(Dataset):
         out["is_pad"] = torch.tensor([pad for _, pad in decoded], dtype=torch.bool)
         if "subject_id" in out and not torch.equal(out["subject_id"], torch.from_numpy(self.ids[pos])):
             raise CohortError(f"{self.root}: subject ids in the shards do not match the manifest")
-        if self.manifest.kind == "volume":
-            v = out["volume"]
-            if self.normalize_volumes:
-                flat = v.view(b, -1)
-                for j in range(b):
-                    flat[j] = normalize_volume(flat[j])
-            out["volume"] = v.unsqueeze(1)  # channel axis for Conv3d
-            out["severity"] = out["severity"] / self.severity_max
+        if self._prepare is not None:  # the kind's own (volumes: normalised, channel axis, severity in [0, 1])
+            out = self._prepare(self.manifest.config, out, self.normalize_volumes)
         return out
 
 

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from trd_hpc.config import EMTCohortConfig
+from trd_hpc.data.kinds import CohortKind, Column
 from trd_hpc.data.rng import subject_streams
+from trd_hpc.data.splits import three_way_split
 
 CLASS_NAMES = ("non_trd", "trd")
 
@@ -65,3 +67,43 @@ def make_emt_subject(cfg: EMTCohortConfig, index: int, fmri_out: np.ndarray) -> 
         "label": np.int64(label),
         "offsets": offsets,
     }
+
+
+# --------------------------------------------------------------------------- the kind
+def _schema(cfg: EMTCohortConfig) -> list[Column]:
+    return [
+        Column("fmri", tuple(cfg.fmri.shape), cfg.fmri.dtype, True),
+        Column("snp", (cfg.snp.n_snps,), "uint8", True),
+        Column("clinical", (len(cfg.clinical.names),), "float32", True),
+        Column("label", (), "int64", False),
+        Column("subject_id", (), "int64", False),
+    ]
+
+
+def _make_subject(cfg: EMTCohortConfig, index: int, bulk_out: np.ndarray) -> dict:
+    r = make_emt_subject(cfg, index, bulk_out)
+    return {"snp": r["snp"], "clinical": r["clinical"], "label": r["label"]}
+
+
+def _class_count_problem(cfg: EMTCohortConfig, counts: np.ndarray) -> str | None:
+    # odd ids are TRD: the two classes differ by at most one subject
+    n = int(counts.sum())
+    if abs(int(counts[0]) - int(counts[1])) > n % 2:
+        return f"classes not balanced: {dict(zip(CLASS_NAMES, counts.tolist()))}"
+    return None
+
+
+KIND = CohortKind(
+    name="emt",
+    config_class=EMTCohortConfig,
+    schema=_schema,
+    label_column="label",
+    class_names=lambda cfg: list(CLASS_NAMES),
+    make_subject=_make_subject,
+    predicted_labels=lambda cfg: np.array([emt_label(i) for i in range(cfg.n_subjects)], dtype=np.int64),
+    make_splits=lambda cfg, labels: (
+        three_way_split(labels, cfg.split.train, cfg.split.val, cfg.split.test, cfg.seed),
+        [],
+    ),
+    class_count_problem=_class_count_problem,
+)

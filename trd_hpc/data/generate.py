@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trd_hpc.config import CohortConfig, ConfigError, EMTCohortConfig, to_dict
+from trd_hpc.config import CohortConfig, ConfigError, to_dict
 from trd_hpc.data import manifest as mf
 from trd_hpc.data.shards import (
     SCHEMA_VERSION,
@@ -47,7 +47,7 @@ from trd_hpc.data.shards import (
     sidecar_name,
     write_shard,
 )
-from trd_hpc.data.splits import fold_parts, stratified_folds, three_way_split, train_test_with_val
+from trd_hpc.data.kinds import kind_of
 from trd_hpc.errors import LockedError, WriteError
 from trd_hpc.fsio import HOST, atomic_write_json, pid_alive, remove_stale_temps
 from trd_hpc.locks import LOCK_FILE, DirLock
@@ -83,25 +83,12 @@ def subject_nbytes(cfg: CohortConfig) -> int:
 # ---------------------------------------------------------------- splits
 def make_splits(cfg: CohortConfig, labels: np.ndarray) -> tuple[dict[str, list[int]], list[list[int]]]:
     """The manifest's splits and folds for these labels (scikit-learn, seeded)."""
-    if isinstance(cfg, EMTCohortConfig):
-        s = cfg.split
-        return three_way_split(labels, s.train, s.val, s.test, cfg.seed), []
-    splits = train_test_with_val(labels, cfg.split.test, cfg.split.val, cfg.seed)
-    folds = stratified_folds(labels, cfg.split.folds, cfg.seed)
-    for k in range(len(folds)):  # what `trd-hpc cv` will ask for
-        fold_parts(folds, labels, k, cfg.split.val, cfg.seed)
-    return splits, folds
+    return kind_of(cfg).make_splits(cfg, labels)
 
 
 def predicted_labels(cfg: CohortConfig) -> np.ndarray:
     """Every subject's class, without generating the subjects."""
-    if isinstance(cfg, EMTCohortConfig):
-        from trd_hpc.data.emt_cohort import emt_label
-
-        return np.array([emt_label(i) for i in range(cfg.n_subjects)], dtype=np.int64)
-    from trd_hpc.data.volume_cohort import volume_label
-
-    return np.array([volume_label(cfg, i) for i in range(cfg.n_subjects)], dtype=np.int64)
+    return kind_of(cfg).predicted_labels(cfg)
 
 
 def _split_failed(cfg: CohortConfig, e: Exception) -> ConfigError:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trd_hpc.config import CohortConfig, ConfigError, EMTCohortConfig, validate_cohort
+from trd_hpc.config import CohortConfig, ConfigError, validate_cohort
+from trd_hpc.data.kinds import kind_of
 from trd_hpc.data.shards import SCHEMA_VERSION, CohortError, schema
 from trd_hpc.data.splits import fold_parts
 from trd_hpc.fsio import atomic_write_json
@@ -34,11 +35,7 @@ SPLITS = ("train", "val", "test")
 
 
 def class_names(cfg: CohortConfig) -> list[str]:
-    if isinstance(cfg, EMTCohortConfig):
-        from trd_hpc.data.emt_cohort import CLASS_NAMES
-
-        return list(CLASS_NAMES)
-    return list(cfg.class_names)
+    return kind_of(cfg).class_names(cfg)
 
 
 @dataclass

@@ -36,55 +36,26 @@ import h5py
 import numpy as np
 
 from trd_hpc import faults
-from trd_hpc.config import CohortConfig, ConfigError, EMTCohortConfig, VolumeCohortConfig, to_dict, validate_cohort
+from trd_hpc.config import CohortConfig, ConfigError, to_dict, validate_cohort
+from trd_hpc.data.kinds import Column, kind_of
 from trd_hpc.errors import CohortError  # re-exported: a cohort file is missing, corrupt or foreign
 from trd_hpc.fsio import atomic_path, atomic_write_json
 
 SCHEMA_VERSION = 1
 
 
-@dataclass(frozen=True)
-class Column:
-    name: str
-    shape: tuple[int, ...]  # per subject
-    dtype: str
-    chunked: bool  # one subject per chunk (the per-subject arrays)
-
-
 def schema(cfg: CohortConfig) -> list[Column]:
     """The datasets of a shard, in checksum order; the first one is the bulk image."""
-    if isinstance(cfg, EMTCohortConfig):
-        return [
-            Column("fmri", tuple(cfg.fmri.shape), cfg.fmri.dtype, True),
-            Column("snp", (cfg.snp.n_snps,), "uint8", True),
-            Column("clinical", (len(cfg.clinical.names),), "float32", True),
-            Column("label", (), "int64", False),
-            Column("subject_id", (), "int64", False),
-        ]
-    if isinstance(cfg, VolumeCohortConfig):
-        return [
-            Column("volume", tuple(cfg.shape), "float32", True),
-            Column("response", (), "int64", False),
-            Column("severity", (), "float32", False),
-            Column("subject_id", (), "int64", False),
-        ]
-    raise TypeError(f"unknown cohort config {type(cfg).__name__}")
+    return kind_of(cfg).schema(cfg)
 
 
 def label_column(cfg: CohortConfig) -> str:
-    return "label" if isinstance(cfg, EMTCohortConfig) else "response"
+    return kind_of(cfg).label_column
 
 
 def make_subject(cfg: CohortConfig, index: int, bulk_out: np.ndarray) -> dict:
     """Generate subject ``index`` into ``bulk_out``; return its other columns."""
-    if isinstance(cfg, EMTCohortConfig):
-        from trd_hpc.data.emt_cohort import make_emt_subject
-
-        r = make_emt_subject(cfg, index, bulk_out)
-        return {"snp": r["snp"], "clinical": r["clinical"], "label": r["label"]}
-    from trd_hpc.data.volume_cohort import make_volume_subject
-
-    return make_volume_subject(cfg, index, bulk_out)
+    return kind_of(cfg).make_subject(cfg, index, bulk_out)
 
 
 def shard_name(index: int) -> str:

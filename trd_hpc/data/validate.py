@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trd_hpc.config import EMTCohortConfig
+from trd_hpc.data.kinds import kind_of
 from trd_hpc.data.manifest import MANIFEST, Manifest, class_names, load_manifest
 from trd_hpc.data.shards import (
     CohortError,
@@ -98,15 +98,9 @@ def _check_balance_and_splits(m: Manifest) -> list[Problem]:
     recorded = m.raw.get("class_counts", {})
     if recorded and [recorded.get(c) for c in names] != counts.tolist():
         out.append(Problem(man, f"class_counts {recorded} do not match the shard labels {counts.tolist()}"))
-    if isinstance(m.config, EMTCohortConfig):
-        if abs(int(counts[0]) - int(counts[1])) > n % 2:
-            out.append(Problem(man, f"classes not balanced: {dict(zip(names, counts.tolist()))}"))
-    else:
-        p = np.asarray(m.config.class_probs)
-        sd = np.sqrt(n * p * (1 - p))
-        bad = np.abs(counts - n * p) > 5 * sd + 1
-        if bad.any():
-            out.append(Problem(man, f"class counts {counts.tolist()} are far from class_probs {p.tolist()}"))
+    why = kind_of(m.config).class_count_problem(m.config, counts)
+    if why:
+        out.append(Problem(man, why))
     seen = np.zeros(n, dtype=np.int64)
     for name, ids in m.splits.items():
         ids = np.asarray(ids, dtype=np.int64)

@@ -16,7 +16,9 @@ import numpy as np
 from scipy import ndimage
 
 from trd_hpc.config import VolumeCohortConfig
+from trd_hpc.data.kinds import CohortKind, Column
 from trd_hpc.data.rng import subject_numpy_stream, subject_streams
+from trd_hpc.data.splits import fold_parts, stratified_folds, train_test_with_val
 
 
 def _grid(shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -138,3 +140,55 @@ def normalize_volume(v: np.ndarray | "torch.Tensor"):  # noqa: F821
     v = (v - v.mean()) / (v.std() + 1e-8)
     lo, hi = v.min(), v.max()
     return (v - lo) / (hi - lo + 1e-8)
+
+
+# --------------------------------------------------------------------------- the kind
+def _schema(cfg: VolumeCohortConfig) -> list[Column]:
+    return [
+        Column("volume", tuple(cfg.shape), "float32", True),
+        Column("response", (), "int64", False),
+        Column("severity", (), "float32", False),
+        Column("subject_id", (), "int64", False),
+    ]
+
+
+def _splits(cfg: VolumeCohortConfig, labels: np.ndarray):
+    splits = train_test_with_val(labels, cfg.split.test, cfg.split.val, cfg.seed)
+    folds = stratified_folds(labels, cfg.split.folds, cfg.seed)
+    for k in range(len(folds)):  # what `trd-hpc cv` will ask for
+        fold_parts(folds, labels, k, cfg.split.val, cfg.seed)
+    return splits, folds
+
+
+def _class_count_problem(cfg: VolumeCohortConfig, counts: np.ndarray) -> str | None:
+    n = int(counts.sum())
+    p = np.asarray(cfg.class_probs)
+    sd = np.sqrt(n * p * (1 - p))
+    if (np.abs(counts - n * p) > 5 * sd + 1).any():
+        return f"class counts {counts.tolist()} are far from class_probs {p.tolist()}"
+    return None
+
+
+def _prepare_batch(cfg: VolumeCohortConfig, out: dict, normalize: bool) -> dict:
+    v = out["volume"]
+    if normalize:
+        flat = v.view(v.shape[0], -1)
+        for j in range(v.shape[0]):
+            flat[j] = normalize_volume(flat[j])
+    out["volume"] = v.unsqueeze(1)  # channel axis for Conv3d
+    out["severity"] = out["severity"] / float(cfg.severity_max)
+    return out
+
+
+KIND = CohortKind(
+    name="volume",
+    config_class=VolumeCohortConfig,
+    schema=_schema,
+    label_column="response",
+    class_names=lambda cfg: list(cfg.class_names),
+    make_subject=make_volume_subject,
+    predicted_labels=lambda cfg: np.array([volume_label(cfg, i) for i in range(cfg.n_subjects)], dtype=np.int64),
+    make_splits=_splits,
+    class_count_problem=_class_count_problem,
+    prepare_batch=_prepare_batch,
+)

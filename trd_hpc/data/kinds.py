@@ -1,0 +1,83 @@
+"""The cohort-kind registry: what differs between kinds of cohort, behind one record.
+
+A kind (``cohort.kind`` in a config: ``emt``, ``volume``) says which columns a shard holds
+(``schema``: name, per-subject shape, dtype; the first is the bulk image), which column is the
+class label and the classes' names, how subject ``i`` is made, how the cohort is split, what
+a plausible class balance is, and what the loader does to a batch (``prepare_batch``).  The
+sharded writer, the manifest, the checksums, the validator and the loader work from this
+record alone.  A new kind is one module defining ``KIND`` plus its line in ``BUILTIN``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from trd_hpc.config import ConfigError, register_cohort
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    shape: tuple[int, ...]  # per subject
+    dtype: str
+    chunked: bool  # one subject per chunk (the per-subject arrays)
+
+
+@dataclass(frozen=True)
+class CohortKind:
+    name: str
+    config_class: type
+    schema: Callable[[Any], list[Column]]
+    label_column: str
+    class_names: Callable[[Any], list[str]]
+    # (cfg, index, bulk_out) -> the subject's other columns; fills bulk_out in place
+    make_subject: Callable[[Any, int, np.ndarray], dict]
+    # every subject's class, without making the subjects (to check the splits before writing)
+    predicted_labels: Callable[[Any], np.ndarray]
+    # (cfg, labels) -> (splits {train, val, test}, cross-validation folds)
+    make_splits: Callable[[Any, np.ndarray], tuple[dict[str, list[int]], list[list[int]]]]
+    # (cfg, class counts) -> why they are implausible for this config, or None
+    class_count_problem: Callable[[Any, np.ndarray], str | None]
+    # (cfg, batch of tensors, normalize) -> the batch the model sees
+    prepare_batch: Callable[[Any, dict, bool], dict] | None = None
+
+
+BUILTIN = (
+    "trd_hpc.data.emt_cohort",
+    "trd_hpc.data.volume_cohort",
+)
+_REGISTRY: dict[str, CohortKind] = {}
+
+
+def register(kind: CohortKind) -> CohortKind:
+    have = _REGISTRY.get(kind.name)
+    if have is not None and have is not kind:
+        raise ValueError(f"cohort kind {kind.name!r} is already registered")
+    register_cohort(kind.name, kind.config_class)
+    _REGISTRY[kind.name] = kind
+    return kind
+
+
+def _load_builtins() -> None:
+    for mod in BUILTIN:
+        kind = importlib.import_module(mod).KIND
+        if kind.name not in _REGISTRY:
+            register(kind)
+
+
+def get(name: str) -> CohortKind:
+    if name not in _REGISTRY:
+        _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown cohort kind {name!r}; registered kinds: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def kind_of(cfg) -> CohortKind:
+    """The kind of a cohort config (its ``kind`` field)."""
+    return get(cfg.kind)
