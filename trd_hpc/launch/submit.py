@@ -84,7 +84,7 @@ def _join_tasks() -> int:
 
 
 def _fold_outcome(run_dir: Path, timeout_s: float = 300.0) -> str:
-    """'done' or 'preempted' for a fold whose train() returned. Rank 0 writes metrics.json before
+    """'done' or 'preempted' for a fold whose training returned. Rank 0 writes metrics.json before
     the final barrier but PREEMPTED after the last collective, so another rank may have to wait."""
     deadline = time.monotonic() + timeout_s
     while True:
