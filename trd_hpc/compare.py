@@ -279,7 +279,9 @@ def plot_curves(runs: list[Run], out: Path, keys: Sequence[str] | None = None) -
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=110, format="png")
+    from trd_hpc.fsio import atomic_write_with
+
+    atomic_write_with(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     return out
 
 

@@ -28,7 +28,9 @@ def _save(fig: Figure, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI, format="png")
+    from trd_hpc.fsio import atomic_write_with
+
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))  # never half a PNG
     return path
 
 
