@@ -10,13 +10,13 @@ record alone.  A new kind is one module defining ``KIND`` plus its line in ``BUI
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
-from trd_hpc.config import ConfigError, register_cohort
+from trd_hpc.config import register_cohort
+from trd_hpc.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -50,32 +50,9 @@ BUILTIN = (
     "trd_hpc.data.emt_cohort",
     "trd_hpc.data.volume_cohort",
 )
-_REGISTRY: dict[str, CohortKind] = {}
-
-
-def register(kind: CohortKind) -> CohortKind:
-    have = _REGISTRY.get(kind.name)
-    if have is not None and have is not kind:
-        raise ValueError(f"cohort kind {kind.name!r} is already registered")
-    register_cohort(kind.name, kind.config_class)
-    _REGISTRY[kind.name] = kind
-    return kind
-
-
-def _load_builtins() -> None:
-    for mod in BUILTIN:
-        kind = importlib.import_module(mod).KIND
-        if kind.name not in _REGISTRY:
-            register(kind)
-
-
-def get(name: str) -> CohortKind:
-    if name not in _REGISTRY:
-        _load_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown cohort kind {name!r}; registered kinds: {', '.join(sorted(_REGISTRY))}") from None
+_REGISTRY: Registry[CohortKind] = Registry("cohort kind", BUILTIN, "KIND", register_cohort)
+register = _REGISTRY.register
+get = _REGISTRY.get
 
 
 def kind_of(cfg) -> CohortKind:

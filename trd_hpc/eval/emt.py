@@ -62,11 +62,10 @@ def _examples(cfg: EMTExperiment):
     return examples, snp, y
 
 
-def evaluate_emt(cfg: EMTExperiment, run, history: list, preds: dict, figures: bool) -> tuple[dict, dict]:
+def evaluate_emt(cfg: EMTExperiment, run, model, history: list, preds: dict, figures: bool) -> tuple[dict, dict]:
     from trd_hpc.eval import figures as F
     from trd_hpc.eval.calibration import calibrate_all
     from trd_hpc.eval.metrics import binary_metrics, curves
-    from trd_hpc.tasks import make_task
 
     val, test = preds["val"], preds["test"]
     prob = _sigmoid(test["logit"])
@@ -84,8 +83,7 @@ def evaluate_emt(cfg: EMTExperiment, run, history: list, preds: dict, figures: b
     for method, res in cal.items():
         for k, v in res.items():
             m[f"calibrated.{method}.{k}"] = v
-    model = run.load_weights(make_task(cfg).build_model())
-    imp = importance(cfg, model)
+    imp = importance(cfg, model)  # the run's model, weights loaded by the caller
     run.write_json("importance.json", imp)
     for k, v in imp["fmri_regions"].items():
         m[f"importance.fmri.{k}"] = v

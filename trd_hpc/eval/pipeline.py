@@ -20,7 +20,7 @@ from trd_hpc.rundir import RunDir, read_json
 
 def check_inputs(run: RunDir):
     """Every file the evaluation reads, read and checked before anything is written:
-    (config, metrics, history, predictions)."""
+    (config, metrics, history, predictions, the model with its weights loaded)."""
     from trd_hpc.tasks import make_task
 
     if not run.path.is_dir():
@@ -28,8 +28,8 @@ def check_inputs(run: RunDir):
     cfg = run.config()
     metrics, history = run.metrics(), run.history()
     preds = {split: run.predictions(split) for split in ("val", "test")}
-    run.load_weights(make_task(cfg).build_model())
-    return cfg, metrics, history, preds
+    model = run.load_weights(make_task(cfg).build_model())
+    return cfg, metrics, history, preds, model
 
 
 def baseline_scores(cfg, run: RunDir) -> dict:
@@ -59,9 +59,9 @@ def evaluate_run(run_dir: str | Path, figures: bool = True) -> dict:
 
     run = RunDir(run_dir)
     with DirLock(run.path, "run directory"):  # nests inside train's own lock
-        cfg, metrics, history, preds = check_inputs(run)
+        cfg, metrics, history, preds, model = check_inputs(run)
         spec = spec_for(cfg)
-        extra, figs = spec.evaluate(cfg, run, metrics, history, preds, figures) if spec.evaluate else ({}, {})
+        extra, figs = spec.evaluate(cfg, run, model, history, preds, figures) if spec.evaluate else ({}, {})
         metrics.update(extra)
         metrics.update(baseline_scores(cfg, run))
         metrics = run.write_metrics(metrics)  # readers never see half a file

@@ -8,9 +8,8 @@ and cv find it here; nothing else dispatches on the task's name.
 
 from __future__ import annotations
 
-import importlib
-
-from trd_hpc.config import ConfigError, register_experiment
+from trd_hpc.config import register_experiment
+from trd_hpc.registry import Registry
 from trd_hpc.tasks.base import Baseline, Task, TaskSpec, merge_records
 
 # module paths, each defining SPEC
@@ -19,37 +18,11 @@ BUILTIN = (
     "trd_hpc.tasks.cnn3d",
 )
 
-_REGISTRY: dict[str, TaskSpec] = {}
-
-
-def register(spec: TaskSpec) -> TaskSpec:
-    """Add ``spec`` (its config class then validates configs with ``task: spec.name``)."""
-    have = _REGISTRY.get(spec.name)
-    if have is not None and have is not spec:
-        raise ValueError(f"task {spec.name!r} is already registered (by {have.make_task.__module__})")
-    register_experiment(spec.name, spec.config_class)
-    _REGISTRY[spec.name] = spec
-    return spec
-
-
-def _load_builtins() -> None:
-    for mod in BUILTIN:
-        spec = importlib.import_module(mod).SPEC
-        if spec.name not in _REGISTRY:
-            register(spec)
-
-
-def names() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
-
-
-def get(name: str) -> TaskSpec:
-    _load_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(_REGISTRY))}") from None
+_REGISTRY: Registry[TaskSpec] = Registry("task", BUILTIN, "SPEC", register_experiment)
+# register(SPEC): its config class then validates configs with `task: SPEC.name`
+register = _REGISTRY.register
+get = _REGISTRY.get
+names = _REGISTRY.names
 
 
 def spec_for(cfg) -> TaskSpec:

@@ -64,7 +64,7 @@ class Baseline:
 class TaskSpec:
     """One registry entry: everything about a task the rest of trd-hpc may ask for.
 
-    ``evaluate(cfg, run, figures) -> (metrics, figures)`` adds the task's own evaluation
+    ``evaluate(cfg, run, model, history, preds, figures) -> (metrics, figures)`` adds the task's own evaluation
     (calibration, importance, figures) to a finished run; it reads the run directory and
     the baselines' outputs and trains nothing.  Without it a run's metrics are the test
     metrics the trainer computed."""

@@ -96,7 +96,7 @@ class CNN3DTask:
         return m
 
 
-def evaluate(cfg, run, metrics, history, preds, figures):
+def evaluate(cfg, run, model, history, preds, figures):
     from trd_hpc.eval.cnn3d import evaluate_cnn3d
 
     return evaluate_cnn3d(cfg, run, history, preds, figures)

@@ -100,10 +100,10 @@ def fit_random_forest(cfg: EMTExperiment, out_dir: Path) -> dict:
     return run.write_metrics({f"test.{k}": v for k, v in binary_metrics(yte, prob).items()})
 
 
-def evaluate(cfg, run, metrics, history, preds, figures):
+def evaluate(cfg, run, model, history, preds, figures):
     from trd_hpc.eval.emt import evaluate_emt
 
-    return evaluate_emt(cfg, run, history, preds, figures)
+    return evaluate_emt(cfg, run, model, history, preds, figures)
 
 
 _SCORED = ("auc", "ap", "accuracy", "f1")

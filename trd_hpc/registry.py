@@ -1,0 +1,50 @@
+"""A name -> entry table whose built-in entries are imported on first use.
+
+Used for tasks (``trd_hpc.tasks``) and cohort kinds (``trd_hpc.data.kinds``): each entry has
+a ``name`` and a ``config_class``, and registering it makes the config layer validate that
+name with that class (the config layer never imports the registries)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Generic, TypeVar
+
+from trd_hpc.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, what: str, builtin: tuple[str, ...], attr: str, on_register: Callable[[str, type], None]):
+        self.what, self.builtin, self.attr, self.on_register = what, builtin, attr, on_register
+        self._entries: dict[str, T] = {}
+        self._loaded = False
+
+    def register(self, entry: T) -> T:
+        name = entry.name  # type: ignore[attr-defined]
+        have = self._entries.get(name)
+        if have is not None and have is not entry:
+            raise ValueError(f"{self.what} {name!r} is already registered")
+        self.on_register(name, entry.config_class)  # type: ignore[attr-defined]
+        self._entries[name] = entry
+        return entry
+
+    def _load_builtins(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for mod in self.builtin:  # each module defines `attr` (SPEC, KIND)
+            entry = getattr(importlib.import_module(mod), self.attr)
+            if entry.name not in self._entries:
+                self.register(entry)
+
+    def get(self, name: str) -> T:
+        self._load_builtins()
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise ConfigError(f"unknown {self.what} {name!r}; registered: {', '.join(sorted(self._entries))}") from None
+
+    def names(self) -> list[str]:
+        self._load_builtins()
+        return sorted(self._entries)
