@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from trd_hpc.errors import ConfigError  # noqa: E402  (re-exported: a config file or override is invalid)
 
@@ -219,6 +219,36 @@ class EMTCohortConfig(Strict):
     clinical: ClinicalConfig = Field(default_factory=ClinicalConfig)
     split: ThreeWaySplit = Field(default_factory=ThreeWaySplit)
 
+    # What the models and the evaluation read of an EMT cohort, synthetic or ingested
+    # (IngestedEMTCohort has the same properties): input shapes, names, region boxes.
+    @property
+    def fmri_shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.fmri.shape)
+
+    @property
+    def n_snps(self) -> int:
+        return self.snp.n_snps
+
+    @property
+    def clinical_names(self) -> list[str]:
+        return list(self.clinical.names)
+
+    @property
+    def genotype_values(self) -> int:
+        return 3  # 0/1/2 copies; generated genotypes are never missing
+
+    @property
+    def n_predictive_snps(self) -> int:
+        return self.snp.n_predictive
+
+    @property
+    def region_boxes(self) -> dict[str, Box]:
+        return {k: r.box for k, r in self.regions.items()}
+
+    @property
+    def labelled(self) -> bool:
+        return True
+
     @model_validator(mode="after")
     def _check(self) -> "EMTCohortConfig":
         spatial = self.fmri.shape[:3]
@@ -291,6 +321,10 @@ class VolumeCohortConfig(Strict):
     # generated intensities.
     stored_normalization: Literal["none"] = "none"
 
+    @property
+    def labelled(self) -> bool:
+        return True
+
     @model_validator(mode="after")
     def _check(self) -> "VolumeCohortConfig":
         p = self.class_probs
@@ -303,6 +337,181 @@ class VolumeCohortConfig(Strict):
         if err:
             raise ValueError(err)
         return self
+
+
+# --------------------------------------------------------------------------- ingested cohorts
+# `trd-hpc ingest SPEC.yaml` reads a spec (the keys of the *Spec classes), checks it against
+# the files it names and records the result as the cohort config of the manifest (the
+# Ingested* classes: the spec plus what was resolved from the files).  Runs on an ingested
+# cohort take that record as their `cohort` section (trd_hpc.train.run.resolve_cohort).
+class SNPSelection(Strict):
+    """Which variants of the PLINK fileset: the first N of the .bim, or the ids listed one a
+    line in a file (in that order)."""
+
+    first: Optional[int] = Field(None, ge=1)
+    ids: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "SNPSelection":
+        if (self.first is None) == (self.ids is None):
+            raise ValueError("give exactly one of snps.first (a count) or snps.ids (a file of variant ids)")
+        return self
+
+
+class IngestSpecBase(Strict):
+    table: str  # .tsv or .csv, relative to the spec's folder
+    id_column: str = "participant_id"
+    # Values of the label column in class order (class 0 first); None: the values are the
+    # class indices themselves (0/1 for the EMT, 0/1/2 for the CNN).
+    labels: Optional[list[Union[int, str]]] = None
+    site_column: Optional[str] = None  # no site in two splits (or two folds)
+    on_missing: Literal["error", "drop"] = "error"  # subjects without an image or genotypes
+    seed: int = 42  # of the splits
+    subjects_per_shard: int = Field(64, ge=1)
+
+
+class EMTIngestSpec(IngestSpecBase):
+    task: Literal["emt"] = "emt"
+    label_column: Optional[str] = None  # None: an unlabelled cohort (prediction only)
+    clinical_columns: list[str] = Field(min_length=1)
+    # Missing clinical values: refuse (listing them), or impute with the training split's mean.
+    clinical_missing: Literal["error", "impute"] = "error"
+    fmri: str  # path template with {id}: one 4-D image per subject
+    genotypes: str  # PLINK prefix (.bed/.bim/.fam)
+    snps: SNPSelection = Field(default_factory=lambda: SNPSelection(first=800))
+    grid: tuple[PosInt, PosInt, PosInt] = (48, 48, 24)
+    frames: int = Field(80, ge=1)
+    # crop: the first `frames` frames (fewer is an error); resample: linear in time to `frames`.
+    temporal: Literal["crop", "resample"] = "crop"
+    fmri_dtype: Literal["float16", "float32"] = "float16"
+    split: ThreeWaySplit = Field(default_factory=ThreeWaySplit)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "EMTIngestSpec":
+        if len(set(self.clinical_columns)) != len(self.clinical_columns):
+            raise ValueError("clinical_columns must be unique")
+        if self.labels is not None and len(self.labels) != 2:
+            raise ValueError(f"labels must name the 2 values of label_column (non-TRD first), got {self.labels}")
+        return self
+
+
+class CNN3DIngestSpec(IngestSpecBase):
+    task: Literal["cnn3d"] = "cnn3d"
+    response_column: Optional[str] = None  # None: an unlabelled cohort (prediction only)
+    severity_column: Optional[str] = None
+    # Severity is scaled by this for the loss (paper 001: a 0-100 scale); None: the largest
+    # severity in the table.
+    severity_max: Optional[float] = Field(None, gt=0)
+    class_names: tuple[str, str, str] = ("non_responder", "partial_responder", "responder")
+    volume: str  # path template with {id}: one 3-D image per subject
+    grid: tuple[PosInt, PosInt, PosInt] = (64, 64, 16)
+    split: VolumeSplit = Field(default_factory=VolumeSplit)
+
+    @model_validator(mode="after")
+    def _pair(self) -> "CNN3DIngestSpec":
+        if (self.response_column is None) != (self.severity_column is None):
+            raise ValueError("give both response_column and severity_column (or neither, for an unlabelled cohort)")
+        if self.labels is not None and len(self.labels) != 3:
+            raise ValueError(f"labels must name the 3 values of response_column in class order, got {self.labels}")
+        return self
+
+
+class Resolved(Strict):
+    """What `trd-hpc ingest` found in the files (never written in a spec)."""
+
+    root: str  # the spec's folder, absolute: the spec's paths are relative to it
+    table_sha256: str
+    n_subjects: int = Field(ge=1)
+    dropped: list[dict[str, str]] = Field(default_factory=list)  # {participant_id, reason}
+
+
+class IngestedEMTCohort(EMTIngestSpec):
+    kind: Literal["ingested_emt"] = "ingested_emt"
+    resolved: Resolved
+    snp_ids: list[str] = Field(min_length=1)
+    genotypes_sha256: str  # of the .fam and .bim (which individuals, which variants)
+    # Standardisation of the clinical columns (the model sees (x - mean) / sd, a missing
+    # value as 0 = the mean): fitted on the training split only.
+    clinical_mean: list[float]
+    clinical_sd: list[float]
+
+    @property
+    def n_subjects(self) -> int:
+        return self.resolved.n_subjects
+
+    @property
+    def fmri_shape(self) -> tuple[int, int, int, int]:
+        return (*self.grid, self.frames)
+
+    @property
+    def n_snps(self) -> int:
+        return len(self.snp_ids)
+
+    @property
+    def clinical_names(self) -> list[str]:
+        return list(self.clinical_columns)
+
+    @property
+    def genotype_values(self) -> int:
+        return 4  # 0/1/2 copies of the A1 allele, 3 = missing call (its own embedding)
+
+    @property
+    def n_predictive_snps(self) -> int:
+        return 0  # unknown for real data
+
+    @property
+    def region_boxes(self) -> dict[str, Box]:
+        """No atlas comes with a real cohort: the 8 octants of the grid stand in for regions."""
+        half = [(0, g // 2, g) for g in self.grid]
+        boxes = {}
+        for xs, xn in (((half[0][0], half[0][1]), "left"), ((half[0][1], half[0][2]), "right")):
+            for ys, yn in (((half[1][0], half[1][1]), "posterior"), ((half[1][1], half[1][2]), "anterior")):
+                for zs, zn in (((half[2][0], half[2][1]), "inferior"), ((half[2][1], half[2][2]), "superior")):
+                    if xs[0] < xs[1] and ys[0] < ys[1] and zs[0] < zs[1]:
+                        boxes[f"{xn}_{yn}_{zn}"] = (xs, ys, zs)
+        return boxes
+
+    @property
+    def labelled(self) -> bool:
+        return self.label_column is not None
+
+
+class IngestedVolumeCohort(CNN3DIngestSpec):
+    kind: Literal["ingested_volume"] = "ingested_volume"
+    resolved: Resolved
+    severity_max: float = Field(gt=0)  # resolved: the spec's, or the table's largest severity
+
+    @property
+    def n_subjects(self) -> int:
+        return self.resolved.n_subjects
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.grid)
+
+    @property
+    def labelled(self) -> bool:
+        return self.response_column is not None
+
+
+def _cohort_kind(default: str):
+    """The discriminator of a `cohort` section: its `kind` (``default`` when left out)."""
+
+    def tag(v: Any) -> str:
+        k = v.get("kind", default) if isinstance(v, dict) else getattr(v, "kind", default)
+        return k if isinstance(k, str) else default
+
+    return tag
+
+
+EMTCohortSection = Annotated[
+    Union[Annotated[EMTCohortConfig, Tag("emt")], Annotated[IngestedEMTCohort, Tag("ingested_emt")]],
+    Discriminator(_cohort_kind("emt")),
+]
+VolumeCohortSection = Annotated[
+    Union[Annotated[VolumeCohortConfig, Tag("volume")], Annotated[IngestedVolumeCohort, Tag("ingested_volume")]],
+    Discriminator(_cohort_kind("volume")),
+]
 
 
 # --------------------------------------------------------------------------- data loading
@@ -446,7 +655,7 @@ def _default_baselines(data: Any, names: list[str]) -> Any:
 
 class EMTExperiment(Strict):
     task: Literal["emt"] = "emt"
-    cohort: EMTCohortConfig = Field(default_factory=EMTCohortConfig)
+    cohort: EMTCohortSection = Field(default_factory=EMTCohortConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: EMTModelConfig = Field(default_factory=EMTModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -463,12 +672,17 @@ class EMTExperiment(Strict):
         # The EMT cuts the fMRI volume into whole patches; checked here, where both
         # sections are known, instead of failing when the model is built.
         if self.model.name == "emt":
-            spatial = tuple(self.cohort.fmri.shape[:3])
+            spatial = tuple(self.cohort.fmri_shape[:3])
             bad = [f"axis {a}: {s} % {p} = {s % p}" for a, (s, p) in enumerate(zip(spatial, self.model.patch)) if s % p]
             if bad:
+                where = (
+                    "cohort.grid (the ingest spec's grid)"
+                    if self.cohort.kind == "ingested_emt"
+                    else "cohort.fmri.shape"
+                )
                 raise ValueError(
                     f"model.patch {tuple(self.model.patch)} does not divide the spatial shape {spatial} of "
-                    f"cohort.fmri.shape ({'; '.join(bad)}); change model.patch or cohort.fmri.shape"
+                    f"{where} ({'; '.join(bad)}); change model.patch or {where.split(' ')[0]}"
                 )
         return self
 
@@ -496,7 +710,7 @@ def _cnn_train() -> TrainConfig:
 
 class CNN3DExperiment(Strict):
     task: Literal["cnn3d"] = "cnn3d"
-    cohort: VolumeCohortConfig = Field(default_factory=VolumeCohortConfig)
+    cohort: VolumeCohortSection = Field(default_factory=VolumeCohortConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: CNN3DModelConfig = Field(default_factory=CNN3DModelConfig)
     loss: MultiTaskLossConfig = Field(default_factory=MultiTaskLossConfig)
@@ -537,12 +751,17 @@ class CNN3DExperiment(Strict):
 
 
 ExperimentConfig = Union[EMTExperiment, CNN3DExperiment]
-CohortConfig = Union[EMTCohortConfig, VolumeCohortConfig]
+CohortConfig = Union[EMTCohortConfig, VolumeCohortConfig, IngestedEMTCohort, IngestedVolumeCohort]
 # Experiment classes by `task` value.  The two papers' are here; a task added through the
 # registry (trd_hpc.tasks.register) adds its own class, so the config layer never imports
 # the tasks.
 _TASKS: dict[str, type[BaseModel]] = {"emt": EMTExperiment, "cnn3d": CNN3DExperiment}
-_COHORTS: dict[str, type[BaseModel]] = {"emt": EMTCohortConfig, "volume": VolumeCohortConfig}
+_COHORTS: dict[str, type[BaseModel]] = {
+    "emt": EMTCohortConfig,
+    "volume": VolumeCohortConfig,
+    "ingested_emt": IngestedEMTCohort,
+    "ingested_volume": IngestedVolumeCohort,
+}
 
 
 def register_cohort(kind: str, cls: type[BaseModel]) -> None:
@@ -562,44 +781,84 @@ def register_experiment(task: str, cls: type[BaseModel]) -> None:
 
 
 # --------------------------------------------------------------------------- loading
-def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model class that owns the field at ``loc`` (for listing valid keys)."""
+def _tagged_members(ann: Any) -> dict[str, type] | None:
+    """{tag: class} of a tagged union (a `cohort` section), else None."""
+    import typing
+
+    if typing.get_origin(ann) is not Union:
+        return None
+    out = {}
+    for member in typing.get_args(ann):
+        args = typing.get_args(member)
+        tags = [a for a in args[1:] if isinstance(a, Tag)]
+        if not tags:
+            return None
+        out[tags[0].tag] = args[0]
+    return out
+
+
+def _walk(root: type[BaseModel], loc: tuple) -> tuple[type[BaseModel] | None, tuple]:
+    """(the pydantic model class that owns the field at ``loc``, ``loc`` without union tags).
+
+    A tagged union (the `cohort` section) puts its tag into the error's location
+    (``cohort.emt.bogus``); the key a user wrote has none."""
     import typing
 
     model: Any = root
+    keys: list = []
     skip_key = False  # the next loc part is a dict key or list index
-    for part in loc[:-1]:
+    pending_union: dict[str, type] | None = None
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if pending_union is not None:
+            model, pending_union = pending_union.get(str(part)), None
+            continue
+        keys.append(part)
+        if last:
+            break
         if skip_key:
             skip_key = False
             continue
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return None
+            model = None
+            continue
         field = model.model_fields.get(str(part))
         if field is None:
-            return None
+            model = None
+            continue
         ann = field.annotation
+        members = _tagged_members(ann)
+        if members is not None:
+            pending_union = members
+            continue
         if typing.get_origin(ann) in (dict, list):
             ann = typing.get_args(ann)[-1]
             skip_key = True
         model = ann
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return model
-    return None
+    owner = model if isinstance(model, type) and issubclass(model, BaseModel) else None
+    return owner, tuple(keys)
+
+
+def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at ``loc`` (for listing valid keys)."""
+    return _walk(root, loc)[0]
 
 
 def format_validation_error(err: ValidationError, root: type[BaseModel], source: str, what: str = "config") -> str:
     """pydantic's errors as lines naming each dotted key; an unknown key lists the valid ones there."""
     lines = [f"invalid {what} {source}:"]
     for e in err.errors():
-        loc = tuple(p for p in e["loc"])
+        owner, loc = _walk(root, tuple(e["loc"]))
         key = ".".join(str(p) for p in loc) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            owner = _model_at(root, loc)
             valid = sorted(owner.model_fields) if owner else []
             lines.append(f"  unknown key '{key}'; valid keys here: {', '.join(valid)}")
         elif e["type"] == "missing":
             lines.append(f"  '{key}': missing")
+        elif e["type"] == "union_tag_invalid":
+            ctx = e.get("ctx", {})
+            lines.append(f"  '{key}.kind' must be one of {ctx.get('expected_tags')} (got {ctx.get('tag')!r})")
         elif e["type"] == "value_error" and isinstance(e.get("input"), dict):
             # A check across keys: its message names them; the input is a whole section.
             lines.append(f"  '{key}': {msg}" if loc else f"  {msg}")

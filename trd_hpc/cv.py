@@ -94,6 +94,9 @@ def run_cv(
     only_aggregate: bool = False,
     progress: bool = True,
 ) -> dict | None:
+    from trd_hpc.train.run import resolve_cohort
+
+    cfg = resolve_cohort(cfg)
     k_total = check_folds(cfg, folds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

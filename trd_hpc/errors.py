@@ -36,3 +36,10 @@ class WriteError(TrdError, OSError):
 
 class LockedError(TrdError, RuntimeError):
     """Another live process holds the directory's lock."""
+
+
+class IngestError(TrdError, ValueError):
+    """An ingest spec's sources (table, images, genotypes) do not give a cohort; the
+    message names the file, the column and the rows or subjects."""
+
+    exit_code = 2

@@ -12,12 +12,27 @@ __all__ = ["EPILOG", "add_parsers"]
 
 def _generate(a) -> int:
     from trd_hpc.config import load_config
-    from trd_hpc.data.generate import generate
 
     cfg = load_config(a.config, a.overrides)
-    out = Path(a.out or cfg.data.cohort)
+    return _write(cfg.cohort, Path(a.out or cfg.data.cohort), a)
+
+
+def _ingest(a) -> int:
+    from trd_hpc.ingest.resolve import resolve
+
+    cfg = resolve(a.spec)
+    n, dropped = cfg.resolved.n_subjects, len(cfg.resolved.dropped)
+    if not a.quiet:
+        print(f"{a.spec}: {n} subjects" + (f", {dropped} dropped (listed in the manifest)" if dropped else ""))
+    return _write(cfg, Path(a.out), a)
+
+
+def _write(cohort, out: Path, a) -> int:
+    """Write (or complete) a cohort's shards and manifest; the shared body of generate and ingest."""
+    from trd_hpc.data.generate import generate
+
     res = generate(
-        cfg.cohort,
+        cohort,
         out,
         num_shards=a.num_shards,
         workers=a.workers,
@@ -101,6 +116,27 @@ def add_parsers(sub) -> None:
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     add_overrides(g)
+
+    ig = verb(
+        sub,
+        "ingest",
+        _ingest,
+        help="turn NIfTI images, PLINK genotypes and a participants table into a sharded cohort",
+        description="Read the ingest spec SPEC (YAML; its paths are relative to its own folder), check every "
+        "source it names, and write the cohort as `generate` does: shards under temporary names, checksums "
+        "in manifest.json, a rerun keeps good shards, one shard per SLURM array task (slurm/ingest.sh).\n"
+        "Then: trd-hpc cohort validate DIR; trd-hpc train configs/emt_tiny.yaml --out RUN data.cohort=DIR",
+        epilog="Spec keys: see README, 'Your own data'.",
+    )
+    ig.add_argument("spec", help="ingest spec (YAML): task, table, id_column, label_column, fmri/volume, ...")
+    ig.add_argument("--out", required=True, help="cohort directory")
+    ig.add_argument("--num-shards", type=int, help="number of shards (default: subjects / subjects_per_shard)")
+    ig.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")
+    ig.add_argument("--shard-index", type=int, help="write only this shard (one SLURM array task)")
+    ig.add_argument("--finalize", action="store_true", help="only write the manifest (all shards must exist)")
+    ig.add_argument("--no-verify", action="store_true", help="keep existing shards without re-reading their checksums")
+    ig.add_argument("--force", action="store_true", help="write over a directory holding another cohort")
+    ig.add_argument("--quiet", action="store_true", help="no progress bar")
 
     c = sub.add_parser("cohort", help="inspect a cohort directory")
     csub = c.add_subparsers(dest="cohort_cmd", required=True, metavar="ACTION")

@@ -36,7 +36,10 @@ from trd_hpc.data.shards import CohortError, ShardReader, shard_content_checksum
 from trd_hpc.data.kinds import kind_of
 
 _TORCH_DTYPES = {
-    "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8, "int64": torch.int64,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "uint8": torch.uint8,
+    "int64": torch.int64,
 }
 _abandoned: list = []  # handles inherited through fork: never used, never closed here
 # Rows whose checksums matched in this process, per shard file (and its content checksum).
@@ -110,7 +113,8 @@ class CohortDataset(Dataset):
         except KeyError as e:
             raise CohortError(str(e.args[0])) from None
         self.ids = np.sort(ids)
-        self.cols = self.manifest.columns  # type: ignore[attr-defined]
+        # the columns a batch holds (ids and affines kept for tracing are not read)
+        self.cols = [c for c in self.manifest.columns if c.load]  # type: ignore[attr-defined]
         self.normalize_volumes = normalize_volumes
         self._prepare = kind_of(self.manifest.config).prepare_batch
         self.max_open_shards = max_open_shards

@@ -193,9 +193,7 @@ def foreign_contents(cfg: CohortConfig, out: Path, num_shards: int | None = None
             more = f" and {len(others) - 5} more" if len(others) > 5 else ""
             problems.append(f"it holds files that are not a trd-hpc cohort's ({', '.join(others[:5])}{more})")
         if undecided:
-            problems.append(
-                f"{', '.join(undecided[:5])} cannot be read and nothing records which cohort it belongs to"
-            )
+            problems.append(f"{', '.join(undecided[:5])} cannot be read and nothing records which cohort it belongs to")
     return problems
 
 
@@ -215,7 +213,8 @@ def check_target_dir(cfg: CohortConfig, out: str | Path, num_shards: int | None 
     problems = foreign_contents(cfg, out, num_shards)
     if problems:
         raise CohortError(
-            f"{out} already holds something that is not this cohort: " + "; ".join(problems)
+            f"{out} already holds something that is not this cohort: "
+            + "; ".join(problems)
             + ". Nothing was changed. Use another --out, or --force to write this cohort there anyway "
             "(replaces cohort.json, manifest.json and those shards)."
         )
@@ -231,8 +230,9 @@ def prepare_dir(cfg: CohortConfig, out: Path, num_shards: int, force: bool = Fal
         atomic_write_json(out / LAYOUT, want)
 
 
-def shard_problem(cfg: CohortConfig, out: Path, k: int, first: int, stop: int, verify: bool = True,
-                  force: bool = False) -> str | None:
+def shard_problem(
+    cfg: CohortConfig, out: Path, k: int, first: int, stop: int, verify: bool = True, force: bool = False
+) -> str | None:
     """Why shard ``k`` must be (re)made, or None when it is complete and verifies.
 
     A shard that its own attributes say belongs to another cohort is not remade
@@ -252,7 +252,10 @@ def shard_problem(cfg: CohortConfig, out: Path, k: int, first: int, stop: int, v
     if not isinstance(rec, dict):
         return "completion record unreadable"
     try:
-        if rec.get("config_fingerprint") != config_fingerprint(cfg) or (rec["first_subject"], rec["n_subjects"]) != (first, stop - first):
+        if rec.get("config_fingerprint") != config_fingerprint(cfg) or (rec["first_subject"], rec["n_subjects"]) != (
+            first,
+            stop - first,
+        ):
             return "made with another config or layout"
         if f.stat().st_size != rec["bytes"]:
             return f"size {f.stat().st_size} != recorded {rec['bytes']} (truncated?)"
@@ -311,7 +314,9 @@ def _init_worker(q) -> None:
     torch.set_num_threads(1)
 
 
-def _shard_task(cfg_dict: dict, out: str, k: int, first: int, stop: int, verify: bool, force: bool = False) -> tuple[int, str]:
+def _shard_task(
+    cfg_dict: dict, out: str, k: int, first: int, stop: int, verify: bool, force: bool = False
+) -> tuple[int, str]:
     from trd_hpc.config import validate_cohort
 
     cfg = validate_cohort(cfg_dict)
@@ -385,7 +390,9 @@ def generate(
                 finalize(cfg, out, plan, force)
                 res.finalized = True
             elif finalize_only:
-                raise CohortError(f"{out}: cannot finalize, shards missing: {', '.join(shard_name(k) for k in missing)}")
+                raise CohortError(
+                    f"{out}: cannot finalize, shards missing: {', '.join(shard_name(k) for k in missing)}"
+                )
         finally:
             lock.release()
         return res
@@ -426,7 +433,9 @@ def _missing(out: Path, num_shards: int) -> list[int]:
 
 def _check_space(cfg: CohortConfig, out: Path, plan, todo: list[int]) -> None:
     """WriteError before writing when the shards still missing cannot fit."""
-    need = sum((plan[k][1] - plan[k][0]) * subject_nbytes(cfg) + (1 << 16) for k in todo if not (out / shard_name(k)).exists())
+    need = sum(
+        (plan[k][1] - plan[k][0]) * subject_nbytes(cfg) + (1 << 16) for k in todo if not (out / shard_name(k)).exists()
+    )
     where = out
     while not where.exists() and where != where.parent:
         where = where.parent
@@ -481,13 +490,17 @@ def _run_shards(cfg, out, plan, todo, workers, verify, progress, res, force=Fals
                     first, stop = plan[k]
                     # Events arrive from the writer thread; drain them after each shard
                     # and, for a live bar, from a small polling thread.
-                    _drain_live(q, on_event, lambda: _shard_task(cfg_dict, str(out), k, first, stop, verify, force), record)
+                    _drain_live(
+                        q, on_event, lambda: _shard_task(cfg_dict, str(out), k, first, stop, verify, force), record
+                    )
             finally:
                 _progress_q = None
         else:
             ctx = mp.get_context("spawn")
             q = ctx.Queue()
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)) as ex:
+            with ProcessPoolExecutor(
+                max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)
+            ) as ex:
                 futs = {ex.submit(_shard_task, cfg_dict, str(out), k, *plan[k], verify, force) for k in todo}
                 while futs:
                     _drain(q, on_event)
@@ -540,16 +553,22 @@ def finalize(cfg: CohortConfig, out: Path, plan: list[tuple[int, int]], force: b
         side = out / sidecar_name(k)
         rec, why = mf.read_json(side)
         if why or not isinstance(rec, dict):
-            raise CohortError(f"{side}: completion record {why or 'is not an object'}; run generate again to remake shard {k}")
+            raise CohortError(
+                f"{side}: completion record {why or 'is not an object'}; run generate again to remake shard {k}"
+            )
         try:
             if rec["config_fingerprint"] != config_fingerprint(cfg) or rec["file"] != shard_name(k):
-                raise CohortError(f"{side}: completion record of another config or shard; run generate again to remake shard {k}")
+                raise CohortError(
+                    f"{side}: completion record of another config or shard; run generate again to remake shard {k}"
+                )
             if (rec["first_subject"], rec["n_subjects"]) != (first, stop - first):
                 raise CohortError(f"{side}: subject range does not match the cohort layout")
             size = (out / shard_name(k)).stat().st_size
             if size != rec["bytes"]:  # a remake that failed left the old, broken file
-                raise CohortError(f"{out / shard_name(k)}: {size} bytes, its completion record says {rec['bytes']}; "
-                                  f"run generate again to remake it")
+                raise CohortError(
+                    f"{out / shard_name(k)}: {size} bytes, its completion record says {rec['bytes']}; "
+                    f"run generate again to remake it"
+                )
             entry = {
                 "file": rec["file"],
                 "first_subject": first,
@@ -564,7 +583,7 @@ def finalize(cfg: CohortConfig, out: Path, plan: list[tuple[int, int]], force: b
         if "row_crc32" in rec:
             entry["row_crc32"] = rec["row_crc32"]
         shards.append(entry)
-    labels = np.frombuffer("".join(s["labels"] for s in shards).encode(), dtype=np.uint8) - ord("0")
+    labels = mf.decode_labels("".join(s["labels"] for s in shards))
     names = mf.class_names(cfg)
     try:
         splits, folds = make_splits(cfg, labels)
@@ -572,7 +591,8 @@ def finalize(cfg: CohortConfig, out: Path, plan: list[tuple[int, int]], force: b
         raise _split_failed(cfg, e) from None
 
     def counts(ids) -> dict[str, int]:
-        c = np.bincount(labels[np.asarray(ids, dtype=np.int64)], minlength=len(names))
+        picked = labels[np.asarray(ids, dtype=np.int64)]
+        c = np.bincount(picked[picked >= 0], minlength=len(names))
         return {n: int(v) for n, v in zip(names, c)}
 
     import h5py
@@ -584,9 +604,15 @@ def finalize(cfg: CohortConfig, out: Path, plan: list[tuple[int, int]], force: b
         "schema_version": SCHEMA_VERSION,
         "kind": cfg.kind,
         "generator": f"trd-hpc {__version__}",
-        "versions": {"numpy": np.__version__, "torch": torch.__version__, "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version},
+        "versions": {
+            "numpy": np.__version__,
+            "torch": torch.__version__,
+            "h5py": h5py.__version__,
+            "hdf5": h5py.version.hdf5_version,
+        },
         "config": to_dict(cfg),
         "n_subjects": int(len(labels)),
+        "labelled": bool(getattr(cfg, "labelled", True)),
         "datasets": {c.name: {"shape": list(c.shape), "dtype": c.dtype, "chunked": c.chunked} for c in schema(cfg)},
         "class_names": names,
         "class_counts": counts(np.arange(len(labels))),
@@ -595,6 +621,9 @@ def finalize(cfg: CohortConfig, out: Path, plan: list[tuple[int, int]], force: b
         "splits": splits,
         "folds": folds,
     }
+    extras = kind_of(cfg).manifest_extras
+    if extras is not None:
+        data.update(extras(cfg))
     path = out / mf.MANIFEST
     if path.exists():
         have, why = mf.read_json(path)
@@ -603,7 +632,9 @@ def finalize(cfg: CohortConfig, out: Path, plan: list[tuple[int, int]], force: b
                 raise CohortError(f"{path}: {why or 'not a cohort manifest'}; not replaced (delete it, or --force)")
             diffs = config_diffs(have.get("config"), cfg)
             if diffs:
-                raise CohortError(f"{path}: records a cohort made differently ({'; '.join(diffs)}); not replaced (--force)")
+                raise CohortError(
+                    f"{path}: records a cohort made differently ({'; '.join(diffs)}); not replaced (--force)"
+                )
         if have == json.loads(json.dumps(data)):
             remove_stale_temps(out)
             return data

@@ -25,6 +25,7 @@ class Column:
     shape: tuple[int, ...]  # per subject
     dtype: str
     chunked: bool  # one subject per chunk (the per-subject arrays)
+    load: bool = True  # False: kept for tracing (ids, affines), not read by the loader
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,18 @@ class CohortKind:
     class_count_problem: Callable[[Any, np.ndarray], str | None]
     # (cfg, batch of tensors, normalize) -> the batch the model sees
     prepare_batch: Callable[[Any, dict, bool], dict] | None = None
+    # cfg -> more top-level keys of manifest.json (an ingested cohort: where it came from)
+    manifest_extras: Callable[[Any], dict] | None = None
+    # False: subjects come from files (trd-hpc ingest); the cohort describes the data and
+    # a run's cohort section is taken from its manifest (train.run.resolve_cohort)
+    generated: bool = True
 
 
 BUILTIN = (
     "trd_hpc.data.emt_cohort",
     "trd_hpc.data.volume_cohort",
+    "trd_hpc.ingest.emt",
+    "trd_hpc.ingest.volume",
 )
 _REGISTRY: Registry[CohortKind] = Registry("cohort kind", BUILTIN, "KIND", register_cohort)
 register = _REGISTRY.register

@@ -56,7 +56,12 @@ class Manifest:
         return self.config.kind
 
     def labels(self) -> np.ndarray:
-        return np.frombuffer("".join(s["labels"] for s in self.shards).encode(), dtype=np.uint8) - ord("0")
+        """Every subject's class (int64; -1 for a subject of an unlabelled cohort)."""
+        return decode_labels("".join(s["labels"] for s in self.shards))
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.raw.get("labelled", True))
 
     def subjects(self, split: str) -> list[int]:
         """Subject ids of a split: train | val | test | all | fold:K (held-out fold K)
@@ -70,13 +75,22 @@ class Manifest:
             k = int(parts[1])
             if len(parts) == 2:
                 if k >= len(self.folds):
-                    raise KeyError(f"fold {k} does not exist in {self.root / MANIFEST} (folds 0..{len(self.folds) - 1})")
+                    raise KeyError(
+                        f"fold {k} does not exist in {self.root / MANIFEST} (folds 0..{len(self.folds) - 1})"
+                    )
                 return list(self.folds[k])
             if parts[2] in ("train", "val", "test"):
                 val = getattr(self.config.split, "val", 0.15)
                 return fold_parts(self.folds, self.labels(), k, val, self.config.seed)[parts[2]]
         valid = sorted(self.splits) + ["all"] + (["fold:K", "fold:K:train|val|test"] if self.folds else [])
         raise KeyError(f"unknown split '{split}' for cohort {self.root}; valid: {', '.join(valid)}")
+
+
+def decode_labels(digits: str) -> np.ndarray:
+    """The inverse of shards.encode_labels: '?' (unlabelled) is -1."""
+    a = np.frombuffer(digits.encode(), dtype=np.uint8).astype(np.int64) - ord("0")
+    a[a == ord("?") - ord("0")] = -1
+    return a
 
 
 def write_manifest(root: Path, data: dict) -> None:
@@ -115,7 +129,7 @@ def _id_array(path: Path, key: str, ids, n: int) -> np.ndarray:
 def _disjoint(path: Path, parts: dict[str, np.ndarray], what: str) -> None:
     names = list(parts)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             both = np.intersect1d(parts[a], parts[b])
             if len(both):
                 raise CohortError(
@@ -129,6 +143,7 @@ def _check_structure(path: Path, data: dict, cfg: CohortConfig) -> None:
     if not isinstance(shards, list) or not shards:
         raise CohortError(f"{path}: key 'shards' must be a non-empty list")
     n_classes = len(class_names(cfg))
+    unknown = "" if getattr(cfg, "labelled", True) else "?"  # an unlabelled cohort's subjects have no class
     first = 0
     seen: set[str] = set()
     for k, s in enumerate(shards):
@@ -149,19 +164,28 @@ def _check_structure(path: Path, data: dict, cfg: CohortConfig) -> None:
         seen.add(name)
         for f in ("first_subject", "n_subjects", "bytes"):
             if not _is_int(s[f]) or s[f] < (1 if f == "n_subjects" else 0):
-                raise CohortError(f"{path}: key '{key}.{f}' must be a {'positive' if f == 'n_subjects' else 'non-negative'} integer, got {s[f]!r}")
+                raise CohortError(
+                    f"{path}: key '{key}.{f}' must be a {'positive' if f == 'n_subjects' else 'non-negative'} integer, got {s[f]!r}"
+                )
         if s["first_subject"] != first:
             raise CohortError(
                 f"{path}: key '{key}.first_subject' is {s['first_subject']}, expected {first}: the shards must "
                 f"cover the subjects in order without gaps (is a shard entry missing?)"
             )
         labels = s["labels"]
-        if not isinstance(labels, str) or len(labels) != s["n_subjects"] or any(
-            not ("0" <= ch < chr(ord("0") + n_classes)) for ch in labels
+        if (
+            not isinstance(labels, str)
+            or len(labels) != s["n_subjects"]
+            or any(not ("0" <= ch < chr(ord("0") + n_classes) or ch == unknown) for ch in labels)
         ):
-            raise CohortError(f"{path}: key '{key}.labels' must be {s['n_subjects']} digits 0..{n_classes - 1}")
+            raise CohortError(
+                f"{path}: key '{key}.labels' must be {s['n_subjects']} digits 0..{n_classes - 1}"
+                + (" or '?'" if unknown else "")
+            )
         crcs = s.get("row_crc32")
-        if crcs is not None and (not isinstance(crcs, list) or len(crcs) != s["n_subjects"] or not all(_is_int(c) for c in crcs)):
+        if crcs is not None and (
+            not isinstance(crcs, list) or len(crcs) != s["n_subjects"] or not all(_is_int(c) for c in crcs)
+        ):
             raise CohortError(f"{path}: key '{key}.row_crc32' must be {s['n_subjects']} integers")
         first += s["n_subjects"]
     if first != cfg.n_subjects:

@@ -58,6 +58,11 @@ def make_subject(cfg: CohortConfig, index: int, bulk_out: np.ndarray) -> dict:
     return kind_of(cfg).make_subject(cfg, index, bulk_out)
 
 
+def encode_labels(labels) -> str:
+    """A shard's labels as one digit per subject ('?' for an unlabelled subject)."""
+    return "".join("?" if v < 0 else str(v) for v in np.asarray(labels).astype(int).tolist())
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.h5"
 
@@ -121,7 +126,7 @@ def write_shard(
         "n_subjects": stop - first,
         "bytes": final.stat().st_size,
         "checksum": hasher.hexdigest(),
-        "labels": "".join(map(str, small[label_column(cfg)].astype(int).tolist())),
+        "labels": encode_labels(small[label_column(cfg)]),
         "config_fingerprint": config_fingerprint(cfg),
         "row_crc32": crcs,
     }
@@ -283,7 +288,9 @@ def foreign_reason(f: h5py.File, cfg: CohortConfig) -> str | None:
     return None
 
 
-def check_shard_identity(f: h5py.File, path: Path, cfg: CohortConfig, first: int, n: int, source: str = "the manifest") -> None:
+def check_shard_identity(
+    f: h5py.File, path: Path, cfg: CohortConfig, first: int, n: int, source: str = "the manifest"
+) -> None:
     """The shard's own attributes say it holds subjects [first, first + n) of ``cfg``."""
     why = foreign_reason(f, cfg)
     if why:

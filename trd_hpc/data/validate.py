@@ -21,6 +21,7 @@ from trd_hpc.data.shards import (
     ShardReader,
     check_shard_identity,
     check_shard_layout,
+    encode_labels,
     label_column,
     open_shard,
     shard_content_checksum,
@@ -58,7 +59,7 @@ def _check_shard(m: Manifest, k: int, deep: bool) -> list[Problem]:
     want_ids = np.arange(s["first_subject"], s["first_subject"] + s["n_subjects"])
     if first != s["first_subject"] or not np.array_equal(ids, want_ids):
         out.append(Problem(name, f"subject ids are not {want_ids[0]}..{want_ids[-1]} as the manifest says"))
-    if "".join(map(str, labels.astype(int).tolist())) != s["labels"]:
+    if encode_labels(labels) != s["labels"]:
         out.append(Problem(name, "labels differ from the manifest's"))
     if deep:
         try:
@@ -66,8 +67,13 @@ def _check_shard(m: Manifest, k: int, deep: bool) -> list[Problem]:
         except (CohortError, OSError) as e:
             return out + [Problem(name, f"unreadable while checksumming: {e}")]
         if got != s["checksum"]:
-            out.append(Problem(name, f"checksum mismatch (content changed or corrupt): {got} != manifest {s['checksum']}"
-                               + _bad_subjects(m, k)))
+            out.append(
+                Problem(
+                    name,
+                    f"checksum mismatch (content changed or corrupt): {got} != manifest {s['checksum']}"
+                    + _bad_subjects(m, k),
+                )
+            )
     return out
 
 
@@ -85,7 +91,9 @@ def _bad_subjects(m: Manifest, k: int) -> str:
         return ""
     if not bad:
         return ""
-    return f"; subjects changed: {', '.join(str(s['first_subject'] + j) for j in bad[:10])}" + (" ..." if len(bad) > 10 else "")
+    return f"; subjects changed: {', '.join(str(s['first_subject'] + j) for j in bad[:10])}" + (
+        " ..." if len(bad) > 10 else ""
+    )
 
 
 def _check_balance_and_splits(m: Manifest) -> list[Problem]:
@@ -94,6 +102,10 @@ def _check_balance_and_splits(m: Manifest) -> list[Problem]:
     labels = m.labels()
     n = len(labels)
     names = class_names(m.config)
+    if not m.labelled:  # prediction only: no classes to count, every subject in `test`
+        if sorted(m.splits.get("test", [])) != list(range(n)) or m.splits.get("train") or m.splits.get("val"):
+            out.append(Problem(man, "an unlabelled cohort must have every subject in split 'test' and none elsewhere"))
+        return out
     counts = np.bincount(labels, minlength=len(names))
     recorded = m.raw.get("class_counts", {})
     if recorded and [recorded.get(c) for c in names] != counts.tolist():
@@ -110,7 +122,9 @@ def _check_balance_and_splits(m: Manifest) -> list[Problem]:
         seen[ids] += 1
         frac = np.bincount(labels[ids], minlength=len(names)) / max(len(ids), 1)
         overall = counts / n
-        if len(ids) >= 20 and np.abs(frac - overall).max() > 0.1:
+        # site-grouped splits (an ingested cohort's site_column) are as stratified as whole sites allow
+        grouped = getattr(m.config, "site_column", None) is not None
+        if len(ids) >= 20 and not grouped and np.abs(frac - overall).max() > 0.1:
             out.append(Problem(man, f"split '{name}' is not stratified: class fractions {frac.round(3).tolist()}"))
     if (seen > 1).any():
         out.append(Problem(man, f"{int((seen > 1).sum())} subjects are in more than one split"))

@@ -54,13 +54,13 @@ def anatomy(shape, severity01: float, cfg: VolumeCohortConfig) -> np.ndarray:
     e = cfg.effects
     pf_c, pf_r = PREFRONTAL
     pf_scale = 1.0 - e.prefrontal_shrink * severity01
-    vol += 0.45 * (1.0 - e.prefrontal_intensity_loss * severity01) * _ellipsoid(
-        g, pf_c, tuple(r * pf_scale for r in pf_r)
+    vol += (
+        0.45 * (1.0 - e.prefrontal_intensity_loss * severity01) * _ellipsoid(g, pf_c, tuple(r * pf_scale for r in pf_r))
     )
     hc_scale = 1.0 - e.hippocampus_shrink * severity01
     for c, r in HIPPOCAMPI:
-        vol += 0.6 * (1.0 - e.hippocampus_intensity_loss * severity01) * _ellipsoid(
-            g, c, tuple(x * hc_scale for x in r)
+        vol += (
+            0.6 * (1.0 - e.hippocampus_intensity_loss * severity01) * _ellipsoid(g, c, tuple(x * hc_scale for x in r))
         )
     return vol.astype(np.float32)
 

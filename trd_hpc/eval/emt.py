@@ -30,15 +30,13 @@ def importance(cfg: EMTExperiment, model) -> dict:
     inputs = {"fmri": b["fmri"].float(), "snp": b["snp"], "clinical": b["clinical"].float()}
     attr = imp.grad_x_input(model, inputs, ["fmri", "clinical"])
     out = {
-        "fmri_regions": imp.aggregate_fmri_by_region(
-            attr["fmri"].numpy(), {k: r.box for k, r in cfg.cohort.regions.items()}
-        ),
-        "clinical": imp.aggregate_clinical(attr["clinical"].numpy(), cfg.cohort.clinical.names),
+        "fmri_regions": imp.aggregate_fmri_by_region(attr["fmri"].numpy(), cfg.cohort.region_boxes),
+        "clinical": imp.aggregate_clinical(attr["clinical"].numpy(), cfg.cohort.clinical_names),
     }
     if hasattr(model, "snp_attention"):
         with torch.no_grad():
             w = model.snp_attention(inputs["snp"])
-        out["snp"] = imp.snp_importance(w.numpy(), cfg.cohort.snp.n_predictive)
+        out["snp"] = imp.snp_importance(w.numpy(), cfg.cohort.n_predictive_snps)
     ds.close()
     return out
 
@@ -117,10 +115,10 @@ def evaluate_emt(cfg: EMTExperiment, run, model, history: list, preds: dict, fig
                 d / "importance.png",
             ),
             "fMRI slices with regions": F.fmri_slices_with_regions(
-                examples, {k: r.box for k, r in cfg.cohort.regions.items()}, d / "fmri_slices.png"
+                examples, cfg.cohort.region_boxes, d / "fmri_slices.png"
             ),
             "SNP genotype frequencies by class": F.snp_allele_histograms(
-                snp, ysnp, cfg.cohort.snp.n_predictive, d / "snp_hist.png"
+                snp, ysnp, cfg.cohort.n_predictive_snps, d / "snp_hist.png"
             ),
             "Confidence by class": F.confidence_violins(
                 test["label"], prob, d / "violins.png", prob_calibrated=probs.get(best)

@@ -30,22 +30,30 @@ class LateFusionMLP(nn.Module):
     ``forward(fmri, snp, clinical) -> logit [B]``, the EMT's interface.
     """
 
-    def __init__(self, model_cfg: EMTModelConfig, fmri_shape: Sequence[int], n_snps: int, n_clinical: int):
+    def __init__(
+        self,
+        model_cfg: EMTModelConfig,
+        fmri_shape: Sequence[int],
+        n_snps: int,
+        n_clinical: int,
+        genotype_values: int = 3,
+    ):
         super().__init__()
         self.fmri_shape = tuple(int(s) for s in fmri_shape)
         self.patch = tuple(int(p) for p in model_cfg.patch)
         self.grid = patch_grid(self.fmri_shape, self.patch)
         self.n_snps, self.n_clinical = int(n_snps), int(n_clinical)
+        self.genotype_values = int(genotype_values)
         h = model_cfg.mlp_hidden
         self.fmri_enc = nn.Sequential(nn.Linear(math.prod(self.grid), h), nn.GELU())
-        self.snp_enc = nn.Sequential(nn.Linear(3 * self.n_snps, h), nn.GELU())
+        self.snp_enc = nn.Sequential(nn.Linear(self.genotype_values * self.n_snps, h), nn.GELU())
         self.clin_enc = nn.Sequential(nn.Linear(self.n_clinical, h), nn.GELU())
         self.head = nn.Sequential(nn.Linear(3 * h, h), nn.GELU(), nn.Dropout(model_cfg.dropout), nn.Linear(h, 1))
 
     @classmethod
     def from_config(cls, exp: EMTExperiment) -> "LateFusionMLP":
         co = exp.cohort
-        return cls(exp.model, tuple(co.fmri.shape), co.snp.n_snps, len(co.clinical.names))
+        return cls(exp.model, co.fmri_shape, co.n_snps, len(co.clinical_names), co.genotype_values)
 
     def patch_means(self, fmri: torch.Tensor) -> torch.Tensor:
         """``[B, X, Y, Z, T]`` -> per-patch means ``[B, N_patches]`` (patchify order),
@@ -61,7 +69,7 @@ class LateFusionMLP(nn.Module):
     def forward(self, fmri: torch.Tensor, snp: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
         dt = self.head[0].weight.dtype
         f = self.fmri_enc(self.patch_means(fmri).to(dt))
-        s = self.snp_enc(F.one_hot(snp.long(), 3).flatten(1).to(dt))
+        s = self.snp_enc(F.one_hot(snp.long(), self.genotype_values).flatten(1).to(dt))
         c = self.clin_enc(clinical.to(dt))
         return self.head(torch.cat([f, s, c], dim=1)).squeeze(-1)
 
@@ -83,14 +91,14 @@ def _np(a) -> np.ndarray:
 
 def emt_summary_feature_names(cohort_cfg: EMTCohortConfig) -> list[str]:
     """Names of the columns of :func:`emt_summary_features`, in order."""
-    n_pred = cohort_cfg.snp.n_predictive
+    n_pred = cohort_cfg.n_predictive_snps
     width = len(str(max(n_pred - 1, 0)))
     return (
-        [f"fmri.{name}.mean" for name in cohort_cfg.regions]
+        [f"fmri.{name}.mean" for name in cohort_cfg.region_boxes]
         + ["fmri.global.mean", "fmri.global.std"]
         + ["snp.predictive.count1", "snp.predictive.count2", "snp.other.count1", "snp.other.count2"]
         + [f"snp.{j:0{width}d}" for j in range(n_pred)]
-        + [f"clinical.{name}" for name in cohort_cfg.clinical.names]
+        + [f"clinical.{name}" for name in cohort_cfg.clinical_names]
     )
 
 
@@ -110,16 +118,15 @@ def emt_summary_features(batch: Mapping, cohort_cfg: EMTCohortConfig) -> tuple[n
     """
     fmri, snp, clin = _np(batch["fmri"]), _np(batch["snp"]), _np(batch["clinical"])
     b = fmri.shape[0]
-    if fmri.ndim != 5 or tuple(fmri.shape[1:]) != tuple(cohort_cfg.fmri.shape):
-        raise ValueError(f"fmri must be [B, {', '.join(map(str, cohort_cfg.fmri.shape))}], got {fmri.shape}")
-    if snp.shape != (b, cohort_cfg.snp.n_snps):
-        raise ValueError(f"snp must be [{b}, {cohort_cfg.snp.n_snps}], got {snp.shape}")
-    if clin.shape != (b, len(cohort_cfg.clinical.names)):
-        raise ValueError(f"clinical must be [{b}, {len(cohort_cfg.clinical.names)}], got {clin.shape}")
+    if fmri.ndim != 5 or tuple(fmri.shape[1:]) != tuple(cohort_cfg.fmri_shape):
+        raise ValueError(f"fmri must be [B, {', '.join(map(str, cohort_cfg.fmri_shape))}], got {fmri.shape}")
+    if snp.shape != (b, cohort_cfg.n_snps):
+        raise ValueError(f"snp must be [{b}, {cohort_cfg.n_snps}], got {snp.shape}")
+    if clin.shape != (b, len(cohort_cfg.clinical_names)):
+        raise ValueError(f"clinical must be [{b}, {len(cohort_cfg.clinical_names)}], got {clin.shape}")
 
     cols: list[np.ndarray] = []
-    for r in cohort_cfg.regions.values():
-        (x0, x1), (y0, y1), (z0, z1) = r.box
+    for (x0, x1), (y0, y1), (z0, z1) in cohort_cfg.region_boxes.values():
         cols.append(fmri[:, x0:x1, y0:y1, z0:z1, :].reshape(b, -1).mean(axis=1, dtype=np.float64))
     # Global moments per subject, one subject at a time (bounded float64 temporaries).
     flat = fmri.reshape(b, -1)
@@ -127,7 +134,7 @@ def emt_summary_features(batch: Mapping, cohort_cfg: EMTCohortConfig) -> tuple[n
     std = np.array([flat[i].std(dtype=np.float64) for i in range(b)])
     cols += [mean, std]
 
-    n_pred = cohort_cfg.snp.n_predictive
+    n_pred = cohort_cfg.n_predictive_snps
     g = snp.astype(np.int64)
     pred, other = g[:, :n_pred], g[:, n_pred:]
     cols += [(pred == 1).sum(1), (pred == 2).sum(1), (other == 1).sum(1), (other == 2).sum(1)]

@@ -109,6 +109,7 @@ class EMT(nn.Module):
         n_snps: int,
         n_clinical: int,
         *,
+        genotype_values: int = 3,
         attn_dropout: float = 0.0,
     ):
         super().__init__()
@@ -129,7 +130,8 @@ class EMT(nn.Module):
         self.patch_drop = FastDropout(c.dropout)
         self.pos_embed = nn.Parameter(torch.zeros(self.n_patches, d))
 
-        self.snp_embed = nn.Embedding(3, c.snp_embed_dim)
+        # 0/1/2 copies of an allele; an ingested cohort adds 3, a missing call, learned like the others
+        self.snp_embed = nn.Embedding(int(genotype_values), c.snp_embed_dim)
         self.snp_score = nn.Linear(c.snp_embed_dim, 1, bias=False)  # a bias would cancel in the softmax
         self.snp_bias = nn.Parameter(torch.zeros(self.n_snps))
         self.snp_proj = nn.Linear(self.n_snps * c.snp_embed_dim, d)
@@ -164,7 +166,7 @@ class EMT(nn.Module):
     @classmethod
     def from_config(cls, exp: EMTExperiment) -> "EMT":
         co = exp.cohort
-        return cls(exp.model, tuple(co.fmri.shape), co.snp.n_snps, len(co.clinical.names))
+        return cls(exp.model, co.fmri_shape, co.n_snps, len(co.clinical_names), genotype_values=co.genotype_values)
 
     @property
     def seq_len(self) -> int:

@@ -32,7 +32,7 @@ class EMTTask:
             from trd_hpc.models.emt import emt_flops_per_sample
 
             c = self.cfg.cohort
-            return int(emt_flops_per_sample(self.cfg.model, tuple(c.fmri.shape), c.snp.n_snps, len(c.clinical.names)))
+            return int(emt_flops_per_sample(self.cfg.model, c.fmri_shape, c.n_snps, len(c.clinical_names)))
         return param_flops_estimate(model)
 
     def inputs(self, batch: dict, device: torch.device, dtype: torch.dtype) -> dict:

@@ -32,8 +32,43 @@ if TYPE_CHECKING:
 __all__ = ["train_run", "RESUMABLE_CHANGES", "read_run_config"]
 
 
+def resolve_cohort(cfg: "ExperimentConfig") -> "ExperimentConfig":
+    """``cfg`` with its ``cohort`` section taken from the manifest when ``data.cohort`` is an
+    ingested cohort (``trd-hpc ingest``): real data describes itself (grid, frames, SNPs,
+    clinical columns, classes), so a config written for synthetic data trains on it as it
+    is.  Generated cohorts are left alone (their config must match, see ensure_cohort)."""
+    from trd_hpc.config import derive
+    from trd_hpc.data.kinds import kind_of
+
+    root = Path(cfg.data.cohort)
+    if not (root / MANIFEST).is_file():
+        if not kind_of(cfg.cohort).generated:
+            raise ConfigError(
+                f"data.cohort={root}: no manifest.json, and an ingested cohort cannot be generated from the "
+                f"config; run `trd-hpc ingest SPEC.yaml --out {root}` again"
+            )
+        return cfg
+    m = load_manifest(root)
+    kind = kind_of(m.config)
+    if kind.generated:
+        return cfg
+    if getattr(m.config, "task", cfg.task) != cfg.task:
+        raise ConfigError(
+            f"data.cohort={root} is an ingested {m.config.task} cohort; this config trains task {cfg.task}"
+        )
+    if not m.labelled:
+        raise ConfigError(
+            f"data.cohort={root} is unlabelled (its ingest spec names no label column): it can be predicted "
+            f"on, not trained or evaluated on"
+        )
+    if to_dict(cfg.cohort) == to_dict(m.config):
+        return cfg
+    return derive(cfg, {"cohort": to_dict(m.config)}, f"the config with the cohort section of {root / MANIFEST}")
+
+
 def ensure_cohort(cfg: "ExperimentConfig", info: D.DistInfo, progress: bool = True) -> Path:
     """The config's cohort directory, generated first (by rank 0) when absent."""
+    cfg = resolve_cohort(cfg)
     root = Path(cfg.data.cohort)
     if info.is_main and not (root / MANIFEST).exists():
         check_target_dir(cfg.cohort, root)  # never generate over another cohort's or tool's files
@@ -132,6 +167,7 @@ def train_run(
 
     run_dir = Path(run_dir)
     run = RunDir(run_dir)
+    cfg = resolve_cohort(cfg)
     info = D.init(cfg.train.strategy, cfg.train.device, standalone=standalone)
     faults.set_rank(info.rank)
     tracker = Tracker.noop()

@@ -1,0 +1,60 @@
+"""The ``ingested_volume`` cohort kind: 3-D images and outcomes for the dual-path CNN.
+
+Shards hold what a synthetic volume shard holds (volume, response, severity, subject_id)
+plus the trace columns of ``ingest.emt``.  The loader treats the volumes as it treats
+synthetic ones (paper 001's per-volume z-score then [0, 1], severity / severity_max).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trd_hpc.config import IngestedVolumeCohort
+from trd_hpc.data.kinds import CohortKind, Column
+from trd_hpc.data.volume_cohort import KIND as SYNTHETIC
+from trd_hpc.ingest.emt import trace_columns
+from trd_hpc.ingest.resolve import source_record, subjects
+from trd_hpc.ingest.splits import splits_for
+
+
+def _schema(cfg: IngestedVolumeCohort) -> list[Column]:
+    return [
+        Column("volume", cfg.shape, "float32", True),
+        Column("response", (), "int64", False),
+        Column("severity", (), "float32", False),
+        Column("subject_id", (), "int64", False),
+        *trace_columns(),
+    ]
+
+
+def _make_subject(cfg: IngestedVolumeCohort, index: int, bulk_out: np.ndarray) -> dict:
+    from trd_hpc.ingest.images import to_grid
+
+    s = subjects(cfg)
+    pid = s.participant_id[index]
+    x, affine, source = to_grid(s.image[index], pid, cfg.grid)
+    bulk_out[...] = x
+    severity = s.severity[index] if s.severity is not None else np.nan
+    return {
+        "response": np.int64(s.label[index]),
+        "severity": np.float32(severity),
+        "participant_id": np.bytes_(pid.encode()),
+        "affine": affine,
+        "source_affine": source,
+    }
+
+
+KIND = CohortKind(
+    name="ingested_volume",
+    config_class=IngestedVolumeCohort,
+    schema=_schema,
+    label_column="response",
+    class_names=lambda cfg: list(cfg.class_names),
+    make_subject=_make_subject,
+    predicted_labels=lambda cfg: subjects(cfg).label.copy(),
+    make_splits=lambda cfg, labels: splits_for(cfg, labels, subjects(cfg).site),
+    class_count_problem=lambda cfg, counts: None,
+    generated=False,
+    manifest_extras=source_record,
+    prepare_batch=SYNTHETIC.prepare_batch,
+)
