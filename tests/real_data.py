@@ -24,7 +24,7 @@ FUNCTIONAL = (NIB / "functional.nii", NIB / "example4d.nii.gz")  # (17, 21, 3, 2
 ANATOMICAL = (NIB / "anatomical.nii", NIB / "reoriented_anat_moved.nii")  # (33, 41, 25), (21, 26, 22)
 
 
-def _copy_image(src: Path, dst: Path) -> None:
+def copy_image(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.name.endswith(".gz") and not src.name.endswith(".gz"):
         with open(src, "rb") as f, gzip.open(dst, "wb") as g:
@@ -50,7 +50,7 @@ def emt_folder(root: Path, n: int = 24, spec_extra: dict | None = None) -> Path:
     rows = []
     for i in order:
         k = keys[i]
-        _copy_image(FUNCTIONAL[i % 2], root / f"sub-{k}" / "func" / f"sub-{k}_task-rest_bold.nii.gz")
+        copy_image(FUNCTIONAL[i % 2], root / f"sub-{k}" / "func" / f"sub-{k}_task-rest_bold.nii.gz")
         age = "n/a" if i == 3 else 20 + (i * 3) % 40
         hamd = "" if i == 5 else 10 + (i * 5) % 20
         rows.append([f"sub-{k}" if i % 3 else k, "yes" if i % 2 else "no", age, hamd, 1 + i % 9, f"site{i % 3}"])
@@ -89,10 +89,10 @@ def cnn3d_folder(root: Path, n: int = 30, spec_extra: dict | None = None) -> Pat
     names = ["non", "partial", "full"]
     for i in reversed(range(n)):
         k = f"{i:02d}"
-        _copy_image(ANATOMICAL[i % 2], root / f"sub-{k}" / "anat" / f"sub-{k}_T1w.nii")
+        copy_image(ANATOMICAL[i % 2], root / f"sub-{k}" / "anat" / f"sub-{k}_T1w.nii")
         cls = i % 3
         severity = {0: 80, 1: 50, 2: 20}[cls] + (i % 5)
-        rows.append([f"sub-{k}", names[cls], severity, f"site{i % 4}"])
+        rows.append([f"sub-{k}", names[cls], severity, f"site{i % 5}"])
     _write_table(root / "participants.csv", ["participant_id", "outcome", "madrs", "site"], rows)
     spec = {
         "task": "cnn3d",

@@ -22,8 +22,8 @@ def _ingest(a) -> int:
 
     cfg = resolve(a.spec)
     n, dropped = cfg.resolved.n_subjects, len(cfg.resolved.dropped)
-    if not a.quiet:
-        print(f"{a.spec}: {n} subjects" + (f", {dropped} dropped (listed in the manifest)" if dropped else ""))
+    # the result of the checks, not progress: printed with --quiet too
+    print(f"{a.spec}: {n} subjects" + (f", {dropped} dropped (listed in the manifest)" if dropped else ""))
     return _write(cfg, Path(a.out), a)
 
 

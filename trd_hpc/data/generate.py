@@ -48,7 +48,7 @@ from trd_hpc.data.shards import (
     write_shard,
 )
 from trd_hpc.data.kinds import kind_of
-from trd_hpc.errors import LockedError, WriteError
+from trd_hpc.errors import IngestError, LockedError, WriteError
 from trd_hpc.fsio import HOST, atomic_write_json, pid_alive, remove_stale_temps
 from trd_hpc.locks import LOCK_FILE, DirLock
 
@@ -109,6 +109,8 @@ def check_splittable(cfg: CohortConfig) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # a fold with few of a class splits, and warns
             make_splits(cfg, predicted_labels(cfg))
+    except IngestError:
+        raise  # says itself why the subjects do not split
     except ValueError as e:
         raise _split_failed(cfg, e) from None
 
@@ -587,6 +589,8 @@ def finalize(cfg: CohortConfig, out: Path, plan: list[tuple[int, int]], force: b
     names = mf.class_names(cfg)
     try:
         splits, folds = make_splits(cfg, labels)
+    except IngestError:
+        raise
     except ValueError as e:
         raise _split_failed(cfg, e) from None
 

@@ -1,0 +1,29 @@
+#!/bin/bash
+# Ingest a real cohort with one SLURM array task per shard; the task that completes the
+# last shard writes manifest.json (or run `trd-hpc ingest SPEC --out DIR --finalize`).
+#
+#   sbatch --array=0-15 slurm/ingest.sh /data/study/spec.yaml /scratch/$USER/study
+#
+# The number of shards is the size of the array; override any #SBATCH line on the
+# sbatch command line (--array, --time, --partition, --output, --cpus-per-task, ...).
+# Every task checks the spec against the files before it writes its shard.
+#SBATCH --job-name=trd-ingest
+#SBATCH --array=0-3
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=1
+#SBATCH --mem-per-cpu=4G
+#SBATCH --time=01:00:00
+#SBATCH --output=slurm-%x-%A_%a.out
+set -euo pipefail
+# sbatch runs a copy of this script: find the repository by TRD_HPC_ROOT or the submit directory.
+source "${TRD_HPC_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/_common.sh"
+
+SPEC="${1:?usage: sbatch --array=0-N slurm/ingest.sh SPEC.yaml OUT_DIR}"
+OUT="${2:?usage: sbatch --array=0-N slurm/ingest.sh SPEC.yaml OUT_DIR}"
+shift 2
+: "${SLURM_ARRAY_TASK_ID:?run this script as an array job (sbatch --array=0-N)}"
+NUM_SHARDS="${SLURM_ARRAY_TASK_COUNT:-$(( SLURM_ARRAY_TASK_MAX - SLURM_ARRAY_TASK_MIN + 1 ))}"
+SHARD=$(( SLURM_ARRAY_TASK_ID - ${SLURM_ARRAY_TASK_MIN:-0} ))
+
+echo "task ${SLURM_ARRAY_TASK_ID}: shard ${SHARD} of ${NUM_SHARDS} -> ${OUT}"
+$TRD_HPC ingest "$SPEC" --out "$OUT" --num-shards "$NUM_SHARDS" --shard-index "$SHARD" --quiet "$@"
