@@ -21,7 +21,7 @@ import yaml
 from bed_reader import open_bed
 
 from tests.conftest import REPO, cli, snapshot
-from tests.real_data import ANATOMICAL, copy_image, cnn3d_folder, emt_folder
+from tests.real_data import ANATOMICAL, cnn3d_folder, copy_image, emt_folder
 from trd_hpc.cli import main
 from trd_hpc.data.dataset import CohortDataset
 from trd_hpc.data.manifest import load_manifest
