@@ -21,11 +21,11 @@ import yaml
 from bed_reader import open_bed
 
 from tests.conftest import REPO, cli, snapshot
-from tests.real_data import ANATOMICAL, cnn3d_folder, copy_image, emt_folder
 from trd_hpc.cli import main
 from trd_hpc.data.dataset import CohortDataset
 from trd_hpc.data.manifest import load_manifest
 from trd_hpc.data.validate import validate_cohort_dir
+from trd_hpc.ingest.example import ANATOMICAL, cnn3d_folder, copy_image, emt_folder
 
 
 def _shards(root: Path) -> dict[str, np.ndarray]:

@@ -65,3 +65,32 @@ def test_generate_array_makes_the_same_cohort_as_one_process(slurm_cluster, tmp_
     for k in a:
         assert np.array_equal(a[k], b[k]), k
     assert len(list(out.glob("shard-*.h5"))) == 4
+
+
+def test_ingest_array_makes_the_same_cohort_as_one_process(slurm_cluster, tmp_path):
+    """slurm/ingest.sh: one array task per shard of a real cohort (nibabel's and bed-reader's
+    example files); the result equals a one-process ingest, array by array."""
+    from trd_hpc.data.generate import generate as write
+    from trd_hpc.ingest.example import emt_folder
+    from trd_hpc.ingest.resolve import resolve
+
+    spec = emt_folder(tmp_path / "src", n=12, spec_extra={"split": {"train": 0.5, "val": 0.25, "test": 0.25}})
+    out = tmp_path / "cohort"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    job = slurm_cluster.sbatch(
+        ["--array=0-2", f"--output={logs}/ingest-%A_%a.out", "slurm/ingest.sh", str(spec), str(out)],
+        cwd=REPO,
+        env=job_env(),
+    )
+    wait_all(slurm_cluster, job, timeout=300)
+    log_text = "\n".join(p.read_text() for p in sorted(logs.glob("*.out")))
+    assert (out / "manifest.json").exists(), log_text
+    assert validate_cohort_dir(out, progress=False) == []
+    assert len(list(out.glob("shard-*.h5"))) == 3
+    ref = tmp_path / "ref"
+    write(resolve(spec), ref, num_shards=1, progress=False)
+    a, b = read_all(out), read_all(ref)
+    assert set(a) == set(b) and "participant_id" in a
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k

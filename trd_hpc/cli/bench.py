@@ -1,4 +1,4 @@
-"""``trd-hpc bench generate|load|train|faults|tune``: each benchmark with its own options."""
+"""``trd-hpc bench generate|load|train|ingest|faults|tune``: each benchmark with its own options."""
 
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ def _faults(a) -> int:
     return run(a.config, a.overrides, kills=a.kills, seed=a.seed, nproc=a.nproc, scratch_dir=a.dir, json_path=a.json)
 
 
+def _ingest(a) -> int:
+    from trd_hpc.bench.ingest import run
+
+    return run(a.spec, subjects=a.subjects, workers=a.workers, scratch_dir=a.dir, json_path=a.json)
+
+
 def _tune(a) -> int:
     from trd_hpc.tune.bench import DEFAULT_OUT, format_bench, run_bench
     from trd_hpc.tune.spec import dumps
@@ -79,6 +85,19 @@ def add_parsers(sub) -> None:
         verb(bsub, "train", _train, help="the Trainer against a bare training loop on the same batches"),
         "configs/emt.yaml, 8 steps",
     )
+    ig = verb(
+        bsub,
+        "ingest",
+        _ingest,
+        help="ingest against reading the same NIfTI files with nibabel alone, 1 and N workers",
+        description="Ingest SPEC (default: the example folder of `trd-hpc example-data`, made in the scratch "
+        "directory) with 1 and --workers workers and compare with reading its images with nibabel alone.",
+    )
+    ig.add_argument("spec", nargs="?", default=None, help="ingest spec (default: the example EMT folder)")
+    ig.add_argument("--subjects", type=int, default=96, help="subjects of the example folder (default 96, at most 100)")
+    ig.add_argument("--workers", type=int, default=2, help="workers of the second ingest (default 2)")
+    ig.add_argument("--dir", default=None, help="scratch directory (default: a temporary one, removed)")
+    ig.add_argument("--json", default=None, help="also write the figures to this JSON file")
     f = verb(
         bsub,
         "faults",

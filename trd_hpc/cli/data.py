@@ -27,6 +27,19 @@ def _ingest(a) -> int:
     return _write(cfg, Path(a.out), a)
 
 
+def _example_data(a) -> int:
+    from trd_hpc.ingest.example import cnn3d_folder, emt_folder
+
+    out = Path(a.dir)
+    if out.exists() and any(out.iterdir()):
+        from trd_hpc.errors import ConfigError
+
+        raise ConfigError(f"{out}: not empty; example-data writes into a new or empty directory")
+    spec = (emt_folder if a.task == "emt" else cnn3d_folder)(out, n=a.subjects)
+    print(f"{spec}  (ingest it: trd-hpc ingest {spec} --out COHORT_DIR)")
+    return 0
+
+
 def _write(cohort, out: Path, a) -> int:
     """Write (or complete) a cohort's shards and manifest; the shared body of generate and ingest."""
     from trd_hpc.data.generate import generate
@@ -137,6 +150,19 @@ def add_parsers(sub) -> None:
     ig.add_argument("--no-verify", action="store_true", help="keep existing shards without re-reading their checksums")
     ig.add_argument("--force", action="store_true", help="write over a directory holding another cohort")
     ig.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ex = verb(
+        sub,
+        "example-data",
+        _example_data,
+        help="write a small BIDS-like folder + spec to try ingest on (nibabel's and bed-reader's example files)",
+        description="Lay out DIR as a research group's data would be: sub-<id>/func|anat NIfTI images (copies of "
+        "the example images nibabel ships), a PLINK fileset (bed-reader's), participants.tsv/.csv with a "
+        "missing value or two, and spec.yaml. The labels are made up.",
+    )
+    ex.add_argument("dir", help="new or empty directory")
+    ex.add_argument("--task", choices=["emt", "cnn3d"], default="emt", help="which task's layout (default emt)")
+    ex.add_argument("--subjects", type=int, default=24, help="number of subjects (default 24; emt: at most 100)")
 
     c = sub.add_parser("cohort", help="inspect a cohort directory")
     csub = c.add_subparsers(dest="cohort_cmd", required=True, metavar="ACTION")

@@ -168,6 +168,16 @@ def cohort_summary(root: str | Path) -> str:
         f"subjects    {m.n_subjects} in {len(m.shards)} shards, {total / 1e9:.3f} GB",
         f"seed        {cfg.seed}",
     ]
+    src = m.raw.get("source")
+    if isinstance(src, dict):  # an ingested cohort
+        lines.append(f"source      {Path(src.get('spec_folder', '?')) / str(src.get('table', '?'))}")
+        dropped = src.get("dropped") or []
+        lines.append(
+            f"            {src.get('participants')} participants in, {len(dropped)} dropped"
+            + (f" ({', '.join(d.get('participant_id', '?') for d in dropped[:5])}{' ...' if len(dropped) > 5 else ''})" if dropped else "")
+        )
+        if not m.labelled:
+            lines.append("            unlabelled: for prediction only")
     for name, d in m.raw.get("datasets", {}).items():
         lines.append(f"  {name:<11} {d['dtype']:<8} {tuple(d['shape'])}")
     lines.append(f"classes     {m.raw.get('class_counts')}")

@@ -1,10 +1,13 @@
-"""Ingest test folders built from files no one here wrote: the example images nibabel ships
-(``nibabel/tests/data``) and the PLINK filesets bed-reader ships (``bed_reader/tests/data``).
+"""Example folders to ingest, built from real files that come with the libraries: the
+example images nibabel ships (``nibabel/tests/data``) and the PLINK filesets bed-reader
+ships (``bed_reader/tests/data``).  ``trd-hpc example-data DIR`` writes one; the tests
+and ``trd-hpc bench ingest`` use them.
 
 Each builder lays out a BIDS-like folder (``sub-<id>/func|anat/...``), a participants
 table in another order than the ``.fam``, with a missing value or two, and a spec; the
 images are byte copies (gzip-compressed where the template says .nii.gz) of the packaged
-ones, spread over the subjects.
+ones, spread over the subjects.  The labels are made up: the folders show the mechanics
+of ingest, not a finding.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def _write_table(path: Path, header: list[str], rows: list[list]) -> None:
 
 def emt_folder(root: Path, n: int = 24, spec_extra: dict | None = None) -> Path:
     """A BIDS-like EMT cohort of ``n`` subjects plus one without genotypes; returns the spec."""
+    if not 1 <= n <= 100:
+        raise ValueError(f"the example genotypes hold 100 individuals; n={n}")
     root.mkdir(parents=True, exist_ok=True)
     keys = [f"iid_{i}" for i in range(n)] + ["nogeno1"]
     # the table lists subjects in another order than the .fam, ids with and without 'sub-'
@@ -50,7 +55,7 @@ def emt_folder(root: Path, n: int = 24, spec_extra: dict | None = None) -> Path:
     rows = []
     for i in order:
         k = keys[i]
-        copy_image(FUNCTIONAL[i % 2], root / f"sub-{k}" / "func" / f"sub-{k}_task-rest_bold.nii.gz")
+        copy_image(FUNCTIONAL[(i // 2) % 2], root / f"sub-{k}" / "func" / f"sub-{k}_task-rest_bold.nii.gz")
         age = "n/a" if i == 3 else 20 + (i * 3) % 40
         hamd = "" if i == 5 else 10 + (i * 5) % 20
         rows.append([f"sub-{k}" if i % 3 else k, "yes" if i % 2 else "no", age, hamd, 1 + i % 9, f"site{i % 3}"])

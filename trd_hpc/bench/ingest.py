@@ -1,0 +1,88 @@
+"""``trd-hpc bench ingest``: ingest against reading the same NIfTI files with nibabel alone.
+
+In one run, warm page cache: (1) every subject's image read with nibabel into float32
+(``np.asarray(img.dataobj)``: the least any ingest must do); (2) ``ingest`` with one
+worker; (3) with ``--workers`` workers (each a spawned process that imports torch and
+re-checks the spec: part of the cost, which a small cohort does not amortise).  The ratios say what reorientation, resampling,
+genotypes, checksums and the HDF5 writes cost on top of reading, and what workers buy.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from trd_hpc.fsio import atomic_write_json
+
+
+def run(
+    spec: str | None, subjects: int = 96, workers: int = 2, scratch_dir: str | None = None, json_path: str | None = None
+) -> int:
+    import nibabel as nib
+
+    from trd_hpc.data.generate import generate
+    from trd_hpc.ingest.resolve import resolve
+    from trd_hpc.ingest.resolve import subjects as subjects_of
+
+    scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="trd-bench-ingest-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        if spec is None:
+            from trd_hpc.ingest.example import emt_folder
+
+            spec = str(emt_folder(scratch / "example", n=subjects))
+        t0 = time.perf_counter()
+        cfg = resolve(spec)
+        t_resolve = time.perf_counter() - t0
+        images = subjects_of(cfg).image
+        n = len(images)
+
+        def read_all() -> float:
+            t = time.perf_counter()
+            for p in images:
+                np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
+            return time.perf_counter() - t
+
+        from trd_hpc.data.kinds import kind_of
+
+        kind_of(cfg)  # the cohort-kind registry's imports (torch) once, outside the timings
+        read_all()  # warm the page cache for both sides
+        t_read = read_all()
+        times = {}
+        for w in (1, workers):
+            out = scratch / f"cohort-{w}"
+            shutil.rmtree(out, ignore_errors=True)
+            # spawned workers pay their own start-up (imports, table, headers): part of the cost
+            t = time.perf_counter()
+            generate(cfg, out, workers=w, progress=False)
+            times[w] = time.perf_counter() - t
+        res = {
+            "spec": str(spec),
+            "subjects": n,
+            "grid": list(cfg.grid) + ([cfg.frames] if cfg.task == "emt" else []),
+            "resolve_s": t_resolve,
+            "nibabel_read_subjects_per_s": n / t_read,
+            "ingest_1_worker_subjects_per_s": n / times[1],
+            f"ingest_{workers}_workers_subjects_per_s": n / times[workers],
+            "ratio_ingest_1_vs_read": t_read / times[1],
+            f"speedup_{workers}_workers_vs_1": times[1] / times[workers],
+        }
+        print(
+            f"bench ingest: {n} subjects of {spec} onto {tuple(res['grid'])}, warm page cache\n"
+            f"  check spec + headers (resolve)  {t_resolve:8.2f} s\n"
+            f"  nibabel read alone              {n / t_read:8.1f} subjects/s\n"
+            f"  ingest, 1 worker                {n / times[1]:8.1f} subjects/s   "
+            f"{res['ratio_ingest_1_vs_read']:.3f} x the read alone\n"
+            f"  ingest, {workers} workers               {n / times[workers]:8.1f} subjects/s   "
+            f"{res[f'speedup_{workers}_workers_vs_1']:.2f} x one worker"
+        )
+        if json_path:
+            atomic_write_json(json_path, res)
+        return 0
+    finally:
+        if scratch_dir is None:
+            shutil.rmtree(scratch, ignore_errors=True)
