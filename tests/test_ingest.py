@@ -152,6 +152,8 @@ def test_cnn3d_ingest_train_and_cv_with_site_grouped_splits(cnn_ingested, tmp_pa
     assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])  # no site in two splits
     fold_sites = [set(site[f]) for f in m.folds]
     assert all(not (x & y) for i, x in enumerate(fold_sites) for y in fold_sites[i + 1 :])
+    tr, va = (set(site[m.subjects(f"fold:0:{p}")]) for p in ("train", "val"))
+    assert tr and va and not tr & va  # a fold's validation part is whole sites too
     assert a["volume"].shape == (30, 24, 24, 8) and np.isfinite(a["volume"]).all()
     assert sorted(np.unique(a["response"]).tolist()) == [0, 1, 2]
     src0 = nib.load(ANATOMICAL[0])

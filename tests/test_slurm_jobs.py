@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -94,3 +95,28 @@ def test_ingest_array_makes_the_same_cohort_as_one_process(slurm_cluster, tmp_pa
     assert set(a) == set(b) and "participant_id" in a
     for k in a:
         assert np.array_equal(a[k], b[k]), k
+    # the training script as it is, two DDP ranks, on the ingested cohort (with its evaluation)
+    run, log = tmp_path / "run", tmp_path / "train.out"
+    job = slurm_cluster.sbatch(
+        [
+            "--ntasks=2",
+            "--cpus-per-task=1",
+            f"--output={log}",
+            "slurm/train_emt.sh",
+            "configs/emt_tiny.yaml",
+            "--out",
+            str(run),
+            "train.max_epochs=1",
+            "eval.baselines=[late_fusion_mlp]",
+            f"data.cohort={out}",
+            "tracking.wandb=false",
+        ],
+        cwd=REPO,
+        env=job_env(),
+        wait=True,
+        timeout=600,
+    )
+    text = log.read_text() if log.exists() else ""
+    assert slurm_cluster.job_state(job) == "COMPLETED", text[-3000:]
+    m = json.loads((run / "metrics.json").read_text())
+    assert (m["world_size"], m["strategy"]) == (2, "ddp") and "baselines.late_fusion_mlp.auc" in m, text[-3000:]

@@ -81,7 +81,9 @@ class Manifest:
                 return list(self.folds[k])
             if parts[2] in ("train", "val", "test"):
                 val = getattr(self.config.split, "val", 0.15)
-                return fold_parts(self.folds, self.labels(), k, val, self.config.seed)[parts[2]]
+                groups = self.raw.get("groups")  # sites of an ingested cohort: whole sites per part
+                groups = None if groups is None else np.asarray(groups, dtype=np.int64)
+                return fold_parts(self.folds, self.labels(), k, val, self.config.seed, groups)[parts[2]]
         valid = sorted(self.splits) + ["all"] + (["fold:K", "fold:K:train|val|test"] if self.folds else [])
         raise KeyError(f"unknown split '{split}' for cohort {self.root}; valid: {', '.join(valid)}")
 

@@ -14,8 +14,9 @@ import torch
 
 from trd_hpc.config import IngestedEMTCohort
 from trd_hpc.data.kinds import CohortKind, Column
-from trd_hpc.ingest.resolve import genotypes_of, source_record, subjects
-from trd_hpc.ingest.splits import splits_for
+
+# The kind registry imports this module whenever any cohort is used; what reads the sources
+# (pandas, nibabel, bed-reader) is imported when an ingested cohort is actually written.
 
 ID_BYTES = 64  # participant ids are stored as fixed-width bytes
 
@@ -40,8 +41,28 @@ def _schema(cfg: IngestedEMTCohort) -> list[Column]:
     ]
 
 
+def labels_of(cfg) -> np.ndarray:
+    from trd_hpc.ingest.resolve import subjects
+
+    return subjects(cfg).label.copy()
+
+
+def splits_of(cfg, labels: np.ndarray):
+    from trd_hpc.ingest.resolve import subjects
+    from trd_hpc.ingest.splits import splits_for
+
+    return splits_for(cfg, labels, subjects(cfg).site)
+
+
+def manifest_source(cfg) -> dict:
+    from trd_hpc.ingest.resolve import source_record
+
+    return source_record(cfg)
+
+
 def _make_subject(cfg: IngestedEMTCohort, index: int, bulk_out: np.ndarray) -> dict:
     from trd_hpc.ingest.images import to_grid
+    from trd_hpc.ingest.resolve import genotypes_of, subjects
 
     s = subjects(cfg)
     pid = s.participant_id[index]
@@ -72,10 +93,10 @@ KIND = CohortKind(
     label_column="label",
     class_names=lambda cfg: ["non_trd", "trd"],
     make_subject=_make_subject,
-    predicted_labels=lambda cfg: subjects(cfg).label.copy(),
-    make_splits=lambda cfg, labels: splits_for(cfg, labels, subjects(cfg).site),
+    predicted_labels=labels_of,
+    make_splits=splits_of,
     class_count_problem=lambda cfg, counts: None,  # real cohorts are as balanced as they are
     generated=False,
-    manifest_extras=source_record,
+    manifest_extras=manifest_source,
     prepare_batch=_prepare_batch,
 )

@@ -358,4 +358,10 @@ def source_record(cfg) -> dict:
                 "severity_max": cfg.severity_max,
             }
         )
-    return {"source": rec}
+    out: dict = {"source": rec}
+    if s.site is not None:  # the loader's fold parts keep sites whole too (Manifest.subjects)
+        from trd_hpc.ingest.splits import site_groups
+
+        out["groups"] = site_groups(s.site).tolist()
+        out["group_names"] = sorted(set(s.site))
+    return out

@@ -12,9 +12,7 @@ import numpy as np
 from trd_hpc.config import IngestedVolumeCohort
 from trd_hpc.data.kinds import CohortKind, Column
 from trd_hpc.data.volume_cohort import KIND as SYNTHETIC
-from trd_hpc.ingest.emt import trace_columns
-from trd_hpc.ingest.resolve import source_record, subjects
-from trd_hpc.ingest.splits import splits_for
+from trd_hpc.ingest.emt import labels_of, manifest_source, splits_of, trace_columns
 
 
 def _schema(cfg: IngestedVolumeCohort) -> list[Column]:
@@ -29,6 +27,7 @@ def _schema(cfg: IngestedVolumeCohort) -> list[Column]:
 
 def _make_subject(cfg: IngestedVolumeCohort, index: int, bulk_out: np.ndarray) -> dict:
     from trd_hpc.ingest.images import to_grid
+    from trd_hpc.ingest.resolve import subjects
 
     s = subjects(cfg)
     pid = s.participant_id[index]
@@ -51,10 +50,10 @@ KIND = CohortKind(
     label_column="response",
     class_names=lambda cfg: list(cfg.class_names),
     make_subject=_make_subject,
-    predicted_labels=lambda cfg: subjects(cfg).label.copy(),
-    make_splits=lambda cfg, labels: splits_for(cfg, labels, subjects(cfg).site),
+    predicted_labels=labels_of,
+    make_splits=splits_of,
     class_count_problem=lambda cfg, counts: None,
     generated=False,
-    manifest_extras=source_record,
+    manifest_extras=manifest_source,
     prepare_batch=SYNTHETIC.prepare_batch,
 )
