@@ -457,7 +457,8 @@ def _run_shards(cfg, out, plan, todo, workers, verify, progress, res, force=Fals
 
     per_subject = subject_nbytes(cfg)
     total = sum(plan[k][1] - plan[k][0] for k in todo)
-    bar = tqdm(total=total, unit="subj", desc=f"generate {out.name}", disable=not progress, dynamic_ncols=True)
+    verb = "generate" if kind_of(cfg).generated else "ingest"
+    bar = tqdm(total=total, unit="subj", desc=f"{verb} {out.name}", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
 
     def on_event(kind: str, value: int) -> None:
