@@ -85,8 +85,11 @@ def _image_path(root: Path, template: str, key: str, spec_key: str) -> Path:
     return (root / rel).resolve()
 
 
-def _collect(spec, root: Path) -> Subjects:
-    """Every row of the table with its sources; raises on what no policy can mend."""
+def _collect(spec, root: Path, headers: bool = True) -> Subjects:
+    """Every row of the table with its sources; raises on what no policy can mend.
+
+    ``headers``: read every kept image's header too (``resolve``; a worker that rebuilds
+    the list skips it: each image it writes is read whole anyway, and errors name it)."""
     from trd_hpc.ingest.images import read_header
 
     tpath = (root / spec.table).resolve()
@@ -162,7 +165,7 @@ def _collect(spec, root: Path) -> Subjects:
     # Headers of the kept images: a file nibabel cannot read, or of the wrong kind, is an
     # error whatever on_missing says (it is there, so it was meant to be used).
     problems = []
-    for i in keep:
+    for i in keep if headers else ():
         try:
             read_header(
                 images[i], written[i], 4 if emt else 3, spec.frames if emt and spec.temporal == "crop" else None
@@ -287,7 +290,7 @@ def subjects(cfg) -> Subjects:
             )
         spec_cls = SPECS[cfg.task]
         spec = spec_cls.model_validate({f: getattr(cfg, f) for f in spec_cls.model_fields})
-        _cache_put(cfg, _collect(spec, root))
+        _cache_put(cfg, _collect(spec, root, headers=False))
     return _CACHE[k]
 
 
