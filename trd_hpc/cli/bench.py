@@ -91,7 +91,8 @@ def add_parsers(sub) -> None:
         _ingest,
         help="ingest against reading the same NIfTI files with nibabel alone, 1 and N workers",
         description="Ingest SPEC (default: the example folder of `trd-hpc example-data`, made in the scratch "
-        "directory) with 1 and --workers workers and compare with reading its images with nibabel alone.",
+        "directory, onto paper 000's 48x48x24 grid and 80 frames) with 1 and --workers workers and compare with "
+        "reading its images with nibabel alone.",
     )
     ig.add_argument("spec", nargs="?", default=None, help="ingest spec (default: the example EMT folder)")
     ig.add_argument("--subjects", type=int, default=96, help="subjects of the example folder (default 96, at most 100)")

@@ -153,26 +153,26 @@ def to_grid(
         raise IngestError(f"subject {subject}: {path}: the image is constant (no voxel above the background)")
     step, offset, target_affine = grid_mapping(mask, affine, grid)
     sigma = np.maximum(0.0, (step - 1.0) / 2.0)
+
+    def spatial(vol: np.ndarray) -> np.ndarray:
+        if sigma.any():
+            vol = ndimage.gaussian_filter(vol, sigma, mode="nearest")
+        return ndimage.affine_transform(vol, step, offset=offset, output_shape=tuple(grid), order=1, mode="constant")
+
     if ndim == 4:
-        t = data.shape[3]
-        tstep = 1.0 if temporal == "crop" else ((t - 1) / (frames - 1) if frames > 1 else 0.0)
-        if sigma.any():
-            data = ndimage.gaussian_filter(data, (*sigma, 0.0), mode="nearest")
-        out = ndimage.affine_transform(
-            data,
-            np.array([*step, tstep]),
-            offset=np.array([*offset, 0.0]),
-            output_shape=(*grid, frames),
-            order=1,
-            mode="constant",
-            cval=0.0,
-        )
+        # Space first, frame by frame (trilinear: 8 neighbours, not the 16 of one 4-D map),
+        # then time, linear between the two nearest frames.
+        moved = np.stack([spatial(data[..., k]) for k in range(data.shape[3])], axis=-1)
+        if temporal == "crop":
+            out = moved[..., :frames]
+        else:
+            t = np.linspace(0.0, moved.shape[3] - 1, frames) if frames > 1 else np.zeros(1)
+            lo = np.floor(t).astype(np.int64)
+            hi = np.minimum(lo + 1, moved.shape[3] - 1)
+            w = (t - lo).astype(np.float32)
+            out = moved[..., lo] * (1 - w) + moved[..., hi] * w
     else:
-        if sigma.any():
-            data = ndimage.gaussian_filter(data, sigma, mode="nearest")
-        out = ndimage.affine_transform(
-            data, step, offset=offset, output_shape=tuple(grid), order=1, mode="constant", cval=0.0
-        )
+        out = spatial(data)
     out = out.astype(np.float32, copy=False)
     if normalize:
         m = (
