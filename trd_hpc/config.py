@@ -631,6 +631,9 @@ class EvalConfig(Strict):
     ] = Field(default_factory=list)
     rf_estimators: int = Field(300, ge=1)
     importance_subjects: int = Field(64, ge=1)  # gradient x input on this many test subjects
+    # The calibrator `trd-hpc predict` applies by default (binary tasks): auto = the lowest
+    # out-of-fold ECE on the validation split (eval.calibration.choose_calibrator).
+    default_calibrator: Literal["auto", "platt", "isotonic", "temperature", "none"] = "auto"
 
 
 class TrackingConfig(Strict):

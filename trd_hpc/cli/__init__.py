@@ -11,10 +11,10 @@ import argparse
 import sys
 
 from trd_hpc import __version__
-from trd_hpc.cli import bench, data, run, submit, tune
+from trd_hpc.cli import bench, data, predict, run, submit, tune
 from trd_hpc.cli import compare as compare_cli
 
-GROUPS = (data, run, compare_cli, submit, tune, bench)
+GROUPS = (data, run, predict, compare_cli, submit, tune, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -102,9 +102,13 @@ class CohortDataset(Dataset):
         max_open_shards: int = 32,
         check_files: bool = True,
         verify: bool = True,
+        prepare_with=None,
     ):
         """``verify``: check the rows of this split against their checksums when a
-        shard is first opened (see the module docstring); off only to measure its cost."""
+        shard is first opened (see the module docstring); off only to measure its cost.
+        ``prepare_with``: prepare batches as for that cohort config instead of this cohort's
+        own (a model applied to new subjects standardises them with its training cohort's
+        statistics: ``trd-hpc predict``)."""
         self.root = Path(root)
         self.manifest: Manifest = load_manifest(self.root)
         self.split = split
@@ -116,7 +120,8 @@ class CohortDataset(Dataset):
         # the columns a batch holds (ids and affines kept for tracing are not read)
         self.cols = [c for c in self.manifest.columns if c.load]  # type: ignore[attr-defined]
         self.normalize_volumes = normalize_volumes
-        self._prepare = kind_of(self.manifest.config).prepare_batch
+        self._prepare_cfg = self.manifest.config if prepare_with is None else prepare_with
+        self._prepare = kind_of(self._prepare_cfg).prepare_batch
         self.max_open_shards = max_open_shards
         self.verify = verify
         firsts = np.array([s["first_subject"] for s in self.manifest.shards], dtype=np.int64)
@@ -267,7 +272,7 @@ class CohortDataset(Dataset):
         if "subject_id" in out and not torch.equal(out["subject_id"], torch.from_numpy(self.ids[pos])):
             raise CohortError(f"{self.root}: subject ids in the shards do not match the manifest")
         if self._prepare is not None:  # the kind's own (volumes: normalised, channel axis, severity in [0, 1])
-            out = self._prepare(self.manifest.config, out, self.normalize_volumes)
+            out = self._prepare(self._prepare_cfg, out, self.normalize_volumes)
         return out
 
 

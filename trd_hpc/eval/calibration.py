@@ -193,3 +193,68 @@ def calibrate_all(
         probs[m] = cal.predict_proba(z_test)
         results[m] = {**binary_metrics(y_test, probs[m], 0.5, n_bins), **cal.params()}
     return (results, probs) if return_probs else results
+
+
+# --------------------------------------------------------------------------- saved calibrators
+def calibrator_state(cal: _Calibrator) -> dict:
+    """What a fitted calibrator needs to predict again, as JSON (a model bundle's)."""
+    cal._check_fitted()
+    if isinstance(cal, PlattCalibrator):
+        return {"method": "platt", "a": cal.a, "b": cal.b}
+    if isinstance(cal, TemperatureCalibrator):
+        return {"method": "temperature", "T": cal.T}
+    if isinstance(cal, IsotonicCalibrator):
+        return {
+            "method": "isotonic",
+            "x": [float(v) for v in cal.iso.X_thresholds_],
+            "y": [float(v) for v in cal.iso.y_thresholds_],
+        }
+    raise TypeError(f"no saved form for {type(cal).__name__}")
+
+
+def apply_calibrator(state: dict | None, logit) -> np.ndarray:
+    """P(positive) from logits with a saved calibrator (None: the plain sigmoid)."""
+    z = _as_logit(logit, "logit")
+    if state is None:
+        return expit(z)
+    m = state["method"]
+    if m == "platt":
+        return expit(state["a"] * z + state["b"])
+    if m == "temperature":
+        return expit(z / state["T"])
+    if m == "isotonic":
+        # IsotonicRegression(out_of_bounds="clip").predict: linear between thresholds, clipped
+        return np.interp(expit(z), np.asarray(state["x"]), np.asarray(state["y"]))
+    raise ValueError(f"unknown calibration method {m!r} in a saved calibrator")
+
+
+def choose_calibrator(
+    logit_val, y_val, methods: Sequence[str], n_bins: int = 10, seed: int = 0
+) -> tuple[str | None, dict]:
+    """The method whose out-of-fold ECE on the validation split is lowest, and each method's.
+
+    Fitted and scored on the same subjects, isotonic regression would always win (it can
+    fit the validation labels almost exactly); cross-fitting over up to 5 stratified folds
+    of the validation split scores each method on subjects it was not fitted on.  None when
+    the validation split is too small to cross-fit (fewer than 2 of a class)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from trd_hpc.eval.metrics import expected_calibration_error
+
+    z = _as_logit(logit_val, "logit")
+    y = np.asarray(y_val).reshape(-1).astype(np.int64)
+    k = min(5, int(np.bincount(y, minlength=2).min()))
+    if k < 2 or not methods:
+        return None, {}
+    scores: dict[str, float] = {}
+    for m in methods:
+        oof = np.empty_like(z)
+        try:
+            for fit, held in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(z[:, None], y):
+                oof[held] = make_calibrator(m).fit(z[fit], y[fit]).predict_proba(z[held])
+        except ValueError:  # a fold with one class
+            continue
+        scores[m] = float(expected_calibration_error(y, oof, n_bins))
+    if not scores:
+        return None, {}
+    return min(scores, key=lambda m: (scores[m], m)), scores

@@ -68,6 +68,9 @@ def evaluate_run(run_dir: str | Path, figures: bool = True) -> dict:
         if figs:
             run.write_json("figures/index.json", {k: str(Path(v).name) for k, v in figs.items()}, indent=None)
         write_run_report(run.path, metrics=metrics, cfg=cfg)
+        from trd_hpc.bundle import write_bundle
+
+        write_bundle(run.path)  # what `trd-hpc predict` reads: weights, calibrators, preprocessing, card
     return metrics
 
 

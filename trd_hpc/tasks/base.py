@@ -79,6 +79,8 @@ class TaskSpec:
     summary_keys: tuple[str, ...] = ("test.loss",)
     curves: tuple[str, ...] = ("val.loss",)
     cv_keys: tuple[str, ...] = ("best_epoch", "epochs_run")
+    # (bundle, model outputs, batch) -> the columns `trd-hpc predict` writes per subject
+    prediction_columns: Callable[[Any, Any, dict], dict] | None = None
 
 
 # ---------------------------------------------------------------------------- shared helpers

@@ -102,6 +102,26 @@ def evaluate(cfg, run, model, history, preds, figures):
     return evaluate_cnn3d(cfg, run, history, preds, figures)
 
 
+def prediction_columns(bundle, out, batch) -> dict:
+    """One probability per class, the predicted class and the severity on the original
+    scale (what the model predicts of them), plus the true values for a labelled cohort."""
+    cfg = bundle.cfg
+    names = list(bundle.schema["class_names"])
+    cols: dict = {}
+    targets = _TARGETS.get(cfg.model.name, ("response", "severity"))
+    if "response" in targets:
+        p = torch.softmax(out["response_logits"].detach().double(), dim=1).cpu().numpy()
+        cols.update({f"p_{n}": p[:, k] for k, n in enumerate(names)})
+        cols["predicted_class"] = np.array([names[k] for k in p.argmax(1)], dtype=object)
+    if "severity" in targets:
+        cols["severity"] = out["severity"].detach().double().cpu().numpy() * float(cfg.cohort.severity_max)
+    y = batch["response"].numpy()
+    if (y >= 0).all():
+        cols["response"] = np.array([names[k] for k in y], dtype=object)
+        cols["severity_true"] = batch["severity"].double().numpy() * float(cfg.cohort.severity_max)
+    return cols
+
+
 SPEC = TaskSpec(
     name="cnn3d",
     config_class=CNN3DExperiment,
@@ -116,4 +136,5 @@ SPEC = TaskSpec(
     summary_keys=("test.accuracy", "test.severity_mae", "best_epoch"),
     curves=("val.loss", "val.accuracy", "val.severity_mae"),
     cv_keys=("test.accuracy", "test.severity_mae", "test.macro_f1", "best_epoch", "epochs_run"),
+    prediction_columns=prediction_columns,
 )

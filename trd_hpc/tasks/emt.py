@@ -106,6 +106,21 @@ def evaluate(cfg, run, model, history, preds, figures):
     return evaluate_emt(cfg, run, model, history, preds, figures)
 
 
+def prediction_columns(bundle, out, batch) -> dict:
+    """P(TRD) before and after the bundle's default calibrator, the label at 0.5 and, for a
+    labelled cohort, the true label."""
+    from trd_hpc.eval.calibration import apply_calibrator
+
+    logit = out.detach().double().cpu().numpy()
+    raw = 1.0 / (1.0 + np.exp(-logit))
+    cal = apply_calibrator(bundle.default_calibrator(), logit)
+    cols = {"p_trd_raw": raw, "p_trd_calibrated": cal, "predicted_label": (cal >= 0.5).astype(np.int64)}
+    y = batch["label"].numpy()
+    if (y >= 0).all():
+        cols["label"] = y
+    return cols
+
+
 _SCORED = ("auc", "ap", "accuracy", "f1")
 
 SPEC = TaskSpec(
@@ -121,4 +136,5 @@ SPEC = TaskSpec(
     summary_keys=("test.auc", "test.ap", "test.accuracy", "best_epoch"),
     curves=("val.loss", "val.auc"),
     cv_keys=("test.auc", "test.accuracy", "best_epoch", "epochs_run"),
+    prediction_columns=prediction_columns,
 )

@@ -1,0 +1,389 @@
+"""A trained model that travels: ``RUN_DIR/bundle/``, enough to predict without the run
+or its training cohort.
+
+    bundle.json        format name and version, task, model, the files below
+    config.yaml        the run's resolved config (the cohort section included)
+    model.pt           the best weights (a state_dict; loaded with weights_only=True)
+    calibrators.json   binary tasks: every fitted calibrator (Platt, isotonic, temperature)
+                       and the default one (``eval.default_calibrator``; auto = lowest
+                       out-of-fold validation ECE)
+    preprocessing.json what the loader did to the inputs: volume normalisation, the
+                       clinical standardisation, SNP ids and genotype coding, grid
+    schema.json        the input columns (name, per-subject shape, dtype) a cohort must hold
+    metrics.json       the run's final metrics
+    model_card.md/json task, training data (cohort fingerprint), splits, metrics with
+                       bootstrap 95 % intervals, calibration, intended use, limitations
+
+Written at the end of every evaluation (``trd-hpc train``, ``trd-hpc evaluate``), into a
+temporary folder renamed into place, so a reader sees a whole bundle or the previous one.
+A loader that does not know a bundle's format version refuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trd_hpc.errors import RunDirError
+from trd_hpc.fsio import HOST, atomic_write_json, atomic_write_text
+
+FORMAT = "trd-hpc-bundle"
+VERSION = 1
+DIR = "bundle"
+
+
+class BundleError(RunDirError):
+    """A bundle is missing, damaged, or of a format this version does not read."""
+
+
+@dataclass
+class Bundle:
+    path: Path
+    meta: dict
+    cfg: Any
+    calibrators: dict
+    preprocessing: dict
+    schema: dict
+    metrics: dict
+
+    @property
+    def task(self) -> str:
+        return self.cfg.task
+
+    def default_calibrator(self) -> dict | None:
+        name = self.calibrators.get("default")
+        return self.calibrators.get("fitted", {}).get(name) if name else None
+
+    def build_model(self):
+        """The network with the bundle's weights, in eval mode."""
+        import torch
+
+        from trd_hpc.tasks import make_task
+
+        model = make_task(self.cfg).build_model()
+        path = self.path / "model.pt"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except FileNotFoundError:
+            raise BundleError(f"{path} is missing") from None
+        except Exception as e:  # truncated file, weights of another model
+            raise BundleError(
+                f"{path}: cannot be loaded into the model of {self.path / 'config.yaml'} "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
+        return model.eval()
+
+
+# ---------------------------------------------------------------- writing
+def _schema(cfg) -> dict:
+    from trd_hpc.data.kinds import kind_of
+    from trd_hpc.data.manifest import class_names
+    from trd_hpc.tasks import make_task
+
+    co = cfg.cohort
+    task = make_task(cfg)
+    cols = {c.name: c for c in kind_of(co).schema(co)}
+    out = {
+        "inputs": [
+            {"name": n, "shape": list(cols[n].shape), "dtype": cols[n].dtype} for n in task.input_names if n in cols
+        ],
+        "class_names": class_names(co),
+    }
+    if cfg.task == "emt":
+        out.update(
+            {
+                "clinical_names": list(co.clinical_names),
+                "n_snps": co.n_snps,
+                "genotype_values": co.genotype_values,
+                "snp_ids": list(getattr(co, "snp_ids", None) or []),
+            }
+        )
+    return out
+
+
+def _preprocessing(cfg) -> dict:
+    co = cfg.cohort
+    out: dict = {"cohort_kind": co.kind, "cohort": json.loads(json.dumps(co.model_dump(mode="json")))}
+    if cfg.task == "emt":
+        mean, sd = getattr(co, "clinical_mean", None), getattr(co, "clinical_sd", None)
+        out["clinical"] = (
+            {"names": list(co.clinical_names), "mean": mean, "sd": sd, "missing": "the mean (0 after standardising)"}
+            if mean is not None
+            else {"names": list(co.clinical_names), "standardised": False}
+        )
+        out["genotypes"] = {
+            "coding": "copies of the A1 allele 0/1/2" + ("; 3 = missing call" if co.genotype_values == 4 else ""),
+            "values": co.genotype_values,
+        }
+        out["fmri_shape"] = list(co.fmri_shape)
+    else:
+        out["volume"] = {
+            "shape": list(co.shape),
+            "normalize": bool(cfg.data.normalize_volumes),
+            "method": "per volume: z-score, then rescaled to [0, 1]" if cfg.data.normalize_volumes else "none",
+        }
+        out["severity_max"] = float(co.severity_max)
+    return out
+
+
+def _calibrators(cfg, run) -> dict:
+    """Binary tasks: all three calibrators fitted on the validation predictions, and the default."""
+    if cfg.task != "emt":
+        return {}
+    from trd_hpc.eval.calibration import calibrator_state, choose_calibrator, make_calibrator
+
+    val = run.predictions("val")
+    fitted, errors = {}, {}
+    for m in ("platt", "isotonic", "temperature"):
+        try:
+            fitted[m] = calibrator_state(make_calibrator(m).fit(val["logit"], val["label"]))
+        except ValueError as e:
+            errors[m] = str(e)
+    want = cfg.eval.default_calibrator
+    scores: dict = {}
+    if want == "auto":
+        default, scores = choose_calibrator(val["logit"], val["label"], list(fitted), cfg.eval.ece_bins, cfg.train.seed)
+        how = "lowest out-of-fold ECE on the validation split" if default else "validation split too small to choose"
+        if default is None and "platt" in fitted:
+            default = "platt"
+    elif want == "none":
+        default, how = None, "eval.default_calibrator=none"
+    else:
+        default, how = (want if want in fitted else None), f"eval.default_calibrator={want}"
+    return {"default": default, "chosen_by": how, "oof_ece": scores, "fitted": fitted, "errors": errors}
+
+
+def _bootstrap_ci(cfg, run, n_boot: int = 1000) -> dict:
+    """95 % percentile intervals over test subjects (resampled with replacement)."""
+    from trd_hpc.eval.metrics import binary_metrics
+
+    test = run.predictions("test")
+    rng = np.random.default_rng(0)
+    n = len(test["subject_id"])
+    out: dict = {}
+    if n < 2:
+        return out
+    draws = [rng.integers(0, n, n) for _ in range(n_boot)]
+    if cfg.task == "emt":
+        p = 1 / (1 + np.exp(-np.asarray(test["logit"], dtype=np.float64)))
+        y = np.asarray(test["label"])
+        vals: dict[str, list] = {"auc": [], "accuracy": [], "ece": []}
+        for idx in draws:
+            if len(np.unique(y[idx])) < 2:
+                continue
+            m = binary_metrics(y[idx], p[idx], n_bins=cfg.eval.ece_bins)
+            for k in vals:
+                vals[k].append(m[k])
+    else:
+        vals = {}
+        if "response_logits" in test and cfg.model.name != "single_task_severity":
+            y, pred = np.asarray(test["response"]), np.asarray(test["response_logits"]).argmax(1)
+            vals["accuracy"] = [float((y[i] == pred[i]).mean()) for i in draws]
+        if cfg.model.name != "single_task_response":
+            scale = float(cfg.cohort.severity_max)  # both stored on the [0, 1] scale the loss saw
+            s, sp = np.asarray(test["severity"]), np.asarray(test["severity_pred"])
+            vals["severity_mae"] = [float(np.abs(s[i] - sp[i]).mean() * scale) for i in draws]
+    for k, v in vals.items():
+        if v:
+            out[k] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+    return out
+
+
+def _model_card(cfg, run, metrics: dict, calibrators: dict, ci: dict) -> tuple[dict, str]:
+    from trd_hpc.data.kinds import kind_of
+    from trd_hpc.data.manifest import load_manifest
+    from trd_hpc.data.shards import config_fingerprint
+    from trd_hpc.tasks import spec_for
+
+    spec = spec_for(cfg)
+    co = cfg.cohort
+    generated = kind_of(co).generated
+    try:
+        m = load_manifest(cfg.data.cohort)
+        digest = hashlib.sha256("".join(s["checksum"] for s in m.shards).encode()).hexdigest()[:16]
+        splits = {k: len(v) for k, v in m.splits.items()}
+    except Exception:  # the training cohort moved: the card still says what the config says
+        digest, splits = None, {}
+    headline = {k: metrics[k] for k in spec.summary_keys if k in metrics}
+    card = {
+        "task": cfg.task,
+        "title": spec.title,
+        "model": cfg.model.name,
+        "training_data": {
+            "cohort": str(cfg.data.cohort),
+            "kind": co.kind,
+            "synthetic": generated,
+            "n_subjects": int(co.n_subjects),
+            "config_fingerprint": config_fingerprint(co),
+            "content_digest": digest,
+            "splits": splits,
+            "fold": cfg.data.fold,
+        },
+        "metrics": headline,
+        "confidence_intervals_95": ci,
+        "calibration": {k: calibrators.get(k) for k in ("default", "chosen_by", "oof_ece")} if calibrators else None,
+        "intended_use": "research on treatment-resistant depression / medication response prediction; "
+        "not a medical device and not for clinical decisions",
+        "limitations": (
+            ["trained on synthetic data generated by trd-hpc: its figures say nothing about real patients"]
+            if generated
+            else [f"trained on {co.n_subjects} subjects of one ingested cohort; validate on other sites before use"]
+        )
+        + [
+            "inputs must match schema.json (shapes, SNP ids, clinical columns) and be preprocessed as "
+            "preprocessing.json says; `trd-hpc predict` checks and applies both"
+        ],
+    }
+    lines = [
+        f"# Model card: {spec.title}",
+        "",
+        f"- **Model**: `{cfg.model.name}` (task `{cfg.task}`), weights in `model.pt`, config in `config.yaml`",
+        f"- **Training data**: {'synthetic' if generated else 'ingested'} cohort `{co.kind}`, "
+        f"{co.n_subjects} subjects, fingerprint `{card['training_data']['config_fingerprint']}`"
+        + (f", content `{digest}`" if digest else ""),
+        f"- **Splits**: {', '.join(f'{k} {v}' for k, v in splits.items()) or 'unknown'}",
+        "",
+        "## Metrics (test split)",
+        "",
+        "| metric | value | 95 % CI (bootstrap over test subjects) |",
+        "|---|---|---|",
+    ]
+    for k, v in headline.items():
+        short = k.split(".", 1)[-1]
+        iv = ci.get(short)
+        lines.append(
+            f"| {k} | {v:.4g} | {f'{iv[0]:.3g} - {iv[1]:.3g}' if iv else ''} |"
+            if isinstance(v, float)
+            else f"| {k} | {v} | |"
+        )
+    if calibrators:
+        lines += [
+            "",
+            "## Calibration",
+            "",
+            f"Default: **{calibrators.get('default')}** ({calibrators.get('chosen_by')}).",
+        ]
+        if calibrators.get("oof_ece"):
+            lines.append(
+                "Out-of-fold validation ECE: " + ", ".join(f"{k} {v:.3f}" for k, v in calibrators["oof_ece"].items())
+            )
+    lines += ["", "## Intended use", "", card["intended_use"], "", "## Limitations", ""]
+    lines += [f"- {x}" for x in card["limitations"]]
+    return card, "\n".join(lines) + "\n"
+
+
+def write_bundle(run_dir: str | Path) -> Path:
+    """(Re)write ``RUN_DIR/bundle/`` from the finished run; returns its path."""
+    from trd_hpc.config import to_yaml
+    from trd_hpc.rundir import RunDir
+
+    run = RunDir(run_dir)
+    cfg = run.config()
+    metrics = run.metrics(required=True)
+    if not run.model_file.is_file():
+        raise RunDirError(f"{run.model_file} is missing: the run has not finished training")
+    final = run.path / DIR
+    tmp = run.path / f".{DIR}.tmp-{HOST}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        shutil.copyfile(run.model_file, tmp / "model.pt")
+        atomic_write_text(tmp / "config.yaml", to_yaml(cfg))
+        cal = _calibrators(cfg, run)
+        files = [
+            "config.yaml",
+            "model.pt",
+            "preprocessing.json",
+            "schema.json",
+            "metrics.json",
+            "model_card.md",
+            "model_card.json",
+        ] + (["calibrators.json"] if cal else [])
+        if cal:
+            atomic_write_json(tmp / "calibrators.json", cal)
+        atomic_write_json(tmp / "preprocessing.json", _preprocessing(cfg))
+        atomic_write_json(tmp / "schema.json", _schema(cfg))
+        atomic_write_json(tmp / "metrics.json", metrics)
+        card, md = _model_card(cfg, run, metrics, cal, _bootstrap_ci(cfg, run))
+        atomic_write_json(tmp / "model_card.json", card)
+        atomic_write_text(tmp / "model_card.md", md)
+        from trd_hpc import __version__
+
+        atomic_write_json(
+            tmp / "bundle.json",
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "task": cfg.task,
+                "model": cfg.model.name,
+                "written_by": f"trd-hpc {__version__}",
+                "files": files,
+            },
+        )
+        # swap in: the old bundle (if any) moves aside first, so no moment has none or half of one
+        old = run.path / f".{DIR}.old-{HOST}-{os.getpid()}"
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+# ---------------------------------------------------------------- reading
+def _read(path: Path, name: str) -> Any:
+    p = path / name
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{p} is missing: not a complete trd-hpc bundle") from None
+    except (ValueError, UnicodeDecodeError):
+        raise BundleError(f"{p}: not valid JSON (truncated or damaged)") from None
+
+
+def load_bundle(source: str | Path) -> Bundle:
+    """A run directory (its ``bundle/``) or a bundle folder; BundleError naming the file."""
+    import yaml
+
+    from trd_hpc.config import ConfigError, validate_experiment
+
+    path = Path(source)
+    if (path / DIR / "bundle.json").is_file():
+        path = path / DIR
+    if not (path / "bundle.json").is_file():
+        if (path / "config.yaml").is_file():
+            raise BundleError(
+                f"{path}: a run directory without a bundle (it is written when the evaluation ends: "
+                f"`trd-hpc evaluate {path}`)"
+            )
+        raise BundleError(f"{path}: no bundle.json here or in {path / DIR}: not a trd-hpc run or bundle")
+    meta = _read(path, "bundle.json")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BundleError(
+            f"{path / 'bundle.json'}: field 'format' is {meta.get('format') if isinstance(meta, dict) else None!r}, not {FORMAT!r}"
+        )
+    if meta.get("version") != VERSION:
+        raise BundleError(
+            f"{path / 'bundle.json'}: bundle format version {meta.get('version')!r}; this trd-hpc reads "
+            f"version {VERSION} (use the trd-hpc that wrote it)"
+        )
+    try:
+        cfg = validate_experiment(yaml.safe_load((path / "config.yaml").read_text()) or {}, str(path / "config.yaml"))
+    except FileNotFoundError:
+        raise BundleError(f"{path / 'config.yaml'} is missing") from None
+    except (ConfigError, yaml.YAMLError) as e:
+        raise BundleError(f"{path / 'config.yaml'}: {e}") from None
+    cal = _read(path, "calibrators.json") if (path / "calibrators.json").is_file() or cfg.task == "emt" else {}
+    return Bundle(
+        path, meta, cfg, cal, _read(path, "preprocessing.json"), _read(path, "schema.json"), _read(path, "metrics.json")
+    )

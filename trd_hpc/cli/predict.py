@@ -1,0 +1,59 @@
+"""``trd-hpc predict``: a trained model applied to a cohort."""
+
+from __future__ import annotations
+
+from trd_hpc.cli.common import verb
+
+
+def _predict(a) -> int:
+    from trd_hpc.predict import SPLITS_HELP, merge_parts, predict  # noqa: F401
+
+    if a.finalize:
+        path = merge_parts(a.out)
+        print(f"predictions: {path}")
+        return 0
+    if not a.model or not a.cohort:
+        from trd_hpc.errors import ConfigError
+
+        raise ConfigError("predict MODEL --cohort DIR: both are required (the model, and the subjects to predict)")
+    res = predict(
+        a.model,
+        a.cohort,
+        out=a.out,
+        split=a.split,
+        batch_size=a.batch_size,
+        shard_index=a.shard_index,
+        num_shards=a.num_shards,
+        progress=not a.quiet,
+        device=a.device,
+    )
+    cal = f", calibrated with {res.calibrator}" if res.calibrator else ""
+    if res.merged:
+        print(f"predictions: {res.out} ({res.rows} subjects{cal})" if res.rows else f"predictions: {res.out}")
+    else:
+        print(f"part written: {res.parts[0]} ({res.rows} subjects{cal}); merge with --finalize once all are done")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = verb(
+        sub,
+        "predict",
+        _predict,
+        help="apply a trained model (a run directory or its bundle/) to a cohort's subjects",
+        description="Predict every subject of --cohort's --split with the model of MODEL (a run directory or a "
+        "bundle folder): per-subject probabilities (calibrated too, for the EMT), the predicted label or class "
+        "and, for the 3-D CNN, the severity on its original scale. The cohort is checked against the model's "
+        "schema first and prepared as the training cohort was. Under torchrun each rank predicts a slice; as a "
+        "SLURM array, --shard-index K --num-shards N per task, then --finalize merges the parts.",
+    )
+    p.add_argument("model", nargs="?", help="run directory (its bundle/) or bundle folder (not with --finalize)")
+    p.add_argument("--cohort", help="cohort directory (synthetic or ingested; labels not needed)")
+    p.add_argument("--split", default="test", help="subjects to predict: test (default) | val | train | all | fold:K")
+    p.add_argument("--out", default="predictions.csv", help="output file, .csv (default predictions.csv) or .parquet")
+    p.add_argument("--batch-size", type=int, default=None, help="subjects per batch (default: the run's batch size)")
+    p.add_argument("--shard-index", type=int, default=None, help="this array task's part (with --num-shards)")
+    p.add_argument("--num-shards", type=int, default=None, help="number of parts (array tasks)")
+    p.add_argument("--finalize", action="store_true", help="merge the parts of --out in subject order")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: a GPU if there is one")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")

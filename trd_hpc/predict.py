@@ -1,0 +1,232 @@
+"""``trd-hpc predict``: a trained model (its bundle) applied to a cohort's subjects.
+
+The cohort is checked against the bundle's schema first (every mismatch named); batches
+are prepared as the training cohort's were (``CohortDataset(prepare_with=...)``: the
+training split's clinical statistics, the same volume normalisation), read in the order
+and batch size evaluation used, so the training cohort's test split gives exactly the
+probabilities of ``predictions/test.npz``.  Rows are streamed to a part file per process
+(memory O(batch)); under ``torchrun`` every rank predicts its slice and rank 0 merges, and
+as a SLURM array (``--shard-index K --num-shards N``) each task writes part K and
+``--finalize`` merges the parts in subject order.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trd_hpc.bundle import Bundle, load_bundle
+from trd_hpc.errors import CohortError, ConfigError
+from trd_hpc.fsio import atomic_path
+
+SPLITS_HELP = "test | val | train | all | fold:K"
+
+
+@dataclass
+class PredictResult:
+    out: Path
+    rows: int = 0
+    parts: list[Path] = field(default_factory=list)
+    merged: bool = False
+    calibrator: str | None = None
+
+
+def cohort_problems(b: Bundle, m) -> list[str]:
+    """How the cohort of manifest ``m`` differs from what the bundle's model takes."""
+    from trd_hpc.data.kinds import kind_of
+
+    co = m.config
+    cols = {c.name: c for c in kind_of(co).schema(co)}
+    out = []
+    for col in b.schema["inputs"]:
+        have = cols.get(col["name"])
+        if have is None:
+            out.append(f"no '{col['name']}' input (the model takes {', '.join(c['name'] for c in b.schema['inputs'])})")
+        elif list(have.shape) != list(col["shape"]):
+            out.append(f"'{col['name']}' is {tuple(have.shape)} per subject, the model takes {tuple(col['shape'])}")
+    if b.task == "emt" and not out:
+        names = list(getattr(co, "clinical_names", []))
+        if names != b.schema["clinical_names"]:
+            out.append(f"clinical columns {names} differ from the model's {b.schema['clinical_names']}")
+        ids, want = list(getattr(co, "snp_ids", None) or []), b.schema.get("snp_ids") or []
+        if want and ids != want:
+            diff = next((i for i, (x, y) in enumerate(zip(ids, want)) if x != y), min(len(ids), len(want)))
+            out.append(
+                f"SNP ids differ from the model's from position {diff} "
+                f"({ids[diff] if diff < len(ids) else 'none'} vs {want[diff] if diff < len(want) else 'none'})"
+            )
+        if getattr(co, "genotype_values", 3) > b.schema["genotype_values"]:
+            out.append("genotypes have missing calls (coded 3); the model was trained on 0/1/2 only")
+    return out
+
+
+def _participant_ids(m, ids: np.ndarray) -> dict[int, str] | None:
+    """subject_id -> the id as written in the table, for an ingested cohort."""
+    import h5py
+
+    want = set(int(i) for i in ids)
+    out: dict[int, str] = {}
+    for s in m.shards:
+        first, n = s["first_subject"], s["n_subjects"]
+        if not any(first <= i < first + n for i in want):
+            continue
+        with h5py.File(m.root / s["file"], "r") as f:
+            if "participant_id" not in f:
+                return None
+            pids = f["participant_id"][...]
+        for j, p in enumerate(pids):
+            if first + j in want:
+                out[first + j] = p.decode()
+    return out
+
+
+def part_name(out: Path, k: int, total: int) -> Path:
+    return out.with_name(f"{out.name}.part-{k:05d}-of-{total:05d}.csv")
+
+
+def predict(
+    source: str | Path,
+    cohort: str | Path,
+    out: str | Path = "predictions.csv",
+    split: str = "test",
+    batch_size: int | None = None,
+    shard_index: int | None = None,
+    num_shards: int | None = None,
+    progress: bool = True,
+    device: str = "auto",
+) -> PredictResult:
+    from tqdm import tqdm
+
+    from trd_hpc.data.dataset import CohortDataset, make_loader
+    from trd_hpc.data.manifest import load_manifest
+    from trd_hpc.data.sampler import ShardAwareSampler
+    from trd_hpc.tasks import make_task, spec_for
+    from trd_hpc.train import distributed as D
+
+    out = Path(out)
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        raise ConfigError(f"--out {out}: predictions are written as .csv or .parquet")
+    if (shard_index is None) != (num_shards is None):
+        raise ConfigError("--shard-index and --num-shards go together (one SLURM array task each)")
+    if num_shards is not None and not 0 <= shard_index < num_shards:
+        raise ConfigError(f"--shard-index {shard_index} is outside 0..{num_shards - 1}")
+    b = load_bundle(source)
+    m = load_manifest(cohort)
+    problems = cohort_problems(b, m)
+    if problems:
+        raise CohortError(f"{cohort} does not fit the model of {b.path}: " + "; ".join(problems))
+    try:
+        ds = CohortDataset(cohort, split, prepare_with=b.cfg.cohort, normalize_volumes=b.cfg.data.normalize_volumes)
+    except CohortError:
+        raise
+    spec = spec_for(b.cfg)
+    task = make_task(b.cfg, str(cohort))
+    model = b.build_model()
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    info = D.init("ddp" if world > 1 else "single", device) if world > 1 else D.DistInfo()
+    dev = info.device if world > 1 else D.pick_device(device, 0)
+    model.to(dev)
+    dtype = torch.float32
+    parts_total = (num_shards or 1) * info.world_size
+    part = (shard_index or 0) * info.world_size + info.rank
+    sampler = ShardAwareSampler.for_dataset(
+        ds, num_replicas=parts_total, rank=part, shuffle=False, block=b.cfg.data.locality_block
+    )
+    loader = make_loader(ds, batch_size or b.cfg.train.batch_size, sampler, num_workers=0)
+    pids = _participant_ids(m, ds.ids) if "participant_id" in {c.name for c in m.columns} else None  # type: ignore[attr-defined]
+    single = parts_total == 1
+    target = out if single and out.suffix.lower() == ".csv" else part_name(out, part, parts_total)
+    res = PredictResult(out, calibrator=b.calibrators.get("default") if b.calibrators else None)
+    writer_rows = 0
+    with atomic_path(target) as tmp, open(tmp, "w", newline="") as f:
+        w = None
+        bar = tqdm(
+            total=len(sampler),
+            unit="subj",
+            desc=f"predict {Path(cohort).name}",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        with torch.no_grad():
+            for batch in loader:
+                outp = model(**task.inputs(batch, dev, dtype))
+                cols = spec.prediction_columns(b, outp, batch)
+                keep = ~batch["is_pad"].numpy()
+                sid = batch["subject_id"].numpy()[keep]
+                table = {"subject_id": sid}
+                if pids is not None:
+                    table["participant_id"] = np.array([pids[int(i)] for i in sid], dtype=object)
+                table.update({k: np.asarray(v)[keep] for k, v in cols.items()})
+                if w is None:
+                    w = csv.writer(f)
+                    w.writerow(list(table))
+                for row in zip(*table.values()):
+                    w.writerow([_cell(v) for v in row])
+                writer_rows += int(keep.sum())
+                bar.update(len(keep))
+        bar.close()
+        if w is None:  # an empty part still says what the columns would be
+            csv.writer(f).writerow(["subject_id"])
+    res.rows = writer_rows
+    res.parts.append(target)
+    ds.close()
+    if world > 1:
+        D.barrier(info)
+        if info.is_main and num_shards is None:
+            merge_parts(out, parts_total)
+            res.merged = True
+        D.barrier(info)
+        D.shutdown(info)
+    elif single and out.suffix.lower() != ".csv":
+        merge_parts(out, 1)
+        res.merged = True
+    elif single:
+        res.merged = True
+    return res
+
+
+def _cell(v):
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v))  # full precision: a CSV that round-trips the float64
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def merge_parts(out: str | Path, total: int | None = None) -> Path:
+    """Merge ``OUT.part-K-of-N.csv`` (all N present) into OUT in subject order; the parts go."""
+    import pandas as pd
+
+    out = Path(out)
+    found = sorted(out.parent.glob(f"{out.name}.part-*-of-*.csv"))
+    if total is None:
+        totals = {p.name.rsplit("-of-", 1)[1][:-4] for p in found}
+        if len(totals) != 1:
+            raise ConfigError(
+                f"{out}: no parts to merge" if not found else f"{out}: parts of different runs ({sorted(totals)})"
+            )
+        total = int(totals.pop())
+    parts = [part_name(out, k, total) for k in range(total)]
+    missing = [p.name for p in parts if not p.exists()]
+    if missing:
+        raise ConfigError(f"{out}: cannot merge, parts missing: {', '.join(missing[:5])} (run those array tasks)")
+    frames = [pd.read_csv(p, dtype={"participant_id": str}) for p in parts]
+    df = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else frames[0]
+    if "subject_id" in df and len(df):
+        df = df.sort_values("subject_id", kind="stable").reset_index(drop=True)
+    with atomic_path(out) as tmp:
+        if out.suffix.lower() == ".parquet":
+            try:
+                df.to_parquet(tmp, index=False)
+            except ImportError as e:
+                raise ConfigError(
+                    f"--out {out}: Parquet needs pyarrow ({e}); pip install pyarrow, or write .csv"
+                ) from None
+        else:
+            df.to_csv(tmp, index=False, float_format="%.17g")
+    for p in parts:
+        p.unlink()
+    return out
