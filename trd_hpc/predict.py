@@ -131,6 +131,12 @@ def predict(
     info = D.init("ddp" if world > 1 else "single", device) if world > 1 else D.DistInfo()
     dev = info.device if world > 1 else D.pick_device(device, 0)
     model.to(dev)
+    if dev.type == "cpu":
+        # the run's thread count: CPU kernels sum in an order that depends on it, and the same
+        # order gives the same bits as the run's own evaluation
+        from trd_hpc.launch.plan import threads_per_process
+
+        torch.set_num_threads(b.cfg.train.num_threads or threads_per_process(info.local_world_size))
     dtype = torch.float32
     parts_total = (num_shards or 1) * info.world_size
     part = (shard_index or 0) * info.world_size + info.rank
@@ -196,6 +202,15 @@ def _cell(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
+def read_predictions(path: str | Path):
+    """A predictions CSV as a DataFrame, every float exactly as written (ids kept as text)."""
+    import pandas as pd
+
+    # pandas < 3 parses floats fast but not always to the nearest double; round_trip does
+    kw = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
+    return pd.read_csv(path, dtype={"participant_id": str}, **kw)
+
+
 def merge_parts(out: str | Path, total: int | None = None) -> Path:
     """Merge ``OUT.part-K-of-N.csv`` (all N present) into OUT in subject order; the parts go."""
     import pandas as pd
@@ -213,7 +228,7 @@ def merge_parts(out: str | Path, total: int | None = None) -> Path:
     missing = [p.name for p in parts if not p.exists()]
     if missing:
         raise ConfigError(f"{out}: cannot merge, parts missing: {', '.join(missing[:5])} (run those array tasks)")
-    frames = [pd.read_csv(p, dtype={"participant_id": str}) for p in parts]
+    frames = [read_predictions(p) for p in parts]
     df = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else frames[0]
     if "subject_id" in df and len(df):
         df = df.sort_values("subject_id", kind="stable").reset_index(drop=True)

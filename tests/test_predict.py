@@ -1,0 +1,197 @@
+"""The model bundle and `trd-hpc predict`: consistent with training, checked against the
+schema, streamed in parts (SLURM array) and slices (torchrun), on synthetic and ingested
+cohorts, labelled or not."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import CONFIGS, REPO, cli
+from trd_hpc.bundle import FORMAT, VERSION, load_bundle
+from trd_hpc.eval.calibration import apply_calibrator, make_calibrator
+from trd_hpc.ingest.example import cnn3d_folder
+from trd_hpc.predict import read_predictions
+
+
+@pytest.fixture(scope="module")
+def emt_run(tmp_path_factory, emt_cohort_dir):
+    out = tmp_path_factory.mktemp("emt_predict") / "run"
+    cli(
+        "train",
+        str(CONFIGS / "emt_tiny.yaml"),
+        "--out",
+        str(out),
+        "--quiet",
+        f"data.cohort={emt_cohort_dir}",
+        "train.max_epochs=3",
+        "train.num_threads=1",
+        "eval.baselines=[]",
+        "tracking.wandb=false",
+    )
+    return out
+
+
+def test_bundle_holds_everything_predict_needs(emt_run):
+    b = load_bundle(emt_run)
+    meta = json.loads((emt_run / "bundle" / "bundle.json").read_text())
+    assert (meta["format"], meta["version"]) == (FORMAT, VERSION)
+    for f in meta["files"]:
+        assert (emt_run / "bundle" / f).is_file(), f
+    assert set(b.calibrators["fitted"]) == {"platt", "isotonic", "temperature"}
+    assert b.calibrators["default"] in b.calibrators["fitted"]
+    assert [c["name"] for c in b.schema["inputs"]] == ["fmri", "snp", "clinical"]
+    card = json.loads((emt_run / "bundle" / "model_card.json").read_text())
+    assert card["training_data"]["synthetic"] is True and "synthetic" in card["limitations"][0]
+    assert set(card["confidence_intervals_95"]) >= {"auc", "accuracy"}
+    lo, hi = card["confidence_intervals_95"]["accuracy"]
+    assert lo <= json.loads((emt_run / "metrics.json").read_text())["test.accuracy"] <= hi
+    # each saved calibrator predicts what the fitted one does
+    val = np.load(emt_run / "predictions" / "val.npz")
+    for m, state in b.calibrators["fitted"].items():
+        fitted = make_calibrator(m).fit(val["logit"], val["label"])
+        np.testing.assert_allclose(
+            apply_calibrator(state, val["logit"]), fitted.predict_proba(val["logit"]), atol=1e-12
+        )
+
+
+def test_predict_the_test_split_gives_the_training_runs_probabilities(emt_run, emt_cohort_dir, tmp_path):
+    out = tmp_path / "p.csv"
+    r = cli("predict", str(emt_run), "--cohort", str(emt_cohort_dir), "--out", str(out), "--quiet")
+    assert "predictions:" in r.stdout
+    df = read_predictions(out)
+    z = np.load(emt_run / "predictions" / "test.npz")
+    assert df.subject_id.tolist() == z["subject_id"].tolist()
+    assert np.array_equal(df.p_trd_raw.to_numpy(), 1 / (1 + np.exp(-z["logit"].astype(np.float64))))
+    b = load_bundle(emt_run)
+    np.testing.assert_allclose(df.p_trd_calibrated, apply_calibrator(b.default_calibrator(), z["logit"]), rtol=1e-15)
+    assert (df.predicted_label == (df.p_trd_calibrated >= 0.5)).all() and (df.label == z["label"]).all()
+
+
+def test_predict_in_array_parts_and_torchrun_slices_merges_in_subject_order(emt_run, emt_cohort_dir, tmp_path):
+    ref = tmp_path / "all.csv"
+    cli("predict", str(emt_run), "--cohort", str(emt_cohort_dir), "--split", "all", "--out", str(ref), "--quiet")
+    want = pd.read_csv(ref)
+    out = tmp_path / "arr.parquet"
+    for k in range(3):
+        r = cli(
+            "predict",
+            str(emt_run),
+            "--cohort",
+            str(emt_cohort_dir),
+            "--split",
+            "all",
+            "--out",
+            str(out),
+            "--shard-index",
+            str(k),
+            "--num-shards",
+            "3",
+            "--quiet",
+        )
+        assert "part written" in r.stdout
+    r = cli("predict", "--out", str(out), "--finalize", check=False)
+    assert r.returncode == 0, r.stderr
+    got = pd.read_parquet(out)
+    assert got.subject_id.tolist() == want.subject_id.tolist() == list(range(64))
+    np.testing.assert_allclose(got.p_trd_raw, want.p_trd_raw, rtol=1e-5)  # other batches: float rounding only
+    assert not list(tmp_path.glob("*.part-*"))
+    tr = tmp_path / "torchrun.csv"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "trd_hpc.cli",
+        "predict",
+        str(emt_run),
+        "--cohort",
+        str(emt_cohort_dir),
+        "--split",
+        "all",
+        "--out",
+        str(tr),
+        "--quiet",
+    ]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    got = pd.read_csv(tr)
+    assert got.subject_id.tolist() == list(range(64))
+    np.testing.assert_allclose(got.p_trd_raw, want.p_trd_raw, rtol=1e-5)
+
+
+def test_a_cohort_that_does_not_fit_is_refused_naming_each_mismatch(emt_run, tmp_path):
+    other = tmp_path / "other"
+    cli(
+        "generate",
+        str(CONFIGS / "emt_tiny.yaml"),
+        "--out",
+        str(other),
+        "--quiet",
+        "cohort.snp.n_snps=50",
+        "cohort.snp.n_predictive=10",
+        "cohort.clinical.names=[a,b]",
+        "cohort.clinical.trd_shifts={}",
+    )
+    r = cli("predict", str(emt_run), "--cohort", str(other), "--out", str(tmp_path / "x.csv"), check=False)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "'snp' is (50,) per subject, the model takes (100,)" in r.stderr
+    assert "'clinical' is (2,) per subject, the model takes (15,)" in r.stderr
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_a_bundle_of_an_unknown_format_version_is_refused(emt_run, tmp_path):
+    import shutil
+
+    b = tmp_path / "bundle"
+    shutil.copytree(emt_run / "bundle", b)
+    meta = json.loads((b / "bundle.json").read_text())
+    meta["version"] = VERSION + 1
+    (b / "bundle.json").write_text(json.dumps(meta))
+    r = cli("predict", str(b), "--cohort", str(emt_run), "--out", str(tmp_path / "x.csv"), check=False)
+    assert r.returncode == 1 and f"bundle format version {VERSION + 1}" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_cnn_model_from_an_ingested_cohort_predicts_an_unlabelled_one(tmp_path):
+    train_spec = cnn3d_folder(tmp_path / "train_src", n=30)
+    train = tmp_path / "train"
+    cli("ingest", str(train_spec), "--out", str(train), "--quiet")
+    run = tmp_path / "run"
+    cli(
+        "train",
+        str(CONFIGS / "cnn3d_tiny.yaml"),
+        "--out",
+        str(run),
+        "--quiet",
+        f"data.cohort={train}",
+        "train.max_epochs=1",
+        "tracking.wandb=false",
+    )
+    new_spec = cnn3d_folder(tmp_path / "new_src", n=7)
+    d = yaml.safe_load(new_spec.read_text())
+    for k in ("response_column", "severity_column", "labels"):
+        d.pop(k)
+    new_spec.write_text(yaml.safe_dump(d))
+    new = tmp_path / "new"
+    cli("ingest", str(new_spec), "--out", str(new), "--quiet")
+    out = tmp_path / "p.csv"
+    cli("predict", str(run), "--cohort", str(new), "--out", str(out), "--quiet")
+    df = pd.read_csv(out, dtype={"participant_id": str})
+    assert len(df) == 7 and df.participant_id.tolist() == [f"sub-{i:02d}" for i in reversed(range(7))]
+    p = df[["p_non_responder", "p_partial_responder", "p_responder"]].to_numpy()
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-12)
+    assert set(df.predicted_class) <= {"non_responder", "partial_responder", "responder"}
+    assert ((df.severity >= 0) & (df.severity <= 100)).all() and "response" not in df
+    # the training cohort's test split: the severity the run recorded, on the original scale
+    cli("predict", str(run), "--cohort", str(train), "--out", str(tmp_path / "t.csv"), "--quiet")
+    t, z = read_predictions(tmp_path / "t.csv"), np.load(run / "predictions" / "test.npz")
+    assert t.subject_id.tolist() == z["subject_id"].tolist()
+    np.testing.assert_allclose(t.severity, z["severity_pred"].astype(np.float64) * 100.0, rtol=1e-12)
