@@ -97,7 +97,7 @@ def _schema(cfg) -> dict:
         ],
         "class_names": class_names(co),
     }
-    if cfg.task == "emt":
+    if hasattr(co, "clinical_names") and hasattr(co, "n_snps"):
         out.update(
             {
                 "clinical_names": list(co.clinical_names),
@@ -110,21 +110,24 @@ def _schema(cfg) -> dict:
 
 
 def _preprocessing(cfg) -> dict:
+    """What the loader does to each input, by what the cohort has (any task's)."""
     co = cfg.cohort
     out: dict = {"cohort_kind": co.kind, "cohort": json.loads(json.dumps(co.model_dump(mode="json")))}
-    if cfg.task == "emt":
+    if hasattr(co, "clinical_names"):
         mean, sd = getattr(co, "clinical_mean", None), getattr(co, "clinical_sd", None)
         out["clinical"] = (
             {"names": list(co.clinical_names), "mean": mean, "sd": sd, "missing": "the mean (0 after standardising)"}
             if mean is not None
             else {"names": list(co.clinical_names), "standardised": False}
         )
+    if hasattr(co, "genotype_values"):
         out["genotypes"] = {
             "coding": "copies of the A1 allele 0/1/2" + ("; 3 = missing call" if co.genotype_values == 4 else ""),
             "values": co.genotype_values,
         }
+    if hasattr(co, "fmri_shape"):
         out["fmri_shape"] = list(co.fmri_shape)
-    else:
+    if hasattr(co, "severity_max"):
         out["volume"] = {
             "shape": list(co.shape),
             "normalize": bool(cfg.data.normalize_volumes),
@@ -136,11 +139,11 @@ def _preprocessing(cfg) -> dict:
 
 def _calibrators(cfg, run) -> dict:
     """Binary tasks: all three calibrators fitted on the validation predictions, and the default."""
-    if cfg.task != "emt":
+    val = run.predictions("val")
+    if "logit" not in val or "label" not in val:  # not a single-logit binary task
         return {}
     from trd_hpc.eval.calibration import calibrator_state, choose_calibrator, make_calibrator
 
-    val = run.predictions("val")
     fitted, errors = {}, {}
     for m in ("platt", "isotonic", "temperature"):
         try:
@@ -172,7 +175,7 @@ def _bootstrap_ci(cfg, run, n_boot: int = 1000) -> dict:
     if n < 2:
         return out
     draws = [rng.integers(0, n, n) for _ in range(n_boot)]
-    if cfg.task == "emt":
+    if "logit" in test:
         p = 1 / (1 + np.exp(-np.asarray(test["logit"], dtype=np.float64)))
         y = np.asarray(test["label"])
         vals: dict[str, list] = {"auc": [], "accuracy": [], "ece": []}
@@ -187,7 +190,7 @@ def _bootstrap_ci(cfg, run, n_boot: int = 1000) -> dict:
         if "response_logits" in test and cfg.model.name != "single_task_severity":
             y, pred = np.asarray(test["response"]), np.asarray(test["response_logits"]).argmax(1)
             vals["accuracy"] = [float((y[i] == pred[i]).mean()) for i in draws]
-        if cfg.model.name != "single_task_response":
+        if "severity_pred" in test and cfg.model.name != "single_task_response":
             scale = float(cfg.cohort.severity_max)  # both stored on the [0, 1] scale the loss saw
             s, sp = np.asarray(test["severity"]), np.asarray(test["severity_pred"])
             vals["severity_mae"] = [float(np.abs(s[i] - sp[i]).mean() * scale) for i in draws]
@@ -383,7 +386,7 @@ def load_bundle(source: str | Path) -> Bundle:
         raise BundleError(f"{path / 'config.yaml'} is missing") from None
     except (ConfigError, yaml.YAMLError) as e:
         raise BundleError(f"{path / 'config.yaml'}: {e}") from None
-    cal = _read(path, "calibrators.json") if (path / "calibrators.json").is_file() or cfg.task == "emt" else {}
+    cal = _read(path, "calibrators.json") if "calibrators.json" in meta.get("files", []) else {}
     return Bundle(
         path, meta, cfg, cal, _read(path, "preprocessing.json"), _read(path, "schema.json"), _read(path, "metrics.json")
     )

@@ -125,6 +125,8 @@ def predict(
     except CohortError:
         raise
     spec = spec_for(b.cfg)
+    if spec.prediction_columns is None:
+        raise ConfigError(f"task {b.task} defines no prediction columns (TaskSpec.prediction_columns)")
     task = make_task(b.cfg, str(cohort))
     model = b.build_model()
     world = int(os.environ.get("WORLD_SIZE", 1))
