@@ -1,4 +1,4 @@
-"""``trd-hpc bench generate|load|train|ingest|faults|tune``: each benchmark with its own options."""
+"""``trd-hpc bench generate|load|train|ingest|predict|faults|tune``: each benchmark with its own options."""
 
 from __future__ import annotations
 
@@ -44,6 +44,12 @@ def _ingest(a) -> int:
     from trd_hpc.bench.ingest import run
 
     return run(a.spec, subjects=a.subjects, workers=a.workers, scratch_dir=a.dir, json_path=a.json)
+
+
+def _predict(a) -> int:
+    from trd_hpc.bench.predict import run
+
+    return run(a.run, subjects=a.subjects, scratch_dir=a.dir, json_path=a.json)
 
 
 def _tune(a) -> int:
@@ -99,6 +105,19 @@ def add_parsers(sub) -> None:
     ig.add_argument("--workers", type=int, default=2, help="workers of the second ingest (default 2)")
     ig.add_argument("--dir", default=None, help="scratch directory (default: a temporary one, removed)")
     ig.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    pr = verb(
+        bsub,
+        "predict",
+        _predict,
+        help="trd-hpc predict against the model's bare forward on in-memory batches; memory vs cohort size",
+        description="Predict a synthetic cohort of 10 x --subjects with RUN's model (default: the tiny EMT trained "
+        "for one epoch in the scratch directory) and compare with the bare forward pass over the same batches; "
+        "peak RSS for --subjects and 10x as many.",
+    )
+    pr.add_argument("run", nargs="?", default=None, help="run directory or bundle (default: a tiny EMT, trained here)")
+    pr.add_argument("--subjects", type=int, default=64, help="the small cohort (the large one is 10x; default 64)")
+    pr.add_argument("--dir", default=None, help="scratch directory (default: a temporary one, removed)")
+    pr.add_argument("--json", default=None, help="also write the figures to this JSON file")
     f = verb(
         bsub,
         "faults",
