@@ -195,3 +195,26 @@ def test_cnn_model_from_an_ingested_cohort_predicts_an_unlabelled_one(tmp_path):
     t, z = read_predictions(tmp_path / "t.csv"), np.load(run / "predictions" / "test.npz")
     assert t.subject_id.tolist() == z["subject_id"].tolist()
     np.testing.assert_allclose(t.severity, z["severity_pred"].astype(np.float64) * 100.0, rtol=1e-12)
+
+
+def test_submit_predict_runs_as_a_submitit_job(emt_run, emt_cohort_dir, tmp_path):
+    out = tmp_path / "sub.csv"
+    r = cli(
+        "submit",
+        "predict",
+        str(emt_run),
+        "--cohort",
+        str(emt_cohort_dir),
+        "--out",
+        str(out),
+        "--cluster",
+        "local",
+        "--wait",
+        "--logs",
+        f"{tmp_path}/logs/%j",
+    )
+    assert "rows=10" in r.stdout and "merged=True" in r.stdout, r.stdout
+    z = np.load(emt_run / "predictions" / "test.npz")
+    assert read_predictions(out).subject_id.tolist() == z["subject_id"].tolist()
+    r = cli("submit", "predict", str(emt_run), "--out", str(out), "--cluster", "local", check=False)
+    assert r.returncode == 2 and "needs --cohort DIR" in r.stderr

@@ -20,7 +20,7 @@ def add_parsers(sub) -> None:
         sub,
         "submit",
         _submit,
-        help="run train, generate, cv or tune as a SLURM job (or a local one) through submitit",
+        help="run train, generate, cv, tune or predict as a SLURM job (or a local one) through submitit",
         description="Submit `trd-hpc VERB CONFIG` as a submitit job: SLURM (default when srun is on PATH), a "
         "local background process (--cluster local) or in this process (--cluster debug). Prints the job id "
         "and log files; with --wait follows the log and prints the result. train and cv are checkpointed and "
@@ -30,7 +30,9 @@ def add_parsers(sub) -> None:
         "  trd-hpc submit cv configs/cnn3d.yaml --out runs/cv --cpus-per-task 4   # one array task per fold",
     )
     p.add_argument("verb", choices=VERBS, help="what to run")
-    p.add_argument("config", help="experiment YAML (train, generate, cv) or sweep spec (tune)")
+    p.add_argument(
+        "config", help="experiment YAML (train, generate, cv), sweep spec (tune), or run dir / bundle (predict)"
+    )
     p.add_argument(
         "--out",
         help="run / cohort / cv / sweep directory (default: runs/<verb>-<config>-<time>; "
@@ -86,4 +88,6 @@ def add_parsers(sub) -> None:
     v.add_argument("--no-eval", action="store_true", help="train: skip calibration, baselines, figures, report")
     v.add_argument("--folds", type=int, default=None, help="cv: number of folds (default: cohort.split.folds)")
     v.add_argument("--fold", type=int, default=None, help="cv: only this fold (default: one array task per fold)")
+    v.add_argument("--cohort", default=None, help="predict: the cohort directory whose subjects to predict")
+    v.add_argument("--split", default="test", help="predict: test (default) | val | train | all | fold:K")
     add_overrides(p)

@@ -1,4 +1,4 @@
-"""``trd-hpc submit {train|generate|cv|tune} CONFIG``: run a verb as a submitit job.
+"""``trd-hpc submit {train|generate|cv|tune|predict} CONFIG``: run a verb as a submitit job.
 
 The job (SLURM, a local process, or in-process with ``--cluster debug``) runs the verb in
 Python, in every task of the job: ``TrdJob.__call__``. For several tasks each task exports the
@@ -39,7 +39,7 @@ from trd_hpc.errors import ConfigError, TrainingError
 from trd_hpc.launch.plan import implied_overrides
 from trd_hpc.rundir import PREEMPTED, RunDir
 
-VERBS = ("train", "generate", "cv", "tune")
+VERBS = ("train", "generate", "cv", "tune", "predict")
 CLUSTERS = ("slurm", "local", "debug")
 
 
@@ -198,6 +198,15 @@ class _TrdJob:
             "subjects_written": res.subjects_written,
         }
 
+    def _run_predict(self, rank: int, requeue):
+        from trd_hpc.predict import predict
+
+        # the job's tasks are the ranks (RANK/WORLD_SIZE from SLURM): each predicts a slice, rank 0 merges
+        res = predict(
+            self.config, self.options["cohort"], out=self.out, split=self.options.get("split", "test"), progress=False
+        )
+        return {"out": str(res.out), "rows": res.rows, "merged": res.merged, "calibrator": res.calibrator}
+
     def _run_tune(self, rank: int, requeue):
         from trd_hpc.tune.sweep import run_sweep
 
@@ -270,6 +279,8 @@ class SubmitRequest:
     no_eval: bool = False
     folds: int | None = None
     fold: int | None = None
+    cohort: str | None = None  # predict: the subjects
+    split: str = "test"  # predict
 
     def __post_init__(self) -> None:
         if self.verb not in VERBS:
@@ -297,6 +308,15 @@ def make_jobs(a: SubmitRequest) -> tuple[list, str]:
     name = a.name or f"trd-{a.verb}-{stem}"
     cwd = os.getcwd()
     world = a.nodes * a.tasks_per_node
+    if a.verb == "predict":
+        from trd_hpc.bundle import load_bundle
+
+        load_bundle(a.config)  # errors now, not in the queue
+        if not a.cohort or not Path(a.cohort).is_dir():
+            raise ConfigError(f"submit predict needs --cohort DIR (the subjects to predict); got {a.cohort!r}")
+        out = str(Path(a.out or f"runs/predict-{stem}-{time.strftime('%Y%m%d-%H%M%S')}.csv").absolute())
+        opts = {"cohort": str(Path(a.cohort).absolute()), "split": a.split}
+        return [TrdJob("predict", str(Path(a.config).absolute()), out, [], None, opts, cwd)], name
     if a.verb in ("generate", "tune") and world > 1:
         raise ConfigError(f"submit {a.verb} runs one task (use --cpus-per-task), not {world}")
     if a.verb == "tune":
