@@ -34,6 +34,7 @@ class PredictResult:
     parts: list[Path] = field(default_factory=list)
     merged: bool = False
     calibrator: str | None = None
+    explained: Path | None = None  # the explanations' summary CSV
 
 
 def cohort_problems(b: Bundle, m) -> list[str]:
@@ -67,21 +68,27 @@ def cohort_problems(b: Bundle, m) -> list[str]:
 
 def _participant_ids(m, ids: np.ndarray) -> dict[int, str] | None:
     """subject_id -> the id as written in the table, for an ingested cohort."""
+    got = _trace(m, ids, "participant_id")
+    return None if got is None else {k: v.decode() for k, v in got.items()}
+
+
+def _trace(m, ids, name: str) -> dict | None:
+    """subject_id -> its row of trace column ``name`` (participant_id, affine), or None."""
     import h5py
 
     want = set(int(i) for i in ids)
-    out: dict[int, str] = {}
+    out: dict = {}
     for s in m.shards:
         first, n = s["first_subject"], s["n_subjects"]
         if not any(first <= i < first + n for i in want):
             continue
         with h5py.File(m.root / s["file"], "r") as f:
-            if "participant_id" not in f:
+            if name not in f:
                 return None
-            pids = f["participant_id"][...]
-        for j, p in enumerate(pids):
+            rows = f[name][...]
+        for j, p in enumerate(rows):
             if first + j in want:
-                out[first + j] = p.decode()
+                out[first + j] = p
     return out
 
 
@@ -99,6 +106,9 @@ def predict(
     num_shards: int | None = None,
     progress: bool = True,
     device: str = "auto",
+    explain: bool = False,
+    explain_subjects: list[str] | None = None,
+    explain_dir: str | Path | None = None,
 ) -> PredictResult:
     from tqdm import tqdm
 
@@ -150,6 +160,9 @@ def predict(
     single = parts_total == 1
     target = out if single and out.suffix.lower() == ".csv" else part_name(out, part, parts_total)
     res = PredictResult(out, calibrator=b.calibrators.get("default") if b.calibrators else None)
+    explainer = (
+        _Explainer(b, spec, m, ds.ids, pids, out, explain_subjects, explain_dir, part, parts_total) if explain else None
+    )
     writer_rows = 0
     with atomic_path(target) as tmp, open(tmp, "w", newline="") as f:
         w = None
@@ -177,11 +190,16 @@ def predict(
                     w.writerow([_cell(v) for v in row])
                 writer_rows += int(keep.sum())
                 bar.update(len(keep))
+                if explainer is not None:
+                    with torch.enable_grad():
+                        explainer.batch(model, task.inputs(batch, dev, dtype), batch["subject_id"].numpy(), keep)
         bar.close()
         if w is None:  # an empty part still says what the columns would be
             csv.writer(f).writerow(["subject_id"])
     res.rows = writer_rows
     res.parts.append(target)
+    if explainer is not None:
+        res.explained = explainer.finish()
     ds.close()
     if world > 1:
         D.barrier(info)
@@ -196,6 +214,58 @@ def predict(
     elif single:
         res.merged = True
     return res
+
+
+class _Explainer:
+    """Maps and summary rows of the subjects asked for (all predicted ones by default)."""
+
+    def __init__(self, b, spec, m, ids, pids, out: Path, subjects, explain_dir, part: int, total: int):
+        if spec.explain is None:
+            raise ConfigError(f"task {b.task} has no explanations (TaskSpec.explain)")
+        self.b, self.spec = b, spec
+        self.dir = Path(explain_dir) if explain_dir else out.with_name(out.stem + "_explanations")
+        self.pids = pids
+        self.want = None
+        if subjects:
+            by_name = {str(int(i)): int(i) for i in ids}
+            if pids:
+                by_name.update({p: i for i, p in pids.items()})
+                by_name.update({p.removeprefix("sub-"): i for i, p in pids.items()})
+            unknown = [s for s in subjects if s not in by_name]
+            if unknown:
+                raise ConfigError(f"--subjects: {', '.join(unknown[:5])} not in the predicted split")
+            self.want = {by_name[s] for s in subjects}
+        self.affines = _trace(m, ids, "affine")
+        self.rows: list[dict] = []
+        self.name = "explanations.csv" if total == 1 else f"explanations.part-{part:05d}-of-{total:05d}.csv"
+
+    def batch(self, model, inputs: dict, sid: np.ndarray, keep: np.ndarray) -> None:
+        from trd_hpc.explain import write_map
+
+        pick = [j for j in range(len(sid)) if keep[j] and (self.want is None or int(sid[j]) in self.want)]
+        if not pick:
+            return
+        idx = torch.as_tensor(pick)
+        sub = {k: v[idx] for k, v in inputs.items()}
+        for j, (maps, summary) in zip(pick, self.spec.explain(self.b, model, sub)):
+            s = int(sid[j])
+            stem = (self.pids or {}).get(s) or f"subject-{s:06d}"
+            aff = None if self.affines is None else np.asarray(self.affines[s], dtype=np.float64)
+            files = {}
+            for name, vol in maps.items():
+                path = self.dir / f"{stem}_{name}.nii.gz"
+                write_map(path, vol, aff)
+                files[f"{name}_file"] = path.name
+            self.rows.append({"subject_id": s, **({"participant_id": stem} if self.pids else {}), **summary, **files})
+
+    def finish(self) -> Path:
+        import pandas as pd
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / self.name
+        with atomic_path(path) as tmp:
+            pd.DataFrame(self.rows).to_csv(tmp, index=False)
+        return path
 
 
 def _cell(v):

@@ -26,12 +26,17 @@ def _predict(a) -> int:
         num_shards=a.num_shards,
         progress=not a.quiet,
         device=a.device,
+        explain=a.explain,
+        explain_subjects=[x for x in (a.subjects or "").split(",") if x] or None,
+        explain_dir=a.explain_dir,
     )
     cal = f", calibrated with {res.calibrator}" if res.calibrator else ""
     if res.merged:
         print(f"predictions: {res.out} ({res.rows} subjects{cal})" if res.rows else f"predictions: {res.out}")
     else:
         print(f"part written: {res.parts[0]} ({res.rows} subjects{cal}); merge with --finalize once all are done")
+    if res.explained:
+        print(f"explanations: {res.explained} (maps as NIfTI beside it)")
     return 0
 
 
@@ -56,4 +61,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--num-shards", type=int, default=None, help="number of parts (array tasks)")
     p.add_argument("--finalize", action="store_true", help="merge the parts of --out in subject order")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: a GPU if there is one")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="also write per-subject attribution maps as NIfTI (EMT: Integrated Gradients per modality; CNN: "
+        "Grad-CAM per head) and a summary row each (top regions, SNPs, clinical variables)",
+    )
+    p.add_argument(
+        "--subjects", default=None, help="--explain only these (subject ids or participant ids, comma-separated)"
+    )
+    p.add_argument("--explain-dir", default=None, help="where the maps go (default: beside --out, OUT_explanations/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -81,6 +81,9 @@ class TaskSpec:
     cv_keys: tuple[str, ...] = ("best_epoch", "epochs_run")
     # (bundle, model outputs, batch) -> the columns `trd-hpc predict` writes per subject
     prediction_columns: Callable[[Any, Any, dict], dict] | None = None
+    # (bundle, model, model inputs of some subjects) -> per subject ({map name: 3-D array}, summary
+    # columns): `trd-hpc predict --explain` (trd_hpc.explain)
+    explain: Callable[[Any, Any, dict], list[tuple[dict, dict]]] | None = None
 
 
 # ---------------------------------------------------------------------------- shared helpers

@@ -122,6 +122,23 @@ def prediction_columns(bundle, out, batch) -> dict:
     return cols
 
 
+def explain(bundle, model, inputs: dict) -> list[tuple[dict, dict]]:
+    """Grad-CAM per head (trd_hpc.explain): one map each for response and severity."""
+    from trd_hpc.explain import cnn_maps
+
+    heads = _TARGETS.get(bundle.cfg.model.name, ("response", "severity"))
+    maps = cnn_maps(model, inputs["volume"], heads)
+    out = []
+    for i in range(inputs["volume"].shape[0]):
+        vols = {f"gradcam_{h}": maps[h][i] for h in heads}
+        peak = {
+            f"peak_{h}_voxel": "x".join(map(str, np.unravel_index(int(np.argmax(m)), m.shape)))
+            for h, m in ((h, maps[h][i]) for h in heads)
+        }
+        out.append((vols, peak))
+    return out
+
+
 SPEC = TaskSpec(
     name="cnn3d",
     config_class=CNN3DExperiment,
@@ -137,4 +154,5 @@ SPEC = TaskSpec(
     curves=("val.loss", "val.accuracy", "val.severity_mae"),
     cv_keys=("test.accuracy", "test.severity_mae", "test.macro_f1", "best_epoch", "epochs_run"),
     prediction_columns=prediction_columns,
+    explain=explain,
 )

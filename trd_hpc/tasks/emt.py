@@ -121,6 +121,29 @@ def prediction_columns(bundle, out, batch) -> dict:
     return cols
 
 
+def explain(bundle, model, inputs: dict) -> list[tuple[dict, dict]]:
+    """Integrated Gradients per modality (trd_hpc.explain): the fMRI map and the top regions,
+    SNPs and clinical variables of each subject."""
+    from trd_hpc.explain import _top, emt_attributions, region_scores
+
+    co = bundle.cfg.cohort
+    a = emt_attributions(model, inputs["fmri"], inputs["snp"], inputs["clinical"])
+    snp_names = list(bundle.schema.get("snp_ids") or []) or [f"snp_{j:04d}" for j in range(co.n_snps)]
+    out = []
+    for i in range(a["fmri"].shape[0]):
+        regions = region_scores(a["fmri"][i], co.region_boxes)
+        summary = {
+            "top_regions": _top(list(regions), np.array(list(regions.values()))),
+            "top_snps": _top(snp_names, a["snp"][i]),
+            "top_clinical": _top(list(co.clinical_names), a["clinical"][i]),
+            "ig_fmri_total": float(a["fmri"][i].sum()),
+            "ig_snp_total": float(a["snp"][i].sum()),
+            "ig_clinical_total": float(a["clinical"][i].sum()),
+        }
+        out.append(({"fmri_ig": a["fmri"][i]}, summary))
+    return out
+
+
 _SCORED = ("auc", "ap", "accuracy", "f1")
 
 SPEC = TaskSpec(
@@ -137,4 +160,5 @@ SPEC = TaskSpec(
     curves=("val.loss", "val.auc"),
     cv_keys=("test.auc", "test.accuracy", "best_epoch", "epochs_run"),
     prediction_columns=prediction_columns,
+    explain=explain,
 )
