@@ -315,3 +315,45 @@ def test_cnn_explanations_are_gradcam_maps_per_head(tmp_path, volume_cohort_dir)
         img = nib.load(tmp_path / "p_explanations" / f)
         v = np.asarray(img.dataobj)
         assert img.shape == (24, 24, 8) and np.isfinite(v).all() and v.min() >= 0
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2", "onnx"])
+def test_export_loads_without_trd_hpc_and_matches_pytorch(emt_run, emt_cohort_dir, tmp_path, fmt):
+    """The exported EMT, loaded in a fresh interpreter with torch / onnxruntime alone (trd_hpc
+    not importable), gives the PyTorch model's logits on real test subjects (max |diff| <= 1e-4)."""
+    import torch
+
+    from trd_hpc.data.dataset import CohortDataset
+    from trd_hpc.tasks import make_task
+
+    out = tmp_path / f"emt.{fmt}"
+    r = cli("export", str(emt_run), "--format", fmt, "--out", str(out))
+    assert "exported:" in r.stdout and out.is_file()
+    b = load_bundle(emt_run)
+    ds = CohortDataset(emt_cohort_dir, "test")
+    x = ds.__getitems__(list(range(5)))
+    ds.close()
+    inp = make_task(b.cfg).inputs(x, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        want = b.build_model()(**inp).numpy()
+    np.savez(tmp_path / "x.npz", **{k: v.numpy() for k, v in inp.items()})
+    load = {
+        "torchscript": "torch.jit.load(F)(*[torch.from_numpy(x[k]) for k in K]).detach().numpy()",
+        "pt2": "torch.export.load(F).module()(*[torch.from_numpy(x[k]) for k in K]).detach().numpy()",
+        "onnx": "__import__('onnxruntime').InferenceSession(F).run(None, {k: x[k] for k in K})[0]",
+    }[fmt]
+    code = (
+        "import sys; sys.modules['trd_hpc'] = None\n"  # trd-hpc not installed, as far as this process knows
+        "import numpy as np, torch\n"
+        f"F, K = {str(out)!r}, ['fmri', 'snp', 'clinical']\n"
+        f"x = np.load({str(tmp_path / 'x.npz')!r})\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, {load})\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, atol=1e-4)
+
+
+def test_export_to_an_unknown_format_is_refused(emt_run, tmp_path):
+    r = cli("export", str(emt_run), "--format", "tflite", "--out", str(tmp_path / "m"), check=False)
+    assert r.returncode == 2 and "invalid choice: 'tflite'" in r.stderr

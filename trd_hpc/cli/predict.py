@@ -1,4 +1,4 @@
-"""``trd-hpc predict``: a trained model applied to a cohort."""
+"""``trd-hpc predict`` and ``trd-hpc export``: a trained model applied to a cohort, or exported."""
 
 from __future__ import annotations
 
@@ -40,7 +40,31 @@ def _predict(a) -> int:
     return 0
 
 
+def _export(a) -> int:
+    from trd_hpc.export import export_model
+
+    res = export_model(a.model, a.format, a.out)
+    print(
+        f"exported: {res['out']} ({res['format']}; outputs equal PyTorch's within {res['max_abs_diff']:.2g}, "
+        f"tolerance {res['tolerance']:g})"
+    )
+    return 0
+
+
 def add_parsers(sub) -> None:
+    e = verb(
+        sub,
+        "export",
+        _export,
+        help="export a run's model as TorchScript, ONNX or a torch.export program (loads without trd-hpc)",
+        description="Export the network of MODEL's bundle with the batch size left free, then check the export "
+        "against PyTorch on another batch (max |difference| <= 1e-4). Load it with torch.jit.load, "
+        "torch.export.load(...).module() or onnxruntime.InferenceSession (see README, 'Using a trained model').",
+    )
+    e.add_argument("model", help="run directory (its bundle/) or bundle folder")
+    e.add_argument("--format", required=True, choices=["torchscript", "onnx", "pt2"])
+    e.add_argument("--out", required=True, help="output file")
+
     p = verb(
         sub,
         "predict",

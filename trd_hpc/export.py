@@ -1,0 +1,119 @@
+"""``trd-hpc export RUN --format torchscript|onnx|pt2 --out FILE``: the model without trd-hpc.
+
+The network of a run's bundle is traced (TorchScript), exported (``torch.export``, saved as a
+``.pt2`` ExportedProgram) or exported to ONNX (the dynamo exporter), with the batch size left
+free; then the exported model is run on another batch of another size and compared with the
+PyTorch model (max |difference| <= 1e-4 on every output, printed).  Loading it needs only
+torch (or onnxruntime):
+
+    torch.jit.load("emt.ts")(fmri, snp, clinical)
+    torch.export.load("emt.pt2").module()(fmri, snp, clinical)
+    onnxruntime.InferenceSession("emt.onnx").run(None, {"fmri": ..., "snp": ..., "clinical": ...})
+
+Inputs are as ``trd-hpc predict`` prepares them (bundle/preprocessing.json): float32 fMRI /
+volume with the channel axis, uint8 genotypes (as a cohort stores them), standardised clinical
+values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trd_hpc.bundle import load_bundle
+from trd_hpc.errors import ConfigError, TrdError
+
+FORMATS = ("torchscript", "onnx", "pt2")
+TOLERANCE = 1e-4
+
+
+class ExportError(TrdError, RuntimeError):
+    """The model cannot be exported to the format asked for."""
+
+
+def example_inputs(b, batch: int, seed: int) -> dict[str, torch.Tensor]:
+    """Inputs of the bundle's schema (values in the ranges the model sees)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for col in b.schema["inputs"]:
+        shape = (batch, *col["shape"])
+        if col["dtype"] == "uint8":  # genotypes
+            hi = int(b.schema.get("genotype_values", 3))
+            out[col["name"]] = torch.randint(0, hi, shape, generator=g, dtype=torch.uint8)  # as stored
+        elif col["name"] == "volume":
+            out[col["name"]] = torch.rand(shape, generator=g).unsqueeze(1)  # [0, 1], channel axis
+        else:
+            out[col["name"]] = torch.randn(shape, generator=g)
+    return out
+
+
+def _outputs(y) -> dict[str, np.ndarray]:
+    if isinstance(y, dict):
+        return {k: v.detach().numpy() for k, v in y.items()}
+    if isinstance(y, (list, tuple)):
+        return {str(i): v.detach().numpy() if torch.is_tensor(v) else np.asarray(v) for i, v in enumerate(y)}
+    return {"logit": y.detach().numpy()}
+
+
+def export_model(source: str | Path, fmt: str, out: str | Path) -> dict:
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
+    b = load_bundle(source)
+    model = b.build_model()
+    names = [c["name"] for c in b.schema["inputs"]]
+    x = example_inputs(b, 2, 0)
+    args = tuple(x[n] for n in names)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dyn = {n: {0: batch} for n in names}
+    try:
+        if fmt == "torchscript":
+            with torch.no_grad():
+                torch.jit.trace(model, args, strict=False, check_trace=False).save(str(out))
+        elif fmt == "pt2":
+            torch.export.save(torch.export.export(model, args, dynamic_shapes=dyn), str(out))
+        else:
+            try:
+                import onnx  # noqa: F401
+                import onnxscript  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    "--format onnx needs the onnx and onnxscript packages: pip install onnx onnxscript"
+                ) from None
+            torch.onnx.export(model, args, str(out), input_names=names, dynamo=True, dynamic_shapes=dyn)
+    except ConfigError:
+        raise
+    except Exception as e:  # the exporters raise many types for an operator they cannot handle
+        msg = " ".join(str(e).split())[:300]
+        raise ExportError(f"{b.cfg.model.name} cannot be exported to {fmt}: {type(e).__name__}: {msg}") from None
+    diff = check_export(b, model, fmt, out)
+    return {"out": str(out), "format": fmt, "max_abs_diff": diff, "tolerance": TOLERANCE}
+
+
+def check_export(b, model, fmt: str, path: Path) -> float:
+    """The exported model against the PyTorch one on a batch of 3 (another size and values)."""
+    x = example_inputs(b, 3, 1)
+    names = [c["name"] for c in b.schema["inputs"]]
+    with torch.no_grad():
+        want = _outputs(model(**x))
+        if fmt == "torchscript":
+            got = _outputs(torch.jit.load(str(path))(*[x[n] for n in names]))
+        elif fmt == "pt2":
+            got = _outputs(torch.export.load(str(path)).module()(*[x[n] for n in names]))
+        else:
+            try:
+                import onnxruntime as ort
+            except ImportError:
+                raise ConfigError("checking an ONNX export needs onnxruntime: pip install onnxruntime") from None
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            res = sess.run(None, {n: x[n].numpy() for n in names})
+            got = dict(zip(want, res))
+    if set(got) != set(want) and len(got) == len(want):
+        got = dict(zip(want, got.values()))
+    diff = max(float(np.abs(np.asarray(got[k], dtype=np.float64) - want[k]).max()) for k in want)
+    if not diff <= TOLERANCE:
+        raise ExportError(f"{path}: the exported model's outputs differ from PyTorch's by {diff:.3g} (> {TOLERANCE})")
+    return diff
