@@ -9,3 +9,10 @@ command -v "${TRD_HPC%% *}" >/dev/null || { echo "trd-hpc not found: activate it
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 # W&B offline unless the user asked otherwise (compute nodes often have no network).
 export WANDB_MODE="${WANDB_MODE:-offline}"
+# An array job's part (generate.sh, ingest.sh): NUM_SHARDS = the array's size, SHARD = this
+# task's index counted from 0.
+array_shard() {
+  : "${SLURM_ARRAY_TASK_ID:?run this script as an array job (sbatch --array=0-N)}"
+  NUM_SHARDS="${SLURM_ARRAY_TASK_COUNT:-$(( SLURM_ARRAY_TASK_MAX - SLURM_ARRAY_TASK_MIN + 1 ))}"
+  SHARD=$(( SLURM_ARRAY_TASK_ID - ${SLURM_ARRAY_TASK_MIN:-0} ))
+}

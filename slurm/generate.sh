@@ -20,9 +20,7 @@ source "${TRD_HPC_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/_common.sh"
 CONFIG="${1:?usage: sbatch --array=0-N slurm/generate.sh CONFIG OUT_DIR [KEY=VALUE ...]}"
 OUT="${2:?usage: sbatch --array=0-N slurm/generate.sh CONFIG OUT_DIR [KEY=VALUE ...]}"
 shift 2
-: "${SLURM_ARRAY_TASK_ID:?run this script as an array job (sbatch --array=0-N)}"
-NUM_SHARDS="${SLURM_ARRAY_TASK_COUNT:-$(( SLURM_ARRAY_TASK_MAX - SLURM_ARRAY_TASK_MIN + 1 ))}"
-SHARD=$(( SLURM_ARRAY_TASK_ID - ${SLURM_ARRAY_TASK_MIN:-0} ))
+array_shard
 
 echo "task ${SLURM_ARRAY_TASK_ID}: shard ${SHARD} of ${NUM_SHARDS} -> ${OUT}"
 $TRD_HPC generate "$CONFIG" --out "$OUT" --num-shards "$NUM_SHARDS" --shard-index "$SHARD" --quiet "$@"

@@ -21,9 +21,7 @@ source "${TRD_HPC_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/_common.sh"
 SPEC="${1:?usage: sbatch --array=0-N slurm/ingest.sh SPEC.yaml OUT_DIR}"
 OUT="${2:?usage: sbatch --array=0-N slurm/ingest.sh SPEC.yaml OUT_DIR}"
 shift 2
-: "${SLURM_ARRAY_TASK_ID:?run this script as an array job (sbatch --array=0-N)}"
-NUM_SHARDS="${SLURM_ARRAY_TASK_COUNT:-$(( SLURM_ARRAY_TASK_MAX - SLURM_ARRAY_TASK_MIN + 1 ))}"
-SHARD=$(( SLURM_ARRAY_TASK_ID - ${SLURM_ARRAY_TASK_MIN:-0} ))
+array_shard
 
 echo "task ${SLURM_ARRAY_TASK_ID}: shard ${SHARD} of ${NUM_SHARDS} -> ${OUT}"
 $TRD_HPC ingest "$SPEC" --out "$OUT" --num-shards "$NUM_SHARDS" --shard-index "$SHARD" --quiet "$@"

@@ -122,7 +122,7 @@ def test_emt_config_trains_on_an_ingested_cohort_as_it_is(emt_ingested, tmp_path
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["cohort"]["kind"] == "ingested_emt" and len(cfg["cohort"]["snp_ids"]) == 60
     m = json.loads((run / "metrics.json").read_text())
-    assert 0 <= m["test.auc"] <= 1 and "baselines.random_forest.auc" in json.dumps(m) or "baselines" in m
+    assert 0 <= m["test.auc"] <= 1 and "baselines.random_forest.auc" in m
     assert (run / "baselines" / "late_fusion_mlp" / "metrics.json").exists()
     # resuming the finished run with the same command finds the same config
     r = cli(

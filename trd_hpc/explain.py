@@ -59,6 +59,18 @@ def emt_attributions(
     }
 
 
+class _Head(nn.Module):
+    """One output of the CNN as [B, K], what Grad-CAM takes."""
+
+    def __init__(self, m: nn.Module, key: str):
+        super().__init__()
+        self.m, self.key = m, key
+
+    def forward(self, x):
+        y = self.m(x)[self.key]
+        return y if y.dim() == 2 else y.unsqueeze(1)
+
+
 def cnn_maps(model: nn.Module, volume: torch.Tensor, heads: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Grad-CAM per head at the encoder's last block: {head: [B, X, Y, Z]}."""
     try:
@@ -74,17 +86,7 @@ def cnn_maps(model: nn.Module, volume: torch.Tensor, heads: tuple[str, ...]) -> 
         layer = [n for n, m in model.named_modules() if isinstance(m, nn.Conv3d)][-1:]
     out = {}
     for head in heads:
-
-        class Head(nn.Module):
-            def __init__(self, m, key):
-                super().__init__()
-                self.m, self.key = m, key
-
-            def forward(self, x):
-                y = self.m(x)[self.key]
-                return y if y.dim() == 2 else y.unsqueeze(1)
-
-        wrapped = Head(model, "response_logits" if head == "response" else "severity").eval()
+        wrapped = _Head(model, "response_logits" if head == "response" else "severity").eval()
         cam = GradCAM(nn_module=wrapped, target_layers="m." + layer[0])
         v = volume.float().clone().requires_grad_(True)
         idx = None if head == "response" else 0

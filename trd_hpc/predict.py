@@ -130,10 +130,7 @@ def predict(
     problems = cohort_problems(b, m)
     if problems:
         raise CohortError(f"{cohort} does not fit the model of {b.path}: " + "; ".join(problems))
-    try:
-        ds = CohortDataset(cohort, split, prepare_with=b.cfg.cohort, normalize_volumes=b.cfg.data.normalize_volumes)
-    except CohortError:
-        raise
+    ds = CohortDataset(cohort, split, prepare_with=b.cfg.cohort, normalize_volumes=b.cfg.data.normalize_volumes)
     spec = spec_for(b.cfg)
     if spec.prediction_columns is None:
         raise ConfigError(f"task {b.task} defines no prediction columns (TaskSpec.prediction_columns)")
