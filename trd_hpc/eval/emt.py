@@ -19,7 +19,7 @@ def test_probabilities(rec: dict) -> np.ndarray:
 
 
 def importance(cfg: EMTExperiment, model) -> dict:
-    """Gradient x input on the first ``eval.importance_subjects`` test subjects, by region and
+    """Gradient x input (Captum) on the first ``eval.importance_subjects`` test subjects, by region and
     clinical variable, plus the SNP attention's share on the predictive SNPs."""
     from trd_hpc.data.dataset import CohortDataset
     from trd_hpc.eval import importance as imp

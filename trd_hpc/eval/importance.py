@@ -1,4 +1,4 @@
-"""Model-agnostic attribution helpers: gradient x input and its aggregation.
+"""Model-agnostic attribution helpers: gradient x input (Captum) and its aggregation.
 
 Attributions are aggregated the way the EMT paper shows them: per fMRI region
 box, per clinical variable and per SNP (from the SNP encoder's attention).
@@ -43,7 +43,8 @@ def grad_x_input(
     input_names: Sequence[str],
     output_fn: Callable[[Any], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``|d(sum_b f(x)_b) / dx * x|`` for each floating-point input in ``input_names``.
+    """``|d f(x)_b / dx * x|`` for each floating-point input in ``input_names`` (Captum's
+    ``InputXGradient``, made absolute: the figures rank magnitudes).
 
     The model is called as ``model(**batch_inputs)`` and must return the logit
     [B] (or use ``output_fn`` to pick it out of a tuple/dict).  Integer inputs
@@ -52,32 +53,32 @@ def grad_x_input(
     rounding.  The model is put in eval mode (dropout off) and its previous
     mode restored; parameter ``.grad`` fields are not touched.
     """
+    from captum.attr import InputXGradient
+
+    names = [n for n in input_names if torch.is_floating_point(batch_inputs[n])]
+    if not names:
+        return {}
+    rest = {k: v for k, v in batch_inputs.items() if k not in names}
+
+    def forward(*xs):
+        out = model(**dict(zip(names, xs)), **rest)
+        return output_fn(out) if output_fn is not None else out
+
+    # Captum wants leaf tensors it can mark; half precision is upcast, others copied
+    xs = tuple(
+        batch_inputs[n].detach().float()
+        if batch_inputs[n].dtype in (torch.float16, torch.bfloat16)
+        else batch_inputs[n].detach().clone()
+        for n in names
+    )
     was_training = model.training
     model.eval()
-    inputs = dict(batch_inputs)
-    leaves: dict[str, torch.Tensor] = {}
-    for name in input_names:
-        x = batch_inputs[name]
-        if not torch.is_floating_point(x):
-            continue
-        x = x.detach()
-        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x.clone()
-        leaves[name] = x.requires_grad_(True)
-        inputs[name] = leaves[name]
-    try:
-        if not leaves:
-            return {}
+    try:  # Captum differentiates with torch.autograd.grad: parameter .grad stays as it was
         with torch.enable_grad():
-            out = model(**inputs)
-            if output_fn is not None:
-                out = output_fn(out)
-            grads = torch.autograd.grad(out.sum(), list(leaves.values()), allow_unused=True)
+            attr = InputXGradient(forward).attribute(xs)
     finally:
         model.train(was_training)
-    result = {}
-    for (name, x), g in zip(leaves.items(), grads):
-        result[name] = torch.zeros_like(x) if g is None else (g * x).abs().detach()
-    return result
+    return {n: a.detach().abs() for n, a in zip(names, attr)}
 
 
 def aggregate_fmri_by_region(attr_fmri, regions: Mapping[str, Any]) -> dict[str, float]:
