@@ -301,7 +301,10 @@ def test_snp_attributions_find_the_predictive_snps_where_the_signal_is(tmp_path)
         "--quiet",
         f"data.cohort={cohort}",
         "cohort.n_subjects=256",
-        *(f"cohort.regions.{r}.offset_mean=0" for r in ("right_amygdala", "dorsolateral_prefrontal", "anterior_cingulate")),
+        *(
+            f"cohort.regions.{r}.offset_mean=0"
+            for r in ("right_amygdala", "dorsolateral_prefrontal", "anterior_cingulate")
+        ),
         "cohort.clinical.trd_shifts={}",
         "train.max_epochs=10",
         "train.num_threads=1",
@@ -414,3 +417,13 @@ def test_export_loads_without_trd_hpc_and_matches_pytorch(emt_run, emt_cohort_di
 def test_export_to_an_unknown_format_is_refused(emt_run, tmp_path):
     r = cli("export", str(emt_run), "--format", "tflite", "--out", str(tmp_path / "m"), check=False)
     assert r.returncode == 2 and "invalid choice: 'tflite'" in r.stderr
+
+
+def test_bench_predict_reports_the_ratio_and_memory_of_both_cohorts(tmp_path):
+    """The benchmark runs end to end on a model it trains (--config) and says what it measured."""
+    js = tmp_path / "b.json"
+    r = cli("bench", "predict", "--config", str(CONFIGS / "emt_tiny.yaml"), "--subjects", "16", "--json", str(js))
+    res = json.loads(js.read_text())
+    assert res["subjects"] == 160 and set(res["peak_rss_mb"]) == {"16", "160"}
+    assert res["ratio"] == pytest.approx(res["predict_subjects_per_s"] / res["bare_forward_subjects_per_s"])
+    assert "ratio" in r.stdout and res["rss_ratio_10x"] > 0

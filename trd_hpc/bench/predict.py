@@ -1,6 +1,7 @@
 """``trd-hpc bench predict``: ``trd-hpc predict`` against the model's bare forward pass.
 
-In one run: a model (RUN, or the tiny EMT trained for one epoch in the scratch directory),
+In one run: a model (RUN, or ``--config``'s, default the tiny EMT, trained for one epoch in the
+scratch directory),
 two synthetic cohorts of the same shapes (``--subjects`` and 10x as many).  Ours: the whole
 ``predict`` call on the larger one (bundle load, schema check, reads, preparation, forward,
 calibration, CSV).  Bare: the same model's forward over the same batches already in memory.
@@ -20,7 +21,12 @@ from trd_hpc.fsio import atomic_write_json
 
 
 def run(
-    model_run: str | None = None, subjects: int = 64, scratch_dir: str | None = None, json_path: str | None = None
+    model_run: str | None = None,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    subjects: int = 64,
+    scratch_dir: str | None = None,
+    json_path: str | None = None,
 ) -> int:
     from trd_hpc.bench.load import PeakRSS
     from trd_hpc.bundle import load_bundle
@@ -37,8 +43,16 @@ def run(
             from trd_hpc.experiment import run as train
 
             cfg = load_config(
-                "configs/emt_tiny.yaml",
-                [f"data.cohort={scratch / 'train'}", "train.max_epochs=1", "eval.baselines=[]", "tracking.wandb=false"],
+                config or "configs/emt_tiny.yaml",
+                [
+                    f"data.cohort={scratch / 'train'}",
+                    f"cohort.n_subjects={max(subjects, 16)}",
+                    f"cohort.subjects_per_shard={max(subjects, 16)}",
+                    "train.max_epochs=1",
+                    "eval.baselines=[]",
+                    "tracking.wandb=false",
+                    *(overrides or []),
+                ],
             )
             model_run = str(scratch / "run")
             train(cfg, model_run, progress=False)

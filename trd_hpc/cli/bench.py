@@ -49,7 +49,7 @@ def _ingest(a) -> int:
 def _predict(a) -> int:
     from trd_hpc.bench.predict import run
 
-    return run(a.run, subjects=a.subjects, scratch_dir=a.dir, json_path=a.json)
+    return run(a.run, a.config, a.overrides, subjects=a.subjects, scratch_dir=a.dir, json_path=a.json)
 
 
 def _tune(a) -> int:
@@ -110,14 +110,21 @@ def add_parsers(sub) -> None:
         "predict",
         _predict,
         help="trd-hpc predict against the model's bare forward on in-memory batches; memory vs cohort size",
-        description="Predict a synthetic cohort of 10 x --subjects with RUN's model (default: the tiny EMT trained "
-        "for one epoch in the scratch directory) and compare with the bare forward pass over the same batches; "
-        "peak RSS for --subjects and 10x as many.",
+        description="Predict a synthetic cohort of 10 x --subjects with RUN's model (default: --config's model "
+        "trained for one epoch on --subjects subjects in the scratch directory) and compare with the bare forward "
+        "pass over the same batches; peak RSS for --subjects and 10x as many.  The tiny EMT's forward is so cheap "
+        "that reading dominates; --config configs/emt.yaml --subjects 16 measures at the paper's shapes.",
     )
-    pr.add_argument("run", nargs="?", default=None, help="run directory or bundle (default: a tiny EMT, trained here)")
+    pr.add_argument(
+        "run", nargs="?", default=None, help="run directory or bundle (default: --config's model, trained here)"
+    )
     pr.add_argument("--subjects", type=int, default=64, help="the small cohort (the large one is 10x; default 64)")
+    pr.add_argument(
+        "--config", default=None, help="experiment YAML of the model trained here (default: configs/emt_tiny.yaml)"
+    )
     pr.add_argument("--dir", default=None, help="scratch directory (default: a temporary one, removed)")
     pr.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    add_overrides(pr)
     f = verb(
         bsub,
         "faults",
