@@ -523,6 +523,11 @@ class DataConfig(Strict):
     # Subjects per contiguous run the sampler keeps together inside a shard.
     locality_block: int = Field(16, ge=1)
     normalize_volumes: bool = True
+    # Where subjects come from when `train` makes the cohort: "shards" writes them to HDF5;
+    # "virtual" writes only the manifest and splits, and the loader regenerates subject i
+    # from (seed, i) when it reads it (no disk: a 100k-subject EMT cohort would be 885 GB).
+    # A cohort directory that exists is read as it is, whichever it holds.
+    source: Literal["shards", "virtual"] = "shards"
     # Train on cross-validation fold K of the cohort (test = fold K, train/val from the
     # other folds) instead of its train/val/test split.  Set by `trd-hpc cv`.
     fold: Optional[int] = Field(None, ge=0)

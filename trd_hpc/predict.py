@@ -76,6 +76,8 @@ def _trace(m, ids, name: str) -> dict | None:
     """subject_id -> its row of trace column ``name`` (participant_id, affine), or None."""
     import h5py
 
+    if m.virtual:
+        return None  # regenerated subjects: nothing traced (synthetic, identity affine)
     want = set(int(i) for i in ids)
     out: dict = {}
     for s in m.shards:

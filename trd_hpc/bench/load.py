@@ -11,6 +11,8 @@ In one run, on the same cohort:
 * verification: the first epoch of a fresh dataset, which checks every row
   against its checksum when it first opens a shard, against the same epoch
   with the check off (warm page cache, num_workers=0).
+* virtual (``--virtual``): the same subjects regenerated in the loader from (seed, i),
+  at num_workers 0, 1, 2, as a ratio to the sharded cohort cold and warm.
 Targets: ours >= 0.8 of raw, >= 1.5x the common approach, RSS flat.
 """
 
@@ -187,6 +189,7 @@ def run(
     subjects: int | None = None,
     scratch_dir: str | None = None,
     json_path: str | None = None,
+    virtual: bool = False,
 ) -> int:
     cfg = load_config(config or "configs/emt.yaml", list(overrides))
     if cfg.cohort.kind != "emt":
@@ -223,6 +226,17 @@ def run(
                 dt, got, nb = epoch(ours_dir, w, batch, "fmri", files if cache == "cold" else None)
                 figures[f"ours_w{w}_{cache}_subjects_per_s"] = got / dt
                 figures[f"ours_w{w}_{cache}_MB_per_s"] = nb / dt / 1e6
+        if virtual:  # the same subjects regenerated in the loader: no page cache to be cold or warm
+            from trd_hpc.data.generate import write_virtual
+
+            write_virtual(base, scratch / "virtual")
+            for w in (0, 1, 2):
+                dt, got, _ = epoch(scratch / "virtual", w, batch, "fmri")
+                figures[f"virtual_w{w}_subjects_per_s"] = got / dt
+                for cache in ("cold", "warm"):
+                    figures[f"virtual_vs_sharded_w{w}_{cache}"] = (
+                        figures[f"virtual_w{w}_subjects_per_s"] / figures[f"ours_w{w}_{cache}_subjects_per_s"]
+                    )
         best_warm = max(figures[f"ours_w{w}_warm_MB_per_s"] for w in (0, 1, 2))
         best_cold = max(figures[f"ours_w{w}_cold_MB_per_s"] for w in (0, 1, 2))
         # Raw moves every byte of the file; ours counts only the fMRI bytes (>99 %).
@@ -268,6 +282,13 @@ def run(
             f"({f[f'ours_w{w}_cold_subjects_per_s']:6.1f} subj/s)   warm {f[f'ours_w{w}_warm_MB_per_s']:7.0f} MB/s "
             f"({f[f'ours_w{w}_warm_subjects_per_s']:6.1f} subj/s)"
         )
+    if virtual:
+        for w in (0, 1, 2):
+            print(
+                f"  virtual num_workers={w}: {f[f'virtual_w{w}_subjects_per_s']:6.1f} subj/s = "
+                f"{f[f'virtual_vs_sharded_w{w}_cold']:.2f}x sharded cold, "
+                f"{f[f'virtual_vs_sharded_w{w}_warm']:.2f}x sharded warm"
+            )
     print(f"  common (f32, open per item, workers=2, warm): {f['common_w2_warm_subjects_per_s']:.1f} subj/s")
     print(
         f"  ratio to raw: warm {f['ratio_to_raw_warm']:.2f}, cold {f['ratio_to_raw_cold']:.2f} (target >= 0.8); "

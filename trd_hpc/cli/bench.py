@@ -25,7 +25,7 @@ def _generate(a) -> int:
 def _load(a) -> int:
     from trd_hpc.bench.load import run
 
-    return run(a.config, a.overrides, subjects=a.subjects, scratch_dir=a.dir, json_path=a.json)
+    return run(a.config, a.overrides, subjects=a.subjects, scratch_dir=a.dir, json_path=a.json, virtual=a.virtual)
 
 
 def _train(a) -> int:
@@ -83,9 +83,12 @@ def add_parsers(sub) -> None:
         verb(bsub, "generate", _generate, help="cohort writing: subjects/s and MB/s against raw disk writes"),
         "configs/emt.yaml with 64 subjects",
     )
-    _common(
-        verb(bsub, "load", _load, help="Dataset + DataLoader against raw reads, cold and warm page cache"),
-        "configs/emt.yaml with 48 subjects",
+    ld = verb(bsub, "load", _load, help="Dataset + DataLoader against raw reads, cold and warm page cache")
+    _common(ld, "configs/emt.yaml with 48 subjects")
+    ld.add_argument(
+        "--virtual",
+        action="store_true",
+        help="also read the cohort as a virtual one (subjects regenerated in the loader) at 0, 1, 2 workers",
     )
     _common(
         verb(bsub, "train", _train, help="the Trainer against a bare training loop on the same batches"),

@@ -14,7 +14,18 @@ def _generate(a) -> int:
     from trd_hpc.config import load_config
 
     cfg = load_config(a.config, a.overrides)
-    return _write(cfg.cohort, Path(a.out or cfg.data.cohort), a)
+    out = Path(a.out or cfg.data.cohort)
+    if a.virtual:
+        from trd_hpc.data.generate import write_virtual
+
+        if a.shard_index is not None or a.finalize:
+            from trd_hpc.errors import ConfigError
+
+            raise ConfigError("--virtual writes no shard: --shard-index and --finalize do not apply")
+        data = write_virtual(cfg.cohort, out, num_shards=a.num_shards, force=a.force)
+        print(f"manifest: {out / 'manifest.json'} (virtual: {data['n_subjects']} subjects made when read, no shard)")
+        return 0
+    return _write(cfg.cohort, out, a)
 
 
 def _ingest(a) -> int:
@@ -120,6 +131,11 @@ def add_parsers(sub) -> None:
     g.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")
     g.add_argument("--shard-index", type=int, help="write only this shard (one SLURM array task)")
     g.add_argument("--finalize", action="store_true", help="only write the manifest (all shards must exist)")
+    g.add_argument(
+        "--virtual",
+        action="store_true",
+        help="write only the manifest and splits: the loader regenerates each subject from (seed, i) when read",
+    )
     g.add_argument("--no-verify", action="store_true", help="keep existing shards without re-reading their checksums")
     g.add_argument(
         "--force",

@@ -124,6 +124,7 @@ class CohortDataset(Dataset):
         self._prepare = kind_of(self._prepare_cfg).prepare_batch
         self.max_open_shards = max_open_shards
         self.verify = verify
+        self.virtual = self.manifest.virtual  # subjects regenerated when read, no shard files
         firsts = np.array([s["first_subject"] for s in self.manifest.shards], dtype=np.int64)
         self._shard_pos = np.searchsorted(firsts, self.ids, side="right") - 1
         self._row = self.ids - firsts[self._shard_pos]
@@ -134,6 +135,8 @@ class CohortDataset(Dataset):
         self._pool = BufferPool()
 
     def _check_files(self) -> None:
+        if self.virtual:
+            return
         for k in np.unique(self._shard_pos):
             s = self.manifest.shards[k]
             p = self.root / s["file"]
@@ -169,13 +172,18 @@ class CohortDataset(Dataset):
         r = self._readers.get(k)
         if r is None:
             s = self.manifest.shards[k]
-            r = ShardReader(self.root / s["file"], self.manifest.config, s["n_subjects"], s["first_subject"])
-            try:
-                if self.verify:
-                    self._verify(k, r)
-            except BaseException:
-                r.close()
-                raise
+            if self.virtual:
+                from trd_hpc.data.virtual import VirtualShard
+
+                r = VirtualShard(self.manifest.config, s["n_subjects"], s["first_subject"])
+            else:
+                r = ShardReader(self.root / s["file"], self.manifest.config, s["n_subjects"], s["first_subject"])
+                try:
+                    if self.verify:
+                        self._verify(k, r)
+                except BaseException:
+                    r.close()
+                    raise
             self._readers[k] = r
             if len(self._readers) > self.max_open_shards:
                 _, old = self._readers.popitem(last=False)
@@ -189,6 +197,8 @@ class CohortDataset(Dataset):
         the shard and subject).  Called before a DataLoader forks its workers, it also
         spares each worker the check (every epoch, when the workers are not persistent):
         they inherit its result.  No shard stays open."""
+        if self.virtual:
+            return
         for k in np.unique(self._shard_pos):
             s = self.manifest.shards[int(k)]
             r = ShardReader(self.root / s["file"], self.manifest.config, s["n_subjects"], s["first_subject"])

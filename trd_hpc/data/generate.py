@@ -39,6 +39,7 @@ from trd_hpc.data.shards import (
     CohortError,
     config_diffs,
     config_fingerprint,
+    encode_labels,
     foreign_reason,
     open_shard,
     schema,
@@ -586,6 +587,47 @@ def finalize(cfg: CohortConfig, out: Path, plan: list[tuple[int, int]], force: b
         if "row_crc32" in rec:
             entry["row_crc32"] = rec["row_crc32"]
         shards.append(entry)
+    return write_cohort_manifest(cfg, out, shards, force)
+
+
+def write_virtual(cfg: CohortConfig, out: str | Path, num_shards: int | None = None, force: bool = False) -> dict:
+    """A virtual cohort: manifest.json and its splits, no shard.  Every subject's class is
+    known from the config (``predicted_labels``), so the manifest is exactly the sharded
+    cohort's but for ``virtual: true`` and the shards' sizes and checksums; the dataset
+    regenerates subject *i* from (seed, *i*) when it is read (``data/virtual.py``)."""
+    out = Path(out)
+    num_shards = default_num_shards(cfg) if num_shards is None else num_shards
+    plan = plan_shards(cfg.n_subjects, num_shards)
+    if not kind_of(cfg).generated:
+        raise ConfigError(f"cohort kind '{cfg.kind}' is read from files, not generated: it cannot be virtual")
+    check_splittable(cfg)
+    check_target_dir(cfg, out, num_shards, force)
+    have, _ = mf.read_json(out / mf.MANIFEST) if (out / mf.MANIFEST).exists() else (None, None)
+    if isinstance(have, dict) and not have.get("virtual") and not force:
+        raise CohortError(f"{out}: holds this cohort's shards already; it is read from them (--force to make it virtual)")
+    labels = predicted_labels(cfg)
+    shards = [
+        {
+            "file": shard_name(k),
+            "first_subject": first,
+            "last_subject": stop - 1,
+            "n_subjects": stop - first,
+            "bytes": 0,
+            "checksum": "virtual",
+            "labels": encode_labels(labels[first:stop]),
+        }
+        for k, (first, stop) in enumerate(plan)
+    ]
+    lock = _lock(out)
+    try:
+        prepare_dir(cfg, out, num_shards, force)
+        return write_cohort_manifest(cfg, out, shards, force, virtual=True)
+    finally:
+        lock.release()
+
+
+def write_cohort_manifest(cfg: CohortConfig, out: Path, shards: list[dict], force: bool, virtual: bool = False) -> dict:
+    """manifest.json for these shard entries: splits, folds, class counts (the caller holds the lock)."""
     labels = mf.decode_labels("".join(s["labels"] for s in shards))
     names = mf.class_names(cfg)
     try:
@@ -622,6 +664,7 @@ def finalize(cfg: CohortConfig, out: Path, plan: list[tuple[int, int]], force: b
         "class_names": names,
         "class_counts": counts(np.arange(len(labels))),
         "split_class_counts": {k: counts(v) for k, v in splits.items()},
+        **({"virtual": True} if virtual else {}),
         "shards": shards,
         "splits": splits,
         "folds": folds,

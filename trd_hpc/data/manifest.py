@@ -60,6 +60,11 @@ class Manifest:
         return decode_labels("".join(s["labels"] for s in self.shards))
 
     @property
+    def virtual(self) -> bool:
+        """No shard files: subjects are regenerated from (seed, i) when read."""
+        return bool(self.raw.get("virtual", False))
+
+    @property
     def labelled(self) -> bool:
         return bool(self.raw.get("labelled", True))
 

@@ -150,7 +150,8 @@ def validate_cohort_dir(root: str | Path, deep: bool = True, progress: bool = Tr
 
     problems: list[Problem] = []
     for k in tqdm(range(len(m.shards)), desc="validate", unit="shard", disable=not progress):
-        problems += _check_shard(m, k, deep)
+        if not m.virtual:  # a virtual cohort has no shard files to check
+            problems += _check_shard(m, k, deep)
     expected_n = m.config.n_subjects
     if m.n_subjects != expected_n:
         problems.append(Problem(str(root / MANIFEST), f"shards hold {m.n_subjects} subjects, config says {expected_n}"))

@@ -72,8 +72,14 @@ def ensure_cohort(cfg: "ExperimentConfig", info: D.DistInfo, progress: bool = Tr
     root = Path(cfg.data.cohort)
     if info.is_main and not (root / MANIFEST).exists():
         check_target_dir(cfg.cohort, root)  # never generate over another cohort's or tool's files
-        print(f"cohort {root} not found: generating it from the config's cohort section", flush=True)
-        generate(cfg.cohort, root, progress=progress)
+        if cfg.data.source == "virtual":
+            from trd_hpc.data.generate import write_virtual
+
+            print(f"cohort {root} not found: writing it as a virtual cohort (manifest only)", flush=True)
+            write_virtual(cfg.cohort, root)
+        else:
+            print(f"cohort {root} not found: generating it from the config's cohort section", flush=True)
+            generate(cfg.cohort, root, progress=progress)
     D.barrier(info)
     m = load_manifest(root)
     have = {k: v for k, v in to_dict(m.config).items() if k != "subjects_per_shard"}
