@@ -101,3 +101,18 @@ def test_ddp_training_resume_and_predict_on_a_virtual_cohort_match_the_sharded_c
     cli("predict", str(model), "--cohort", str(emt_cohort_dir), "--split", "all", "--out", str(a), "--quiet")
     cli("predict", str(model), "--cohort", str(vdir), "--split", "all", "--out", str(b), "--quiet")
     assert a.read_text() == b.read_text()
+
+
+def test_a_virtual_shard_keeps_no_reference_to_the_batch_it_filled():
+    """Memory flat in cohort size: a reader per open shard (up to 32) must not pin the batch
+    buffer its last image went into (at the paper's shapes 106 MB each)."""
+    from trd_hpc.data.virtual import VirtualShard
+
+    cfg = load_config(CONFIGS / "emt_tiny.yaml", []).cohort
+    r = VirtualShard(cfg, 16, 16)
+    out = np.empty(tuple(cfg.fmri.shape), dtype=cfg.fmri.dtype)
+    r.read("fmri", 3, out)
+    snp = np.empty(cfg.snp.n_snps, dtype=np.uint8)
+    r.read("snp", 3, snp)
+    assert r.scalars["subject_id"][3] == 19 and r._buf is None  # made once, into the batch
+    assert not any(isinstance(v, np.ndarray) and np.shares_memory(v, out) for v in r._rest.values())

@@ -43,7 +43,7 @@ class VirtualShard:
         self._buf: np.ndarray | None = None  # only when a row is asked for without its image
 
     def row(self, j: int, bulk_out: np.ndarray | None = None) -> dict:
-        """Subject row ``j``'s columns (the bulk one in ``bulk_out`` or the reader's buffer)."""
+        """Subject row ``j``'s columns but the image (made into ``bulk_out`` or the reader's buffer)."""
         if not 0 <= j < self.n:
             raise IndexError(f"row {j} outside this shard's 0..{self.n - 1}")
         if j != self._row or bulk_out is not None:
@@ -52,7 +52,8 @@ class VirtualShard:
             buf = self._buf if bulk_out is None else bulk_out
             rest = make_subject(self.cfg, self.first + j, buf)
             rest["subject_id"] = np.int64(self.first + j)
-            rest[self.bulk.name] = buf
+            # the small columns only: keeping the image would pin the caller's batch buffer
+            # (one per open shard: 32 batches of 106 MB at the paper's shapes)
             self._row, self._rest = j, rest
         return self._rest
 
