@@ -166,7 +166,8 @@ def cohort_summary(root: str | Path) -> str:
     lines = [
         f"cohort      {Path(root).resolve()}",
         f"kind        {m.kind} (schema {m.raw['schema_version']}, {m.raw.get('generator', '?')})",
-        f"subjects    {m.n_subjects} in {len(m.shards)} shards, {total / 1e9:.3f} GB",
+        f"subjects    {m.n_subjects} in {len(m.shards)} shards, {total / 1e9:.3f} GB"
+        + (" (virtual: regenerated from (seed, i) when read)" if m.virtual else ""),
         f"seed        {cfg.seed}",
     ]
     src = m.raw.get("source")
