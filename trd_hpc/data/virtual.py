@@ -27,7 +27,8 @@ class _Column:
 
 
 class VirtualShard:
-    """Rows ``first .. first + n - 1`` of a generated cohort, made on demand.
+    """Rows ``first .. first + n - 1`` of a generated cohort, made on demand.  Nothing is
+    stored, so there is no checksum to verify (the dataset skips that for a virtual cohort).
 
     The dataset reads a subject's columns one after the other (the bulk image first):
     the last subject made is kept, so each subject is made once per read."""
@@ -36,7 +37,6 @@ class VirtualShard:
         self.cfg, self.n, self.first = cfg, n_subjects, first_subject
         self.cols = schema(cfg)
         self.bulk = self.cols[0]
-        self.chunked = [c for c in self.cols if c.chunked]
         self.scalars = {c.name: _Column(self, c.name) for c in self.cols if not c.chunked}
         self._row: int | None = None
         self._rest: dict = {}
@@ -63,9 +63,6 @@ class VirtualShard:
             self.row(j, bulk_out=out)  # made straight into the batch
         else:
             out[...] = self.row(j)[name]
-
-    def bad_rows(self, rows, expected) -> list[int]:
-        return []  # nothing stored that could have changed
 
     def close(self) -> None:
         self._rest, self._row, self._buf = {}, None, None
