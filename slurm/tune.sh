@@ -84,4 +84,5 @@ for node in "${NODES[@]:1}"; do
     "$RAY" start --address="$RAY_ADDRESS" --num-cpus="$CPUS" --disable-usage-stats "${EXTRA[@]}" --block &
 done
 
-$TRD_HPC tune "$SPEC" --out "$OUT" --address auto "$@"
+# --min-nodes: the first trials wait for every worker, rather than all landing on the head
+$TRD_HPC tune "$SPEC" --out "$OUT" --address auto --min-nodes "${#NODES[@]}" "$@"

@@ -22,15 +22,15 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 os.environ.setdefault("WANDB_MODE", "disabled")
 ALLOWED_SKIP_PREFIX = "no GPU"
 
-try:  # the SLURM cluster fixture, when present
-    from tests.cluster.fixtures import slurm_cluster  # noqa: F401
+try:  # the SLURM cluster fixtures, when present
+    from tests.cluster.fixtures import slurm_cluster, slurm_two_nodes  # noqa: F401
 except ImportError:  # pragma: no cover
     pass
 
 
-# The marker a test gets from the real service it uses (through its fixtures, however deep).
-SERVICE_FIXTURES = {"slurm_cluster": "slurm", "local_ray": "ray"}
-NOT_UNIT = {"slurm", "ray", "gpu", "slow"}
+# The markers a test gets from the real service it uses (through its fixtures, however deep).
+SERVICE_FIXTURES = {"slurm_cluster": ("slurm",), "slurm_two_nodes": ("slurm", "multinode"), "local_ray": ("ray",)}
+NOT_UNIT = {"slurm", "multinode", "ray", "gpu", "slow"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,9 +38,10 @@ def pytest_collection_modifyitems(config, items):
     for a test that needs nothing but this CPU and Python (HDF5 files and gloo process
     groups included) and is not slow: `python3 dev.py test -m unit` is the quick subset."""
     for item in items:
-        for fixture, marker in SERVICE_FIXTURES.items():
+        for fixture, markers in SERVICE_FIXTURES.items():
             if fixture in getattr(item, "fixturenames", ()):
-                item.add_marker(marker)
+                for marker in markers:
+                    item.add_marker(marker)
         if not NOT_UNIT & {m.name for m in item.iter_markers()}:
             item.add_marker("unit")
 

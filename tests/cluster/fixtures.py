@@ -1,4 +1,9 @@
-"""pytest fixture ``slurm_cluster``: a real one-node SLURM cluster for the session.
+"""pytest fixtures ``slurm_cluster`` and ``slurm_two_nodes``: real SLURM clusters for the session.
+
+``slurm_cluster`` has one node (this machine); ``slurm_two_nodes`` has two, ``trdn1`` and
+``trdn2``, each a ``slurmd`` in its own network namespace on a private bridge
+(tests/cluster/netns.py). Tests using the second are marked ``multinode`` by conftest.py
+(``pytest -m multinode`` runs just them).
 
 Use it from ``tests/conftest.py``::
 
@@ -19,8 +24,14 @@ except under ``CI=true``, where the cluster must run and the test fails instead.
 Set ``TRD_KEEP_SLURM_STATE=1`` to keep the folder (configs and daemon logs)
 until the next start, which stops and removes clusters whose owner is gone.
 
-The fixture is reference-counted, so a test module may import it as well as
+The fixtures are reference-counted, so a test module may import them as well as
 ``conftest.py`` without a second cluster being started.
+
+The same clusters by hand (as root, from the repository; Ctrl-C stops and removes them)::
+
+    .venv/bin/python -m tests.cluster --nodes 2
+    export SLURM_CONF=/tmp/trd-slurm-XXXX/slurm.conf   # printed by the command
+    sbatch --nodes=2 --ntasks-per-node=1 --wrap 'srun hostname'
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster import netns
 from tests.cluster.slurm import (
     STATE_PREFIX,
     LocalSlurm,
@@ -42,7 +54,8 @@ from tests.cluster.slurm import (
     reap_stale_clusters,
 )
 
-_shared: dict[str, object] = {"cluster": None, "users": 0, "error": None}
+# per node count: the running cluster, how many fixtures use it, why it could not start
+_shared: dict[int, dict[str, object]] = {}
 
 
 def _in_ci() -> bool:
@@ -55,13 +68,15 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _start() -> LocalSlurm:
+def _start(nodes: int = 1) -> LocalSlurm:
     if not sys.platform.startswith("linux"):
         _unavailable(f"the local SLURM cluster needs Linux, not {sys.platform}")
     if os.geteuid() != 0:
         _unavailable("the local SLURM cluster must be started as root (it runs daemons)")
     if shutil.which("apt-get") is None and shutil.which("slurmctld", path="/usr/sbin") is None:
         _unavailable("SLURM is not installed and there is no apt-get to install it")
+    if nodes > 1 and (why := netns.available()):
+        _unavailable(f"a {nodes}-node cluster needs network namespaces: {why}")
     ensure_installed()
     reap_stale_clusters()
     first_error = None
@@ -71,7 +86,7 @@ def _start() -> LocalSlurm:
         # /tmp, not pytest's tmp_path: the munge user must traverse the
         # folder, and unix socket paths must stay short
         state = Path(tempfile.mkdtemp(prefix=STATE_PREFIX, dir="/tmp"))
-        cluster = LocalSlurm(state)
+        cluster = LocalSlurm(state, nodes=nodes)
         try:
             cluster.start()
             return cluster
@@ -93,28 +108,39 @@ def _remove(cluster: LocalSlurm) -> None:
         shutil.rmtree(cluster.state_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[LocalSlurm]:
-    """A running one-node SLURM cluster (see the module docstring)."""
-    if _shared["error"]:  # failed once this session: do not retry for every test
-        pytest.fail(str(_shared["error"]), pytrace=False)
-    cluster = _shared["cluster"]
+def _cluster(nodes: int) -> Iterator[LocalSlurm]:
+    shared = _shared.setdefault(nodes, {"cluster": None, "users": 0, "error": None})
+    if shared["error"]:  # failed once this session: do not retry for every test
+        pytest.fail(str(shared["error"]), pytrace=False)
+    cluster = shared["cluster"]
     if cluster is None:
         try:
-            cluster = _start()
+            cluster = _start(nodes)
         except SlurmError as exc:
-            _shared["error"] = f"could not start the local SLURM cluster: {exc}"
-            pytest.fail(str(_shared["error"]), pytrace=False)
-        _shared["cluster"] = cluster
-    _shared["users"] = int(_shared["users"]) + 1
+            shared["error"] = f"could not start the local {nodes}-node SLURM cluster: {exc}"
+            pytest.fail(str(shared["error"]), pytrace=False)
+        shared["cluster"] = cluster
+    shared["users"] = int(shared["users"]) + 1
     try:
         yield cluster
     finally:
-        _shared["users"] = int(_shared["users"]) - 1
-        if _shared["users"] == 0:
-            _shared["cluster"] = None
+        shared["users"] = int(shared["users"]) - 1
+        if shared["users"] == 0:
+            shared["cluster"] = None
             try:
                 cluster.cancel_all()
             finally:
                 cluster.stop()
                 _remove(cluster)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[LocalSlurm]:
+    """A running one-node SLURM cluster (see the module docstring)."""
+    yield from _cluster(1)
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes() -> Iterator[LocalSlurm]:
+    """A running two-node SLURM cluster, nodes ``trdn1`` and ``trdn2`` (see the module docstring)."""
+    yield from _cluster(2)

@@ -22,6 +22,7 @@ def _tune(a) -> int:
         spec_updates={"max_t": a.max_t, "num_samples": a.num_samples},
         verbose=0 if a.quiet else 1,
         progress=not a.quiet,
+        min_nodes=a.min_nodes,
     )
     print(format_result(res))
     out = Path(a.out)
@@ -55,6 +56,13 @@ def add_parsers(sub) -> None:
         default=None,
         help="Ray cluster to use ('auto': the one running on this machine or allocation); "
         "default: start a local one with this machine's cores",
+    )
+    p.add_argument(
+        "--min-nodes",
+        type=int,
+        default=1,
+        help="with --address: wait (up to 2 min) until this many Ray nodes have joined before the first trial "
+        "(slurm/tune.sh passes the job's node count)",
     )
     p.add_argument("--scheduler", choices=["asha", "fifo"], default=None, help="replace the spec's scheduler")
     p.add_argument("--max-t", type=int, default=None, help="replace the spec's max_t (epochs per trial)")

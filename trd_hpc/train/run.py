@@ -5,6 +5,7 @@ what comes after (baselines, evaluation, report) is the experiment layer's.
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -125,7 +126,7 @@ def prepare_run_dir(cfg, run_dir: Path, resume: str | None, info: D.DistInfo) ->
     D.barrier(info)
 
 
-def final_metrics(trainer: Trainer, val_m: dict, test_m: dict, seconds: float) -> dict:
+def final_metrics(trainer: Trainer, val_m: dict, test_m: dict, seconds: float, hosts: list[str]) -> dict:
     st = trainer.state
     out = {f"val.{k}": v for k, v in val_m.items()}
     out.update({f"test.{k}": v for k, v in test_m.items()})
@@ -136,6 +137,7 @@ def final_metrics(trainer: Trainer, val_m: dict, test_m: dict, seconds: float) -
             "stopped_early": st.stopped_early,
             "steps": st.step,
             "world_size": trainer.info.world_size,
+            "hosts": hosts,  # rank r ran on hosts[r]
             "strategy": trainer.tc.strategy,
             "precision": trainer.precision,
             "train_seconds": seconds,
@@ -214,13 +216,14 @@ def train_run(
                 return None
             val_m, val_rec = trainer.evaluate("val")
             test_m, test_rec = trainer.evaluate("test")
+            hosts = D.all_gather_objects(info, socket.gethostname())
             metrics = None
             if info.is_main:
                 run.write_predictions("val", val_rec)
                 run.write_predictions("test", test_rec)
                 state = trainer.raw_model.state_dict()
                 atomic_write_with(run.model_file, lambda tmp: torch.save(state, tmp), fault="model")
-                metrics = final_metrics(trainer, val_m, test_m, time.perf_counter() - t0)
+                metrics = final_metrics(trainer, val_m, test_m, time.perf_counter() - t0, hosts)
                 atomic_write_json(run.metrics_file, metrics, fault="metrics")
                 tracker.log_summary(metrics)
             D.barrier(info)

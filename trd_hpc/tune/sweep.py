@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -69,6 +70,8 @@ def trial_main(config: dict, ctx: dict) -> None:
     run_dir = trial_dir / "run"
     trial_dir.mkdir(parents=True, exist_ok=True)
     params = dict(config)
+    import ray
+
     atomic_write_text(
         trial_dir / TRIAL_FILE,
         dumps(
@@ -77,6 +80,9 @@ def trial_main(config: dict, ctx: dict) -> None:
                 "trial_name": tc.get_trial_name(),
                 "params": params,
                 "run_dir": str(run_dir),
+                # where it ran (last, if restored): on a multi-node cluster, which node
+                "host": socket.gethostname(),
+                "node_id": ray.get_runtime_context().get_node_id(),
             }
         ),
     )
@@ -349,12 +355,14 @@ def run_sweep(
     spec_updates: dict | None = None,
     verbose: int = 1,
     progress: bool = True,
+    min_nodes: int = 1,
 ) -> dict:
     """Run (or continue) the sweep of ``spec_path`` in ``out_dir``; returns best.json's content.
 
     ``base`` replaces the spec's base config, ``scheduler`` its scheduler (asha|fifo),
     ``overrides`` are dotted key=value pairs for the base config, ``spec_updates`` replace
-    spec fields (e.g. ``{"max_t": 4, "num_samples": 8}``).  With ``resume`` an existing
+    spec fields (e.g. ``{"max_t": 4, "num_samples": 8}``). On an existing cluster the first
+    trial waits (at most RESOURCE_WAIT_S) until ``min_nodes`` Ray nodes have joined.  With ``resume`` an existing
     sweep in ``out_dir`` is restored (its unfinished and errored trials continue from their
     checkpoints); without it an existing sweep is an error."""
     sweep = (
@@ -420,15 +428,24 @@ def run_sweep(
                 if max(have.get(k, 0), have.get(k.upper(), 0)) < v
             }
 
-        short = missing()
+        def alive() -> int:
+            return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+        short, nodes = missing(), alive()
         joining = bool(address or os.environ.get("RAY_ADDRESS"))  # an existing cluster: nodes may still come
         deadline = time.monotonic() + (RESOURCE_WAIT_S if joining else 0)
-        while short and time.monotonic() < deadline:  # a cluster whose workers are still joining
+        # a cluster whose workers are still joining: trials started now would all land on the head
+        while (short or nodes < min_nodes) and time.monotonic() < deadline:
             time.sleep(2)
-            short = missing()
+            short, nodes = missing(), alive()
         if short:
             raise ConfigError(
                 f"resources_per_trial {spec.resources_per_trial} exceeds what the Ray cluster has ({short}); lower it"
+            )
+        if nodes < min_nodes:
+            raise ConfigError(
+                f"--min-nodes {min_nodes}: only {nodes} Ray node(s) joined within {RESOURCE_WAIT_S} s "
+                f"(see the workers' logs, or lower --min-nodes)"
             )
         ctx = {
             "exp_dir": str(exp_dir),
