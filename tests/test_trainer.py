@@ -299,3 +299,46 @@ def test_nan_input_is_a_clear_error_naming_the_subject(tmp_path, emt_cohort_dir)
     r = run(train_cmd(tmp_path / "run", cohort, "train.max_epochs=1"), check=False)
     assert r.returncode == 1
     assert "NaN or inf" in r.stderr and f"[{sid}]" in r.stderr and str(cohort) in r.stderr
+
+
+def test_check_finite_names_the_subjects_and_lets_an_overflowing_sum_pass():
+    from trd_hpc.tasks.base import NonFiniteInput, check_finite
+
+    batch = {"subject_id": torch.tensor([7, 8, 9])}
+    x = torch.zeros(3, 4, 5)
+    check_finite("fmri", x, batch, "c")
+    big = torch.full((3, 4, 5), 3e38)  # every value finite, the sum is not
+    assert not torch.isfinite(big.sum())
+    check_finite("fmri", big, batch, "c")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[1, 2, 3] = bad
+        y[2, 0, 0] = bad
+        with pytest.raises(
+            NonFiniteInput, match=r"input 'fmri' holds NaN or inf for subject\(s\) \[8, 9\] of cohort c"
+        ):
+            check_finite("fmri", y, batch, "c")
+
+
+def test_the_optimiser_is_fused_where_pytorch_has_the_kernel():
+    from trd_hpc.config import load_config
+    from trd_hpc.train.strategy import build_optimizer
+
+    tc = load_config(TINY).train
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer([w], tc)
+    assert opt.defaults["fused"] is True and opt.defaults["lr"] == tc.lr
+
+
+def test_bench_train_reports_ours_against_the_bare_loop_and_lightning(tmp_path):
+    from tests.conftest import cli
+
+    js = tmp_path / "b.json"
+    r = cli("bench", "train", "--config", TINY, "--epochs", "1", "--no-compile", "--json", str(js))
+    f = json.loads(js.read_text())
+    assert f["lightning"] == "measured" and f["compile"].startswith("off")
+    assert f["ratio"] == pytest.approx(f["ours_samples_per_s"] / f["bare_samples_per_s"])
+    assert f["ratio_vs_lightning"] == pytest.approx(f["ours_samples_per_s"] / f["lightning_samples_per_s"])
+    assert set(f["epoch_seconds"]) == {"bare", "ours", "lightning"}
+    assert all(len(v) == 1 and v[0] > 0 for v in f["epoch_seconds"].values())
+    assert "ours/Lightning" in r.stdout and "default AdamW" in r.stdout

@@ -31,7 +31,16 @@ def _load(a) -> int:
 def _train(a) -> int:
     from trd_hpc.bench.train import run
 
-    return run(a.config, a.overrides, subjects=a.subjects, scratch_dir=a.dir, json_path=a.json)
+    return run(
+        a.config,
+        a.overrides,
+        subjects=a.subjects,
+        scratch_dir=a.dir,
+        json_path=a.json,
+        epochs=a.epochs,
+        lightning=not a.no_lightning,
+        compile=not a.no_compile,
+    )
 
 
 def _faults(a) -> int:
@@ -90,10 +99,20 @@ def add_parsers(sub) -> None:
         action="store_true",
         help="also read the cohort as a virtual one (subjects regenerated in the loader) at 0, 1, 2 workers",
     )
-    _common(
-        verb(bsub, "train", _train, help="the Trainer against a bare training loop on the same batches"),
-        "configs/emt.yaml, 8 steps",
+    bt = verb(
+        bsub,
+        "train",
+        _train,
+        help="the Trainer against a bare training loop and Lightning on the same batches",
+        description="Train the same model from the same weights on the same subjects with the trd-hpc Trainer, "
+        "a bare PyTorch loop, Lightning's Trainer (with the bench extra: pip install 'trd-hpc[bench]') and the "
+        "bare loop under torch.compile; report samples/s, ours/bare (target >= 0.95) and ours/Lightning "
+        "(target >= 1.0) measured in this one run.",
     )
+    _common(bt, "configs/emt.yaml, 8 steps")
+    bt.add_argument("--epochs", type=int, default=3, help="timed epochs per loop after one warm-up (default 3)")
+    bt.add_argument("--no-lightning", action="store_true", help="skip the Lightning Trainer")
+    bt.add_argument("--no-compile", action="store_true", help="skip the torch.compile loop")
     ig = verb(
         bsub,
         "ingest",

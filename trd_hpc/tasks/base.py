@@ -92,8 +92,15 @@ class NonFiniteInput(CohortError, ValueError):
 
 
 def check_finite(name: str, t: torch.Tensor, batch: dict, root: str) -> None:
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        bad = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(1)
+    if not t.is_floating_point():
+        return
+    # One reduction instead of an element-wise mask: a NaN or inf anywhere makes the sum NaN or
+    # inf, so a finite sum proves every element finite. (isfinite(t).all() cost 17 % of an EMT
+    # step at the paper's shapes.) A non-finite sum of finite values (overflow) is cleared below.
+    if torch.isfinite(t.sum()):
+        return
+    bad = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(1)
+    if bad.any():
         ids = batch["subject_id"][bad.cpu()].tolist()
         raise NonFiniteInput(
             f"input '{name}' holds NaN or inf for subject(s) {ids} of cohort {root}; "

