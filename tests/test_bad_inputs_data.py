@@ -224,11 +224,12 @@ def test_a_flipped_bit_is_caught_before_training_naming_shard_and_subject(emt_co
     ):
         for _b in make_loader(ds, 4, ShardAwareSampler.for_dataset(ds, seed=0), num_workers=0):
             pass
-    # ... in DataLoader workers ...
-    ds = CohortDataset(emt_cohort_copy, "train")
-    with pytest.raises(CohortError, match=rf"shard-00002.h5: subject {sid} "):
-        for _b in make_loader(ds, 4, ShardAwareSampler.for_dataset(ds, seed=0), num_workers=2):
-            pass
+    # ... in DataLoader worker processes and in reading threads ...
+    for kind in ("process", "thread"):
+        ds = CohortDataset(emt_cohort_copy, "train")
+        with pytest.raises(CohortError, match=rf"shard-00002.h5: subject {sid} "):
+            for _b in make_loader(ds, 4, ShardAwareSampler.for_dataset(ds, seed=0), num_workers=2, worker_type=kind):
+                pass
     # ... by `trd-hpc train`, and by a full `cohort validate`.
     run = tmp_path / "run"
     err = one_line_error(

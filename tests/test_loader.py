@@ -78,21 +78,25 @@ def test_items_match_the_files_and_workers_change_nothing(emt_cohort_dir):
     truth = read_all(emt_cohort_dir)
     ds = CohortDataset(emt_cohort_dir, "train")
     out = {}
-    for workers in (2, 0):
+    # every batch kept (list): a reused buffer handed out twice would show as two equal batches
+    for workers, kind in ((2, "process"), (2, "thread"), (1, "thread"), (0, "thread")):
         s = ShardAwareSampler.for_dataset(ds, seed=1, block=4)
-        batches = list(make_loader(ds, 5, s, num_workers=workers))
-        if workers:  # the workers opened the shards, the parent did not
+        loader = make_loader(ds, 5, s, num_workers=workers, worker_type=kind)
+        assert len(loader) == len(list(iter(loader)))
+        batches = list(loader)
+        if kind == "process":  # the workers opened the shards, the parent did not
             assert not ds._readers
         cat = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-        out[workers] = cat
+        out[workers, kind] = cat
         ids = cat["subject_id"].numpy()
         assert cat["fmri"].dtype == torch.float16 and cat["snp"].dtype == torch.uint8
         assert np.array_equal(cat["fmri"].numpy(), truth["fmri"][ids])
         assert np.array_equal(cat["snp"].numpy(), truth["snp"][ids])
         assert np.array_equal(cat["clinical"].numpy(), truth["clinical"][ids])
         assert np.array_equal(cat["label"].numpy(), truth["label"][ids])
-    for k in out[0]:
-        assert torch.equal(out[0][k], out[2][k])
+    for mode in out:
+        for k in out[0, "thread"]:
+            assert torch.equal(out[0, "thread"][k], out[mode][k]), (mode, k)
 
 
 def test_split_filter_and_folds(volume_cohort_dir):
@@ -185,7 +189,8 @@ def test_verify_all_records_the_checked_rows_for_forked_workers(emt_cohort_dir):
     assert dsmod._verified and all(
         v[np.unique(ds._row[ds._shard_pos == k])].all() for k, v in zip(range(4), dsmod._verified.values())
     )
-    got = [b["subject_id"] for b in make_loader(ds, 8, ShardAwareSampler.for_dataset(ds, seed=0), num_workers=2)]
+    loader = make_loader(ds, 8, ShardAwareSampler.for_dataset(ds, seed=0), num_workers=2, worker_type="process")
+    got = [b["subject_id"] for b in loader]
     assert sorted(torch.cat(got).tolist()) == sorted(ds.ids.tolist())
 
 
@@ -205,3 +210,33 @@ def test_a_manifest_without_per_subject_checksums_falls_back_to_the_shard_checks
         CohortError, match=r"shard-00003.h5: content does not match its checksum .* predates per-subject"
     ):
         CohortDataset(emt_cohort_copy, "all").verify_all()
+
+
+def test_reading_threads_raise_the_reads_error_when_its_batch_is_due_and_stop_cleanly(emt_cohort_dir):
+    from trd_hpc.data.dataset import ThreadLoader
+
+    ds = CohortDataset(emt_cohort_dir, "train")
+    s = ShardAwareSampler.for_dataset(ds, seed=0, block=4)
+    real = ds.__getitems__
+    calls = []
+
+    def failing(indices):
+        calls.append(len(indices))
+        if len(calls) == 3:
+            raise OSError("disk gone")
+        return real(indices)
+
+    ds.__getitems__ = failing
+    loader = ThreadLoader(ds, 5, s, num_workers=2, prefetch_factor=1)
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for b in loader:
+            got.append(b["subject_id"].clone())
+    assert len(got) == 2  # the batches before the failed one arrived, in order
+    # leaving early: no thread is left reading
+    import threading
+
+    it = iter(loader)
+    next(it)
+    it.close()  # what a `for` loop left by `break` does when its iterator goes away
+    assert not [t for t in threading.enumerate() if t.name.startswith("trd-read")]

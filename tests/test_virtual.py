@@ -42,7 +42,9 @@ def test_a_virtual_cohort_is_bit_identical_to_the_sharded_one(tmp_path, config):
     ds = CohortDataset(tmp_path / "virtual", "train")
     ref = CohortDataset(tmp_path / "sharded", "train")
     sampler = ShardAwareSampler.for_dataset(ds, num_replicas=1, rank=0, shuffle=True, seed=3, block=4)
-    for bx, by in zip(make_loader(ds, 8, sampler, num_workers=1), make_loader(ref, 8, sampler, num_workers=0)):
+    for bx, by in zip(
+        make_loader(ds, 8, sampler, num_workers=1, worker_type="process"), make_loader(ref, 8, sampler, num_workers=0)
+    ):
         for k in bx:
             assert torch.equal(bx[k], by[k]), k
 

@@ -519,6 +519,10 @@ class DataConfig(Strict):
     # Cohort directory.  `train` generates it from the cohort section when absent.
     cohort: str = "data/cohort"
     num_workers: int = Field(2, ge=0)
+    # "thread": the workers are threads of the training process reading ahead into reused
+    # buffers (no shared-memory hand-over; reads overlap the step's compute); "process": torch
+    # DataLoader worker processes, for CPU-heavy per-item work. See `trd-hpc bench load`.
+    worker_type: Literal["thread", "process"] = "thread"
     prefetch_factor: int = Field(2, ge=1)
     # Subjects per contiguous run the sampler keeps together inside a shard.
     locality_block: int = Field(16, ge=1)

@@ -140,7 +140,6 @@ def run(
                 "cohort.n_subjects": n,
                 "cohort.subjects_per_shard": max(n // 4, 1),
                 "data.cohort": str(root),
-                "data.num_workers": 0,
                 "train.strategy": "single",
                 "train.num_threads": threads,
             },

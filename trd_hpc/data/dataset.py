@@ -9,6 +9,11 @@
 * Items are dicts of tensors plus ``subject_id`` and ``is_pad``; bulk images
   keep their stored dtype (float16 fMRI halves the bytes moved; the trainer
   casts on the device).
+* Workers: ``make_loader(worker_type="thread")`` (the default) reads ahead in threads of the
+  training process into its reused buffers, overlapping the step's compute; the reads take
+  turns (one lock: h5py serialises them anyway), so threads never pay the fresh shared memory
+  that process workers hand over per batch. ``"process"`` is torch's DataLoader with worker
+  processes, for CPU-heavy per-item work.
 * Memory: one batch per worker plus per-shard scalars, never the cohort.
 * Trust: when a process first opens a shard, the shard's own attributes must
   say it is the manifest's (seed, config, subject range: a shard copied in
@@ -21,9 +26,13 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import sys
-from collections import OrderedDict
+import threading
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +85,7 @@ class BufferPool:
     def __init__(self, per_key: int = 4):
         self.per_key = per_key
         self._bufs: dict[tuple, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()  # reading threads: a buffer goes to one of them
 
     @staticmethod
     def _free(t: torch.Tensor) -> bool:
@@ -83,14 +93,15 @@ class BufferPool:
         return sys.getrefcount(t) <= 4 and torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2
 
     def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        bufs = self._bufs.setdefault((shape, dtype), [])
-        for t in bufs:
-            if self._free(t):
-                return t
-        t = torch.empty(shape, dtype=dtype)
-        if len(bufs) < self.per_key:
-            bufs.append(t)
-        return t
+        with self._lock:
+            bufs = self._bufs.setdefault((shape, dtype), [])
+            for t in bufs:
+                if self._free(t):
+                    return t
+            t = torch.empty(shape, dtype=dtype)
+            if len(bufs) < self.per_key:
+                bufs.append(t)
+            return t
 
 
 class CohortDataset(Dataset):
@@ -133,6 +144,7 @@ class CohortDataset(Dataset):
         self._pid = None
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
         self._pool = BufferPool()
+        self._read_lock = threading.Lock()
 
     def _check_files(self) -> None:
         if self.virtual:
@@ -161,7 +173,12 @@ class CohortDataset(Dataset):
         d["_readers"] = OrderedDict()
         d["_pid"] = None
         d["_pool"] = BufferPool()
+        d["_read_lock"] = None  # not picklable; a fresh one in the worker
         return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._read_lock = threading.Lock()
 
     def _reader(self, k: int) -> ShardReader:
         if self._pid != os.getpid():
@@ -267,15 +284,17 @@ class CohortDataset(Dataset):
                 arrays[c.name] = t.numpy()
         scalars = {c.name: np.empty(b, dtype=c.dtype) for c in self.cols if not c.chunked}
         # Read in file order (shard, row) so the disk sees ascending offsets;
-        # each row still lands in its shuffled batch position.
-        for j in np.lexsort((self._row[pos], self._shard_pos[pos])):
-            p = pos[j]
-            r = self._reader(int(self._shard_pos[p]))
-            row = int(self._row[p])
-            for name, arr in arrays.items():
-                r.read(name, row, arr[j])
-            for name, arr in scalars.items():
-                arr[j] = r.scalars[name][row]
+        # each row still lands in its shuffled batch position. One reading thread at a
+        # time: the open-shard LRU may close a handle another thread would read from.
+        with self._read_lock:
+            for j in np.lexsort((self._row[pos], self._shard_pos[pos])):
+                p = pos[j]
+                r = self._reader(int(self._shard_pos[p]))
+                row = int(self._row[p])
+                for name, arr in arrays.items():
+                    r.read(name, row, arr[j])
+                for name, arr in scalars.items():
+                    arr[j] = r.scalars[name][row]
         for name, arr in scalars.items():
             out[name] = torch.from_numpy(arr)
         out["is_pad"] = torch.tensor([pad for _, pad in decoded], dtype=torch.bool)
@@ -291,6 +310,47 @@ def collate_batched(batch):
     return batch
 
 
+class ThreadLoader:
+    """Batches of ``dataset`` in ``sampler``'s order, read ahead by ``num_workers`` threads.
+
+    At most ``num_workers * prefetch_factor`` batches are in flight; each lands in one of the
+    dataset's reused buffers (the pool grows to hold them), and the next read starts while the
+    training step computes. A read's exception is raised, with its traceback, when its batch is
+    due; leaving the loop early waits for the reads in flight (at most that many batches)."""
+
+    def __init__(self, dataset, batch_size: int, sampler, num_workers: int, prefetch_factor: int = 2):
+        self.dataset, self.batch_size, self.sampler = dataset, batch_size, sampler
+        self.num_workers, self.depth = num_workers, num_workers * prefetch_factor
+        pool = getattr(dataset, "_pool", None)
+        if pool is not None:  # in flight, the one being used, the caller's previous one
+            pool.per_key = max(pool.per_key, self.depth + 2)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def _index_batches(self):
+        it = iter(self.sampler)
+        while chunk := list(itertools.islice(it, self.batch_size)):
+            yield chunk
+
+    def __iter__(self):
+        batches = self._index_batches()
+        read = self.dataset.__getitems__
+        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="trd-read") as pool:
+            pending = deque(pool.submit(read, b) for b in itertools.islice(batches, self.depth))
+            try:
+                while pending:
+                    batch = pending.popleft().result()
+                    nxt = next(batches, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(read, nxt))
+                    yield batch
+                    del batch  # its buffer is free for a later read once the caller drops it too
+            finally:
+                for f in pending:
+                    f.cancel()
+
+
 def make_loader(
     dataset: CohortDataset,
     batch_size: int,
@@ -300,12 +360,19 @@ def make_loader(
     pin_memory: bool | None = None,
     persistent_workers: bool = False,
     generator: torch.Generator | None = None,
-) -> DataLoader:
-    """A DataLoader over ``dataset`` in ``sampler``'s order.
+    worker_type: str = "thread",
+) -> DataLoader | ThreadLoader:
+    """A loader over ``dataset`` in ``sampler``'s order: ``num_workers`` reading threads
+    (``worker_type="thread"``, see ``ThreadLoader``) or torch's DataLoader with that many worker
+    processes (``"process"``); with 0, torch's DataLoader reading in this process.
 
     ``generator`` seeds the workers; passing one (always, here) keeps the
     loader from drawing from torch's global RNG when an epoch starts, which
     would otherwise shift the dropout stream and break exact resume."""
+    if num_workers > 0 and worker_type == "thread":
+        return ThreadLoader(dataset, batch_size, sampler, num_workers, prefetch_factor)
+    if worker_type not in ("thread", "process"):
+        raise ValueError(f"worker_type must be 'thread' or 'process', not {worker_type!r}")
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     if pin_memory is None:

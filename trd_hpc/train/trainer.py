@@ -220,6 +220,7 @@ class Trainer:
             sampler,
             num_workers=d.num_workers,
             prefetch_factor=d.prefetch_factor,
+            worker_type=d.worker_type,
             persistent_workers=False,
             generator=torch.Generator().manual_seed(self.tc.seed),
         )
