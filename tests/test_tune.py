@@ -163,6 +163,34 @@ def asha_and_fifo(local_ray, volume_cohort_dir, tmp_path_factory):
     return root, asha, fifo
 
 
+def test_sweep_logs_every_result_of_every_trial_to_wandb_offline(local_ray, volume_cohort_dir, tmp_path, monkeypatch):
+    """The driver's W&B callback hands results to each trial's logger without waiting for it to
+    start (trd_hpc/tune/sweep.py `_non_blocking`): every epoch of every trial still arrives, in order."""
+    import shutil
+
+    from trd_hpc.tracking import read_offline_run
+    from trd_hpc.tune import run_sweep
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        scheduler="fifo",
+        max_t=3,
+        num_samples=2,
+        overrides=["train.early_stopping.patience=100"],
+    )
+    run_sweep(spec, tmp_path / "out", overrides=[f"data.cohort={volume_cohort_dir}"], verbose=0, progress=False)
+    runs = sorted((tmp_path / "out" / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2, runs
+    for k, d in enumerate(runs):
+        one = tmp_path / f"trial{k}"  # read_offline_run reads RUN_DIR/wandb/offline-run-*
+        shutil.copytree(d, one / "wandb" / d.name)
+        run = read_offline_run(one)
+        assert run["job_type"] == "tune" and run["group"] == "out", run
+        assert [row["epoch"] for row in run["history"]] == [1, 2, 3], run["history"]
+        assert all("val.loss" in row for row in run["history"])
+
+
 def test_asha_stops_trials_early(asha_and_fifo):
     root, asha, fifo = asha_and_fifo
     for res, name in ((asha, "asha"), (fifo, "fifo")):

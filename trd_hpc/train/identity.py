@@ -24,6 +24,7 @@ RESUMABLE_CHANGES = (
     "data.num_workers",
     "data.cohort",
     "data.prefetch_factor",
+    "data.worker_type",
     "train.checkpoint_every_steps",
     "train.log_every_steps",
     "tracking.",
