@@ -6,6 +6,10 @@
   python3 dev.py test    virtual env + every optional part, then the whole test suite
                          (extra arguments go to pytest, e.g. `python3 dev.py test -m "not slow"`)
   python3 dev.py setup [--all]
+  python3 dev.py run CMD [ARGS...]
+                         CMD from the virtual env (trd-hpc, torchrun, ray, python, ...), set
+                         up first if needed: `python3 dev.py run trd-hpc --help`. Or once per
+                         shell: `source .venv/bin/activate`, then `trd-hpc ...` as written.
 
 Environment: TRD_VENV (default .venv), TRD_TORCH (default torch==2.13.0: the CPU
 build where a local wheel exists; set e.g. "torch==2.13.0 --index-url URL" for CUDA).
@@ -42,10 +46,30 @@ def _stamp(name: str) -> Path:
     return VENV / f".installed-{name}-{digest}"
 
 
+def _create_venv() -> None:
+    print(f"creating virtual environment {VENV}", flush=True)
+    try:
+        venv.EnvBuilder(with_pip=True).create(VENV)
+        return
+    except subprocess.CalledProcessError:  # Debian/Ubuntu without python3-venv: no ensurepip
+        pass
+    try:
+        import virtualenv  # noqa: F401
+    except ImportError:
+        sys.exit(
+            f"cannot create {VENV}: this Python has no ensurepip. On Debian/Ubuntu: "
+            f"apt install python3-venv (or python{sys.version_info[0]}.{sys.version_info[1]}-venv); "
+            "elsewhere: python3 -m pip install --user virtualenv. Then run the same command again."
+        )
+    import shutil
+
+    shutil.rmtree(VENV, ignore_errors=True)  # the half-made one
+    sh(sys.executable, "-m", "virtualenv", "-q", str(VENV))
+
+
 def setup(all_parts: bool) -> None:
     if not PY.exists():
-        print(f"creating virtual environment {VENV}", flush=True)
-        venv.EnvBuilder(with_pip=True).create(VENV)
+        _create_venv()
     if not _stamp("core").exists():
         pip(*shlex.split(TORCH))
         pip("-e", f"{ROOT}[test]")
@@ -93,6 +117,15 @@ def main(argv: list[str]) -> int:
     if cmd == "setup":
         setup(all_parts="--all" in rest)
         return 0
+    if cmd == "run":
+        if not rest:
+            print("usage: python3 dev.py run CMD [ARGS...]   e.g. python3 dev.py run trd-hpc --help", file=sys.stderr)
+            return 2
+        setup(all_parts=False)
+        exe = BIN / rest[0]
+        env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", VIRTUAL_ENV=str(VENV))
+        # the command as if the env were activated: its own children (torchrun's ranks) find it too
+        return subprocess.run([str(exe) if exe.exists() else rest[0], *rest[1:]], cwd=Path.cwd(), env=env).returncode
     print(f"unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
     return 2
 
