@@ -324,3 +324,16 @@ def test_clinical_snp_and_permutation_importance():
     groups = {k: (lambda d, r, k=k: {**d, k: r.permutation(d[k])}) for k in x}
     imp = permutation_importance_by_group(lambda d: d["signal"] + 0.1 * d["noise"], x, y, groups)
     assert imp["signal"] > 0.3 and abs(imp["noise"]) < 0.05
+
+
+def test_rank_auc_equals_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from trd_hpc.eval.metrics import rank_auc
+
+    rng = np.random.default_rng(3)
+    for n in (5, 40, 200):
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        p = np.round(rng.random(n), 1)  # many ties
+        assert rank_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)

@@ -240,3 +240,24 @@ def test_sidecars_and_manifest_carry_per_subject_checksums(emt_cohort_dir):
     for k, s in enumerate(m.shards):
         side = json.loads((emt_cohort_dir / f".shard-{k:05d}.json").read_text())
         assert side["row_crc32"] == s["row_crc32"] and len(s["row_crc32"]) == s["n_subjects"]
+
+
+def test_bench_scale_writes_trains_on_and_deletes_a_bigger_cohort(tmp_path):
+    """`trd-hpc bench scale` end to end at a small size: the big cohort is written with 2 workers,
+    both cohorts are trained on in fresh processes for the same steps, figures land in the JSON,
+    and the cohorts are gone afterwards."""
+    js, scratch = tmp_path / "scale.json", tmp_path / "scratch"
+    r = cli(
+        "bench", "scale", "--config", str(CONFIGS / "cnn3d_tiny.yaml"), "--subjects", "480", "--steps", "4",
+        "--dir", str(scratch), "--json", str(js),
+    )  # fmt: skip
+    f = json.loads(js.read_text())
+    assert (f["subjects"], f["paper_subjects"], f["workers"]) == (480, 240, 2)
+    assert f["train_big"]["steps"] == f["train_paper"]["steps"] == 4
+    assert f["train_big"]["train_subjects"] > f["train_paper"]["train_subjects"] > 0
+    assert f["samples_per_s_ratio"] == pytest.approx(
+        f["train_big"]["samples_per_s"] / f["train_paper"]["samples_per_s"]
+    )
+    assert f["peak_rss_ratio"] > 0 and f["generate_ratio_to_one_worker"] > 0 and f["cohort_gb"] > 0
+    assert "x one worker" in r.stdout and "peak RSS" in r.stdout
+    assert scratch.is_dir() and not list(scratch.iterdir())  # --dir without --keep: the cohorts are deleted

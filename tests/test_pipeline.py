@@ -25,7 +25,27 @@ def emt_run(tmp_path_factory, emt_cohort_dir):
         "train.num_threads=1",
     )
     assert "report:" in r.stdout and "test.auc" in r.stdout
+    (out.parent / "train.stdout").write_text(r.stdout)
     return out
+
+
+def test_console_lines_say_what_is_being_trained_and_evaluated(emt_run):
+    lines = (emt_run.parent / "train.stdout").read_text().splitlines()
+
+    def having(prefix: str) -> list[str]:
+        return [ln for ln in lines if ln.startswith(prefix)]
+
+    main = having("[emt] epoch ")
+    assert len(main) == 4 and all("MFU" in ln for ln in main), lines  # the EMT's own FLOP formula
+    mlp = having("[baseline late_fusion_mlp] epoch ")
+    assert mlp and not any("MFU" in ln for ln in mlp), lines  # FLOPs only estimated from parameters
+    assert having("[baseline late_fusion_mlp] no checkpoint yet: starting from scratch")  # resume auto
+    assert having("[baseline random_forest] fit: ")
+    for what in ("calibration (", "feature importance: ", "figures ...", "report: ", "bundle: "):
+        assert having(f"[eval] {what}"), (what, lines)
+    # every line of the training stages carries its label (the CLI's own summary comes last)
+    first_summary = next(i for i, ln in enumerate(lines) if ln.startswith(("final:", "report:")))
+    assert all(ln.startswith("[") for ln in lines[:first_summary] if ln.strip()), lines[:first_summary]
 
 
 def test_emt_metrics_hold_test_calibration_and_baselines(emt_run):

@@ -166,7 +166,7 @@ def _calibrators(cfg, run) -> dict:
 
 def _bootstrap_ci(cfg, run, n_boot: int = 1000) -> dict:
     """95 % percentile intervals over test subjects (resampled with replacement)."""
-    from trd_hpc.eval.metrics import binary_metrics
+    from trd_hpc.eval.metrics import expected_calibration_error, rank_auc
 
     test = run.predictions("test")
     rng = np.random.default_rng(0)
@@ -179,12 +179,14 @@ def _bootstrap_ci(cfg, run, n_boot: int = 1000) -> dict:
         p = 1 / (1 + np.exp(-np.asarray(test["logit"], dtype=np.float64)))
         y = np.asarray(test["label"])
         vals: dict[str, list] = {"auc": [], "accuracy": [], "ece": []}
+        # the metrics themselves, not binary_metrics: sklearn's input checks made 1000 draws 8.7 s
         for idx in draws:
-            if len(np.unique(y[idx])) < 2:
+            yi, pi = y[idx], p[idx]
+            if yi.min() == yi.max():
                 continue
-            m = binary_metrics(y[idx], p[idx], n_bins=cfg.eval.ece_bins)
-            for k in vals:
-                vals[k].append(m[k])
+            vals["auc"].append(rank_auc(yi, pi))
+            vals["accuracy"].append(float(((pi >= 0.5) == (yi == 1)).mean()))
+            vals["ece"].append(expected_calibration_error(yi, pi, cfg.eval.ece_bins))
     else:
         vals = {}
         if "response_logits" in test and cfg.model.name != "single_task_severity":

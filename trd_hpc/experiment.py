@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from trd_hpc import faults
 from trd_hpc.config import ConfigError, derive, merge_overrides, to_dict, validate_experiment
+from trd_hpc.console import labelled, say, step
 from trd_hpc.locks import DirLock
 from trd_hpc.rundir import RunDir
 from trd_hpc.tasks import spec_for
@@ -77,11 +78,17 @@ def train_baselines(cfg: "ExperimentConfig", run_dir: str | Path, progress: bool
             continue
         b = spec.baselines[name]
         if b.fit is not None:
-            out[name] = b.fit(cfg, target.path)
+            with labelled(f"baseline {name}"), step("fit"):
+                out[name] = b.fit(cfg, target.path)
             continue
         # standalone: after a DDP run this is rank 0 alone, with the launcher's variables still set
         m = train_run(
-            baseline_config(cfg, run.path, name), target.path, resume="auto", progress=progress, standalone=True
+            baseline_config(cfg, run.path, name),
+            target.path,
+            resume="auto",
+            progress=progress,
+            standalone=True,
+            label=f"baseline {name}",
         )
         if m is None:
             return None
@@ -95,9 +102,10 @@ def _evaluation_stage(run_dir: Path, figures: bool = True) -> dict | None:
     run = RunDir(run_dir)
     faults.point("evaluate")
     if train_baselines(run.config(), run.path) is None:
-        print("pre-empted while training a baseline; rerun with --resume auto to continue", flush=True)
+        say("pre-empted while training a baseline; rerun with --resume auto to continue")
         return None
-    return evaluate_run(run.path, figures=figures)
+    with labelled("eval"):
+        return evaluate_run(run.path, figures=figures)
 
 
 def run(

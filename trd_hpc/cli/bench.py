@@ -1,4 +1,4 @@
-"""``trd-hpc bench generate|load|train|ingest|predict|faults|tune``: each benchmark with its own options."""
+"""``trd-hpc bench generate|load|train|ingest|predict|faults|tune|scale``: each benchmark with its own options."""
 
 from __future__ import annotations
 
@@ -61,6 +61,21 @@ def _predict(a) -> int:
     return run(a.run, a.config, a.overrides, subjects=a.subjects, scratch_dir=a.dir, json_path=a.json)
 
 
+def _scale(a) -> int:
+    from trd_hpc.bench.scale import run
+
+    return run(
+        a.config,
+        a.overrides,
+        subjects=a.subjects,
+        scratch_dir=a.dir,
+        json_path=a.json,
+        steps=a.steps,
+        workers=a.workers,
+        keep=a.keep,
+    )
+
+
 def _tune(a) -> int:
     from trd_hpc.tune.bench import DEFAULT_OUT, format_bench, run_bench
     from trd_hpc.tune.spec import dumps
@@ -92,6 +107,20 @@ def add_parsers(sub) -> None:
         verb(bsub, "generate", _generate, help="cohort writing: subjects/s and MB/s against raw disk writes"),
         "configs/emt.yaml with 64 subjects",
     )
+    sc = verb(
+        bsub,
+        "scale",
+        _scale,
+        help="a 100,000-volume cohort written with N workers and trained on, against the paper-size one",
+        description="Generate a cohort of --subjects (default 100,000 volumes of the 3-D CNN config: ~26 GB) with "
+        "--workers processes, then train --steps steps on it and on the paper-size cohort, each in a fresh process; "
+        "report subjects/s against one worker, samples/s and peak RSS against the paper-size run. Needs the disk "
+        "space it prints first; deletes the cohorts afterwards.",
+    )
+    _common(sc, "configs/cnn3d.yaml, 100000 subjects")
+    sc.add_argument("--steps", type=int, default=2000, help="optimiser steps on each cohort (default 2000)")
+    sc.add_argument("--workers", type=int, default=2, help="generation processes (default 2)")
+    sc.add_argument("--keep", action="store_true", help="with --dir: keep the cohorts")
     ld = verb(bsub, "load", _load, help="Dataset + DataLoader against raw reads, cold and warm page cache")
     _common(ld, "configs/emt.yaml with 48 subjects")
     ld.add_argument(

@@ -313,8 +313,13 @@ def _init_worker(q) -> None:
     global _progress_q
     _progress_q = q
     import torch
+    from threadpoolctl import threadpool_limits
 
+    # One thread per worker for every pool in the process: torch's, and numpy's OpenBLAS and
+    # OpenMP (scikit-learn brings threadpoolctl). With each library's default of one thread per
+    # core, two volume workers ran at 0.71x one worker on 2 cores (oversubscribed, spinning).
     torch.set_num_threads(1)
+    threadpool_limits(1)
 
 
 def _shard_task(

@@ -4,6 +4,7 @@ test split, figures."""
 from __future__ import annotations
 
 from trd_hpc.config import CNN3DExperiment
+from trd_hpc.console import say
 
 
 def evaluate_cnn3d(cfg: CNN3DExperiment, run, history: list, preds: dict, figures: bool) -> tuple[dict, dict]:
@@ -17,6 +18,7 @@ def evaluate_cnn3d(cfg: CNN3DExperiment, run, history: list, preds: dict, figure
     m = {f"test.{k}": v for k, v in {**mc, **rg}.items() if k != "class_names"}
     figs = {}
     if figures:
+        say("figures ...")
         d = run.figures_dir
         d.mkdir(exist_ok=True)
         scale = cfg.cohort.severity_max

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from trd_hpc.config import EMTExperiment
+from trd_hpc.console import say, step
 
 
 def _sigmoid(x):
@@ -69,19 +70,21 @@ def evaluate_emt(cfg: EMTExperiment, run, model, history: list, preds: dict, fig
     prob = _sigmoid(test["logit"])
     m = {f"test.{k}": v for k, v in binary_metrics(test["label"], prob, n_bins=cfg.eval.ece_bins).items()}
     run.write_json("curves.json", curves(test["label"], prob), indent=None)
-    cal, probs = calibrate_all(
-        val["logit"],
-        val["label"],
-        test["logit"],
-        test["label"],
-        cfg.eval.calibration,
-        cfg.eval.ece_bins,
-        return_probs=True,
-    )
+    with step(f"calibration ({', '.join(cfg.eval.calibration)})"):
+        cal, probs = calibrate_all(
+            val["logit"],
+            val["label"],
+            test["logit"],
+            test["label"],
+            cfg.eval.calibration,
+            cfg.eval.ece_bins,
+            return_probs=True,
+        )
     for method, res in cal.items():
         for k, v in res.items():
             m[f"calibrated.{method}.{k}"] = v
-    imp = importance(cfg, model)  # the run's model, weights loaded by the caller
+    with step("feature importance"):
+        imp = importance(cfg, model)  # the run's model, weights loaded by the caller
     run.write_json("importance.json", imp)
     for k, v in imp["fmri_regions"].items():
         m[f"importance.fmri.{k}"] = v
@@ -91,6 +94,7 @@ def evaluate_emt(cfg: EMTExperiment, run, model, history: list, preds: dict, fig
         m["importance.snp.predictive_share"] = imp["snp"]["predictive_share"]
     figs = {}
     if figures:
+        say("figures ...")
         overlay = {"EMT" if cfg.model.name == "emt" else cfg.model.name: (test["label"], prob)}
         for name in cfg.eval.baselines:
             b = run.baseline(name).predictions("test")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trd_hpc import faults
+from trd_hpc.console import step
 from trd_hpc.errors import RunDirError
 from trd_hpc.locks import DirLock
 from trd_hpc.rundir import RunDir, read_json
@@ -67,10 +68,12 @@ def evaluate_run(run_dir: str | Path, figures: bool = True) -> dict:
         metrics = run.write_metrics(metrics)  # readers never see half a file
         if figs:
             run.write_json("figures/index.json", {k: str(Path(v).name) for k, v in figs.items()}, indent=None)
-        write_run_report(run.path, metrics=metrics, cfg=cfg)
+        with step("report"):
+            write_run_report(run.path, metrics=metrics, cfg=cfg)
         from trd_hpc.bundle import write_bundle
 
-        write_bundle(run.path)  # what `trd-hpc predict` reads: weights, calibrators, preprocessing, card
+        with step("bundle"):
+            write_bundle(run.path)  # what `trd-hpc predict` reads: weights, calibrators, preprocessing, card
     return metrics
 
 

@@ -108,9 +108,14 @@ def check_finite(name: str, t: torch.Tensor, batch: dict, root: str) -> None:
         )
 
 
+class FlopsEstimate(int):
+    """A FLOP count estimated from the parameter count, not the model's own formula: the
+    trainer records MFU from it but does not print it (it could mislead by a large factor)."""
+
+
 def param_flops_estimate(model: nn.Module) -> int:
     """~6 FLOPs per parameter per sample (2 forward, 4 backward) for dense layers."""
-    return 6 * sum(p.numel() for p in model.parameters())
+    return FlopsEstimate(6 * sum(p.numel() for p in model.parameters()))
 
 
 def merge_records(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ import torch
 
 from trd_hpc import faults
 from trd_hpc.config import ConfigError, to_dict
+from trd_hpc.console import labelled, say
 from trd_hpc.data.generate import check_target_dir, generate
 from trd_hpc.data.manifest import MANIFEST, load_manifest
 from trd_hpc.fsio import atomic_write_json, atomic_write_with
@@ -76,10 +77,10 @@ def ensure_cohort(cfg: "ExperimentConfig", info: D.DistInfo, progress: bool = Tr
         if cfg.data.source == "virtual":
             from trd_hpc.data.generate import write_virtual
 
-            print(f"cohort {root} not found: writing it as a virtual cohort (manifest only)", flush=True)
+            say(f"cohort {root} not found: writing it as a virtual cohort (manifest only)")
             write_virtual(cfg.cohort, root)
         else:
-            print(f"cohort {root} not found: generating it from the config's cohort section", flush=True)
+            say(f"cohort {root} not found: generating it from the config's cohort section")
             generate(cfg.cohort, root, progress=progress)
     D.barrier(info)
     m = load_manifest(root)
@@ -110,7 +111,7 @@ def prepare_run_dir(cfg, run_dir: Path, resume: str | None, info: D.DistInfo) ->
         if cfg_file.exists() and not trained:
             # A start that failed before its first checkpoint: nothing to keep, so a
             # corrected config simply replaces the one written then.
-            print(f"{run_dir}: no checkpoint yet from the earlier start; starting afresh with this config", flush=True)
+            say(f"{run_dir}: no checkpoint yet from the earlier start; starting afresh with this config")
         elif cfg_file.exists():
             if not resume:
                 raise ConfigError(
@@ -159,8 +160,11 @@ def train_run(
     on_epoch=None,
     standalone: bool = False,
     then: Callable[[Path], dict | None] | None = None,
+    label: str | None = None,
 ) -> dict | None:
     """Train one run; returns the final metrics on rank 0 (None elsewhere or when pre-empted).
+
+    Its console lines start with ``[label]`` (default: the task, e.g. ``[emt]``).
 
     ``on_step(trainer)`` runs after every optimiser step and ``on_epoch(trainer, row)``
     after each epoch's checkpoint is written (Ray Tune reports there).  ``standalone``:
@@ -170,6 +174,11 @@ def train_run(
     stage) while the other ranks wait, still part of the job: a rank that exits while
     rank 0 works can end the whole srun step (--kill-on-bad-exit) and take that work
     with it.  What it returns is the run's metrics from then on."""
+    with labelled(label or cfg.task):
+        return _train_run(cfg, run_dir, resume, progress, on_step, on_epoch, standalone, then)
+
+
+def _train_run(cfg, run_dir, resume, progress, on_step, on_epoch, standalone, then) -> dict | None:
     signals.install()
     from trd_hpc.tracking import Tracker, figures_of
 
@@ -192,11 +201,10 @@ def train_run(
             if resume:
                 path = trainer.load_checkpoint(resume)
                 if info.is_main:
-                    print(
+                    say(
                         f"resumed from {path} (epoch {trainer.state.epoch + 1}, step {trainer.state.step})"
                         if path
-                        else "no checkpoint yet: starting from scratch",
-                        flush=True,
+                        else "no checkpoint yet: starting from scratch"
                     )
 
             def _on_epoch(tr, row):
@@ -212,7 +220,7 @@ def train_run(
                     atomic_write_json(
                         run_dir / PREEMPTED, {"step": p.step, "signal": p.signame, "checkpoint": str(p.path)}
                     )
-                    print(f"{p}; continue with --resume auto", flush=True)
+                    say(f"{p}; continue with --resume auto")
                 return None
             val_m, val_rec = trainer.evaluate("val")
             test_m, test_rec = trainer.evaluate("test")

@@ -23,12 +23,14 @@ import torch
 from torch import nn
 
 from trd_hpc import faults
+from trd_hpc.console import prefix as console_prefix
+from trd_hpc.console import say
 from trd_hpc.data.dataset import CohortDataset, make_loader
 from trd_hpc.data.sampler import ShardAwareSampler
 from trd_hpc.errors import TrainingError  # noqa: E402  (re-exported)
 from trd_hpc.launch.plan import threads_per_process
 from trd_hpc.rundir import RunDir
-from trd_hpc.tasks.base import Task, merge_records
+from trd_hpc.tasks.base import FlopsEstimate, Task, merge_records
 from trd_hpc.train import checkpoint as ckpt
 from trd_hpc.train import distributed as D
 from trd_hpc.train import identity, signals
@@ -172,6 +174,8 @@ class Trainer:
         torch.manual_seed(tc.seed)  # same initial weights on every rank
         model = self.task.build_model().to(self.device)
         self.flops_per_sample = self.task.flops_per_sample(model)
+        # MFU on the console only from a model's own FLOP formula (tasks.base.FlopsEstimate)
+        self.show_mfu = not isinstance(self.flops_per_sample, FlopsEstimate)
 
         self.datasets = {
             role: CohortDataset(
@@ -414,7 +418,11 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(
-                total=n_batches, desc=f"epoch {epoch + 1}/{tc.max_epochs}", unit="step", dynamic_ncols=True, leave=False
+                total=n_batches,
+                desc=f"{console_prefix()}epoch {epoch + 1}/{tc.max_epochs}",
+                unit="step",
+                dynamic_ncols=True,
+                leave=False,
             )
         parts, losses = self.state.epoch_records, []  # a resumed epoch continues its records
         samples, t0, seconds_before = 0, time.perf_counter(), self.state.epoch_seconds
@@ -457,7 +465,8 @@ class Trainer:
                 mfu = self.flops_per_sample * sps / (peak * info.world_size)
                 bar.update(1)
                 if self.state.step % tc.log_every_steps == 0 or bar.n == bar.total:
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_s=f"{sps:.1f}", mfu=f"{100 * mfu:.1f}%")
+                    extra = {"mfu": f"{100 * mfu:.1f}%"} if self.show_mfu else {}
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_s=f"{sps:.1f}", **extra)
             saved = None
             # Not after the epoch's last step: the epoch-end checkpoint follows at once.
             last = i + 1 == n_batches
@@ -534,9 +543,7 @@ class Trainer:
         ]
         parts = [f"epoch {row['epoch']}", f"train.loss {row.get('train.loss', math.nan):.4f}"]
         parts += [f"{k} {row[k]:.4f}" for k in keys]
-        parts += [
-            f"lr {row['lr']:.2e}",
-            f"{row.get('train.samples_per_s', 0):.1f} samples/s",
-            f"MFU {100 * row.get('train.mfu', 0):.1f}%",
-        ]
-        print("  ".join(parts), flush=True)
+        parts += [f"lr {row['lr']:.2e}", f"{row.get('train.samples_per_s', 0):.1f} samples/s"]
+        if self.show_mfu:
+            parts.append(f"MFU {100 * row.get('train.mfu', 0):.1f}%")
+        say("  ".join(parts))
