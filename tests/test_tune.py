@@ -191,6 +191,31 @@ def test_sweep_logs_every_result_of_every_trial_to_wandb_offline(local_ray, volu
         assert all("val.loss" in row for row in run["history"])
 
 
+def test_bench_tune_repeats_asha_over_seeds_on_a_bigger_validation_split(local_ray, tmp_path):
+    from trd_hpc.data.manifest import load_manifest
+    from trd_hpc.tune.bench import format_bench, run_bench
+
+    over = ["train.early_stopping.patience=100", "tracking.wandb=false"]
+    grid = write_spec(
+        tmp_path / "grid.yaml", scheduler="fifo", max_t=2, num_samples=1, overrides=over,
+        space={"train.lr": {"type": "grid", "values": [0.001, 0.003]}},
+    )  # fmt: skip
+    asha = write_spec(tmp_path / "asha.yaml", max_t=2, num_samples=2, overrides=over)
+    res = run_bench(
+        grid, asha, tmp_path / "bench", overrides=[f"data.cohort={tmp_path / 'cohort'}"], seeds=2, val_subjects=60
+    )
+    # the bench cohort: 60 validation subjects, the training split of the base config (173)
+    m = load_manifest(tmp_path / "cohort")
+    assert (len(m.subjects("val")), len(m.subjects("train"))) == (60, 173) and res["val_subjects"] == 60
+    seeds = res["asha_seeds"]
+    assert [s["seed"] for s in seeds] == [0, 1] and (tmp_path / "bench" / "asha-seed1" / "best.json").exists()
+    o = res["asha_over_seeds"]
+    assert o["trial_epochs"]["mean"] == pytest.approx(sum(s["trial_epochs"] for s in seeds) / 2)
+    assert len(o["best"]["values"]) == 2 and o["best"]["sd"] >= 0
+    text = format_bench(res)
+    assert "ASHA over 2 seeds" in text and "one subject = 1.67 points" in text
+
+
 def test_asha_stops_trials_early(asha_and_fifo):
     root, asha, fifo = asha_and_fifo
     for res, name in ((asha, "asha"), (fifo, "fifo")):

@@ -88,6 +88,8 @@ def _tune(a) -> int:
         address=a.address,
         overrides=tuple(a.overrides or ()),
         max_t=a.max_t,
+        seeds=a.seeds,
+        val_subjects=a.val_subjects,
     )
     print(format_bench(res))
     print(f"figures: {Path(res['out']) / 'bench_tune.json'}")
@@ -99,7 +101,7 @@ def _tune(a) -> int:
 
 
 def add_parsers(sub) -> None:
-    from trd_hpc.tune.bench import DEFAULT_ASHA, DEFAULT_GRID, DEFAULT_OUT
+    from trd_hpc.tune.bench import DEFAULT_ASHA, DEFAULT_GRID, DEFAULT_OUT, VAL_SUBJECTS
 
     b = sub.add_parser("bench", help="measure throughput against this machine's limits")
     bsub = b.add_subparsers(dest="what", required=True, metavar="BENCHMARK")
@@ -209,6 +211,14 @@ def add_parsers(sub) -> None:
     )
     t.add_argument("--address", default=None, help="Ray cluster ('auto'); default: a local one")
     t.add_argument("--max-t", type=int, default=None, help="epochs per trial for both (default: the grid spec's max_t)")
+    t.add_argument("--seeds", type=int, default=3, help="ASHA sweeps, one per search seed (default 3)")
+    t.add_argument(
+        "--val-subjects",
+        type=int,
+        default=VAL_SUBJECTS,
+        help=f"validation subjects of the bench cohort, training subjects kept (default {VAL_SUBJECTS}; 0: the "
+        "base config's split as it is)",
+    )
     t.add_argument(
         "--out",
         "--dir",

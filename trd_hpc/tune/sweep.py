@@ -337,6 +337,7 @@ def summarize(out_dir: Path, sweep: Sweep, cohort: str, state: dict) -> dict:
         "finished": bool(state.get("finished")),
         "spec": sweep.source,
         "base": str(sweep.base_path),
+        "cohort": cohort,
         "trials": [
             {k: t[k] for k in ("trial_id", "params", "epochs", "best_value", "best_epoch", "failed")} for t in trials
         ],
