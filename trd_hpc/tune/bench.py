@@ -210,11 +210,11 @@ def run_bench(
 def _val_subjects(summary: dict) -> int | None:
     """Validation subjects of the sweeps' cohort (from its manifest)."""
     from trd_hpc.data.manifest import load_manifest
+    from trd_hpc.errors import TrdError
 
     try:
-        m = load_manifest(summary["cohort"])
-        return len(m.subjects("val"))
-    except Exception:  # an older summary without the cohort: leave the figure out
+        return len(load_manifest(summary["cohort"]).subjects("val"))
+    except (KeyError, OSError, TrdError):  # an older summary without the cohort: leave the figure out
         return None
 
 
