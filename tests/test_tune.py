@@ -379,3 +379,19 @@ def test_slurm_script_runs_a_sweep_on_its_ray_cluster(slurm_cluster, volume_coho
     assert state["finished"] is True, text[-4000:]
     assert list(trial_runs(out).values()) == [[1, 2], [1, 2]]
     load_config(out / "best_config.yaml")
+
+
+def test_a_restored_trial_with_another_sample_continues_the_run_it_started(tmp_path):
+    """What a driver killed between Ray's snapshots can bring back: the trial's run directory holds
+    a run of one sample while Ray hands it the next one."""
+    from trd_hpc.tune.sweep import TRIAL_FILE, recorded_params
+
+    trial = tmp_path / "trial_x_00000"
+    fresh = {"train.lr": 0.002}
+    assert recorded_params(trial, fresh) == fresh  # a new trial
+    (trial / "run").mkdir(parents=True)
+    (trial / TRIAL_FILE).write_text(json.dumps({"params": {"train.lr": 0.001}}))
+    assert recorded_params(trial, fresh) == fresh  # trial.json written, but no run started yet
+    (trial / "run" / "config.yaml").write_text("train: {lr: 0.001}\n")
+    assert recorded_params(trial, fresh) == {"train.lr": 0.001}
+    assert recorded_params(trial, {"train.lr": 0.001}) == {"train.lr": 0.001}

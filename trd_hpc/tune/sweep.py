@@ -58,6 +58,26 @@ def _scalars(row: dict) -> dict:
     return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def recorded_params(trial_dir: Path, params: dict) -> dict:
+    """The parameters this trial's run was started with, when it was started already.
+
+    A driver killed between Ray's snapshots can come back with the search algorithm's state
+    ahead of its trial list: the restored trial then gets the next sample, not the one its run
+    directory was trained with, and resuming that run would fail on the changed config every
+    time. The run on disk wins: it goes on with its own parameters, and trial.json keeps saying
+    which (the sweep's summaries read them from there)."""
+    info = _read_json(trial_dir / TRIAL_FILE)
+    old = (info or {}).get("params")
+    if old is None or old == params or not (trial_dir / "run" / "config.yaml").exists():
+        return params
+    print(
+        f"trial {trial_dir.name}: restored with {params}, but its run was started with {old}; continuing that run",
+        file=sys.stderr,
+        flush=True,
+    )
+    return dict(old)
+
+
 def trial_main(config: dict, ctx: dict) -> None:
     """The Tune function trainable (``config``: the sampled dotted keys)."""
     from ray import tune
@@ -69,7 +89,7 @@ def trial_main(config: dict, ctx: dict) -> None:
     trial_dir = Path(ctx["exp_dir"]) / Path(tc.get_trial_dir()).name
     run_dir = trial_dir / "run"
     trial_dir.mkdir(parents=True, exist_ok=True)
-    params = dict(config)
+    params = recorded_params(trial_dir, dict(config))
     import ray
 
     atomic_write_text(
