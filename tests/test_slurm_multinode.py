@@ -248,10 +248,9 @@ def test_generate_array_over_two_nodes_makes_the_same_cohort_as_one_process(slur
     log_text = "\n".join(p.read_text() for p in sorted(logs.glob("*.out")))
     assert (out / "manifest.json").exists(), log_text
     assert validate_cohort_dir(out, progress=False) == []
-    res = slurm_two_nodes.run(["sacct", "-n", "-X", "-P", "-j", str(job), "-o", "JobID,State,NodeList"], timeout=15)
-    rows = [ln.split("|") for ln in res.stdout.splitlines() if ln.strip()]
-    assert [r[1] for r in rows] == ["COMPLETED"] * 4, rows
-    assert {r[2] for r in rows} == {"trdn1", "trdn2"}, rows
+    recs = slurm_two_nodes.array_records(job, 4, fields=("NodeList",))
+    assert [s for s, _ in recs.values()] == ["COMPLETED"] * 4, recs
+    assert {node for _, node in recs.values()} == {"trdn1", "trdn2"}, recs
     ref = tmp_path / "ref"
     generate(emt_tiny.cohort, ref, num_shards=1, progress=False)
     a, b = read_all(out), read_all(ref)

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from tests.cluster.fixtures import slurm_cluster  # noqa: F401
-from tests.cluster.slurm import FINAL_STATES
 from tests.conftest import CONFIGS, REPO
 
 pytestmark = pytest.mark.slurm
@@ -339,21 +338,6 @@ def test_submit_preempted_job_is_requeued_by_submitit_and_resumes(slurm_cluster,
     assert same_weights(out / "model.pt", reference.model()) == []
 
 
-def array_states(cluster, job: int, n: int, timeout: float) -> dict[str, str]:
-    """Wait (bounded) until the ``n`` tasks of array ``job`` have final states in the accounting
-    database (it lags a little behind squeue); return them."""
-    deadline = time.monotonic() + timeout
-    while True:
-        res = cluster.run(["sacct", "-n", "-X", "-P", "-j", str(job), "-o", "JobID,State"], timeout=15, check=False)
-        states = dict(ln.split("|")[:2] for ln in res.stdout.splitlines() if "|" in ln)
-        states = {k: v.split()[0] for k, v in states.items()}  # "CANCELLED by 0" -> "CANCELLED"
-        if len(states) == n and all(v in FINAL_STATES for v in states.values()):
-            return states
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"array job {job} not finished after {timeout} s: {states}")
-        time.sleep(0.5)
-
-
 def test_sbatch_cv_array_one_fold_per_task_and_summary(slurm_cluster, tmp_path):
     from trd_hpc.config import load_config
     from trd_hpc.data.generate import generate
@@ -382,9 +366,9 @@ def test_sbatch_cv_array_one_fold_per_task_and_summary(slurm_cluster, tmp_path):
         env=job_env(),
     )
     try:
-        states = array_states(slurm_cluster, job, 2, timeout=300)
+        states = slurm_cluster.array_records(job, 2, timeout=300)
         logs = "\n".join(read(tmp_path / f"cv-{k}.out") for k in range(2))
-        assert states == {f"{job}_0": "COMPLETED", f"{job}_1": "COMPLETED"}, logs
+        assert states == {f"{job}_0": ["COMPLETED"], f"{job}_1": ["COMPLETED"]}, logs
         assert slurm_cluster.wait_job(agg, timeout=120) == "COMPLETED", read(tmp_path / "agg.out")
     finally:
         slurm_cluster.run(["scancel", str(job), str(agg)], check=False)

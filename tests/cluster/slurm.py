@@ -736,6 +736,27 @@ StorageLoc=slurm_acct_db
         lines = [ln.strip() for ln in res.stdout.splitlines() if ln.strip()]
         return lines[0].split()[0] if res.returncode == 0 and lines else None
 
+    def array_records(
+        self, job_id: int | str, n: int, fields: tuple[str, ...] = ("State",), timeout: float = 60.0
+    ) -> dict[str, list[str]]:
+        """Wait (bounded) until the ``n`` tasks of array ``job_id`` have final states in the
+        accounting database; return ``{task id: [state, *other fields]}``.
+
+        slurmctld sends job records to slurmdbd from a queue, so sacct lags behind squeue: a task
+        squeue no longer lists can still read RUNNING there for a moment (more so on a busy machine).
+        """
+        cols = ",".join(("JobID", "State") + tuple(f for f in fields if f != "State"))
+        deadline = time.monotonic() + timeout
+        while True:
+            res = self.run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", cols], timeout=15, check=False)
+            rows = [ln.split("|") for ln in res.stdout.splitlines() if "|" in ln]
+            recs = {r[0]: [r[1].split()[0] if r[1].strip() else r[1], *r[2:]] for r in rows}  # "CANCELLED by 0"
+            if len(recs) == n and all(v[0] in FINAL_STATES for v in recs.values()):
+                return recs
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"array job {job_id} not finished in accounting after {timeout:.0f} s: {recs}")
+            time.sleep(0.5)
+
     def wait_job(self, job_id: int | str, timeout: float = 300.0) -> str:
         """Wait (bounded) for a final state and return it; TimeoutError otherwise."""
         deadline = time.monotonic() + timeout
