@@ -35,6 +35,32 @@ def test_paper_values_are_the_defaults_of_cnn3d_yaml():
     assert c.noise_sd == 0.01 and c.intensity_shift == 0.05
     assert c.class_probs == (0.25, 0.50, 0.25)
     assert c.split.test == 0.15 and c.split.folds == 5
+    # separated classes (the paper's "distinct group separability"): 5-point gaps
+    assert c.severity_ranges == ((70.0, 100.0), (35.0, 65.0), (0.0, 30.0))
+
+
+def test_contiguous_variant_extends_cnn3d_yaml_changing_only_the_ranges():
+    from trd_hpc.config import to_dict
+
+    base, var = load_config(CONFIGS / "cnn3d.yaml"), load_config(CONFIGS / "cnn3d_contiguous.yaml")
+    assert var.cohort.severity_ranges == ((66.7, 100.0), (33.3, 66.7), (0.0, 33.3))
+    a, b = to_dict(base), to_dict(var)
+    a["cohort"].pop("severity_ranges"), b["cohort"].pop("severity_ranges")
+    assert a["data"].pop("cohort") != b["data"].pop("cohort")  # its own cohort directory
+    assert a == b
+
+
+def test_extends_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\ntask: cnn3d\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: key 'extends' makes a cycle"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: key 'extends': config file not found: .*missing.yaml"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("extends: [x]\n")
+    with pytest.raises(ConfigError, match=r"d.yaml: key 'extends' must name one config file"):
+        load_config(tmp_path / "d.yaml")
 
 
 def test_dotted_overrides_parse_types():
@@ -47,7 +73,7 @@ def test_dotted_overrides_parse_types():
     assert cfg.cohort.fmri.dtype == "float32"
 
 
-@pytest.mark.parametrize("name", ["emt_tiny.yaml", "cnn3d_tiny.yaml", "emt.yaml", "cnn3d.yaml"])
+@pytest.mark.parametrize("name", ["emt_tiny.yaml", "cnn3d_tiny.yaml", "emt.yaml", "cnn3d.yaml", "cnn3d_contiguous.yaml"])
 def test_seed_and_n_subjects_exist_in_both_cohort_configs(name):
     cfg = load_config(CONFIGS / name, ["cohort.n_subjects=100", "cohort.seed=3"])
     assert cfg.cohort.n_subjects == 100 and cfg.cohort.seed == 3

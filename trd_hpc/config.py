@@ -949,9 +949,27 @@ def validate_experiment(data: dict, source: str = "config") -> ExperimentConfig:
         raise ConfigError(format_validation_error(e, model, source)) from None
 
 
+def _read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """An experiment YAML with its ``extends: OTHER.yaml`` chain merged in (OTHER relative to
+    the file naming it; this file's keys win), so a variant config states only what differs."""
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{path}: key 'extends' must name one config file, got {parent!r}")
+    target = (path.parent / parent).resolve()
+    if target in seen or target == path.resolve():
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve(), target))
+        raise ConfigError(f"{path}: key 'extends' makes a cycle: {chain}")
+    if not target.is_file():
+        raise ConfigError(f"{path}: key 'extends': config file not found: {target}")
+    return _deep_merge(_read_config_file(target, (*seen, path.resolve())), data)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     path = Path(path)
-    data = merge_overrides(_read_yaml(path), overrides, str(path))
+    data = merge_overrides(_read_config_file(path), overrides, str(path))
     return validate_experiment(data, str(path))
 
 

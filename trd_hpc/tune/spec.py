@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from trd_hpc.config import (
     ConfigError,
+    _read_config_file,
     _read_yaml,
     format_validation_error,
     merge_overrides,
@@ -371,7 +372,7 @@ def load_spec(
     base_path = _resolve_base(spec.base, spec_path)
     if not base_path.is_file():
         raise ConfigError(f"{source}: key 'base': config file not found: {spec.base}")
-    base_data = _read_yaml(base_path)
+    base_data = _read_config_file(base_path)
     if isinstance(spec.overrides, dict):
         for k, v in spec.overrides.items():
             set_dotted(base_data, k, v)
