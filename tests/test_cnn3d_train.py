@@ -77,6 +77,19 @@ def test_cv_writes_fold_runs_and_mean_sd(tmp_path, volume_cohort_dir):
     bad = cli("cv", TINY, "--folds", "3", "--out", str(out), f"data.cohort={volume_cohort_dir}", check=False)
     assert bad.returncode == 2 and "cohort.split.folds" in bad.stderr
 
+    # the same command again keeps the finished folds and retrains only a lost one
+    args = ["cv", TINY, "--folds", "5", "--out", str(out), f"data.cohort={volume_cohort_dir}"]
+    args += ["train.max_epochs=1", "train.num_threads=1"]
+    (out / "fold-3" / "report.html").unlink()  # fold 3 stopped during its evaluation
+    kept = {k: (out / f"fold-{k}" / "metrics.json").stat().st_mtime_ns for k in range(5)}
+    again = cli(*args)
+    assert [k for k in range(5) if f"fold {k}: finished before, kept" in again.stdout] == [0, 1, 2, 4], again.stdout
+    now = {k: (out / f"fold-{k}" / "metrics.json").stat().st_mtime_ns for k in range(5)}
+    assert [k for k in range(5) if now[k] != kept[k]] == [3]
+    # a finished fold of another config is not kept: the resume check names the key
+    other = cli(*args, "train.lr=0.01", check=False)
+    assert other.returncode != 0 and "train.lr" in other.stderr, other.stderr
+
 
 @pytest.mark.slow
 def test_tiny_cnn_learns_response_and_severity(tmp_path, volume_cohort_dir):

@@ -73,7 +73,9 @@ def test_dotted_overrides_parse_types():
     assert cfg.cohort.fmri.dtype == "float32"
 
 
-@pytest.mark.parametrize("name", ["emt_tiny.yaml", "cnn3d_tiny.yaml", "emt.yaml", "cnn3d.yaml", "cnn3d_contiguous.yaml"])
+@pytest.mark.parametrize(
+    "name", ["emt_tiny.yaml", "cnn3d_tiny.yaml", "emt.yaml", "cnn3d.yaml", "cnn3d_contiguous.yaml"]
+)
 def test_seed_and_n_subjects_exist_in_both_cohort_configs(name):
     cfg = load_config(CONFIGS / name, ["cohort.n_subjects=100", "cohort.seed=3"])
     assert cfg.cohort.n_subjects == 100 and cfg.cohort.seed == 3

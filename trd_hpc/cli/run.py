@@ -70,6 +70,13 @@ def _report(a) -> int:
     return 0
 
 
+def _reproduce(a) -> int:
+    from trd_hpc.reproduce import reproduce
+
+    reproduce(a.paper, a.out, scale=a.scale, progress=not a.quiet)
+    return 0
+
+
 def add_parsers(sub) -> None:
     t = verb(
         sub,
@@ -125,3 +132,22 @@ def add_parsers(sub) -> None:
     add_overrides(ev, "eval.* overrides of the run's config")
     rp = verb(sub, "report", _report, help="rewrite report.html of a run from its metrics and figures")
     rp.add_argument("run_dir")
+
+    rep = verb(
+        sub,
+        "reproduce",
+        _reproduce,
+        help="a paper's whole pipeline (generate, train, baselines, CV, evaluate) and its table, in one directory",
+        description="Run every stage of a paper's reproduction into --out, each as the trd-hpc command it "
+        "lists, and write OUT/reproduction.md: the paper's headline figures beside ours, read from the "
+        "run's metrics files, with the commands and their wall times. A rerun skips finished stages "
+        "(an interrupted training stage resumes from its checkpoint).\n\n"
+        "  paper000  EMT: generate, train, baselines + calibration + evaluation\n"
+        "  paper001  dual-path 3-D CNN: generate, train, three baselines, evaluation, 5-fold CV\n\n"
+        "--scale tiny uses configs/*_tiny.yaml and a few epochs (minutes); --scale paper the papers' "
+        "configs (paper001: hours on two cores; the reductions are listed in the table's notes).",
+    )
+    rep.add_argument("paper", choices=["paper000", "paper001"])
+    rep.add_argument("--out", required=True, help="directory of the whole reproduction (cohort, runs, table)")
+    rep.add_argument("--scale", choices=["tiny", "paper"], default="tiny", help="tiny (default, minutes) or paper")
+    rep.add_argument("--quiet", action="store_true", help="only the stage lines, not each command's output")
