@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, cli
 from trd_hpc.config import load_config, to_yaml
 
 FAKE_KEY = "local-0123456789abcdef0123456789abcdef0123456789abcdef"
@@ -261,7 +261,17 @@ def test_resume_continues_the_same_run(tmp_path, monkeypatch, capfd):
 
 
 # ---------------------------------------------------------------------------- compare
-def _fake_run(root: Path, name: str, overrides: list[str], test_auc: float, offline: bool = False) -> Path:
+def _offline_dir(run_dir: Path, run_id: str) -> Path:
+    """What `wandb sync` is given: an offline-run-* folder holding a .wandb log."""
+    d = run_dir / "wandb" / f"offline-run-20260101_000000-{run_id}"
+    d.mkdir(parents=True)
+    (d / f"run-{run_id}.wandb").write_bytes(b"")
+    return d
+
+
+def _fake_run(
+    root: Path, name: str, overrides: list[str], test_auc: float, offline: bool = False, best_epoch: int = 3
+) -> Path:
     rd = root / name
     rd.mkdir(parents=True)
     cfg = _cfg(*overrides)
@@ -278,7 +288,7 @@ def _fake_run(root: Path, name: str, overrides: list[str], test_auc: float, offl
                 "test.accuracy": 0.5,
                 "test.confusion": [[1, 2], [3, 4]],
                 "val.auc": 0.9,
-                "best_epoch": 3,
+                "best_epoch": best_epoch,
                 "epochs_run": 3,
                 "calibrated.platt.accuracy": 0.61,
             }
@@ -287,9 +297,7 @@ def _fake_run(root: Path, name: str, overrides: list[str], test_auc: float, offl
     (rd / "baselines" / "random_forest").mkdir(parents=True)  # a nested run: not a run of its own here
     (rd / "baselines" / "random_forest" / "config.yaml").write_text(to_yaml(cfg))
     if offline:
-        d = rd / "wandb" / "offline-run-20260101_000000-abcd1234"
-        d.mkdir(parents=True)
-        (d / "run-abcd1234.wandb").write_bytes(b"")
+        _offline_dir(rd, "abcd1234")
     return rd
 
 
@@ -306,6 +314,9 @@ def test_compare_tables_curves_and_group(tmp_path, capsys):
     a = _fake_run(root, "lr-small", ["tracking.group=g1"], 0.8125, offline=True)
     b = _fake_run(root, "lr-big", ["tracking.group=g1", "train.lr=0.002", "model.dropout=0.3"], 0.6875)
     _fake_run(root, "other", ["tracking.group=g2", "train.lr=0.01"], 0.5)
+    # the baselines' own offline runs are synced too, also for a run without one of its own
+    a_rf = _offline_dir(a / "baselines" / "random_forest", "rfa00001")
+    b_rf = _offline_dir(b / "baselines" / "random_forest", "rfb00001")
 
     png = tmp_path / "out" / "cmp.png"
     args = _compare_args(str(a), str(b), "--out", str(png))
@@ -336,7 +347,8 @@ def test_compare_tables_curves_and_group(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"learning curves: {png}" in out
     assert f"wandb sync {a / 'wandb' / 'offline-run-20260101_000000-abcd1234'}" in out
-    assert out.count("wandb sync ") == 1
+    assert f"wandb sync {a_rf}" in out and f"wandb sync {b_rf}" in out
+    assert out.count("wandb sync ") == 3
 
     # the same through the function: exactly the differing keys
     res = compare([a, b], out=tmp_path / "c2.png", file=io.StringIO())
@@ -357,3 +369,151 @@ def test_compare_tables_curves_and_group(tmp_path, capsys):
     res = compare([a, b], metrics=["calibrated.*", "test.auc"], out=tmp_path / "m.png", file=buf, use_rich=True)
     assert res["metric_keys"] == ["calibrated.platt.accuracy", "test.auc"]
     assert "0.61" in buf.getvalue() and "0.8125" in buf.getvalue()
+
+
+def _lines(panel: dict, run: str, kind: str) -> list[dict]:
+    return [d for d in panel["lines"] if d["run"] == run and d["kind"] == kind]
+
+
+def test_compare_curves_show_train_and_best_epoch(tmp_path):
+    from trd_hpc.compare import compare, load_run
+
+    a = _fake_run(tmp_path, "lr-small", [], 0.8125, best_epoch=2)
+    b = _fake_run(tmp_path, "lr-big", ["train.lr=0.002"], 0.6875, best_epoch=3)
+    rows = {a.name: _rows(3), b.name: _rows(3)}
+    png = tmp_path / "cmp.png"
+    res = compare([a, b], out=png, file=io.StringIO())
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(res["curves"]) == ["val.loss", "val.auc"]  # the EMT task's curves
+    assert res["best_epochs"] == {"lr-small": 2, "lr-big": 3}
+    for key, panel in res["curves"].items():
+        twin = "train." + key.split(".", 1)[1]
+        assert panel["title"] == f"{key} (and {twin})"
+        assert panel["legend"] == ["lr-small", "lr-big", "train", "best epoch"]
+        for run in (a.name, b.name):
+            (val,) = _lines(panel, run, "val")
+            (train,) = _lines(panel, run, "train")
+            (best,) = _lines(panel, run, "best epoch")
+            assert (val["key"], train["key"]) == (key, twin)
+            assert val["linestyle"] == "-" and train["linestyle"] == "--" and best["linestyle"] == ":"
+            assert val["color"] == train["color"] == best["color"]  # one colour per run
+            assert train["x"] == [1.0, 2.0, 3.0]
+            assert train["y"] == pytest.approx([r[twin] for r in rows[run]])
+            assert set(best["x"]) == {float(res["best_epochs"][run])}
+            (ring,) = _lines(panel, run, "best point")  # the best epoch's point ringed on the val curve
+            assert ring["x"] == best["x"][:1] and ring["y"] == [val["y"][val["x"].index(best["x"][0])]]
+            assert ring["color"] == val["color"]
+        assert _lines(panel, a.name, "val")[0]["color"] != _lines(panel, b.name, "val")[0]["color"]
+
+    # a run still training (no metrics.json yet): its last epoch row's best_epoch
+    (a / "metrics.json").unlink()
+    assert load_run(a).best_epoch == _rows(3)[-1]["best_epoch"] == 3
+
+
+def _numbers(cell: str):
+    return json.loads(cell) if cell.startswith("[") else float(cell)
+
+
+def test_compare_exports_csv_and_markdown(tmp_path, capsys):
+    import csv
+
+    a = _fake_run(tmp_path, "lr-small", [], 2 / 3)
+    b = _fake_run(tmp_path, "lr-big", ["train.lr=0.002", "model.dropout=0.3"], 0.6875)
+    csv_path, md_path = tmp_path / "out" / "runs.csv", tmp_path / "out" / "runs.md"
+    metrics = "test.*,best_epoch"
+    args = _compare_args(str(a), str(b), "--out", str(tmp_path / "c.png"), "--metrics", metrics)
+    args.csv, args.markdown = str(csv_path), str(md_path)
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert f"csv: {csv_path}" in out and f"markdown: {md_path}" in out
+
+    # CSV: one row per run, the very numbers of metrics.json, then the differing config keys
+    rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
+    assert [r["run"] for r in rows] == ["lr-small", "lr-big"]
+    header = list(rows[0])
+    assert header == ["run", "test.auc", "test.ap", "test.accuracy", "test.confusion", "best_epoch"] + [
+        "config.model.dropout",
+        "config.train.lr",
+    ]
+    for row, rd in zip(rows, (a, b)):
+        final = json.loads((rd / "metrics.json").read_text())
+        for k in header[1:6]:
+            assert _numbers(row[k]) == final[k], k  # exact: full precision
+    assert rows[0]["test.auc"] == repr(2 / 3) and "0.6667" not in csv_path.read_text()
+    assert [float(r["config.train.lr"]) for r in rows] == [0.001, 0.002]
+
+    # Markdown: a header row, its rule, one row per run, numbers as on screen
+    md = md_path.read_text().splitlines()
+    assert len(md) == 4 and all(line.startswith("| ") and line.endswith(" |") for line in md[:1] + md[2:])
+    cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in md]
+    assert cells[0] == header
+    assert set(md[1]) <= {"|", "-", ":"} and md[1].count("|") == len(header) + 1
+    assert [c[0] for c in cells[2:]] == ["lr-small", "lr-big"]
+    assert cells[2][header.index("test.auc")] == "0.6667" and "0.6667" in out
+
+    # "-": the table alone on stdout (a pipe into a file), the report on stderr
+    from trd_hpc.compare import compare
+
+    res = compare([a, b], out=tmp_path / "d.png", metrics=["test.auc"], csv_file="-")
+    cap = capsys.readouterr()
+    assert cap.out == res["csv"]
+    assert list(csv.reader(io.StringIO(cap.out)))[1] == ["lr-small", repr(2 / 3), "0.2", "0.001"]
+    assert "final metrics" in cap.err and "final metrics" not in cap.out
+
+
+def test_compare_bad_export_path_is_one_line_error(tmp_path):
+    from trd_hpc.compare import compare
+    from trd_hpc.errors import WriteError
+
+    a = _fake_run(tmp_path, "run", [], 0.8)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    png = tmp_path / "c.png"
+    r = cli("compare", str(a), "--out", str(png), "--csv", str(blocker / "runs.csv"), check=False)
+    assert r.returncode != 0
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --csv ") and "not a directory" in err[0], r.stderr
+    assert not png.exists() and r.stdout == ""  # refused before any work
+
+    with pytest.raises(WriteError, match="--markdown .*is a directory"):
+        compare([a], out=png, markdown_file=tmp_path, file=io.StringIO())
+
+
+# ---------------------------------------------------------------------------- metrics.csv
+def test_csv_history_beside_wandb(tmp_path, capfd):
+    import csv
+
+    from trd_hpc.tracking import Tracker
+
+    cfg = _cfg("tracking.wandb=false", "tracking.csv=true")  # a site where nothing may leave
+    rd = tmp_path / "run"
+    rows = _rows(3)
+    rows[2]["val.extra"] = 0.25  # a key that appears late gets its column then
+    t = Tracker.start(cfg, rd, rank=0)
+    assert not t.enabled
+    for r in rows[:2]:
+        t.log_epoch(r)
+    _write_jsonl(rd, rows[:2])
+    t.finish()  # (pre-empted)
+
+    t = Tracker.start(cfg, rd, rank=0)  # resumed: the earlier epochs come from metrics.jsonl
+    t.log_epoch(rows[2])
+    t.finish()
+    back = list(csv.DictReader(io.StringIO((rd / "metrics.csv").read_text())))
+    assert list(back[0]) == list(rows[0]) + ["val.extra"]
+    assert [b["val.extra"] for b in back] == ["", "", "0.25"]
+    for got, want in zip(back, rows):
+        assert all(_same(float(got[k]), float(want[k])) for k in want), (got, want)
+
+    # other ranks and the default config write no metrics.csv
+    Tracker.start(cfg, tmp_path / "rank1", rank=1).log_epoch(rows[0])
+    Tracker.start(_cfg("tracking.wandb=false"), tmp_path / "off", rank=0).log_epoch(rows[0])
+    assert not (tmp_path / "rank1").exists() and not (tmp_path / "off").exists()
+
+    # a metrics.csv that cannot be written: said once, training goes on
+    bad = tmp_path / "bad"
+    (bad / "metrics.csv").mkdir(parents=True)
+    t = Tracker.start(cfg, bad, rank=0)
+    t.log_epoch(rows[0])
+    t.log_epoch(rows[1])
+    assert t.csv is None and capfd.readouterr().err.count("CSV metrics: stopped") == 1

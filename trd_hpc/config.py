@@ -652,6 +652,7 @@ class TrackingConfig(Strict):
     group: Optional[str] = None
     job_type: str = "train"
     tags: list[str] = Field(default_factory=list)
+    csv: bool = False  # also RUN_DIR/metrics.csv, one row per epoch, W&B on or off (tracking.py)
 
 
 def _default_baselines(data: Any, names: list[str]) -> Any:
