@@ -240,3 +240,38 @@ def test_reading_threads_raise_the_reads_error_when_its_batch_is_due_and_stop_cl
     next(it)
     it.close()  # what a `for` loop left by `break` does when its iterator goes away
     assert not [t for t in threading.enumerate() if t.name.startswith("trd-read")]
+
+
+def test_a_shard_the_lru_closed_is_reopened_from_its_layout_without_hdf5(emt_cohort_copy, monkeypatch):
+    """The open-shard LRU closes shards all the time when a split spans more shards than
+    max_open_shards; a re-open of the same file must not pay an HDF5 open and the layout
+    checks again, and must give the same bytes. A replaced file is opened afresh."""
+    import shutil
+
+    from trd_hpc.data import shards
+
+    truth = read_all(emt_cohort_copy)
+    opens = []
+    real_open = shards.open_shard
+    monkeypatch.setattr(shards, "open_shard", lambda p, *a, **k: opens.append(p.name) or real_open(p, *a, **k))
+    ds = CohortDataset(emt_cohort_copy, "train", max_open_shards=1)  # 4 shards: every switch closes one
+    n_shards = len(np.unique(ds._shard_pos))
+    for epoch in range(2):
+        s = ShardAwareSampler.for_dataset(ds, seed=epoch, block=2)
+        batches = list(make_loader(ds, 5, s, num_workers=0))
+        ids = torch.cat([b["subject_id"] for b in batches]).numpy()
+        assert np.array_equal(torch.cat([b["fmri"] for b in batches]).numpy(), truth["fmri"][ids])
+        assert np.array_equal(torch.cat([b["clinical"] for b in batches]).numpy(), truth["clinical"][ids])
+    assert len(ds._readers) == 1
+    assert sorted(opens) == sorted(set(opens)) and len(opens) == n_shards  # HDF5 opened once per shard
+    assert all(r.file is None for r in ds._readers.values())  # only a descriptor stays open
+
+    # a shard replaced on disk (another inode) is opened through HDF5 again, with its checks
+    ds.close()
+    p = emt_cohort_copy / "shard-00000.h5"
+    shutil.copy2(p, p.with_suffix(".tmp"))
+    p.with_suffix(".tmp").replace(p)
+    k0 = int(np.unique(ds._shard_pos)[0])
+    assert ds.manifest.shards[k0]["file"] == "shard-00000.h5"
+    ds._reader(k0)
+    assert opens.count("shard-00000.h5") == 2

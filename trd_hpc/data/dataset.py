@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from trd_hpc.data.manifest import Manifest, load_manifest
 from trd_hpc.data.sampler import ShardAwareSampler, decode
-from trd_hpc.data.shards import CohortError, ShardReader, shard_content_checksum
+from trd_hpc.data.shards import CohortError, ShardLayout, ShardReader, shard_content_checksum
 from trd_hpc.data.kinds import kind_of
 
 _TORCH_DTYPES = {
@@ -143,6 +143,8 @@ class CohortDataset(Dataset):
             self._check_files()
         self._pid = None
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
+        # per shard opened: offsets and scalars, a few KB, so a re-open skips HDF5 (ShardLayout)
+        self._layouts: dict[int, ShardLayout] = {}
         self._pool = BufferPool()
         self._read_lock = threading.Lock()
 
@@ -194,19 +196,36 @@ class CohortDataset(Dataset):
 
                 r = VirtualShard(self.manifest.config, s["n_subjects"], s["first_subject"])
             else:
-                r = ShardReader(self.root / s["file"], self.manifest.config, s["n_subjects"], s["first_subject"])
-                try:
-                    if self.verify:
-                        self._verify(k, r)
-                except BaseException:
-                    r.close()
-                    raise
+                r = self._open_shard(k)
             self._readers[k] = r
             if len(self._readers) > self.max_open_shards:
                 _, old = self._readers.popitem(last=False)
                 old.close()
         else:
             self._readers.move_to_end(k)
+        return r
+
+    def _open_shard(self, k: int) -> ShardReader:
+        """Shard ``k`` opened, checked and (with ``verify``) its rows of this split verified;
+        again from its recorded layout when this process opened the same file before."""
+        s = self.manifest.shards[k]
+        path = self.root / s["file"]
+        layout = self._layouts.get(k)
+        if layout is not None:
+            r = ShardReader.reopen(path, self.manifest.config, s["n_subjects"], layout)
+            if r is not None:
+                return r  # the same file (device, inode, size, mtime) as when it was checked
+            del self._layouts[k]
+        r = ShardReader(path, self.manifest.config, s["n_subjects"], s["first_subject"])
+        try:
+            if self.verify:
+                self._verify(k, r)
+        except BaseException:
+            r.close()
+            raise
+        layout = r.layout()
+        if layout is not None:
+            self._layouts[k] = layout
         return r
 
     def verify_all(self) -> None:

@@ -359,21 +359,40 @@ def shard_row_crcs(path: Path, cfg: CohortConfig, n_subjects: int) -> list[int]:
         r.close()
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """What a checked, directly readable shard needs to be read again: its file's identity,
+    every chunk's byte offset and the scalar columns.  Kept by the dataset for each shard it
+    has opened, so re-opening a shard the open-shard LRU closed is one ``os.open`` and one
+    ``fstat`` instead of an HDF5 open, the layout checks and a chunk lookup per subject (at
+    100k subjects over hundreds of shards, the LRU re-opens shards all the time)."""
+
+    identity: tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+    offsets: dict[str, np.ndarray]
+    scalars: dict[str, np.ndarray]
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class ShardReader:
     """Per-process reader of one shard.
 
     Each per-subject array is one uncompressed chunk, so it is read with a
     single ``os.preadv`` straight into the caller's buffer at the byte offset
     HDF5 reports for that chunk: the same bytes h5py would return, without
-    its intermediate copies.  Filtered (compressed) shards fall back to h5py.
-    The scalar columns of the shard (8 bytes a subject) are read once.
+    its intermediate copies.  Such a shard's HDF5 handle is closed once the
+    offsets are known (only the file descriptor stays open); filtered
+    (compressed) shards keep it and are read through h5py.  The scalar
+    columns of the shard (8 bytes a subject) are read once.
     """
 
     def __init__(self, path: Path, cfg: CohortConfig, n_subjects: int, first_subject: int | None = None):
         """``first_subject`` given: the shard's attributes must match it and ``cfg``."""
         self.path = Path(path)
         self.cols = schema(cfg)
-        self.file = open_shard(self.path)
+        self.file: h5py.File | None = open_shard(self.path)
         try:
             check_shard_layout(self.file, self.path, cfg, n_subjects)
             if first_subject is not None:
@@ -388,6 +407,35 @@ class ShardReader:
         direct = any(o is not None for o in self._offsets.values())
         self._fd = os.open(self.path, os.O_RDONLY) if direct else None
         self.scalars = {c.name: self.file[c.name][...] for c in self.cols if not c.chunked}
+        if all(o is not None for o in self._offsets.values()):
+            self.file.close()  # every read goes through the descriptor
+            self.file = None
+
+    @classmethod
+    def reopen(cls, path: Path, cfg: CohortConfig, n_subjects: int, layout: ShardLayout) -> "ShardReader | None":
+        """A reader from a layout recorded earlier, or None when the file is no longer the
+        one it was recorded from (replaced or rewritten: open it afresh, with its checks)."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        if _identity(os.fstat(fd)) != layout.identity:
+            os.close(fd)
+            return None
+        r = cls.__new__(cls)
+        r.path, r.cols, r.file, r.n, r._fd = Path(path), schema(cfg), None, n_subjects, fd
+        r.chunked = [c for c in r.cols if c.chunked]
+        r._nbytes = {c.name: int(np.prod(c.shape)) * np.dtype(c.dtype).itemsize for c in r.chunked}
+        r._offsets = dict(layout.offsets)
+        r.scalars = layout.scalars
+        return r
+
+    def layout(self) -> ShardLayout | None:
+        """This reader's layout, when every chunked column is read directly (else None)."""
+        if self.file is not None or self._fd is None:
+            return None
+        offsets = {k: np.asarray(v, dtype=np.int64) for k, v in self._offsets.items()}
+        return ShardLayout(_identity(os.fstat(self._fd)), offsets, self.scalars)
 
     def _chunk_offsets(self, c: Column) -> list[int] | None:
         d = self.file[c.name]
@@ -405,7 +453,7 @@ class ShardReader:
         """Subject row ``j`` of chunked column ``name`` into ``out`` (C-contiguous)."""
         offs = self._offsets[name]
         if offs is not None:
-            got = os.preadv(self._fd, [memoryview(out).cast("B")], offs[j])
+            got = os.preadv(self._fd, [memoryview(out).cast("B")], int(offs[j]))
             if got != self._nbytes[name]:
                 raise CohortError(
                     f"{self.path}: short read of '{name}' row {j} ({got} of {self._nbytes[name]} bytes); truncated?"
@@ -439,7 +487,9 @@ class ShardReader:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     def __del__(self):
         try:
