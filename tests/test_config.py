@@ -35,8 +35,8 @@ def test_paper_values_are_the_defaults_of_cnn3d_yaml():
     assert c.noise_sd == 0.01 and c.intensity_shift == 0.05
     assert c.class_probs == (0.25, 0.50, 0.25)
     assert c.split.test == 0.15 and c.split.folds == 5
-    # separated classes (the paper's "distinct group separability"): 5-point gaps
-    assert c.severity_ranges == ((70.0, 100.0), (35.0, 65.0), (0.0, 30.0))
+    # separated classes (the paper's "distinct group separability"): 12.5-point gaps
+    assert c.severity_ranges == ((75.0, 100.0), (37.5, 62.5), (0.0, 25.0))
 
 
 def test_contiguous_variant_extends_cnn3d_yaml_changing_only_the_ranges():
