@@ -28,12 +28,16 @@ from trd_hpc.eval.importance import (
 )
 from trd_hpc.eval.metrics import (
     binary_metrics,
+    bootstrap_ci,
     curves,
     expected_calibration_error,
+    fast_average_precision,
+    fast_macro_f1,
     multiclass_metrics,
+    rank_auc,
     regression_metrics,
 )
-from trd_hpc.eval.report import flatten, write_report
+from trd_hpc.eval.report import Column, Statistic, flatten, summary_table, write_report
 
 
 def compressed_scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -228,11 +232,175 @@ def test_every_figure_writes_a_png(tmp_path):
         F.confidence_violins(y, p, tmp_path / "violin.png", prob_calibrated=np.where(y == 1, 0.9, 0.1)),
         F.confusion_matrix_plot([[5, 0, 1], [0, 7, 0], [0, 0, 4]], ["non", "partial", "resp"], tmp_path / "cm.png"),
         F.severity_scatter(t, t + rng.normal(0, 8, t.size), tmp_path / "scatter.png"),
+        F.severity_scatter(
+            t,
+            t + rng.normal(0, 8, t.size),
+            tmp_path / "scatter_classes.png",
+            classes=(t // 34).astype(int),
+            class_names=["a", "b", "c"],
+            ranges=[(0, 30), (35, 65), (70, 100)],
+        ),
+        F.reliability_diagram(y, {"uncalibrated": p, "Platt": np.clip(p + 0.1, 0, 1)}, tmp_path / "rel.png"),
+        F.example_volumes(
+            {"a": [("s1", vol[..., 0]), ("s2", vol[..., 1])], "b": [("s3", vol[..., 2])]}, tmp_path / "ex.png"
+        ),
         F.error_histogram(t, t + rng.normal(0, 8, t.size), tmp_path / "err.png"),
         F.training_progression(hist, tmp_path / "prog.png"),
     ]
     for w in written:
         _png(w)
+
+
+def _draw(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()  # lays the figure out, so text has its final extent
+    return fig
+
+
+def _overlapping(texts) -> list[tuple[str, str]]:
+    boxes = [(t.get_text(), t.get_window_extent()) for t in texts if t.get_visible() and t.get_text()]
+    return [(a, b) for i, (a, ba) in enumerate(boxes) for b, bb in boxes[i + 1 :] if ba.overlaps(bb)]
+
+
+def test_image_panels_share_one_grey_scale_with_a_colour_bar():
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=(12, 12, 6, 3)).astype(np.float32)
+    regions = {"a": ((1, 4), (2, 5), (1, 3)), "b": ((6, 10), (6, 9), (2, 5))}
+    # TRD 3x the signal: a per-panel stretch would make the two rows look alike
+    fig = F.fmri_slices_figure({"TRD": vol * 3, "non-TRD": vol}, regions)
+    ims = [im for ax in fig.axes for im in ax.get_images()]
+    assert len(ims) == 4 and len({im.get_clim() for im in ims}) == 1
+    assert [im for im in ims if im.colorbar is not None]  # one colour bar for all panels
+    vmin, vmax = ims[0].get_clim()
+    assert vmax - vmin > 2 * (np.percentile(vol.mean(3), 99) - np.percentile(vol.mean(3), 1))
+
+    ex = F.example_volumes_figure({"x": [("1", vol[..., 0] * 2), ("2", vol[..., 1])], "y": [("3", vol[..., 2])]})
+    ims = [im for ax in ex.axes for im in ax.get_images()]
+    assert len(ims) == 3 and len({im.get_clim() for im in ims}) == 1
+    assert [im for im in ims if im.colorbar is not None]
+
+
+def test_probability_panels_name_each_calibrator_and_show_both_classes():
+    y = np.array([0] * 6 + [1] * 5)
+    p = np.where(y == 1, 0.72, 0.27)
+    probs = {"uncalibrated": p, "Platt": np.where(y == 1, 0.999, 0.001), "isotonic": np.where(y == 1, 1.0, 0.0)}
+    fig = F.probability_densities_figure(y, probs)
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == list(probs)
+    for ax in shown:
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["non-TRD (n=6)", "TRD (n=5)"]
+        ticks = ax.get_yticks()
+        assert np.allclose(ticks, np.round(ticks))  # whole subjects
+        assert ax.get_ylim()[1] >= 6  # counts, so a one-bin class is n tall, not a density spike
+    vfig = F.confidence_violins_figure(y, probs)
+    (ax,) = vfig.axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(probs)
+    # scores within 0.001 of each other still give a violin that can be seen
+    outline = F._violin_stats(np.full(5, 0.999))
+    assert np.ptp(outline["coords"]) > 0.05
+
+
+def test_count_axes_are_integers_and_importance_labels_do_not_overlap():
+    fig = F.error_histogram_figure([10, 20, 30, 40, 50], [12, 18, 35, 41, 47])
+    ticks = fig.axes[0].get_yticks()
+    assert np.allclose(ticks, np.round(ticks))
+    imp = {
+        "fMRI regions": {"right_amygdala": 1.9e-3, "outside_regions": 7e-4},
+        "clinical": {f"variable_{k:02d}": 0.01 / (k + 1) for k in range(15)},
+        "SNPs": {f"snp_{k:04d}": 0.0125 - k * 1e-4 for k in range(100)},
+    }
+    fig = _draw(F.feature_importance_figure(imp, references={"SNPs": (0.01, "uniform")}))
+    assert len(fig.axes) == 3 and len({round(ax.get_position().x0, 3) for ax in fig.axes}) == 1  # stacked
+    for ax in fig.axes:
+        assert not _overlapping(ax.get_yticklabels()), ax.get_title()
+        assert not _overlapping(ax.get_xticklabels()), ax.get_title()
+    assert fig.get_size_inches()[0] * F.DPI <= 1000  # fits the report's column
+
+
+def test_severity_scatter_colours_classes_and_draws_their_ranges():
+    t = np.array([10.0, 20, 50, 60, 80, 90])
+    fig = F.severity_scatter_figure(
+        t,
+        t + 5,
+        classes=[2, 2, 1, 1, 0, 0],
+        class_names=["non", "partial", "resp"],
+        ranges=[(70, 100), (35, 65), (0, 30)],
+    )
+    (ax,) = fig.axes
+    labels = [x.get_text() for x in ax.get_legend().get_texts()]
+    assert labels == ["non (70-100)", "partial (35-65)", "resp (0-30)", "identity"]
+    assert sorted({round(line.get_xdata()[0]) for line in ax.get_lines() if line.get_linestyle() == ":"}) == [
+        0,
+        30,
+        35,
+        65,
+        70,
+        100,
+    ]
+
+
+# --------------------------------------------------------------------------- bootstrap CIs
+def _auc(y, p):
+    return rank_auc(y, p) if 0 < y.sum() < y.size else float("nan")
+
+
+def _scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.tile([0, 1], n // 2)
+    return y, np.clip(0.35 + 0.3 * y + rng.normal(0, 0.2, y.size), 0, 1)
+
+
+def test_bootstrap_ci_is_deterministic_holds_the_estimate_and_narrows_with_more_subjects():
+    stats = {"auc": _auc, "accuracy": lambda y, p: float(np.mean((p >= 0.5) == (y == 1)))}
+    y, p = _scores(40, 0)
+    ci = bootstrap_ci(stats, y, p, n_boot=400, seed=3)
+    assert ci == bootstrap_ci(stats, y, p, n_boot=400, seed=3)  # a fixed seed: the same report
+    assert ci != bootstrap_ci(stats, y, p, n_boot=400, seed=4)
+    for k, fn in stats.items():
+        lo, hi = ci[k]
+        assert lo <= fn(y, p) <= hi, k
+    y2, p2 = _scores(1000, 0)
+    wide = bootstrap_ci(stats, y2, p2, n_boot=400, seed=3)
+    for k in stats:
+        assert wide[k][1] - wide[k][0] < 0.5 * (ci[k][1] - ci[k][0]), k
+
+
+def test_bootstrap_ci_leaves_out_undefined_draws():
+    stats = {"auc": _auc, "mean": lambda y, p: float(p.mean())}
+    assert bootstrap_ci(stats, [1], [0.3]) == {"auc": None, "mean": None}  # one subject
+    one_class = bootstrap_ci(stats, np.ones(6, int), np.linspace(0, 1, 6), n_boot=50)
+    assert one_class["auc"] is None and one_class["mean"] is not None
+
+
+def test_fast_ap_and_macro_f1_equal_sklearn():
+    from sklearn.metrics import average_precision_score, f1_score
+
+    rng = np.random.default_rng(5)
+    for n in (3, 12, 200):
+        for _ in range(10):
+            y = rng.integers(0, 2, n)
+            y[0] = 1
+            p = np.round(rng.random(n), 1)  # ties
+            assert fast_average_precision(y, p) == pytest.approx(average_precision_score(y, p), abs=1e-12)
+            r, q = rng.integers(0, 3, n), rng.integers(0, 3, n)
+            want = f1_score(r, q, average="macro", labels=[0, 1, 2], zero_division=0)
+            assert fast_macro_f1(r, q, 3) == pytest.approx(want, abs=1e-12)
+
+
+def test_summary_table_cells_hold_value_ci_and_paper():
+    y, p = _scores(40, 1)
+    stats = [
+        Statistic("auc", "ROC AUC", _auc),
+        Statistic("brier", "Brier", lambda y, p: float(np.mean((p - y) ** 2)), better="low"),
+    ]
+    cols = [Column("model", (y, p)), Column("base", (y, p**2), scored_on=("auc",))]
+    t = summary_table(stats, cols, {"auc": 1.0}, "paper 000", n_boot=200)
+    assert t.header == ["metric", "model", "base", "paper 000"] and "95 % CI" in t.caption
+    auc, brier = t.rows
+    assert auc[1].text == f"{_auc(y, p):.3f}" and auc[1].ci.startswith("[") and auc[3].text == "1.00"
+    assert brier[2].text == "\u2014" and brier[3].text == "\u2014"  # not scored on it / no paper figure
+    assert sum(c.best for c in auc[1:]) >= 1 and not brier[1].best  # a lone value is nobody's best
 
 
 # --------------------------------------------------------------------------- report

@@ -96,7 +96,7 @@ def test_emt_importance_points_at_the_generated_effects(emt_run):
 def test_emt_report_shows_figures_and_metrics(emt_run):
     html = (emt_run / "report.html").read_text()
     figs = json.loads((emt_run / "figures" / "index.json").read_text())
-    assert len(figs) == 8
+    assert len(figs) == 9  # with the reliability diagram
     for name in figs.values():
         assert (emt_run / "figures" / name).stat().st_size > 1000
     assert html.count('src="data:image/png;base64,') == len(figs)

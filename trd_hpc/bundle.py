@@ -165,41 +165,36 @@ def _calibrators(cfg, run) -> dict:
 
 
 def _bootstrap_ci(cfg, run, n_boot: int = 1000) -> dict:
-    """95 % percentile intervals over test subjects (resampled with replacement)."""
-    from trd_hpc.eval.metrics import expected_calibration_error, rank_auc
+    """95 % percentile intervals over test subjects (resampled with replacement); the same
+    draws (metrics.bootstrap_ci, seed 0) as report.html's summary."""
+    from trd_hpc.eval.metrics import bootstrap_ci, expected_calibration_error, rank_auc
 
     test = run.predictions("test")
-    rng = np.random.default_rng(0)
-    n = len(test["subject_id"])
-    out: dict = {}
-    if n < 2:
-        return out
-    draws = [rng.integers(0, n, n) for _ in range(n_boot)]
+    stats: dict = {}
+    arrays: tuple = ()
     if "logit" in test:
         p = 1 / (1 + np.exp(-np.asarray(test["logit"], dtype=np.float64)))
-        y = np.asarray(test["label"])
-        vals: dict[str, list] = {"auc": [], "accuracy": [], "ece": []}
+        arrays = (np.asarray(test["label"]), p)
         # the metrics themselves, not binary_metrics: sklearn's input checks made 1000 draws 8.7 s
-        for idx in draws:
-            yi, pi = y[idx], p[idx]
-            if yi.min() == yi.max():
-                continue
-            vals["auc"].append(rank_auc(yi, pi))
-            vals["accuracy"].append(float(((pi >= 0.5) == (yi == 1)).mean()))
-            vals["ece"].append(expected_calibration_error(yi, pi, cfg.eval.ece_bins))
-    else:
-        vals = {}
-        if "response_logits" in test and cfg.model.name != "single_task_severity":
-            y, pred = np.asarray(test["response"]), np.asarray(test["response_logits"]).argmax(1)
-            vals["accuracy"] = [float((y[i] == pred[i]).mean()) for i in draws]
-        if "severity_pred" in test and cfg.model.name != "single_task_response":
-            scale = float(cfg.cohort.severity_max)  # both stored on the [0, 1] scale the loss saw
-            s, sp = np.asarray(test["severity"]), np.asarray(test["severity_pred"])
-            vals["severity_mae"] = [float(np.abs(s[i] - sp[i]).mean() * scale) for i in draws]
-    for k, v in vals.items():
-        if v:
-            out[k] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
-    return out
+        stats = {
+            "auc": lambda y, p: rank_auc(y, p) if 0 < y.sum() < y.size else float("nan"),
+            "accuracy": lambda y, p: float(((p >= 0.5) == (y == 1)).mean()),
+            "ece": lambda y, p: expected_calibration_error(y, p, cfg.eval.ece_bins),
+        }
+    elif {"response", "response_logits", "severity", "severity_pred"} <= set(test):
+        scale = float(cfg.cohort.severity_max)  # both stored on the [0, 1] scale the loss saw
+        arrays = (
+            np.asarray(test["response"]),
+            np.asarray(test["response_logits"]).argmax(1),
+            np.asarray(test["severity"], dtype=np.float64) * scale,
+            np.asarray(test["severity_pred"], dtype=np.float64) * scale,
+        )
+        if cfg.model.name != "single_task_severity":
+            stats["accuracy"] = lambda r, rp, s, sp: float((r == rp).mean())
+        if cfg.model.name != "single_task_response":
+            stats["severity_mae"] = lambda r, rp, s, sp: float(np.abs(s - sp).mean())
+    cis = bootstrap_ci(stats, *arrays, n_boot=n_boot, seed=0)
+    return {k: list(v) for k, v in cis.items() if v is not None}
 
 
 def _model_card(cfg, run, metrics: dict, calibrators: dict, ci: dict) -> tuple[dict, str]:

@@ -14,6 +14,7 @@ from trd_hpc.eval.calibration import (
 )
 from trd_hpc.eval.metrics import (
     binary_metrics,
+    bootstrap_ci,
     curves,
     expected_calibration_error,
     multiclass_metrics,
@@ -29,6 +30,7 @@ __all__ = [
     "calibrate_all",
     "make_calibrator",
     "binary_metrics",
+    "bootstrap_ci",
     "curves",
     "expected_calibration_error",
     "multiclass_metrics",

@@ -151,6 +151,8 @@ CALIBRATORS: dict[str, type[_Calibrator]] = {
     "isotonic": IsotonicCalibrator,
     "temperature": TemperatureCalibrator,
 }
+# How figures and the report name each method (and the raw sigmoid of the logits).
+METHOD_LABELS = {"uncalibrated": "uncalibrated", "platt": "Platt", "isotonic": "isotonic", "temperature": "temperature"}
 
 
 def make_calibrator(method: str, input: InputKind = "logit") -> _Calibrator:

@@ -9,6 +9,28 @@ import torch
 from trd_hpc.config import EMTExperiment
 from trd_hpc.console import say, step
 
+# Paper 000's test figures, shown beside ours in the report's summary (its accuracy is the
+# uncalibrated one at P >= 0.5: perfectly ranked scores all on one side of 0.5).
+PAPER = {"auc": 1.00, "ap": 1.00, "accuracy": 0.50}
+PAPER_LABEL = "paper 000"
+
+# What the report says each figure shows (keys: the figure names of evaluate_emt).
+CAPTIONS = {
+    "ROC (test)": "Test ROC of the model and each baseline; the dashed diagonal is chance.",
+    "Precision-recall (test)": "Test precision-recall; the dotted line is the TRD prevalence.",
+    "Reliability diagram": "Observed TRD fraction per bin of predicted P(TRD), one line per calibrator "
+    "(each fitted on the validation split); below, the test subjects per bin.",
+    "Predicted probability by class": "Test subjects per bin of P(TRD), by true class, one panel per calibrator; "
+    "dashed: the 0.5 decision threshold.",
+    "Confidence by class": "P(TRD) by true class for each calibrator: violins, medians and every subject as a point.",
+    "Loss and validation AUC": "Per epoch; the dotted line marks the best validation AUC (the weights kept).",
+    "Feature importance by modality": "Gradient x input on test subjects by fMRI region and clinical variable, "
+    "and the SNP attention weights; each panel on its own scale.",
+    "fMRI slices with regions": "Time-mean axial slices of one TRD and one non-TRD test subject through each region "
+    "(red: the column's region), all on one grey scale.",
+    "SNP genotype frequencies by class": "Training subjects' genotype frequencies, predictive SNPs vs the others.",
+}
+
 
 def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
@@ -61,9 +83,150 @@ def _examples(cfg: EMTExperiment):
     return examples, snp, y
 
 
+# --------------------------------------------------------------------------- report
+def _accuracy(y, p) -> float:
+    return float(np.mean((p >= 0.5) == (y == 1)))
+
+
+def _f1(y, p) -> float:
+    tp, pos, pred = float(np.sum((p >= 0.5) & (y == 1))), float(np.sum(y == 1)), float(np.sum(p >= 0.5))
+    return 2 * tp / (pos + pred) if pos + pred else 0.0
+
+
+def summary_statistics(n_bins: int):
+    """The rows of the summary table, each a function of (labels, P(TRD)) of one model.
+    AUC and AP without sklearn's checks (metrics.rank_auc): the bootstrap calls them 1000 times."""
+    from trd_hpc.eval.metrics import expected_calibration_error, fast_average_precision, rank_auc
+    from trd_hpc.eval.report import Statistic
+
+    nan = float("nan")
+    return (
+        Statistic("auc", "ROC AUC", lambda y, p: rank_auc(y, p) if 0 < y.sum() < y.size else nan),
+        Statistic("ap", "average precision", lambda y, p: fast_average_precision(y, p) if y.any() else nan),
+        Statistic("accuracy", "accuracy (P \u2265 0.5, uncalibrated)", _accuracy),
+        Statistic("f1", "F1 (P \u2265 0.5)", _f1),
+        # a baseline scored on AUC gives probabilities: its Brier score and ECE mean something
+        Statistic("brier", "Brier score", lambda y, p: float(np.mean((p - y) ** 2)), better="low", needs="auc"),
+        Statistic(
+            "ece",
+            f"ECE ({n_bins} bins)",
+            lambda y, p: expected_calibration_error(y, p, n_bins),
+            better="low",
+            needs="auc",
+        ),
+    )
+
+
+def _summary_columns(cfg: EMTExperiment, run) -> tuple[list, list[str]]:
+    """(label, P(TRD)) of the model and each baseline whose test predictions are there."""
+    from trd_hpc.eval.report import Column
+    from trd_hpc.tasks import spec_for
+
+    test = run.predictions("test")
+    name = "EMT" if cfg.model.name == "emt" else cfg.model.name
+    cols = [Column(f"{name} (this run)", (np.asarray(test["label"]), test_probabilities(test)))]
+    notes = []
+    for b in cfg.eval.baselines:
+        brun = run.baseline(b)
+        if not brun.predictions_file("test").is_file():
+            notes.append(f"baseline {b}: no test predictions in {brun.path}, left out of the summary")
+            continue
+        pred = brun.predictions("test")
+        scored = spec_for(cfg).baselines[b].scored_on
+        cols.append(Column(b.replace("_", " "), (np.asarray(pred["label"]), test_probabilities(pred)), scored))
+    return cols, notes
+
+
+_CALIBRATION_COLUMNS = ("accuracy", "ece", "brier", "auc")
+_CALIBRATION_PARAMS = {"platt": ("a", "b"), "temperature": ("T",), "isotonic": ("n_steps",)}
+
+
+def _calibration_row(method: str, metrics: dict, best: bool) -> list:
+    from trd_hpc.eval.calibration import METHOD_LABELS
+    from trd_hpc.eval.report import DASH, Cell
+
+    pre = f"calibrated.{method}."
+    name = Cell(METHOD_LABELS.get(method, method))
+    if f"{pre}error" in metrics:  # could not be fitted (e.g. one class in validation): say why
+        return [name, *(Cell(DASH) for _ in _CALIBRATION_COLUMNS), Cell(str(metrics[f"{pre}error"]), num=False)]
+    values = [Cell(f"{metrics[pre + k]:.3f}", best=best and k == "ece") for k in _CALIBRATION_COLUMNS]
+    params = ", ".join(
+        f"{k} = {metrics[pre + k]:.4g}" for k in _CALIBRATION_PARAMS.get(method, ()) if pre + k in metrics
+    )
+    return [name, *values, Cell(params, num=False)]
+
+
+def calibration_table(cfg: EMTExperiment, metrics: dict):
+    """One row per method (uncalibrated first): test accuracy, ECE (the lowest in bold),
+    Brier, AUC and the fitted parameters; None when metrics.json has no calibration."""
+    from trd_hpc.eval.report import Table
+
+    methods = [
+        m
+        for m in ("uncalibrated", *cfg.eval.calibration)
+        if {f"calibrated.{m}.ece", f"calibrated.{m}.error"} & set(metrics)
+    ]
+    if not methods:
+        return None
+    fitted = [m for m in methods if f"calibrated.{m}.ece" in metrics]
+    best = min(fitted, key=lambda m: metrics[f"calibrated.{m}.ece"], default=None)
+    caption = (
+        f"Calibrators fitted on the validation split, scored on the test split (accuracy at P \u2265 0.5, "
+        f"ECE over {cfg.eval.ece_bins} bins). Platt and temperature keep the ranking, so AUC; isotonic may tie scores."
+    )
+    rows = [_calibration_row(m, metrics, m == best) for m in methods]
+    return Table(caption, ["method", "accuracy", "ECE", "Brier", "AUC", "parameters"], rows, kind="calibration")
+
+
+def report_parts(cfg: EMTExperiment, run, metrics: dict):
+    """The EMT report: the summary (AUC, AP, accuracy, F1, Brier, ECE of the model and its
+    baselines, 95 % CIs, paper 000), discrimination, calibration, training, importance, data."""
+    from trd_hpc.eval.report import ReportParts, Section, per_class_table, summary_table
+
+    cols, notes = _summary_columns(cfg, run)
+    summary = summary_table(summary_statistics(cfg.eval.ece_bins), cols, PAPER, PAPER_LABEL)
+    y, p = cols[0].arrays
+    per_class = per_class_table(
+        y, (p >= 0.5).astype(int), ["non-TRD", "TRD"], "Per class at P(TRD) \u2265 0.5, before calibration (test)."
+    )
+    cal = calibration_table(cfg, metrics)
+    sections = [
+        Section("Discrimination", [per_class], ["ROC (test)", "Precision-recall (test)"]),
+        Section(
+            "Calibration",
+            [cal] if cal else [],
+            ["Reliability diagram", "Predicted probability by class", "Confidence by class"],
+            tables_at="beside",
+        ),
+        Section("Training", figures=["Loss and validation AUC"]),
+        Section("Feature importance", figures=["Feature importance by modality"]),
+        Section("Data", figures=["fMRI slices with regions", "SNP genotype frequencies by class"]),
+    ]
+    return ReportParts(summary, sections, CAPTIONS, notes)
+
+
+def _importance_figure(cfg: EMTExperiment, imp: dict, path):
+    from trd_hpc.eval import figures as F
+
+    panels = {"fMRI regions": imp["fmri_regions"], "clinical": imp["clinical"]}
+    units = {
+        "fMRI regions": "mean |gradient \u00d7 input| per voxel",
+        "clinical": "mean |gradient \u00d7 input|",
+        "SNPs": "mean attention weight",
+    }
+    refs, highlight = {}, {}
+    if "snp" in imp:
+        snps = {k: v for k, v in imp["snp"].items() if k.startswith("snp_")}
+        panels["SNPs"] = snps
+        refs["SNPs"] = (1.0 / max(1, len(snps)), "uniform attention")
+        k = cfg.cohort.n_predictive_snps
+        highlight["SNPs"] = ([f"snp_{j:04d}" for j in range(k)], "predictive SNP (generated effect)")
+    return F.feature_importance_plot(panels, path, units=units, references=refs, highlight=highlight)
+
+
 def evaluate_emt(cfg: EMTExperiment, run, model, history: list, preds: dict, figures: bool) -> tuple[dict, dict]:
     from trd_hpc.eval import figures as F
-    from trd_hpc.eval.calibration import calibrate_all
+    from trd_hpc.eval.calibration import METHOD_LABELS, calibrate_all
     from trd_hpc.eval.metrics import binary_metrics, curves
 
     val, test = preds["val"], preds["test"]
@@ -102,30 +265,23 @@ def evaluate_emt(cfg: EMTExperiment, run, model, history: list, preds: dict, fig
         d = run.figures_dir
         d.mkdir(exist_ok=True)
         examples, snp, ysnp = _examples(cfg)
-        best = "platt" if "platt" in probs else next((k for k in probs if k != "uncalibrated"), None)
+        # every calibrator that fitted, named, in the config's order (uncalibrated first)
+        by_method = {METHOD_LABELS.get(k, k): v for k, v in probs.items()}
         figs = {
             "Loss and validation AUC": F.loss_and_auc_curves(history, d / "loss_auc.png"),
             "ROC (test)": F.roc_curve_plot(overlay, None, d / "roc.png"),
             "Precision-recall (test)": F.pr_curve_plot(overlay, None, d / "pr.png"),
-            "Predicted probability by class": F.probability_densities(
-                test["label"], prob, d / "densities.png", prob_calibrated=probs.get(best)
+            "Reliability diagram": F.reliability_diagram(
+                test["label"], by_method, d / "reliability.png", n_bins=cfg.eval.ece_bins
             ),
-            "Feature importance by modality": F.feature_importance_plot(
-                {
-                    "fMRI regions": imp["fmri_regions"],
-                    "clinical": imp["clinical"],
-                    **({"SNPs": {k: v for k, v in imp["snp"].items() if k.startswith("snp_")}} if "snp" in imp else {}),
-                },
-                d / "importance.png",
-            ),
+            "Predicted probability by class": F.probability_densities(test["label"], by_method, d / "densities.png"),
+            "Feature importance by modality": _importance_figure(cfg, imp, d / "importance.png"),
             "fMRI slices with regions": F.fmri_slices_with_regions(
                 examples, cfg.cohort.region_boxes, d / "fmri_slices.png"
             ),
             "SNP genotype frequencies by class": F.snp_allele_histograms(
                 snp, ysnp, cfg.cohort.n_predictive_snps, d / "snp_hist.png"
             ),
-            "Confidence by class": F.confidence_violins(
-                test["label"], prob, d / "violins.png", prob_calibrated=probs.get(best)
-            ),
+            "Confidence by class": F.confidence_violins(test["label"], by_method, d / "violins.png"),
         }
     return m, figs

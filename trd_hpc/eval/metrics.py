@@ -9,7 +9,7 @@ should still produce a report.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import (
@@ -91,6 +91,62 @@ def rank_auc(y, p) -> float:
     n_pos = int(y.sum())
     n_neg = y.size - n_pos
     return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def fast_average_precision(y, p) -> float:
+    """Average precision as ``average_precision_score`` computes it (tied scores form one
+    threshold), without its input checks: those made a thousand bootstrap draws take seconds.
+    ``y`` holds at least one positive."""
+    y = np.asarray(y) == 1
+    order = np.argsort(-np.asarray(p, dtype=np.float64), kind="mergesort")
+    ps, ys = np.asarray(p, dtype=np.float64)[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(ps)), ps.size - 1]  # the last subject of each tied score
+    tp = np.cumsum(ys)[last]
+    precision = tp / (last + 1)
+    recall = tp / tp[-1]
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def fast_macro_f1(y, pred, n_classes: int) -> float:
+    """Macro F1 over ``n_classes`` (a class never true nor predicted scores 0, as with
+    ``f1_score(..., zero_division=0)``), from one bincount: for the bootstrap's draws."""
+    cm = np.bincount(np.asarray(y) * n_classes + np.asarray(pred), minlength=n_classes**2).reshape(n_classes, -1)
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(0) + cm.sum(1)  # 2 TP + FP + FN
+    return float(np.mean(np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)))
+
+
+def bootstrap_ci(
+    stats: Mapping[str, Callable[..., float]],
+    *arrays,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float] | None]:
+    """Percentile intervals of each statistic over subjects resampled with replacement.
+
+    ``arrays`` hold one row per test subject and are resampled together; every statistic
+    sees the same draws (a fixed ``seed``: the same intervals each time).  A draw on which
+    a statistic is undefined (``nan``, e.g. AUC of a draw holding one class) is left out of
+    that statistic's interval; ``None`` when no draw defines it or there are under 2 subjects.
+    """
+    arrays = tuple(np.asarray(a) for a in arrays)
+    n = len(arrays[0]) if arrays else 0
+    if n < 2:
+        return {k: None for k in stats}
+    draws = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    values: dict[str, list[float]] = {k: [] for k in stats}
+    for idx in draws:
+        sample = tuple(a[idx] for a in arrays)
+        for k, fn in stats.items():
+            values[k].append(fn(*sample))
+    tail = 100 * (1 - level) / 2
+    out: dict[str, tuple[float, float] | None] = {}
+    for k, v in values.items():
+        v = np.asarray(v, dtype=np.float64)
+        v = v[np.isfinite(v)]
+        out[k] = (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) if v.size else None
+    return out
 
 
 def binary_metrics(y_true, prob, threshold: float = 0.5, n_bins: int = 10) -> dict:

@@ -77,7 +77,22 @@ def evaluate_run(run_dir: str | Path, figures: bool = True) -> dict:
     return metrics
 
 
+def _meta(cfg, metrics: dict) -> list[tuple[str, str]]:
+    """The report's header line: what was trained on what, and how long."""
+    co = cfg.cohort
+    cohort = f"{getattr(co, 'kind', '?')}, {getattr(co, 'n_subjects', '?')} subjects"
+    out = [("task", cfg.task), ("model", cfg.model.name), ("cohort", cohort)]
+    if "test.n" in metrics:
+        out.append(("test subjects", str(metrics["test.n"])))
+    if "epochs_run" in metrics:
+        best = f"best {metrics['best_epoch']} of " if "best_epoch" in metrics else ""
+        out.append(("epochs", f"{best}{metrics['epochs_run']}"))
+    return out
+
+
 def write_run_report(run_dir: str | Path, metrics: dict | None = None, cfg=None) -> Path:
+    """(Re)write report.html from the run's files: config, metrics, figures/index.json and
+    what the task's ``report`` reads (its predictions and those of its baselines)."""
     from trd_hpc.config import to_yaml
     from trd_hpc.eval.report import write_report
     from trd_hpc.tasks import spec_for
@@ -92,5 +107,8 @@ def write_run_report(run_dir: str | Path, metrics: dict | None = None, cfg=None)
     index = run.figures_dir / "index.json"
     if index.exists():
         figs = {k: run.figures_dir / v for k, v in read_json(index, "figure index").items()}
+    spec = spec_for(cfg)
+    parts = spec.report(cfg, run, metrics) if spec.report else None
     shown = {k: v for k, v in metrics.items() if not isinstance(v, list) or len(v) <= 4}
-    return write_report(run.path, f"{spec_for(cfg).title} ({run.path.name})", shown, figs, to_yaml(cfg))
+    title = f"{spec.title} ({run.path.name})"
+    return write_report(run.path, title, shown, figs, to_yaml(cfg), parts=parts, meta=_meta(cfg, metrics))

@@ -75,6 +75,9 @@ class TaskSpec:
     title: str
     baselines: Mapping[str, Baseline] = field(default_factory=dict)
     evaluate: Callable[..., tuple[dict, dict]] | None = None
+    # (cfg, run, metrics) -> trd_hpc.eval.report.ReportParts: report.html's summary table and
+    # sections, from the run's files alone (`trd-hpc report` calls it); None: metrics and figures
+    report: Callable[[Any, Any, dict], Any] | None = None
     # Metrics printed after `trd-hpc train` and drawn by `trd-hpc compare`.
     summary_keys: tuple[str, ...] = ("test.loss",)
     curves: tuple[str, ...] = ("val.loss",)

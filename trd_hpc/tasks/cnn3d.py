@@ -102,6 +102,12 @@ def evaluate(cfg, run, model, history, preds, figures):
     return evaluate_cnn3d(cfg, run, history, preds, figures)
 
 
+def report(cfg, run, metrics):
+    from trd_hpc.eval.cnn3d import report_parts
+
+    return report_parts(cfg, run, metrics)
+
+
 def prediction_columns(bundle, out, batch) -> dict:
     """One probability per class, the predicted class and the severity on the original
     scale (what the model predicts of them), plus the true values for a labelled cohort."""
@@ -150,6 +156,7 @@ SPEC = TaskSpec(
         "resnet18": Baseline(overrides={"model.name": "resnet18"}, scored_on=("accuracy", "severity_mae")),
     },
     evaluate=evaluate,
+    report=report,
     summary_keys=("test.accuracy", "test.severity_mae", "best_epoch"),
     curves=("val.loss", "val.accuracy", "val.severity_mae"),
     cv_keys=("test.accuracy", "test.severity_mae", "test.macro_f1", "best_epoch", "epochs_run"),

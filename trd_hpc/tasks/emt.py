@@ -106,6 +106,12 @@ def evaluate(cfg, run, model, history, preds, figures):
     return evaluate_emt(cfg, run, model, history, preds, figures)
 
 
+def report(cfg, run, metrics):
+    from trd_hpc.eval.emt import report_parts
+
+    return report_parts(cfg, run, metrics)
+
+
 def prediction_columns(bundle, out, batch) -> dict:
     """P(TRD) before and after the bundle's default calibrator, the label at 0.5 and, for a
     labelled cohort, the true label."""
@@ -156,6 +162,7 @@ SPEC = TaskSpec(
         "random_forest": Baseline(fit=fit_random_forest, scored_on=_SCORED),
     },
     evaluate=evaluate,
+    report=report,
     summary_keys=("test.auc", "test.ap", "test.accuracy", "best_epoch"),
     curves=("val.loss", "val.auc"),
     cv_keys=("test.auc", "test.accuracy", "best_epoch", "epochs_run"),
