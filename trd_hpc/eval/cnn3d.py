@@ -119,21 +119,13 @@ def _arrays(cfg: CNN3DExperiment, pred: dict) -> tuple:
 
 
 def _summary_columns(cfg: CNN3DExperiment, run, metrics: dict) -> tuple[list, list[str]]:
-    from trd_hpc.eval.report import Column
-    from trd_hpc.tasks import spec_for
+    from trd_hpc.eval.report import Column, baseline_columns
 
     # the run's own targets: a single-task model's metrics.json holds only its own
     own = tuple(k for k in ("accuracy", "severity_mae") if f"test.{k}" in metrics)
     cols = [Column(f"{cfg.model.name.replace('_', ' ')} (this run)", _arrays(cfg, run.predictions("test")), own)]
-    notes = []
-    for b in cfg.eval.baselines:
-        brun = run.baseline(b)
-        if not brun.predictions_file("test").is_file():
-            notes.append(f"baseline {b}: no test predictions in {brun.path}, left out of the summary")
-            continue
-        scored = spec_for(cfg).baselines[b].scored_on
-        cols.append(Column(b.replace("_", " "), _arrays(cfg, brun.predictions("test")), scored))
-    return cols, notes
+    more, notes = baseline_columns(cfg, run, lambda pred: _arrays(cfg, pred))
+    return cols + more, notes
 
 
 def report_parts(cfg: CNN3DExperiment, run, metrics: dict):

@@ -119,22 +119,15 @@ def summary_statistics(n_bins: int):
 
 def _summary_columns(cfg: EMTExperiment, run) -> tuple[list, list[str]]:
     """(label, P(TRD)) of the model and each baseline whose test predictions are there."""
-    from trd_hpc.eval.report import Column
-    from trd_hpc.tasks import spec_for
+    from trd_hpc.eval.report import Column, baseline_columns
 
-    test = run.predictions("test")
+    def arrays(pred) -> tuple:
+        return np.asarray(pred["label"]), test_probabilities(pred)
+
     name = "EMT" if cfg.model.name == "emt" else cfg.model.name
-    cols = [Column(f"{name} (this run)", (np.asarray(test["label"]), test_probabilities(test)))]
-    notes = []
-    for b in cfg.eval.baselines:
-        brun = run.baseline(b)
-        if not brun.predictions_file("test").is_file():
-            notes.append(f"baseline {b}: no test predictions in {brun.path}, left out of the summary")
-            continue
-        pred = brun.predictions("test")
-        scored = spec_for(cfg).baselines[b].scored_on
-        cols.append(Column(b.replace("_", " "), (np.asarray(pred["label"]), test_probabilities(pred)), scored))
-    return cols, notes
+    cols = [Column(f"{name} (this run)", arrays(run.predictions("test")))]
+    more, notes = baseline_columns(cfg, run, arrays)
+    return cols + more, notes
 
 
 _CALIBRATION_COLUMNS = ("accuracy", "ece", "brier", "auc")
