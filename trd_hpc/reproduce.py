@@ -128,17 +128,25 @@ def _cfg(paper: str, scale: str) -> str:
         return str(path)
 
 
+def _generate_and_train(cfg: str, data: str, main: str, overrides: list[str]) -> tuple[Stage, Stage]:
+    """The first two stages of both papers: the cohort, then the main model (evaluated later,
+    with its baselines, by the evaluate stage)."""
+    return (
+        Stage("generate", ("generate", cfg, "--out", data, "--workers", "2"), ("data/manifest.json",)),
+        Stage(
+            "train",
+            ("train", cfg, "--out", main, "--resume", "auto", "--no-eval", f"data.cohort={data}", *overrides),
+            ("main/metrics.json", "main/model.pt"),
+        ),
+    )
+
+
 # ------------------------------------------------------------------------------ paper 000 (EMT)
 def _paper000(out: Path, scale: str) -> Recipe:
     cfg, data, main = _cfg("paper000", scale), str(out / "data"), str(out / "main")
     tiny = ["train.max_epochs=4"] if scale == "tiny" else []
     stages = (
-        Stage("generate", ("generate", cfg, "--out", data, "--workers", "2"), ("data/manifest.json",)),
-        Stage(
-            "train",
-            ("train", cfg, "--out", main, "--resume", "auto", "--no-eval", f"data.cohort={data}", *tiny),
-            ("main/metrics.json", "main/model.pt"),
-        ),
+        *_generate_and_train(cfg, data, main, tiny),
         # the baselines (late-fusion MLP, random forest) are trained here, then everything is evaluated
         Stage("evaluate", ("evaluate", main), ("main/report.html", "main/bundle")),
     )
@@ -199,12 +207,7 @@ def _paper001(out: Path, scale: str) -> Recipe:
         main_epochs, resnet_epochs, cv_epochs = [], 3, 10
     baselines = "eval.baselines=[single_task_response,single_task_severity,resnet18]"
     stages = (
-        Stage("generate", ("generate", cfg, "--out", data, "--workers", "2"), ("data/manifest.json",)),
-        Stage(
-            "train",
-            ("train", cfg, "--out", main, "--resume", "auto", "--no-eval", f"data.cohort={data}", *main_epochs),
-            ("main/metrics.json", "main/model.pt"),
-        ),
+        *_generate_and_train(cfg, data, main, main_epochs),
         Stage(
             "resnet18",
             (
