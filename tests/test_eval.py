@@ -318,6 +318,15 @@ def test_count_axes_are_integers_and_importance_labels_do_not_overlap():
     assert fig.get_size_inches()[0] * F.DPI <= 1000  # fits the report's column
 
 
+def test_importance_figure_leaves_out_values_that_could_not_be_computed():
+    # an ingested cohort's grid may hold no voxel of a region: its importance is NaN
+    imp = {"fMRI regions": {"right_amygdala": float("nan"), "outside_regions": 7e-4}, "clinical": {"age": float("nan")}}
+    fig = _draw(F.feature_importance_figure(imp))
+    assert len(fig.axes) == 1
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["outside regions"]
+
+
 def test_severity_scatter_colours_classes_and_draws_their_ranges():
     t = np.array([10.0, 20, 50, 60, 80, 90])
     fig = F.severity_scatter_figure(

@@ -240,7 +240,7 @@ def _exponent(largest: float) -> int:
     """A power of ten to divide an axis by when its numbers are tiny or huge (0.0016 -> -3), so
     the ticks read 1.6 and the label says the factor, instead of matplotlib's offset text
     floating under the axis's corner."""
-    if largest <= 0 or 1e-2 <= largest < 1e4:
+    if not np.isfinite(largest) or largest <= 0 or 1e-2 <= largest < 1e4:
         return 0
     return int(np.floor(np.log10(largest)))
 
@@ -259,7 +259,9 @@ def feature_importance_figure(
     line (e.g. uniform attention) and ``highlight[modality] = (names, label)`` colours those
     entries (e.g. the SNPs the cohort made predictive)."""
     units, references, highlight = units or {}, references or {}, highlight or {}
-    mods = [(m, d) for m, d in importance.items() if d]
+    # an importance that could not be computed (NaN: e.g. a region outside an ingested grid) has no bar
+    finite = {m: {n: v for n, v in d.items() if np.isfinite(v)} for m, d in importance.items()}
+    mods = [(m, finite[m]) for m, d in importance.items() if finite[m]]
     sizes = [min(top_k, len(d)) for _, d in mods] or [1]
     fig = Figure(figsize=(7.2, 0.22 * sum(sizes) + 1.15 * len(sizes)), layout="constrained")
     axes = fig.subplots(len(sizes), 1, squeeze=False, gridspec_kw={"height_ratios": [n + 3 for n in sizes]})[:, 0]
