@@ -27,6 +27,7 @@ from typing import Callable
 
 from trd_hpc.errors import TrdError
 from trd_hpc.fsio import atomic_write_json, atomic_write_text
+from trd_hpc.launch.plan import available_cpus
 from trd_hpc.rundir import read_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -385,7 +386,7 @@ def write_reproduction(recipe: Recipe, out: Path, scale: str, state: dict) -> Pa
         f"# Reproduction of the {recipe.title}, --scale {scale}",
         "",
         f"`trd-hpc reproduce {recipe.paper} --out {out} --scale {scale}` on {platform.node()} "
-        f"({platform.machine()}, {_cpus()} CPUs), {when}. Every figure in the trd-hpc column is read "
+        f"({platform.machine()}, {available_cpus()} CPUs), {when}. Every figure in the trd-hpc column is read "
         f"from this directory's `metrics.json` and `cv_summary.json` files; `reproduction.json` "
         "names the file and key behind each.",
         "",
@@ -409,9 +410,3 @@ def write_reproduction(recipe: Recipe, out: Path, scale: str, state: dict) -> Pa
 def _tail(path: Path, lines: int = 20) -> str:
     text = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
     return "".join(f"  {ln}\n" for ln in text)
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -265,38 +265,6 @@ def _environment():
     )
 
 
-def render_report(
-    run_dir: Path,
-    title: str,
-    metrics: Mapping[str, Any],
-    figures: Mapping[str, Path],
-    config_yaml: str,
-    notes: Sequence[str] = (),
-    parts: ReportParts | None = None,
-    meta: Sequence[tuple[str, str]] = (),
-) -> str:
-    """The report's HTML (see :func:`write_report`)."""
-    parts = parts or ReportParts()
-    groups = _metric_groups(metrics)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return (
-        _environment()
-        .get_template("report.html.j2")
-        .render(
-            title=title,
-            run_dir=str(run_dir),
-            generated=stamp,
-            meta=list(meta),
-            notes=[*notes, *parts.notes],
-            summary=parts.summary,
-            sections=_sections(parts, figures),
-            metric_groups=groups,
-            n_metrics=sum(len(items) for _, items in groups),
-            config_yaml=config_yaml,
-        )
-    )
-
-
 def write_report(
     run_dir: Path,
     title: str,
@@ -307,12 +275,29 @@ def write_report(
     parts: ReportParts | None = None,
     meta: Sequence[tuple[str, str]] = (),
 ) -> Path:
-    """Write ``run_dir/report.html`` and return its path."""
+    """Render templates/report.html.j2 into ``run_dir/report.html`` and return its path."""
     from trd_hpc.fsio import atomic_write_text
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    doc = render_report(run_dir, title, metrics, figures, config_yaml, notes, parts, meta)
+    parts = parts or ReportParts()
+    groups = _metric_groups(metrics)
+    doc = (
+        _environment()
+        .get_template("report.html.j2")
+        .render(
+            title=title,
+            run_dir=str(run_dir),
+            generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            meta=list(meta),
+            notes=[*notes, *parts.notes],
+            summary=parts.summary,
+            sections=_sections(parts, figures),
+            metric_groups=groups,
+            n_metrics=sum(len(items) for _, items in groups),
+            config_yaml=config_yaml,
+        )
+    )
     out = run_dir / "report.html"
     atomic_write_text(out, doc)  # a reader never sees a half-written report
     return out

@@ -83,13 +83,17 @@ def implied_overrides(
     return ov
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (a SLURM step's or taskset's), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
 def threads_per_process(local_world_size: int, environ: Mapping[str, str] | None = None) -> int:
     """CPUs this process may use: SLURM's allocation, else its affinity mask, shared by the local ranks."""
     e = os.environ if environ is None else environ
     if e.get("SLURM_CPUS_PER_TASK", "").isdigit():
         return max(1, int(e["SLURM_CPUS_PER_TASK"]))
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // max(local_world_size, 1))
+    return max(1, available_cpus() // max(local_world_size, 1))

@@ -34,6 +34,7 @@ from typing import Any
 
 from trd_hpc.config import ConfigError, to_yaml, validate_experiment
 from trd_hpc.fsio import atomic_write_text
+from trd_hpc.launch.plan import available_cpus
 from trd_hpc.rundir import RunDir
 from trd_hpc.tune.spec import SCORE_KEY, Sweep, dumps, load_spec, score
 
@@ -159,13 +160,6 @@ def _trial_dirname(trial) -> str:
 
 
 # --------------------------------------------------------------------------- Ray
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover (macOS)
-        return os.cpu_count() or 1
-
-
 def use_normal_priority_for_trials() -> None:
     """Ray starts its workers at niceness 15, so on a node with anything else running
     (another job's processes, data loading, a busy login node) the trials, which are the
