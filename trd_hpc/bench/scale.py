@@ -44,15 +44,18 @@ def train_steps(config: str, overrides: list[str], root: str, steps: int) -> dic
     torch.set_num_threads(cfg.train.num_threads or torch.get_num_threads())
     run_dir = Path(tempfile.mkdtemp(prefix="trd-bench-scale-run-"))
     try:
+        t_setup = time.perf_counter()
         trainer = Trainer(cfg, make_task(cfg, root), run_dir / "run", D.DistInfo(), root, progress=False)
+        t_setup = time.perf_counter() - t_setup
         done = {"steps": 0, "samples": 0}
         t0 = None
+        io0 = 0
 
         def on_step(tr) -> None:
-            nonlocal t0
+            nonlocal t0, io0
             done["steps"] += 1
             if done["steps"] == 1:  # from the end of the first step: start-up and first reads excluded
-                t0 = time.perf_counter()
+                t0, io0 = time.perf_counter(), _storage_read_bytes()
             else:
                 done["samples"] += cfg.train.batch_size
             if done["steps"] >= steps:
@@ -66,15 +69,32 @@ def train_steps(config: str, overrides: list[str], root: str, steps: int) -> dic
         except _Enough:
             pass
         dt = time.perf_counter() - t0
+        io = _storage_read_bytes() - io0
         return {
             "steps": done["steps"],
             "epochs_started": epoch + 1,
             "train_subjects": len(trainer.datasets["train"]),
+            "setup_seconds": t_setup,
             "samples_per_s": done["samples"] / dt,
+            # bytes this process made the storage layer fetch (page-cache misses) per sample
+            "storage_read_mb_per_sample": io / max(done["samples"], 1) / 1e6,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _storage_read_bytes() -> int:
+    """Bytes this process has caused to be fetched from storage (Linux /proc/self/io
+    ``read_bytes``: page-cache misses, not reads served from memory); 0 where unknown."""
+    try:
+        with open("/proc/self/io") as fh:
+            for line in fh:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def _train_in_fresh_process(config: str, overrides: list[str], root: Path, steps: int) -> dict:
@@ -157,6 +177,11 @@ def run(
         f"  train {steps} steps: {b['samples_per_s']:.1f} samples/s on {b['train_subjects']} training subjects vs "
         f"{p['samples_per_s']:.1f} on {p['train_subjects']} = {f['samples_per_s_ratio']:.2f}x; "
         f"peak RSS {b['peak_rss_mb']:.0f} vs {p['peak_rss_mb']:.0f} MB = {f['peak_rss_ratio']:.2f}x (target: both ~1)"
+    )
+    print(
+        f"  from storage (page-cache misses) during the steps: {b['storage_read_mb_per_sample']:.3f} vs "
+        f"{p['storage_read_mb_per_sample']:.3f} MB a sample; start-up (trainer, content checks of every split): "
+        f"{b['setup_seconds']:.1f} vs {p['setup_seconds']:.1f} s"
     )
     if json_path:
         atomic_write_json(json_path, f)

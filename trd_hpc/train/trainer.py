@@ -129,6 +129,18 @@ class TrainState:
     epoch_seconds: float = 0.0
 
 
+def _owned(records: dict) -> dict[str, np.ndarray]:
+    """A step's records copied into arrays of their own, kept until the epoch ends.
+
+    A task's records are NumPy views of the step's tensors; kept as they are, every step
+    leaves a few small torch allocations alive among its large transient ones (activations,
+    workspaces, batch buffers), and the heap can neither reuse nor return the space between
+    them: resident memory grew 0.45 MB a step (+170 MB over 400 steps of one 14,450-subject
+    epoch of the 3-D CNN, nothing on the 1,083-subject cohort whose epochs end every 68 steps).
+    The copies are a few hundred bytes a step."""
+    return {k: np.array(v, copy=True) for k, v in records.items()}
+
+
 def _split_batch(batch: dict, parts: int) -> list[dict]:
     """A loaded batch as ``parts`` micro-batches (equal by construction of the sampler).
 
@@ -260,7 +272,7 @@ class Trainer:
         parts = []
         for batch in self.eval_loader(split):
             out = self._forward(model, batch)
-            parts.append(self.task.records(out, batch))
+            parts.append(_owned(self.task.records(out, batch)))
         model.train(was_training)
         local = merge_records(parts)
         gathered = D.all_gather_objects(self.info, local)
@@ -439,7 +451,7 @@ class Trainer:
                     finite &= bool(torch.isfinite(loss.detach()))
                     self.strategy.backward(loss, len(micro), last_micro)
                 step_loss += float(loss.detach()) / len(micro)
-                parts.append(self.task.records(out, mb))
+                parts.append(_owned(self.task.records(out, mb)))
             nonfinite, stop = D.any_flag(info, not finite, signals.requested() is not None)
             if nonfinite:
                 good = ckpt.list_checkpoints(self.run_dir)
