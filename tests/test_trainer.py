@@ -262,6 +262,28 @@ def test_early_stopping_restores_the_best_epoch(tmp_path, emt_cohort_dir):
         assert len(h) == best + 3
 
 
+def test_early_stopping_tie_breaker_keeps_later_epochs_that_tie_on_the_monitor():
+    from trd_hpc.train.trainer import EarlyStopping
+
+    epochs = [(0.9, 0.5), (1.0, 0.4), (1.0, 0.3), (1.0, 0.35), (1.0, 0.2), (1.0, 0.25), (0.99, 0.1)]
+    strict, tied = EarlyStopping("max", patience=2), EarlyStopping("max", patience=2, tie_mode="min")
+    got_strict = [strict.update(acc, e, loss) for e, (acc, loss) in enumerate(epochs, 1)]
+    got_tied = [tied.update(acc, e, loss) for e, (acc, loss) in enumerate(epochs, 1)]
+    # Without a tie-breaker the first epoch at the ceiling stays the best and patience runs out.
+    assert [b for b, _ in got_strict] == [True, True, False, False, False, False, False]
+    assert strict.best_epoch == 2 and got_strict[3] == (False, True)
+    # With one, equal accuracy and a lower loss is a new best; a worse accuracy never is.
+    assert [b for b, _ in got_tied] == [True, True, True, False, True, False, False]
+    assert (tied.best, tied.best_tie, tied.best_epoch) == (1.0, 0.2, 5) and got_tied[-1] == (False, True)
+    # The tie-breaker's best survives a checkpoint; a state written before it existed loads.
+    again = EarlyStopping("max", patience=2, tie_mode="min")
+    again.load_state_dict(tied.state_dict())
+    assert again == tied
+    old = {k: v for k, v in tied.state_dict().items() if k != "best_tie"}
+    again.load_state_dict(old)
+    assert np.isnan(again.best_tie) and again.improved(1.0, 5.0)
+
+
 def test_nan_loss_is_a_clear_error_naming_the_step(tmp_path, emt_cohort_dir):
     out = tmp_path / "run"
     r = run(

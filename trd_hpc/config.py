@@ -22,7 +22,16 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from trd_hpc.errors import ConfigError  # noqa: E402  (re-exported: a config file or override is invalid)
 
@@ -594,11 +603,32 @@ class PlateauConfig(Strict):
     min_lr: float = Field(0.0, ge=0)
 
 
+class TieBreaker(Strict):
+    """A second per-epoch metric that orders epochs (early stopping) or trials (sweeps)
+    whose monitored metric is exactly equal: accuracy on a validation set of a few hundred
+    subjects takes few distinct values, and once it reaches its ceiling every later epoch
+    ties with the first one there."""
+
+    metric: str
+    mode: Literal["max", "min"]
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if not (v.startswith("val.") or v.startswith("train.")):
+            raise ValueError(f"must be a per-epoch metric starting with 'val.' or 'train.', got {v!r}")
+        return v
+
+
 class EarlyStoppingConfig(Strict):
     monitor: str = "val.auc"
     mode: Literal["min", "max"] = "max"
     patience: int = Field(7, ge=1)
     restore_best: bool = True
+    # None: an epoch is better only when `monitor` strictly improves (Keras' rule). Set: an
+    # epoch that equals the best `monitor` and improves the tie-breaker is a new best too
+    # (its weights are kept and patience restarts).
+    tie_breaker: Optional[TieBreaker] = None
 
 
 class TrainConfig(Strict):
@@ -717,7 +747,12 @@ def _cnn_train() -> TrainConfig:
         max_epochs=39,
         precise_bn_batches=16,
         plateau=PlateauConfig(monitor="val.loss", mode="min", patience=3, factor=0.5),
-        early_stopping=EarlyStoppingConfig(monitor="val.accuracy", mode="max", patience=7),
+        # Chosen tie-breaker: on ~190 validation volumes accuracy reaches its ceiling within a
+        # few epochs and stays there; among the epochs at the ceiling the lowest validation loss
+        # (which still falls, the severity error with it) is kept, and patience restarts.
+        early_stopping=EarlyStoppingConfig(
+            monitor="val.accuracy", mode="max", patience=7, tie_breaker=TieBreaker(metric="val.loss", mode="min")
+        ),
     )
 
 

@@ -52,30 +52,39 @@ class Preempted(Exception):
 class EarlyStopping:
     mode: str
     patience: int
+    tie_mode: str | None = None  # train.early_stopping.tie_breaker's mode, if any
     best: float = math.nan
     best_epoch: int = -1
     bad_epochs: int = 0
+    best_tie: float = math.nan
 
-    def improved(self, value: float) -> bool:
+    @staticmethod
+    def _better(a: float, b: float, mode: str) -> bool:
+        return a > b if mode == "max" else a < b
+
+    def improved(self, value: float, tie: float = math.nan) -> bool:
         if math.isnan(value):
             return False
-        if math.isnan(self.best):
+        if math.isnan(self.best) or self._better(value, self.best, self.mode):
             return True
-        return value > self.best if self.mode == "max" else value < self.best
+        if value != self.best or self.tie_mode is None or math.isnan(tie):
+            return False
+        return math.isnan(self.best_tie) or self._better(tie, self.best_tie, self.tie_mode)
 
-    def update(self, value: float, epoch: int) -> tuple[bool, bool]:
+    def update(self, value: float, epoch: int, tie: float = math.nan) -> tuple[bool, bool]:
         """(is_new_best, should_stop)."""
-        if self.improved(value):
-            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+        if self.improved(value, tie):
+            self.best, self.best_epoch, self.bad_epochs, self.best_tie = value, epoch, 0, tie
             return True, False
         self.bad_epochs += 1
         return False, self.bad_epochs >= self.patience
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "best_tie": self.best_tie}
 
     def load_state_dict(self, s: dict) -> None:
         self.best, self.best_epoch, self.bad_epochs = float(s["best"]), int(s["best_epoch"]), int(s["bad_epochs"])
+        self.best_tie = float(s.get("best_tie", math.nan))
 
 
 class LRPlateau:
@@ -224,7 +233,8 @@ class Trainer:
         self.zero_stage = st.zero_stage
         p = tc.plateau
         self.plateau = LRPlateau(self.optimizer, tc.lr, p.mode, p.factor, p.patience, p.min_lr)
-        self.early = EarlyStopping(tc.early_stopping.mode, tc.early_stopping.patience)
+        tie = tc.early_stopping.tie_breaker
+        self.early = EarlyStopping(tc.early_stopping.mode, tc.early_stopping.patience, tie.mode if tie else None)
         self.best_state: dict | None = None
         self._peak = None
 
@@ -506,6 +516,7 @@ class Trainer:
     def fit(self, on_step=None, on_epoch=None) -> TrainState:
         tc, info = self.tc, self.info
         es_key, pl_key = tc.early_stopping.monitor, tc.plateau.monitor
+        tie_key = tc.early_stopping.tie_breaker.metric if tc.early_stopping.tie_breaker else None
         while not self.state.finished and self.state.epoch < tc.max_epochs:
             epoch = self.state.epoch
             t0 = time.perf_counter()
@@ -521,11 +532,12 @@ class Trainer:
             # Decisions are taken once, on rank 0, from the gathered metrics.
             decision = None
             if info.is_main:
-                is_best, stop = self.early.update(row.get(es_key, math.nan), epoch + 1)
+                is_best, stop = self.early.update(row.get(es_key, math.nan), epoch + 1, row.get(tie_key, math.nan))
                 decision = {"is_best": is_best, "stop": stop, "plateau_value": row.get(pl_key, math.nan)}
             decision = D.broadcast_object(info, decision)
             if not info.is_main:
-                self.early.update(row.get(es_key, math.nan), epoch + 1)  # keep the same state everywhere
+                # keep the same state everywhere
+                self.early.update(row.get(es_key, math.nan), epoch + 1, row.get(tie_key, math.nan))
             self.plateau.step(decision["plateau_value"])
             if decision["is_best"]:
                 self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.raw_model.state_dict().items()}

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from trd_hpc.config import (
     ConfigError,
+    TieBreaker,
     _read_config_file,
     _read_yaml,
     format_validation_error,
@@ -125,22 +126,6 @@ class Param(_Strict):
         if self.type == "uniform":
             return tune.uniform(float(self.low), float(self.high))
         return tune.randint(int(self.low), int(self.high) + 1)  # Ray's upper bound is exclusive
-
-
-class TieBreaker(_Strict):
-    """A second per-epoch metric that orders trials whose ``metric`` is exactly equal
-    (accuracy on a small validation set is a few distinct values, and every trial
-    sits at the majority class for the first epochs: ASHA cannot rank exact ties)."""
-
-    metric: str
-    mode: Literal["max", "min"]
-
-    @field_validator("metric")
-    @classmethod
-    def _metric(cls, v: str) -> str:
-        if not (v.startswith("val.") or v.startswith("train.")):
-            raise ValueError(f"must be a per-epoch metric starting with 'val.' or 'train.', got {v!r}")
-        return v
 
 
 SCORE_KEY = "sweep_score"
