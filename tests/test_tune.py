@@ -196,11 +196,12 @@ def test_bench_tune_repeats_asha_over_seeds_on_a_bigger_validation_split(local_r
     from trd_hpc.tune.bench import format_bench, run_bench
 
     over = ["train.early_stopping.patience=100", "tracking.wandb=false"]
+    acc = {"metric": "val.accuracy", "mode": "max"}  # a metric with a target (within 1 point)
     grid = write_spec(
         tmp_path / "grid.yaml", scheduler="fifo", max_t=2, num_samples=1, overrides=over,
-        space={"train.lr": {"type": "grid", "values": [0.001, 0.003]}},
+        space={"train.lr": {"type": "grid", "values": [0.001, 0.003]}}, **acc,
     )  # fmt: skip
-    asha = write_spec(tmp_path / "asha.yaml", max_t=2, num_samples=2, overrides=over)
+    asha = write_spec(tmp_path / "asha.yaml", max_t=2, num_samples=2, overrides=over, **acc)
     res = run_bench(
         grid, asha, tmp_path / "bench", overrides=[f"data.cohort={tmp_path / 'cohort'}"], seeds=2, val_subjects=60
     )
