@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from trd_hpc.config import CNN3DExperiment
-from trd_hpc.console import say
+from trd_hpc.console import step
 
 # Paper 001's test figures, shown beside ours in the report's summary.
 PAPER = {"accuracy": 1.00, "severity_mae": 8.03}
@@ -56,27 +56,27 @@ def evaluate_cnn3d(cfg: CNN3DExperiment, run, history: list, preds: dict, figure
     m = {f"test.{k}": v for k, v in {**mc, **rg}.items() if k != "class_names"}
     figs = {}
     if figures:
-        say("figures ...")
-        d = run.figures_dir
-        d.mkdir(exist_ok=True)
-        scale = cfg.cohort.severity_max
-        figs = {
-            "Training progression": F.training_progression(history, d / "progression.png"),
-            "Confusion matrix (test)": F.confusion_matrix_plot(mc["confusion_matrix"], names, d / "confusion.png"),
-            "Predicted vs true severity (test)": F.severity_scatter(
-                test["severity"] * scale,
-                test["severity_pred"] * scale,
-                d / "severity_scatter.png",
-                classes=test["response"],
-                class_names=names,
-                # an ingested cohort has no generated ranges
-                ranges=getattr(cfg.cohort, "severity_ranges", None),
-            ),
-            "Severity error histogram (test)": F.error_histogram(
-                test["severity"] * scale, test["severity_pred"] * scale, d / "severity_errors.png"
-            ),
-            "Example volumes (test)": F.example_volumes(_examples(cfg), d / "examples.png"),
-        }
+        with step("figures"):
+            d = run.figures_dir
+            d.mkdir(exist_ok=True)
+            scale = cfg.cohort.severity_max
+            figs = {
+                "Training progression": F.training_progression(history, d / "progression.png"),
+                "Confusion matrix (test)": F.confusion_matrix_plot(mc["confusion_matrix"], names, d / "confusion.png"),
+                "Predicted vs true severity (test)": F.severity_scatter(
+                    test["severity"] * scale,
+                    test["severity_pred"] * scale,
+                    d / "severity_scatter.png",
+                    classes=test["response"],
+                    class_names=names,
+                    # an ingested cohort has no generated ranges
+                    ranges=getattr(cfg.cohort, "severity_ranges", None),
+                ),
+                "Severity error histogram (test)": F.error_histogram(
+                    test["severity"] * scale, test["severity_pred"] * scale, d / "severity_errors.png"
+                ),
+                "Example volumes (test)": F.example_volumes(_examples(cfg), d / "examples.png"),
+            }
     return m, figs
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from trd_hpc.config import EMTExperiment
-from trd_hpc.console import say, step
+from trd_hpc.console import step
 
 # Paper 000's test figures, shown beside ours in the report's summary (its accuracy is the
 # uncalibrated one at P >= 0.5: perfectly ranked scores all on one side of 0.5).
@@ -250,31 +250,33 @@ def evaluate_emt(cfg: EMTExperiment, run, model, history: list, preds: dict, fig
         m["importance.snp.predictive_share"] = imp["snp"]["predictive_share"]
     figs = {}
     if figures:
-        say("figures ...")
-        overlay = {"EMT" if cfg.model.name == "emt" else cfg.model.name: (test["label"], prob)}
-        for name in cfg.eval.baselines:
-            b = run.baseline(name).predictions("test")
-            overlay[name.replace("_", " ")] = (b["label"], test_probabilities(b))
-        d = run.figures_dir
-        d.mkdir(exist_ok=True)
-        examples, snp, ysnp = _examples(cfg)
-        # every calibrator that fitted, named, in the config's order (uncalibrated first)
-        by_method = {METHOD_LABELS.get(k, k): v for k, v in probs.items()}
-        figs = {
-            "Loss and validation AUC": F.loss_and_auc_curves(history, d / "loss_auc.png"),
-            "ROC (test)": F.roc_curve_plot(overlay, None, d / "roc.png"),
-            "Precision-recall (test)": F.pr_curve_plot(overlay, None, d / "pr.png"),
-            "Reliability diagram": F.reliability_diagram(
-                test["label"], by_method, d / "reliability.png", n_bins=cfg.eval.ece_bins
-            ),
-            "Predicted probability by class": F.probability_densities(test["label"], by_method, d / "densities.png"),
-            "Feature importance by modality": _importance_figure(cfg, imp, d / "importance.png"),
-            "fMRI slices with regions": F.fmri_slices_with_regions(
-                examples, cfg.cohort.region_boxes, d / "fmri_slices.png"
-            ),
-            "SNP genotype frequencies by class": F.snp_allele_histograms(
-                snp, ysnp, cfg.cohort.n_predictive_snps, d / "snp_hist.png"
-            ),
-            "Confidence by class": F.confidence_violins(test["label"], by_method, d / "violins.png"),
-        }
+        with step("figures"):
+            overlay = {"EMT" if cfg.model.name == "emt" else cfg.model.name: (test["label"], prob)}
+            for name in cfg.eval.baselines:
+                b = run.baseline(name).predictions("test")
+                overlay[name.replace("_", " ")] = (b["label"], test_probabilities(b))
+            d = run.figures_dir
+            d.mkdir(exist_ok=True)
+            examples, snp, ysnp = _examples(cfg)
+            # every calibrator that fitted, named, in the config's order (uncalibrated first)
+            by_method = {METHOD_LABELS.get(k, k): v for k, v in probs.items()}
+            figs = {
+                "Loss and validation AUC": F.loss_and_auc_curves(history, d / "loss_auc.png"),
+                "ROC (test)": F.roc_curve_plot(overlay, None, d / "roc.png"),
+                "Precision-recall (test)": F.pr_curve_plot(overlay, None, d / "pr.png"),
+                "Reliability diagram": F.reliability_diagram(
+                    test["label"], by_method, d / "reliability.png", n_bins=cfg.eval.ece_bins
+                ),
+                "Predicted probability by class": F.probability_densities(
+                    test["label"], by_method, d / "densities.png"
+                ),
+                "Feature importance by modality": _importance_figure(cfg, imp, d / "importance.png"),
+                "fMRI slices with regions": F.fmri_slices_with_regions(
+                    examples, cfg.cohort.region_boxes, d / "fmri_slices.png"
+                ),
+                "SNP genotype frequencies by class": F.snp_allele_histograms(
+                    snp, ysnp, cfg.cohort.n_predictive_snps, d / "snp_hist.png"
+                ),
+                "Confidence by class": F.confidence_violins(test["label"], by_method, d / "violins.png"),
+            }
     return m, figs

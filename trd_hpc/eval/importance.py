@@ -64,11 +64,14 @@ def grad_x_input(
         out = model(**dict(zip(names, xs)), **rest)
         return output_fn(out) if output_fn is not None else out
 
-    # Captum wants leaf tensors it can mark; half precision is upcast, others copied
+    # Captum wants leaf tensors that require grad (it warns once per input otherwise);
+    # half precision is upcast, others copied
     xs = tuple(
-        batch_inputs[n].detach().float()
-        if batch_inputs[n].dtype in (torch.float16, torch.bfloat16)
-        else batch_inputs[n].detach().clone()
+        (
+            batch_inputs[n].detach().float()
+            if batch_inputs[n].dtype in (torch.float16, torch.bfloat16)
+            else batch_inputs[n].detach().clone()
+        ).requires_grad_(True)
         for n in names
     )
     was_training = model.training

@@ -80,7 +80,12 @@ class EarlyStopping:
         return False, self.bad_epochs >= self.patience
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "best_tie": self.best_tie}
+        return {
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "best_tie": self.best_tie,
+        }
 
     def load_state_dict(self, s: dict) -> None:
         self.best, self.best_epoch, self.bad_epochs = float(s["best"]), int(s["best_epoch"]), int(s["bad_epochs"])
