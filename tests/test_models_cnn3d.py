@@ -97,6 +97,16 @@ def test_pool_rule_keeps_thin_axis():
     assert model(torch.rand(2, 1, *TINY))["response_logits"].shape == (2, 3)
 
 
+def test_fewer_pooled_blocks_keep_a_finer_grid_for_the_paths():
+    assert pool_kernels(PAPER, 3, pooled_blocks=2) == [(2, 2, 2), (2, 2, 2), (1, 1, 1)]
+    assert pool_kernels(PAPER, 3, pooled_blocks=0) == [(1, 1, 1)] * 3
+    for name in ("dual_path", "single_task_severity"):
+        model = build_cnn3d_model(_exp(name, PAPER, pooled_blocks=2))
+        assert model.encoder.out_shape == (16, 16, 4)
+        assert model.encoder(torch.rand(1, 1, *PAPER)).shape == (1, 64, 16, 16, 4)
+        assert model(torch.rand(2, 1, *PAPER))["severity"].shape == (2,)
+
+
 # --------------------------------------------------------------------------- focal loss
 def test_focal_loss_matches_hand_formula():
     logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-1.0, 3.0, 0.0]])

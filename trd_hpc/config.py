@@ -582,6 +582,10 @@ class CNN3DModelConfig(Strict):
 
     name: Literal["dual_path", "single_task_response", "single_task_severity", "resnet18"] = "dual_path"
     channels: tuple[PosInt, ...] = Field((16, 32, 64), min_length=1)  # one Conv3d-BN-ReLU-MaxPool block each (chosen)
+    # How many of those blocks (the first ones) end in max-pooling; None: all of them.
+    # Fewer keeps a finer grid for the paths' attention and pooling (paper 64x64x16 with
+    # 2 of 3: 16x16x4 features instead of 8x8x2, at the same convolution cost).
+    pooled_blocks: Optional[int] = Field(None, ge=0)
     attention: Literal["se", "spatial", "none"] = "se"  # per path: squeeze-excitation or spatial gate
     dropout: float = Field(0.3, ge=0, lt=1)
     dense: int = Field(64, ge=1)

@@ -48,36 +48,47 @@ TASKS = ("response", "severity")
 _POOL_MIN = 4
 
 
-def pool_kernels(in_shape: Sequence[int], n_blocks: int) -> list[tuple[int, int, int]]:
-    """The MaxPool3d kernel (= stride) of each encoder block for ``in_shape`` (see ``_POOL_MIN``)."""
+def pool_kernels(
+    in_shape: Sequence[int], n_blocks: int, pooled_blocks: int | None = None
+) -> list[tuple[int, int, int]]:
+    """The MaxPool3d kernel (= stride) of each encoder block for ``in_shape`` (see ``_POOL_MIN``);
+    only the first ``pooled_blocks`` blocks pool (None: all), the others keep their size."""
     size = [int(s) for s in in_shape]
     if len(size) != 3 or min(size) < 1:
         raise ValueError(f"in_shape must be 3 positive sizes (X, Y, Z), got {tuple(in_shape)}")
+    pooled = n_blocks if pooled_blocks is None else pooled_blocks
     kernels = []
-    for _ in range(n_blocks):
-        k = tuple(2 if s >= _POOL_MIN else 1 for s in size)
+    for b in range(n_blocks):
+        k = tuple(2 if s >= _POOL_MIN and b < pooled else 1 for s in size)
         size = [s // kk for s, kk in zip(size, k)]
         kernels.append(k)
     return kernels  # type: ignore[return-value]
 
 
-def encoder_out_shape(in_shape: Sequence[int], n_blocks: int) -> tuple[int, int, int]:
+def encoder_out_shape(in_shape: Sequence[int], n_blocks: int, pooled_blocks: int | None = None) -> tuple[int, int, int]:
     size = [int(s) for s in in_shape]
-    for k in pool_kernels(in_shape, n_blocks):
+    for k in pool_kernels(in_shape, n_blocks, pooled_blocks):
         size = [s // kk for s, kk in zip(size, k)]
     return tuple(size)  # type: ignore[return-value]
 
 
 class Encoder3D(nn.Module):
-    """Shared encoder: per entry of ``channels`` one Conv3d(3x3x3, pad 1) -> BN -> ReLU -> MaxPool3d."""
+    """Shared encoder: per entry of ``channels`` one Conv3d(3x3x3, pad 1) -> BN -> ReLU -> MaxPool3d
+    (the pooling only in the first ``pooled_blocks`` blocks; None: every block)."""
 
-    def __init__(self, channels: Sequence[int], in_shape: Sequence[int], in_channels: int = 1):
+    def __init__(
+        self,
+        channels: Sequence[int],
+        in_shape: Sequence[int],
+        in_channels: int = 1,
+        pooled_blocks: int | None = None,
+    ):
         super().__init__()
         if not channels:
             raise ValueError("model.channels must name at least one block")
         blocks = []
         c_in = in_channels
-        for c_out, k in zip(channels, pool_kernels(in_shape, len(channels))):
+        for c_out, k in zip(channels, pool_kernels(in_shape, len(channels), pooled_blocks)):
             blocks.append(
                 nn.Sequential(
                     nn.Conv3d(c_in, c_out, kernel_size=3, padding=1, bias=False),  # BN follows: no bias
@@ -89,7 +100,7 @@ class Encoder3D(nn.Module):
             c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         self.out_channels = c_in
-        self.out_shape = encoder_out_shape(in_shape, len(channels))
+        self.out_shape = encoder_out_shape(in_shape, len(channels), pooled_blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
@@ -170,7 +181,7 @@ class DualPathCNN3D(nn.Module):
     def __init__(self, model_cfg: CNN3DModelConfig, in_shape: tuple[int, int, int]):
         super().__init__()
         self.in_shape = _shape3(in_shape)
-        self.encoder = Encoder3D(model_cfg.channels, self.in_shape)
+        self.encoder = Encoder3D(model_cfg.channels, self.in_shape, pooled_blocks=model_cfg.pooled_blocks)
         c = self.encoder.out_channels
         self.severity_path = TaskPath(c, 1, model_cfg.attention, model_cfg.dense, model_cfg.dropout)
         self.response_path = TaskPath(c, N_CLASSES, model_cfg.attention, model_cfg.dense, model_cfg.dropout)
@@ -193,7 +204,7 @@ class SingleTaskCNN3D(nn.Module):
         self.task = task
         self.tasks = (task,)
         self.in_shape = _shape3(in_shape)
-        self.encoder = Encoder3D(model_cfg.channels, self.in_shape)
+        self.encoder = Encoder3D(model_cfg.channels, self.in_shape, pooled_blocks=model_cfg.pooled_blocks)
         out = N_CLASSES if task == "response" else 1
         self.path = TaskPath(self.encoder.out_channels, out, model_cfg.attention, model_cfg.dense, model_cfg.dropout)
 
