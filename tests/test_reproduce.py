@@ -4,12 +4,17 @@ read from the run's own files; a rerun skips what is finished."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli
+from tests.conftest import REPO, cli
 
 pytestmark = pytest.mark.slow
 
@@ -130,6 +135,32 @@ def test_reproduce_paper000_tiny_table_and_a_failed_stage_names_its_log(tmp_path
         "calibrated.isotonic.ece",
         "baselines.random_forest.auc",
     }
+    # a stage killed outright (no time saved) is rerun and its row says the lost attempt was not
+    # counted: the evaluate stage's outputs are removed, a rerun is killed with its process
+    # group once the state file shows the stage running, and the next rerun finishes it
+    (out / "main" / "report.html").unlink()
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "trd_hpc.cli", "reproduce", "paper000", "--out", str(out), "--scale", "tiny", "--quiet"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300  # a bound on a hang, not a timing assumption
+    while not json.loads((out / "reproduce.json").read_text())["stages"]["evaluate"].get("running"):
+        assert killed.poll() is None and time.monotonic() < deadline, "the evaluate stage never started"
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    again = cli("reproduce", "paper000", "--out", str(out), "--scale", "tiny", "--quiet", timeout=1200)
+    assert again.stdout.count("skipped") == 2 and "stage 3/3 evaluate: done" in again.stdout, again.stdout
+    md = (out / "reproduction.md").read_text()
+    assert "s + 1 killed attempt not counted |" in md, md
+    assert md.count("killed attempt") == 1 and "+ uncounted |" in md, md
+    stages = json.loads((out / "reproduction.json").read_text())["stages"]
+    assert stages["evaluate"]["finished"] and not stages["evaluate"].get("running")
+    check_figures_come_from_files(out, [r["label"] for r in rep["rows"]])
+
     # a stage that fails stops the reproduction with its exit code, command and log
     other = tmp_path / "broken"
     other.mkdir()

@@ -331,6 +331,18 @@ def reproduce(paper: str, out: str | Path, scale: str = "tiny", progress: bool =
             _say(f"{where}: finished before ({rec['seconds']:.0f} s), skipped")
             continue
         _say(f"{where}: {stage.command()}")
+        # Marked as running before it starts: a stage found still "running" on the next call
+        # was killed without saving its time, and the table says so instead of under-counting.
+        interrupted = (rec or {}).get("interrupted", 0) + int(bool(rec and rec.get("running")))
+        prior = (rec or {}).get("seconds_before", 0.0)
+        state["stages"][stage.name] = {
+            "command": stage.command(),
+            "finished": False,
+            "running": True,
+            "seconds_before": prior,
+            "interrupted": interrupted,
+        }
+        atomic_write_json(state_path, state)
         t0 = time.monotonic()
         cmd = [sys.executable, "-m", "trd_hpc.cli", *stage.args]
         log = out / "logs" / f"{stage.name}.log"
@@ -340,7 +352,7 @@ def reproduce(paper: str, out: str | Path, scale: str = "tiny", progress: bool =
             log.parent.mkdir(exist_ok=True)
             with open(log, "ab") as f:
                 rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
-        seconds = time.monotonic() - t0 + (rec or {}).get("seconds_before", 0.0)
+        seconds = time.monotonic() - t0 + prior
         if rc != 0:
             if not progress:
                 sys.stderr.write(_tail(log))
@@ -351,12 +363,19 @@ def reproduce(paper: str, out: str | Path, scale: str = "tiny", progress: bool =
             )
         if not stage.done(out):
             # pre-empted (SIGUSR2/SIGTERM saved a checkpoint and exited 0): resume on the next call
-            state["stages"][stage.name] = {"command": stage.command(), "finished": False, "seconds_before": seconds}
+            state["stages"][stage.name] = {
+                "command": stage.command(),
+                "finished": False,
+                "seconds_before": seconds,
+                "interrupted": interrupted,
+            }
             atomic_write_json(state_path, state)
             raise ReproduceError(
                 f"{where} stopped before writing {', '.join(stage.outputs)}; rerun the same `trd-hpc reproduce` to continue"
             )
         state["stages"][stage.name] = {"command": stage.command(), "finished": True, "seconds": seconds}
+        if interrupted:
+            state["stages"][stage.name]["interrupted"] = interrupted
         atomic_write_json(state_path, state)
         _say(f"{where}: done in {seconds:.0f} s")
     md = write_reproduction(recipe, out, scale, state)
@@ -398,8 +417,9 @@ def write_reproduction(recipe: Recipe, out: Path, scale: str, state: dict) -> Pa
     if recipe.reductions:
         lines += ["Reductions from the paper's settings: " + "; ".join(recipe.reductions) + ".", ""]
     lines += ["| stage | command | wall |", "|---|---|---|"]
-    lines += [f"| {s.name} | `{s.command()}` | {stages[s.name]['seconds']:.0f} s |" for s in recipe.stages]
-    lines += [f"| total | | {total:.0f} s ({total / 60:.1f} min) |", ""]
+    lines += [f"| {s.name} | `{s.command()}` | {wall(stages[s.name])} |" for s in recipe.stages]
+    lost = any(stages[s.name].get("interrupted") for s in recipe.stages)
+    lines += [f"| total | | {total:.0f} s ({total / 60:.1f} min){' + uncounted' if lost else ''} |", ""]
     text = "\n".join(lines)
     atomic_write_text(out / "reproduction.md", text)
     atomic_write_json(
@@ -407,6 +427,16 @@ def write_reproduction(recipe: Recipe, out: Path, scale: str, state: dict) -> Pa
         {"paper": recipe.paper, "scale": scale, "rows": rows, "stages": stages, "total_seconds": total},
     )
     return out / "reproduction.md"
+
+
+def wall(rec: dict) -> str:
+    """A stage's wall time; a stage whose process was killed (no time saved) resumed from its
+    checkpoint, so the lost attempts are named rather than silently left out."""
+    cell = f"{rec['seconds']:.0f} s"
+    n = rec.get("interrupted", 0)
+    if n:
+        cell += f" + {n} killed attempt{'s' if n > 1 else ''} not counted"
+    return cell
 
 
 def _tail(path: Path, lines: int = 20) -> str:
