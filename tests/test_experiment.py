@@ -33,6 +33,16 @@ def test_derived_configs_are_validated_again(cnn3d_tiny):
         derive_config(cnn3d_tiny, {"train.nope": 1})
 
 
+def test_a_run_is_labelled_by_its_task_and_by_its_model_when_that_is_not_the_tasks_own(cnn3d_tiny, emt_tiny):
+    from trd_hpc.config import load_config
+    from trd_hpc.train.run import default_label
+
+    assert default_label(cnn3d_tiny) == "cnn3d" and default_label(emt_tiny) == "emt"
+    for name in ("resnet18", "single_task_severity"):
+        cfg = load_config(CONFIGS / "cnn3d_tiny.yaml", [f"model.name={name}"])
+        assert default_label(cfg) == f"cnn3d {name}"
+
+
 def test_unknown_baseline_is_refused_before_training(tmp_path, emt_cohort_dir):
     r = cli(
         "train",

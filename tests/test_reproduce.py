@@ -87,6 +87,9 @@ def test_reproduce_paper001_tiny_table_from_its_files_and_a_rerun_skips_finished
     for stage in ("generate", "train", "resnet18", "evaluate", "cv"):
         assert f"| {stage} | `trd-hpc " in md, md  # each stage's command and wall time
     assert "Reductions from the paper's settings" in md
+    # each run's console lines say what it trains, a baseline run by its model's name
+    assert "[cnn3d] epoch 1 " in (out / "logs/train.log").read_text()
+    assert "[cnn3d resnet18] epoch 1 " in (out / "logs/resnet18.log").read_text()
     assert sorted(p.name for p in (out / "logs").iterdir()) == [f"{s}.log" for s in sorted(rep["stages"])]
 
     # a rerun runs nothing

@@ -174,8 +174,18 @@ def train_run(
     stage) while the other ranks wait, still part of the job: a rank that exits while
     rank 0 works can end the whole srun step (--kill-on-bad-exit) and take that work
     with it.  What it returns is the run's metrics from then on."""
-    with labelled(label or cfg.task):
+    with labelled(label or default_label(cfg)):
         return _train_run(cfg, run_dir, resume, progress, on_step, on_epoch, standalone, then)
+
+
+def default_label(cfg) -> str:
+    """The task (``emt``, ``cnn3d``), with the model's name when it is not the task's own model
+    (``[cnn3d resnet18]``), so a baseline trained as a run of its own says what it is."""
+    model = getattr(cfg, "model", None)
+    field = type(model).model_fields.get("name") if model is not None else None
+    if field is None or model.name == field.default:
+        return cfg.task
+    return f"{cfg.task} {model.name}"
 
 
 def _train_run(cfg, run_dir, resume, progress, on_step, on_epoch, standalone, then) -> dict | None:
