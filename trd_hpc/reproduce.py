@@ -202,7 +202,7 @@ def _paper000(out: Path, scale: str) -> Recipe:
 def _paper001(out: Path, scale: str) -> Recipe:
     cfg, data, main = _cfg("paper001", scale), str(out / "data"), str(out / "main")
     # Reductions that keep a two-core run within about two hours; each is stated in
-    # reproduction.md. At the paper's 39 epochs with early stopping a fold takes 20-35 min here,
+    # reproduction.md. At the paper's 39 epochs with early stopping a fold takes 12-22 min here,
     # the five of them longer than everything else together; on a cluster `slurm/cv_cnn3d.sh`
     # runs the full folds as an array.
     if scale == "tiny":
