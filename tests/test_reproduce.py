@@ -172,3 +172,6 @@ def test_reproduce_paper000_tiny_table_and_a_failed_stage_names_its_log(tmp_path
     assert bad.returncode != 0
     assert "stage 1/3 generate failed (exit" in bad.stderr and str(other / "logs" / "generate.log") in bad.stderr
     assert not (other / "reproduction.md").exists()
+    # a failed stage is not taken for a killed one: its time is kept for the rerun
+    failed = json.loads((other / "reproduce.json").read_text())["stages"]["generate"]
+    assert not failed.get("running") and not failed["interrupted"] and failed["seconds_before"] > 0

@@ -336,14 +336,9 @@ def reproduce(paper: str, out: str | Path, scale: str = "tiny", progress: bool =
         # Marked as running before it starts: a stage found still "running" on the next call
         # was killed without saving its time, and the table says so instead of under-counting.
         interrupted = (rec or {}).get("interrupted", 0) + int(bool(rec and rec.get("running")))
+        entry = {"command": stage.command(), "finished": False, "interrupted": interrupted}
         prior = (rec or {}).get("seconds_before", 0.0)
-        state["stages"][stage.name] = {
-            "command": stage.command(),
-            "finished": False,
-            "running": True,
-            "seconds_before": prior,
-            "interrupted": interrupted,
-        }
+        state["stages"][stage.name] = {**entry, "running": True, "seconds_before": prior}
         atomic_write_json(state_path, state)
         t0 = time.monotonic()
         cmd = [sys.executable, "-m", "trd_hpc.cli", *stage.args]
@@ -355,6 +350,11 @@ def reproduce(paper: str, out: str | Path, scale: str = "tiny", progress: bool =
             with open(log, "ab") as f:
                 rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
         seconds = time.monotonic() - t0 + prior
+        if rc != 0 or not stage.done(out):
+            # failed, or pre-empted (SIGUSR2/SIGTERM saved a checkpoint and exited 0): its time is
+            # known and counted when a later call finishes the stage
+            state["stages"][stage.name] = {**entry, "seconds_before": seconds}
+            atomic_write_json(state_path, state)
         if rc != 0:
             if not progress:
                 sys.stderr.write(_tail(log))
@@ -364,20 +364,10 @@ def reproduce(paper: str, out: str | Path, scale: str = "tiny", progress: bool =
                 + "; fix the cause and rerun the same `trd-hpc reproduce` to continue from this stage"
             )
         if not stage.done(out):
-            # pre-empted (SIGUSR2/SIGTERM saved a checkpoint and exited 0): resume on the next call
-            state["stages"][stage.name] = {
-                "command": stage.command(),
-                "finished": False,
-                "seconds_before": seconds,
-                "interrupted": interrupted,
-            }
-            atomic_write_json(state_path, state)
             raise ReproduceError(
                 f"{where} stopped before writing {', '.join(stage.outputs)}; rerun the same `trd-hpc reproduce` to continue"
             )
-        state["stages"][stage.name] = {"command": stage.command(), "finished": True, "seconds": seconds}
-        if interrupted:
-            state["stages"][stage.name]["interrupted"] = interrupted
+        state["stages"][stage.name] = {**entry, "finished": True, "seconds": seconds}
         atomic_write_json(state_path, state)
         _say(f"{where}: done in {seconds:.0f} s")
     md = write_reproduction(recipe, out, scale, state)
@@ -419,7 +409,7 @@ def write_reproduction(recipe: Recipe, out: Path, scale: str, state: dict) -> Pa
     if recipe.reductions:
         lines += ["Reductions from the paper's settings: " + "; ".join(recipe.reductions) + ".", ""]
     lines += ["| stage | command | wall |", "|---|---|---|"]
-    lines += [f"| {s.name} | `{s.command()}` | {wall(stages[s.name])} |" for s in recipe.stages]
+    lines += [f"| {s.name} | `{s.command()}` | {_wall(stages[s.name])} |" for s in recipe.stages]
     lost = any(stages[s.name].get("interrupted") for s in recipe.stages)
     lines += [f"| total | | {total:.0f} s ({total / 60:.1f} min){' + uncounted' if lost else ''} |", ""]
     text = "\n".join(lines)
@@ -431,9 +421,9 @@ def write_reproduction(recipe: Recipe, out: Path, scale: str, state: dict) -> Pa
     return out / "reproduction.md"
 
 
-def wall(rec: dict) -> str:
-    """A stage's wall time; a stage whose process was killed (no time saved) resumed from its
-    checkpoint, so the lost attempts are named rather than silently left out."""
+def _wall(rec: dict) -> str:
+    """A stage's wall time; attempts killed outright saved no time, so they are named rather
+    than silently left out."""
     cell = f"{rec['seconds']:.0f} s"
     n = rec.get("interrupted", 0)
     if n:
