@@ -13,7 +13,6 @@ leakage, not a preference).  Each failure names manifest.json and the key.
 
 from __future__ import annotations
 
-import bisect
 import json
 import re
 from dataclasses import dataclass, field
@@ -243,3 +242,49 @@ def load_manifest(root: str | Path) -> Manifest:
     m = Manifest(root, cfg, data["shards"], data["splits"], data.get("folds", []), data)
     m.columns = schema(cfg)  # type: ignore[attr-defined]
     return m
+
+
+# The generator each synthetic kind implements (what a report's banner names).
+GENERATORS = {"emt": "paper 000", "volume": "paper 001"}
+
+
+def cohort_identity(root: str | Path) -> dict:
+    """What a run was trained or evaluated on, as every record of it names it.
+
+    ``origin`` is ``synthetic`` (made by a generator from a seed) or ``ingested`` (read
+    from a study's files by `trd-hpc ingest`); ``manifest_sha256`` is the sha256 of the
+    cohort's ``manifest.json`` bytes (64 hex digits), which pins the config, the shards'
+    checksums and the splits.  Reads the manifest (checked) and nothing else."""
+    import hashlib
+
+    root = Path(root)
+    m = load_manifest(root)
+    digest = hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()
+    generated = kind_of(m.config).generated
+    out: dict = {
+        "path": str(root.resolve()),
+        "kind": m.kind,
+        "origin": "synthetic" if generated else "ingested",
+        "manifest_sha256": digest,
+        "n_subjects": m.n_subjects,
+    }
+    if generated:
+        out["generator"] = GENERATORS.get(m.kind, m.kind)
+        out["seed"] = int(m.config.seed)
+        out["virtual"] = m.virtual
+    else:
+        src = m.raw.get("source") or {}
+        out["table_sha256"] = src.get("table_sha256")
+        out["spec_folder"] = src.get("spec_folder")
+    return out
+
+
+def identity_line(ident: dict) -> str:
+    """One line for a banner or console: ``synthetic cohort (paper 000 generator, seed 7)``
+    or ``ingested cohort (table sha256 1a2b3c4d…)``, with the manifest's sha256 prefix."""
+    if ident.get("origin") == "synthetic":
+        what = f"synthetic cohort ({ident.get('generator')} generator, seed {ident.get('seed')})"
+    else:
+        table = str(ident.get("table_sha256") or "")[:12]
+        what = f"ingested cohort (participants table sha256 {table})"
+    return f"{what}, manifest sha256 {str(ident.get('manifest_sha256', ''))[:12]}"
