@@ -525,8 +525,13 @@ VolumeCohortSection = Annotated[
 
 # --------------------------------------------------------------------------- data loading
 class DataConfig(Strict):
-    # Cohort directory.  `train` generates it from the cohort section when absent.
+    # Cohort directory.  It must exist (made by `trd-hpc generate` or `trd-hpc ingest`)
+    # unless `generate` is set: a mistyped path is an error, never a synthetic cohort made
+    # there and trained on in place of the real one.
     cohort: str = "data/cohort"
+    # Make the cohort from the cohort section when data.cohort does not exist yet
+    # (`--generate` on train/cv/tune).  Never over an existing directory's files.
+    generate: bool = False
     num_workers: int = Field(2, ge=0)
     # "thread": the workers are threads of the training process reading ahead into reused
     # buffers (no shared-memory hand-over; reads overlap the step's compute); "process": torch

@@ -23,6 +23,7 @@ RESUMABLE_CHANGES = (
     "train.num_threads",
     "data.num_workers",
     "data.cohort",
+    "data.generate",
     "data.prefetch_factor",
     "data.worker_type",
     "train.checkpoint_every_steps",
