@@ -92,8 +92,7 @@ def demo() -> None:
         "configs/emt_tiny.yaml",
         "--out",
         str(out),
-        "--resume",
-        "auto",
+        "--generate",  # the demo makes its synthetic cohort (train says what it generates)
         f"data.cohort={ROOT / 'runs' / 'demo-cohort'}",
     )
     print(f"\nreport: {out / 'report.html'}\nmetrics: {out / 'metrics.json'}")

@@ -198,17 +198,22 @@ class Tracker:
         job_type: str | None = None,
         group: str | None = None,
         name: str | None = None,
+        cohort: dict | None = None,
     ) -> "Tracker":
+        """``cohort``: the cohort's identity (data.manifest.cohort_identity), kept in the W&B
+        config beside the training config, so a run in the dashboard names its data."""
         run_dir = Path(run_dir)
         if rank != 0:
             return cls.noop(f"rank {rank}")
-        tracker = cls._start_wandb(cfg, run_dir, job_type, group, name)
+        tracker = cls._start_wandb(cfg, run_dir, job_type, group, name, cohort)
         if cfg.tracking.csv:
             tracker.csv = CsvHistory.open(run_dir)
         return tracker
 
     @classmethod
-    def _start_wandb(cls, cfg, run_dir: Path, job_type: str | None, group: str | None, name: str | None) -> "Tracker":
+    def _start_wandb(
+        cls, cfg, run_dir: Path, job_type: str | None, group: str | None, name: str | None, cohort: dict | None = None
+    ) -> "Tracker":
         tc = cfg.tracking
         if not tc.wandb:
             _say_once("off (tracking.wandb is false)")
@@ -237,7 +242,7 @@ class Tracker:
             job_type=job_type if job_type is not None else tc.job_type,
             tags=list(tc.tags) or None,
             name=name if name is not None else run_dir.name,
-            config=cfg.model_dump(mode="json"),
+            config={**cfg.model_dump(mode="json"), **({"cohort_identity": cohort} if cohort else {})},
         )
         kwargs = _redact(kwargs, secret)
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         # since on a compute node the log is all a user has.
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        # train/cv name what was kept and the command that continues
+        print(str(e) or "interrupted", file=sys.stderr)
         return 130

@@ -15,6 +15,16 @@ def add_overrides(p: argparse.ArgumentParser, help: str = "dotted config overrid
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=help)
 
 
+def add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--generate",
+        action="store_true",
+        help="make a synthetic cohort at data.cohort from the config's cohort section when none is there "
+        "(data.generate=true); without it a missing data.cohort is an error, so a mistyped path never trains "
+        "on synthetic data",
+    )
+
+
 def verb(sub, name: str, func, **kw) -> argparse.ArgumentParser:
     """A sub-command whose description keeps its line breaks."""
     p = sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)

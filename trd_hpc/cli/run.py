@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
-from trd_hpc.cli.common import EPILOG, add_overrides, format_final, verb
+from trd_hpc.cli.common import EPILOG, add_generate, add_overrides, format_final, verb
 
 
 def load_for_launch(config: str, overrides: list[str]):
@@ -19,6 +21,21 @@ def load_for_launch(config: str, overrides: list[str]):
     return load_config(config, implied) if implied != list(overrides or []) else cfg
 
 
+def with_generate(a) -> list[str]:
+    """The overrides, with data.generate=true when --generate was given."""
+    return list(a.overrides or []) + (["data.generate=true"] if getattr(a, "generate", False) else [])
+
+
+def interrupted(run_dir: Path) -> KeyboardInterrupt:
+    """Ctrl-C: what is kept and the command that continues (the same one: it resumes)."""
+    from trd_hpc.train.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    kept = f"newest checkpoint kept: {found[0][1]} (step {found[0][0]})" if found else "no checkpoint written yet"
+    cmd = shlex.join(["trd-hpc", *sys.argv[1:]]) if sys.argv[1:] else "the same command"
+    return KeyboardInterrupt(f"interrupted; {kept}; continue with: {cmd}")
+
+
 def _train(a) -> int:
     from trd_hpc.train import signals
 
@@ -26,8 +43,11 @@ def _train(a) -> int:
     from trd_hpc import experiment
     from trd_hpc.tasks import spec_for
 
-    cfg = load_for_launch(a.config, a.overrides)
-    metrics = experiment.run(cfg, a.out, resume=a.resume, evaluate=not a.no_eval, progress=not a.quiet)
+    cfg = load_for_launch(a.config, with_generate(a))
+    try:
+        metrics = experiment.run(cfg, a.out, resume=a.resume, evaluate=not a.no_eval, progress=not a.quiet)
+    except KeyboardInterrupt:
+        raise interrupted(Path(a.out)) from None
     if metrics is not None:
         print(format_final(metrics, spec_for(cfg).summary_keys))
         report = Path(a.out) / "report.html"
@@ -43,8 +63,12 @@ def _cv(a) -> int:
     from trd_hpc.cv import format_summary, run_cv
     from trd_hpc.tasks import spec_for
 
-    cfg = load_for_launch(a.config, a.overrides)
-    summary = run_cv(cfg, Path(a.out), folds=a.folds, fold=a.fold, only_aggregate=a.aggregate, progress=not a.quiet)
+    cfg = load_for_launch(a.config, with_generate(a))
+    try:
+        summary = run_cv(cfg, Path(a.out), folds=a.folds, fold=a.fold, only_aggregate=a.aggregate, progress=not a.quiet)
+    except KeyboardInterrupt:
+        cmd = shlex.join(["trd-hpc", *sys.argv[1:]]) if sys.argv[1:] else "the same command"
+        raise KeyboardInterrupt(f"interrupted; finished folds are kept; continue with: {cmd}") from None
     if summary is None:
         print("fold done; the summary is written when every fold has finished")
     else:
@@ -82,10 +106,12 @@ def add_parsers(sub) -> None:
         sub,
         "train",
         _train,
-        help="train a model (generates the config's cohort first when missing), evaluate it, write the report",
-        description="Train CONFIG's model on its cohort (data.cohort). train.strategy=single|ddp|deepspeed; "
+        help="train a model on an existing cohort (or --generate one), evaluate it, write the report",
+        description="Train CONFIG's model on its cohort (data.cohort), which must exist (`trd-hpc generate`, "
+        "`trd-hpc ingest`) unless --generate is given. train.strategy=single|ddp|deepspeed; "
         "launch ddp/deepspeed with torchrun --nproc_per_node=N or as SLURM tasks under srun. Then the "
-        "baselines of eval.baselines are trained (one process) and the run is evaluated.",
+        "baselines of eval.baselines are trained (one process) and the run is evaluated. The same command "
+        "run again on its --out continues the run (its config must match); Ctrl-C names the checkpoint kept.",
         epilog=EPILOG,
     )
     t.add_argument("config", help="experiment YAML (configs/emt_tiny.yaml, configs/cnn3d.yaml, ...)")
@@ -94,9 +120,14 @@ def add_parsers(sub) -> None:
         "--resume",
         nargs="?",
         const="auto",
-        default=None,
-        help="continue from the newest valid checkpoint in --out ('auto', the default value) or from a given checkpoint",
+        default="auto",
+        metavar="auto|never|fresh|CHECKPOINT",
+        help="auto (default): continue the run in --out from its newest readable checkpoint when its config "
+        "matches (a directory whose checkpoints are all unreadable is an error); never: refuse a --out that "
+        "holds a run; fresh: start the run in --out again from step 0 (removes its checkpoints, weights and "
+        "metrics); CHECKPOINT: continue from that file",
     )
+    add_generate(t)
     t.add_argument("--no-eval", action="store_true", help="skip calibration, baselines, figures and the report")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     add_overrides(t)
@@ -116,6 +147,7 @@ def add_parsers(sub) -> None:
     cv.add_argument("--fold", type=int, default=None, help="train only this fold (a SLURM array task)")
     cv.add_argument("--aggregate", action="store_true", help="only write the summary of finished folds")
     cv.add_argument("--quiet", action="store_true")
+    add_generate(cv)
     add_overrides(cv)
 
     ev = verb(

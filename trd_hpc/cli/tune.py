@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from trd_hpc.cli.common import add_overrides, verb
+from trd_hpc.cli.common import add_generate, add_overrides, verb
 
 
 def _tune(a) -> int:
@@ -17,7 +17,7 @@ def _tune(a) -> int:
         base=a.base,
         address=a.address,
         scheduler=a.scheduler,
-        overrides=tuple(a.overrides or ()),
+        overrides=tuple(a.overrides or ()) + (("data.generate=true",) if a.generate else ()),
         resume=not a.no_resume,
         spec_updates={"max_t": a.max_t, "num_samples": a.num_samples},
         verbose=0 if a.quiet else 1,
@@ -69,4 +69,5 @@ def add_parsers(sub) -> None:
     p.add_argument("--num-samples", type=int, default=None, help="replace the spec's num_samples")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing sweep in --out")
     p.add_argument("--quiet", action="store_true", help="no Tune progress table")
+    add_generate(p)
     add_overrides(p, "dotted overrides of the base config")

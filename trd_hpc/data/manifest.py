@@ -288,3 +288,27 @@ def identity_line(ident: dict) -> str:
         table = str(ident.get("table_sha256") or "")[:12]
         what = f"ingested cohort (participants table sha256 {table})"
     return f"{what}, manifest sha256 {str(ident.get('manifest_sha256', ''))[:12]}"
+
+
+def nearby_cohorts(root: str | Path, limit: int = 3) -> list[Path]:
+    """Existing cohort directories whose names are closest to ``root``'s, among its siblings
+    (and the siblings' children, for a mistyped parent): what a "no cohort there" error
+    suggests.  Only directories holding a manifest.json count."""
+    import difflib
+
+    root = Path(root)
+    parent = root.parent
+    seen: list[Path] = []
+    for base in (parent, parent.parent):
+        if not base.is_dir():
+            continue
+        try:
+            entries = sorted(base.iterdir())
+        except OSError:
+            continue
+        for d in entries[:2000]:  # a huge data folder: the first entries are enough for a hint
+            if d.is_dir() and (d / MANIFEST).is_file():
+                seen.append(d)
+    by_name = {str(d): d for d in seen}
+    close = difflib.get_close_matches(str(root), list(by_name), n=limit, cutoff=0.6)
+    return [by_name[c] for c in close]

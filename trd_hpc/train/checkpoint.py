@@ -76,6 +76,9 @@ def load_file(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, garbage, a pickle that is not plain tensors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e):
+            # torch's own text goes on to suggest weights_only=False, i.e. running the file's code
+            first = "it holds objects other than tensors and plain data, which are never unpickled"
         raise TrainingError(f"{path}: not a readable trd-hpc checkpoint ({type(e).__name__}: {first[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
@@ -83,16 +86,34 @@ def load_file(path: Path) -> dict:
     return state
 
 
-def newest_valid(run_dir: Path) -> tuple[Path, dict | None] | None:
+def newest_valid(run_dir: Path, fresh: bool = False) -> tuple[Path, dict | None] | None:
     """The newest checkpoint that loads: (path, state) for files, (dir, None) for
-    DeepSpeed directories (the engine loads those itself)."""
-    for _, p in list_checkpoints(run_dir):
+    DeepSpeed directories (the engine loads those itself); None when the run has none.
+
+    An unreadable newest checkpoint falls back to the previous one (each skipped file is
+    warned about once a readable one is found).  When there are checkpoints and not one
+    loads, that is an error, not a fresh start: silently retraining from step 0 would
+    throw away what the user thinks is kept.  ``fresh`` (``--resume fresh``) asks for
+    exactly that, and returns None."""
+    found = list_checkpoints(run_dir)
+    bad: list[str] = []
+    for _, p in found:
         if p.is_dir():
-            return p, None
-        try:
-            return p, load_file(p)
-        except Exception as e:  # corrupt or truncated: fall back to the previous one
-            warnings.warn(f"skipping unreadable checkpoint {p}: {e}", stacklevel=2)
+            state = None
+        else:
+            try:
+                state = load_file(p)
+            except TrainingError as e:  # corrupt or truncated: fall back to the previous one
+                bad.append(str(e))
+                continue
+        for why in bad:
+            warnings.warn(f"skipping unreadable checkpoint: {why}", stacklevel=2)
+        return p, state
+    if bad and not fresh:
+        raise TrainingError(
+            f"{checkpoint_dir(run_dir)}: none of its {len(bad)} checkpoint(s) is readable (newest: {bad[0]}); "
+            f"nothing was changed. Rerun with --resume fresh to start this run again from step 0"
+        )
     return None
 
 

@@ -17,7 +17,7 @@ from trd_hpc import faults
 from trd_hpc.config import ConfigError, to_dict
 from trd_hpc.console import labelled, say
 from trd_hpc.data.generate import check_target_dir, generate
-from trd_hpc.data.manifest import MANIFEST, load_manifest
+from trd_hpc.data.manifest import MANIFEST, cohort_identity, identity_line, load_manifest
 from trd_hpc.fsio import atomic_write_json, atomic_write_with
 from trd_hpc.locks import DirLock
 from trd_hpc.rundir import PREEMPTED, RunDir
@@ -49,6 +49,8 @@ def resolve_cohort(cfg: "ExperimentConfig") -> "ExperimentConfig":
                 f"data.cohort={root}: no manifest.json, and an ingested cohort cannot be generated from the "
                 f"config; run `trd-hpc ingest SPEC.yaml --out {root}` again"
             )
+        if not cfg.data.generate:
+            raise ConfigError(missing_cohort_message(root))
         return cfg
     m = load_manifest(root)
     kind = kind_of(m.config)
@@ -68,19 +70,39 @@ def resolve_cohort(cfg: "ExperimentConfig") -> "ExperimentConfig":
     return derive(cfg, {"cohort": to_dict(m.config)}, f"the config with the cohort section of {root / MANIFEST}")
 
 
+def missing_cohort_message(root: Path) -> str:
+    """data.cohort names no cohort: say so, with the closest existing ones and the two ways on."""
+    from trd_hpc.data.manifest import nearby_cohorts
+
+    near = nearby_cohorts(root)
+    what = "no such directory" if not root.exists() else "no manifest.json there (not a finished cohort)"
+    hint = f" (did you mean {' or '.join(str(p) for p in near)}?)" if near else ""
+    return (
+        f"data.cohort={root}: {what}{hint}; train on an existing cohort (`trd-hpc generate` or `trd-hpc ingest` "
+        f"makes one), or pass --generate (data.generate=true) to make a synthetic one there from the config"
+    )
+
+
 def ensure_cohort(cfg: "ExperimentConfig", info: D.DistInfo, progress: bool = True) -> Path:
-    """The config's cohort directory, generated first (by rank 0) when absent."""
-    cfg = resolve_cohort(cfg)
+    """The config's cohort directory; generated first (by rank 0) only when absent and the
+    config asks for it (data.generate), so a mistyped path never becomes a synthetic cohort."""
+    cfg = resolve_cohort(cfg)  # refuses a missing cohort unless data.generate
     root = Path(cfg.data.cohort)
     if info.is_main and not (root / MANIFEST).exists():
+        from trd_hpc.data.manifest import GENERATORS
+
         check_target_dir(cfg.cohort, root)  # never generate over another cohort's or tool's files
+        what = (
+            f"a synthetic cohort ({GENERATORS.get(cfg.cohort.kind, cfg.cohort.kind)} generator, "
+            f"seed {cfg.cohort.seed}, {cfg.cohort.n_subjects} subjects)"
+        )
         if cfg.data.source == "virtual":
             from trd_hpc.data.generate import write_virtual
 
-            say(f"cohort {root} not found: writing it as a virtual cohort (manifest only)")
+            say(f"data.generate: writing {what} at {root} as a virtual cohort (manifest only)")
             write_virtual(cfg.cohort, root)
         else:
-            say(f"cohort {root} not found: generating it from the config's cohort section")
+            say(f"data.generate: generating {what} at {root}")
             generate(cfg.cohort, root, progress=progress)
     D.barrier(info)
     m = load_manifest(root)
@@ -100,12 +122,20 @@ def read_run_config(run_dir: Path):
     return RunDir(run_dir).config()
 
 
-def prepare_run_dir(cfg, run_dir: Path, resume: str | None, info: D.DistInfo) -> None:
-    """Check a resumed run's config against the one it was started with, then write config.yaml.
+RESUME_MODES = ("auto", "never", "fresh")
 
-    The config was fully validated before this point, so a failed start never leaves
-    a config.yaml that would refuse the corrected one."""
+
+def prepare_run_dir(cfg, run_dir: Path, resume: str | None, info: D.DistInfo) -> str | None:
+    """Check a run directory that already holds a run against this config, then write config.yaml.
+    Returns what to resume from: 'auto', 'fresh', a checkpoint path, or None (a new run).
+
+    ``resume``: 'auto' continues a run whose config matches (the same command rerun);
+    'never' (or None, for library callers) refuses a directory that holds a run; 'fresh'
+    starts the same run again from step 0, removing what its earlier training wrote;
+    a path resumes from that checkpoint.  The config was fully validated before this
+    point, so a failed start never leaves a config.yaml that would refuse the corrected one."""
     cfg_file = run_dir / "config.yaml"
+    mode = "never" if resume is None else str(resume)
     if info.is_main:
         trained = bool(ckpt.list_checkpoints(run_dir)) or (run_dir / "model.pt").exists()
         if cfg_file.exists() and not trained:
@@ -113,18 +143,47 @@ def prepare_run_dir(cfg, run_dir: Path, resume: str | None, info: D.DistInfo) ->
             # corrected config simply replaces the one written then.
             say(f"{run_dir}: no checkpoint yet from the earlier start; starting afresh with this config")
         elif cfg_file.exists():
-            if not resume:
+            if mode == "never":
                 raise ConfigError(
-                    f"{run_dir} already holds a run; pass --resume auto to continue it, or use another --out"
+                    f"{run_dir} already holds a run and resuming was not allowed (--resume never); rerun without "
+                    f"it to continue the run (it continues when the config matches), or use another --out"
                 )
             old = flatten(to_dict(read_run_config(run_dir)))
             diffs = differing_keys(old, flatten(to_dict(cfg)))
             if diffs:
-                raise ConfigError(f"cannot resume {run_dir}: the config differs from {cfg_file} in " + ", ".join(diffs))
+                raise ConfigError(
+                    f"cannot continue {run_dir}: the config differs from {cfg_file} in " + ", ".join(diffs) + "; "
+                    "use another --out for a new run"
+                )
+            if mode == "fresh":
+                removed = _remove_training_outputs(run_dir)
+                say(f"{run_dir}: --resume fresh: starting the run again from step 0 (removed {removed})")
+            elif mode == "auto":
+                say(f"{run_dir} holds this run (same config): continuing it (--resume never refuses instead)")
         run_dir.mkdir(parents=True, exist_ok=True)
         RunDir(run_dir).write_config(cfg)
         (run_dir / PREEMPTED).unlink(missing_ok=True)
     D.barrier(info)
+    return None if mode == "never" else mode
+
+
+def _remove_training_outputs(run_dir: Path) -> str:
+    """What --resume fresh clears: checkpoints, weights, metrics, predictions (not baselines:
+    the config is the same, so they are still this run's)."""
+    import shutil
+
+    run = RunDir(run_dir)
+    gone = []
+    for p in (ckpt.checkpoint_dir(run_dir), run.path / "predictions"):
+        if p.is_dir():
+            n = sum(1 for _ in p.iterdir())
+            shutil.rmtree(p)
+            gone.append(f"{p.name}/ ({n} entries)")
+    for p in (run.model_file, run.metrics_file, run.path / "metrics.jsonl"):
+        if p.exists():
+            p.unlink()
+            gone.append(p.name)
+    return ", ".join(gone) or "nothing"
 
 
 def final_metrics(trainer: Trainer, val_m: dict, test_m: dict, seconds: float, hosts: list[str]) -> dict:
@@ -202,20 +261,19 @@ def _train_run(cfg, run_dir, resume, progress, on_step, on_epoch, standalone, th
     try:
         try:
             root = ensure_cohort(cfg, info, progress)
+            identity = cohort_identity(root)
+            if info.is_main:
+                say(f"cohort {root}: {identity_line(identity)}")
             if lock is not None:  # before anything is written into the run directory
                 lock.acquire()
                 ckpt.remove_stale(run_dir)
-            prepare_run_dir(cfg, run_dir, resume, info)
-            tracker = Tracker.start(cfg, run_dir, info.rank)  # rank 0 only; resumes the run's W&B id
+            resume = prepare_run_dir(cfg, run_dir, resume, info)
+            tracker = Tracker.start(cfg, run_dir, info.rank, cohort=identity)  # rank 0 only; resumes its W&B id
             trainer = Trainer(cfg, make_task(cfg, str(root)), run_dir, info, root, progress=progress)
             if resume:
                 path = trainer.load_checkpoint(resume)
-                if info.is_main:
-                    say(
-                        f"resumed from {path} (epoch {trainer.state.epoch + 1}, step {trainer.state.step})"
-                        if path
-                        else "no checkpoint yet: starting from scratch"
-                    )
+                if info.is_main and path:
+                    say(f"resumed from {path} (epoch {trainer.state.epoch + 1}, step {trainer.state.step})")
 
             def _on_epoch(tr, row):
                 tracker.log_epoch(row)
@@ -242,6 +300,7 @@ def _train_run(cfg, run_dir, resume, progress, on_step, on_epoch, standalone, th
                 state = trainer.raw_model.state_dict()
                 atomic_write_with(run.model_file, lambda tmp: torch.save(state, tmp), fault="model")
                 metrics = final_metrics(trainer, val_m, test_m, time.perf_counter() - t0, hosts)
+                metrics["cohort"] = identity  # what these figures rest on
                 atomic_write_json(run.metrics_file, metrics, fault="metrics")
                 tracker.log_summary(metrics)
             D.barrier(info)

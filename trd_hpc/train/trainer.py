@@ -385,9 +385,10 @@ class Trainer:
             )
 
     def load_checkpoint(self, where: str | Path) -> Path | None:
-        """Resume from ``where`` ('auto': newest valid under the run dir). Returns the path or None."""
-        if str(where) == "auto":
-            found = ckpt.newest_valid(self.run_dir)
+        """Resume from ``where`` ('auto': newest valid under the run dir; 'fresh': the same, but
+        a run whose checkpoints are all unreadable starts again). Returns the path or None."""
+        if str(where) in ("auto", "fresh"):
+            found = ckpt.newest_valid(self.run_dir, fresh=str(where) == "fresh")
             if found is None:
                 return None
             path, state = found
