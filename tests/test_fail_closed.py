@@ -79,7 +79,7 @@ def test_the_same_command_rerun_continues_never_refuses_fresh_restarts(tmp_path,
     bad = cli(*args, check=False)
     last = bad.stderr.strip().splitlines()[-1]
     assert bad.returncode == 1 and "none of its" in last and "--resume fresh" in last, bad.stderr
-    assert "starting from scratch" not in bad.stdout + bad.stderr
+    assert "starting from scratch" not in bad.stdout + bad.stderr  # what it said before: and retrained
     assert all(p.read_bytes() == b"garbage" for p in ckpts)  # nothing was changed
 
     fresh = cli(*args, "--resume", "fresh")

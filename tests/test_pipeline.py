@@ -137,7 +137,7 @@ def test_evaluate_takes_eval_overrides_only(emt_run):
     assert "baselines.late_fusion_mlp.auc" in m and "calibrated.platt.accuracy" in m
 
 
-def test_train_refuses_to_overwrite_a_run(emt_run, emt_cohort_dir):
+def test_train_resume_never_refuses_to_touch_a_run(emt_run, emt_cohort_dir):
     r = cli(
         "train",
         str(CONFIGS / "emt_tiny.yaml"),
@@ -145,12 +145,14 @@ def test_train_refuses_to_overwrite_a_run(emt_run, emt_cohort_dir):
         str(emt_run),
         f"data.cohort={emt_cohort_dir}",
         "train.max_epochs=4",
+        "--resume",
+        "never",
         check=False,
     )
-    assert r.returncode == 2 and "--resume auto" in r.stderr
+    assert r.returncode == 2 and "--resume never" in r.stderr
 
 
-def test_train_makes_the_cohort_when_missing(tmp_path):
+def test_train_makes_the_cohort_when_asked_to(tmp_path):
     cohort = tmp_path / "cohort"
     r = cli(
         "train",
@@ -158,13 +160,16 @@ def test_train_makes_the_cohort_when_missing(tmp_path):
         "--out",
         str(tmp_path / "run"),
         "--quiet",
+        "--generate",
         f"data.cohort={cohort}",
         "cohort.n_subjects=60",
         "train.max_epochs=2",
         "train.num_threads=1",
         "eval.baselines=[single_task_response]",
     )
-    assert "generating it" in r.stdout
+    assert f"data.generate: generating a synthetic cohort (paper 001 generator, seed 42, 60 subjects) at {cohort}" in (
+        r.stdout
+    )
     assert (cohort / "manifest.json").exists()
     run = tmp_path / "run"
     m = json.loads((run / "metrics.json").read_text())

@@ -299,6 +299,7 @@ def test_snp_attributions_find_the_predictive_snps_where_the_signal_is(tmp_path)
         "--out",
         str(run),
         "--quiet",
+        "--generate",
         f"data.cohort={cohort}",
         "cohort.n_subjects=256",
         *(

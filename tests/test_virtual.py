@@ -75,7 +75,9 @@ def test_ddp_training_resume_and_predict_on_a_virtual_cohort_match_the_sharded_c
     sharded, virtual, part = tmp_path / "sharded", tmp_path / "virtual", tmp_path / "part"
     vdir = tmp_path / "vcohort"
     run(train_cmd(sharded, emt_cohort_dir, *common, "train.max_epochs=2", nproc=2))
-    r = run(train_cmd(virtual, vdir, *common, "train.max_epochs=2", "data.source=virtual", nproc=2))
+    r = run(
+        train_cmd(virtual, vdir, *common, "train.max_epochs=2", "data.source=virtual", "data.generate=true", nproc=2)
+    )
     assert "virtual cohort" in r.stdout and not list(vdir.glob("*.h5"))
     assert json.loads((vdir / "manifest.json").read_text())["virtual"] is True
     w_s, w_v = weights(sharded), weights(virtual)

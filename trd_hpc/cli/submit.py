@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from trd_hpc.cli.common import add_overrides, verb
+from trd_hpc.cli.common import add_generate, add_overrides, verb
 from trd_hpc.launch.submit import CLUSTERS, VERBS, SubmitRequest
 
 
 def _submit(a) -> int:
     from trd_hpc.launch.submit import submit
 
+    if a.generate:  # train / cv / tune: make a missing cohort (data.generate)
+        a.overrides = [*(a.overrides or []), "data.generate=true"]
     fields = {f.name for f in dataclasses.fields(SubmitRequest)}
     return submit(SubmitRequest(**{k: v for k, v in vars(a).items() if k in fields}))
 
@@ -90,4 +92,5 @@ def add_parsers(sub) -> None:
     v.add_argument("--fold", type=int, default=None, help="cv: only this fold (default: one array task per fold)")
     v.add_argument("--cohort", default=None, help="predict: the cohort directory whose subjects to predict")
     v.add_argument("--split", default="test", help="predict: test (default) | val | train | all | fold:K")
+    add_generate(p)
     add_overrides(p)

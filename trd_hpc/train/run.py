@@ -272,8 +272,12 @@ def _train_run(cfg, run_dir, resume, progress, on_step, on_epoch, standalone, th
             trainer = Trainer(cfg, make_task(cfg, str(root)), run_dir, info, root, progress=progress)
             if resume:
                 path = trainer.load_checkpoint(resume)
-                if info.is_main and path:
-                    say(f"resumed from {path} (epoch {trainer.state.epoch + 1}, step {trainer.state.step})")
+                if info.is_main:
+                    say(
+                        f"resumed from {path} (epoch {trainer.state.epoch + 1}, step {trainer.state.step})"
+                        if path
+                        else "no checkpoint yet: starting from scratch"
+                    )
 
             def _on_epoch(tr, row):
                 tracker.log_epoch(row)

@@ -125,7 +125,7 @@ def run_bench(
         f"({grid.spec.mode}); sweeps in {out_dir}",
         flush=True,
     )
-    prepare_cohort(grid)  # once, before either sweep
+    prepare_cohort(grid, generate=True)  # the bench's own cohort, once, before either sweep
 
     started = start_ray(address, log_to_driver=verbose > 0)
     try:

@@ -374,13 +374,17 @@ def _write_state(out_dir: Path, state: dict) -> None:
     atomic_write_text(out_dir / STATE_FILE, dumps(state) + "\n")
 
 
-def prepare_cohort(sweep: Sweep, progress: bool = True) -> str:
-    """The absolute cohort directory shared by every trial, generated now when missing."""
+def prepare_cohort(sweep: Sweep, progress: bool = True, generate: bool = False) -> str:
+    """The absolute cohort directory shared by every trial; generated now when missing only if
+    the base config says data.generate (`tune --generate`) or ``generate`` (bench tune, whose
+    cohort is its own)."""
     from trd_hpc.train import distributed as D
     from trd_hpc.train.run import ensure_cohort
 
     cohort = str(Path(sweep.base_data.get("data", {}).get("cohort", "data/cohort")).expanduser().absolute())
     cfg = validate_experiment(sweep.trial_data({}, cohort=cohort), "base")
+    if generate and not cfg.data.generate:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"generate": True})})
     ensure_cohort(cfg, D.DistInfo(), progress)
     return cohort
 
