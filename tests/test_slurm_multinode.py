@@ -1,6 +1,6 @@
-"""One job across two SLURM nodes: the two-node local cluster (slurm_two_nodes), nodes trdn1 and
-trdn2 in their own network namespaces, so every rank, Ray worker and array task that runs on
-trdn2 talks to trdn1 over the private LAN, as on a real cluster.
+"""One job across two SLURM nodes: the two-node local cluster (slurm_two_nodes), nodes trdXXXXXn1 and
+trdXXXXXn2 (named per cluster) in their own network namespaces, so every rank, Ray worker and array
+task that runs on the second node talks to the first over the private LAN, as on a real cluster.
 
 ``pytest -m multinode`` runs just these. Every wait is bounded.
 """
@@ -101,12 +101,14 @@ def test_cluster_has_two_nodes_on_their_own_addresses(slurm_two_nodes, tmp_path)
     )
     assert slurm_two_nodes.job_state(job) == "COMPLETED", read(log)
     net = slurm_two_nodes.net
+    n1, n2 = slurm_two_nodes.node_names
     rows = sorted(read(log).split("\n"))
-    assert [r for r in rows if r] == [f"0 trdn1 {net.addr(1)}", f"1 trdn2 {net.addr(2)}"], read(log)
+    assert [r for r in rows if r] == [f"0 {n1} {net.addr(1)}", f"1 {n2} {net.addr(2)}"], read(log)
 
 
 def test_ddp_across_two_nodes_equals_one_node_and_one_process(slurm_two_nodes, tmp_path, emt_cohort_dir, one_process):  # noqa: F811
     cluster = slurm_two_nodes
+    n1, n2 = cluster.node_names
     a_job, a, a_log = train_job(cluster, tmp_path, "two_nodes", emt_cohort_dir, TWO_NODES)
     b_job, b, b_log = train_job(
         cluster, tmp_path, "one_node", emt_cohort_dir, ["--nodes=1", "--ntasks=2", "--cpus-per-task=1"]
@@ -117,10 +119,10 @@ def test_ddp_across_two_nodes_equals_one_node_and_one_process(slurm_two_nodes, t
     finally:
         cluster.run(["scancel", str(a_job), str(b_job)], check=False)
     ma, mb = metrics(a), metrics(b)
-    assert (ma["world_size"], ma["strategy"], ma["hosts"]) == (2, "ddp", ["trdn1", "trdn2"]), ma
-    assert mb["hosts"] in (["trdn1", "trdn1"], ["trdn2", "trdn2"]), mb
+    assert (ma["world_size"], ma["strategy"], ma["hosts"]) == (2, "ddp", [n1, n2]), ma
+    assert mb["hosts"] in ([n1, n1], [n2, n2]), mb
     # rank 0's rendezvous: the first node by name, which resolves to its LAN address on both nodes
-    assert re.search(r"rendezvous trdn1:\d+", read(a_log)), read(a_log)[-3000:]
+    assert re.search(rf"rendezvous {n1}:\d+", read(a_log)), read(a_log)[-3000:]
     one = one_process()
     assert same_weights(a / "model.pt", b / "model.pt") == []
     assert same_weights(a / "model.pt", one / "model.pt") == []
@@ -149,7 +151,7 @@ def test_two_node_job_preempted_requeues_and_resumes_to_the_same_weights(
     assert "requeueing job" in text and "resumed from" in text, text[-4000:]
     assert sacct_states(cluster, job)[:1] == ["REQUEUED"], sacct_states(cluster, job)
     m = metrics(out)
-    assert m["hosts"] == ["trdn1", "trdn2"] and m["steps"] > 3, m
+    assert m["hosts"] == cluster.node_names and m["steps"] > 3, m
     assert same_weights(out / "model.pt", one_process() / "model.pt") == []
 
 
@@ -189,7 +191,7 @@ def test_submit_train_on_two_nodes(slurm_two_nodes, tmp_path, emt_cohort_dir, on
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     job = re.search(r"submitted slurm job (\d+)", res.stdout).group(1)
     m = metrics(out)
-    assert (m["world_size"], m["strategy"], m["hosts"]) == (2, "ddp", ["trdn1", "trdn2"]), m
+    assert (m["world_size"], m["strategy"], m["hosts"]) == (2, "ddp", slurm_two_nodes.node_names), m
     assert same_weights(out / "model.pt", one_process() / "model.pt") == []
     assert slurm_two_nodes.wait_job(job, timeout=60) == "COMPLETED"
 
@@ -216,12 +218,13 @@ def test_tune_script_places_trials_on_both_nodes(slurm_two_nodes, volume_cohort_
     text = read(log)
     assert slurm_two_nodes.job_state(job) == "COMPLETED", text[-4000:]
     net = slurm_two_nodes.net
-    assert f"ray head on trdn1 ({net.addr(1)}:" in text and "workers on trdn2" in text, text[-4000:]
+    n1, n2 = slurm_two_nodes.node_names
+    assert f"ray head on {n1} ({net.addr(1)}:" in text and f"workers on {n2}" in text, text[-4000:]
     state = json.loads((out / "sweep_state.json").read_text())
     assert state["finished"] is True and state["scheduler"] == "asha", state
     trials = [json.loads(p.read_text()) for p in sorted((out / "sweep").glob("*/trial.json"))]
     assert len(trials) == 4
-    assert {t["host"] for t in trials} == {"trdn1", "trdn2"}, [t["host"] for t in trials]
+    assert {t["host"] for t in trials} == {n1, n2}, [t["host"] for t in trials]
     assert len({t["node_id"] for t in trials}) == 2
     epochs = list(trial_runs(out).values())
     assert sorted(map(len, epochs)) in ([1, 1, 2, 2], [1, 2, 2, 2], [2, 2, 2, 2]) and [1, 2] in epochs, epochs
@@ -250,7 +253,7 @@ def test_generate_array_over_two_nodes_makes_the_same_cohort_as_one_process(slur
     assert validate_cohort_dir(out, progress=False) == []
     recs = slurm_two_nodes.array_records(job, 4, fields=("NodeList",))
     assert [s for s, _ in recs.values()] == ["COMPLETED"] * 4, recs
-    assert {node for _, node in recs.values()} == {"trdn1", "trdn2"}, recs
+    assert {node for _, node in recs.values()} == set(slurm_two_nodes.node_names), recs
     ref = tmp_path / "ref"
     generate(emt_tiny.cohort, ref, num_shards=1, progress=False)
     a, b = read_all(out), read_all(ref)

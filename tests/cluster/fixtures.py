@@ -1,7 +1,8 @@
 """pytest fixtures ``slurm_cluster`` and ``slurm_two_nodes``: real SLURM clusters for the session.
 
-``slurm_cluster`` has one node (this machine); ``slurm_two_nodes`` has two, ``trdn1`` and
-``trdn2``, each a ``slurmd`` in its own network namespace on a private bridge
+``slurm_cluster`` has one node (this machine); ``slurm_two_nodes`` has two (``cluster.node_names``:
+``trd`` + five characters of the cluster's own state folder + ``n1``/``n2``, so two test sessions on
+one machine never share a node, namespace, link or folder; each removes only what it made), each a ``slurmd`` in its own network namespace on a private bridge
 (tests/cluster/netns.py). Tests using the second are marked ``multinode`` by conftest.py
 (``pytest -m multinode`` runs just them).
 
@@ -142,5 +143,5 @@ def slurm_cluster() -> Iterator[LocalSlurm]:
 
 @pytest.fixture(scope="session")
 def slurm_two_nodes() -> Iterator[LocalSlurm]:
-    """A running two-node SLURM cluster, nodes ``trdn1`` and ``trdn2`` (see the module docstring)."""
+    """A running two-node SLURM cluster, nodes ``node_names`` (see the module docstring)."""
     yield from _cluster(2)

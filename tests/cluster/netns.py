@@ -20,6 +20,8 @@ later process can remove what a killed one made.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import ipaddress
 import json
 import shutil
@@ -39,6 +41,18 @@ _NETNS_ETC = Path("/etc/netns")
 
 class NetError(RuntimeError):
     """The namespaces or links could not be made."""
+
+
+@contextlib.contextmanager
+def _network_lock():
+    """An flock on /run/lock (or /tmp): held while a cluster picks its LAN and claims it."""
+    base = Path("/run/lock") if Path("/run/lock").is_dir() else Path("/tmp")
+    with open(base / "trd-test-lan.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -117,17 +131,20 @@ class NodeNet:
         if len(self.bridge) > 15 or len(self.veth(self.n)) > 15:
             raise NetError(f"tag {self.tag!r} too long for a Linux interface name (15 characters)")
         self.hostnames = list(hostnames)
-        self.network = str(free_network())
-        prefix = ipaddress.ip_network(self.network).prefixlen
 
         def made(kind: str, name: str) -> None:
             self.made.append(f"{kind}:{name}")
             if save_to is not None:
                 self.save(save_to)
 
-        _ip("link", "add", self.bridge, "type", "bridge")
-        made("link", self.bridge)
-        _ip("addr", "add", f"{self.controller_addr}/{prefix}", "dev", self.bridge)
+        # Two test sessions starting clusters at once would both find the same /24 free:
+        # choosing it and putting it on this cluster's bridge is one step under a host-wide lock.
+        with _network_lock():
+            self.network = str(free_network())
+            prefix = ipaddress.ip_network(self.network).prefixlen
+            _ip("link", "add", self.bridge, "type", "bridge")
+            made("link", self.bridge)
+            _ip("addr", "add", f"{self.controller_addr}/{prefix}", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
         hosts = "127.0.0.1 localhost\n" + "".join(f"{self.addr(i)} {h}\n" for i, h in enumerate(self.hostnames, 1))
         for i in range(1, self.n + 1):

@@ -15,7 +15,7 @@ MariaDB 10.11), its own private set of daemons, all configured by files in
   a fresh database per ``state_dir`` means job ids never meet old records;
 * ``slurmctld`` and ``slurmd`` - one node named after ``hostname -s``;
   or, with ``nodes=2`` (or more), one ``slurmd`` per node, each in its own network
-  and UTS namespace (``tests/cluster/netns.py``): nodes ``trdn1``, ``trdn2``... on a
+  and UTS namespace (``tests/cluster/netns.py``): nodes ``trdXXXXXn1``, ``trdXXXXXn2``... (named per cluster, from its state folder) on a
   private bridge, each with its own address and host name, ``slurmctld`` and
   ``slurmdbd`` on the bridge's address, munge shared through its socket file.
 
@@ -245,6 +245,12 @@ class LocalSlurm:
     CLUSTER_NAME = "trdtest"
     PARTITION = "debug"
 
+    @property
+    def node_prefix(self) -> str:
+        """``trd`` + 5 host-name-safe characters of the state folder's random suffix."""
+        tag = self.state_dir.name.removeprefix(STATE_PREFIX).lower()
+        return "trd" + "".join(c if c.isalnum() else "x" for c in tag)[:5]
+
     def __init__(self, state_dir: Path | str, nodes: int = 1):
         self.state_dir = Path(state_dir).resolve()
         # a cluster started earlier (reap_stale_clusters) says how many nodes it had
@@ -261,7 +267,9 @@ class LocalSlurm:
         self.log_dir = self.state_dir / "log"
         self.run_dir = self.state_dir / "run"
         self.hostname = socket.gethostname().split(".")[0]
-        self.node_names = [self.hostname] if nodes == 1 else [f"trdn{i}" for i in range(1, nodes + 1)]
+        # Node names of their own per cluster (from its state folder's random suffix), so two test
+        # sessions' clusters on one machine never share a node, namespace or link name.
+        self.node_names = [self.hostname] if nodes == 1 else [f"{self.node_prefix}n{i}" for i in range(1, nodes + 1)]
         # what nproc says (CPU affinity), at most what slurmd detects
         self.cpus = len(os.sched_getaffinity(0)) or 1
         self.real_memory_mb = 0
