@@ -378,8 +378,26 @@ def test_bootstrap_ci_is_deterministic_holds_the_estimate_and_narrows_with_more_
 def test_bootstrap_ci_leaves_out_undefined_draws():
     stats = {"auc": _auc, "mean": lambda y, p: float(p.mean())}
     assert bootstrap_ci(stats, [1], [0.3]) == {"auc": None, "mean": None}  # one subject
-    one_class = bootstrap_ci(stats, np.ones(6, int), np.linspace(0, 1, 6), n_boot=50)
+    one_class = bootstrap_ci(stats, np.ones(30, int), np.linspace(0, 1, 30), n_boot=50)
     assert one_class["auc"] is None and one_class["mean"] is not None
+
+
+def test_no_bootstrap_ci_below_the_stated_number_of_subjects():
+    """On 4-10 subjects a bootstrap prints [1.000, 1.000]-like certainty: below MIN_CI_SUBJECTS
+    none is computed, and the summary table says so instead of showing an interval."""
+    from trd_hpc.eval.metrics import MIN_CI_SUBJECTS, ci_too_small
+
+    stats = {"mean": lambda y, p: float(p.mean())}
+    n = MIN_CI_SUBJECTS
+    y, p = np.tile([0, 1], n), np.linspace(0, 1, 2 * n)
+    assert bootstrap_ci(stats, y[: n - 1], p[: n - 1], n_boot=50)["mean"] is None
+    assert bootstrap_ci(stats, y[:n], p[:n], n_boot=50)["mean"] is not None
+    assert ci_too_small(n) is None and str(n - 1) in ci_too_small(n - 1)
+    st = [Statistic("auc", "ROC AUC", _auc)]
+    small = summary_table(st, [Column("model", (y[:8], p[:8]))], n_boot=50)
+    assert small.rows[0][1].ci == "no CI" and "no confidence intervals" in small.caption and "8 < 20" in small.caption
+    big = summary_table(st, [Column("model", (y, p))], n_boot=50)
+    assert big.rows[0][1].ci.startswith("[") and "95 % CI" in big.caption
 
 
 def test_fast_ap_and_macro_f1_equal_sklearn():

@@ -49,9 +49,8 @@ def test_bundle_holds_everything_predict_needs(emt_run):
     assert [c["name"] for c in b.schema["inputs"]] == ["fmri", "snp", "clinical"]
     card = json.loads((emt_run / "bundle" / "model_card.json").read_text())
     assert card["training_data"]["synthetic"] is True and "synthetic" in card["limitations"][0]
-    assert set(card["confidence_intervals_95"]) >= {"auc", "accuracy"}
-    lo, hi = card["confidence_intervals_95"]["accuracy"]
-    assert lo <= json.loads((emt_run / "metrics.json").read_text())["test.accuracy"] <= hi
+    # 10 test subjects: no interval (tests/test_statistics_limits.py has a run with them)
+    assert card["confidence_intervals_95"] == {"not_computed": "n = 10 < 20: too few for a CI"}
     # each saved calibrator predicts what the fitted one does
     val = np.load(emt_run / "predictions" / "val.npz")
     for m, state in b.calibrators["fitted"].items():

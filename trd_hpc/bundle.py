@@ -1,7 +1,8 @@
 """A trained model that travels: ``RUN_DIR/bundle/``, enough to predict without the run
 or its training cohort.
 
-    bundle.json        format name and version, task, model, the files below
+    bundle.json        format name and version, task, model, and the sha256 of every file
+                       below: a loader reads no file that is not listed or whose bytes differ
     config.yaml        the run's resolved config (the cohort section included)
     model.pt           the best weights (a state_dict; loaded with weights_only=True)
     calibrators.json   binary tasks: every fitted calibrator (Platt, isotonic, temperature)
@@ -17,6 +18,13 @@ or its training cohort.
 Written at the end of every evaluation (``trd-hpc train``, ``trd-hpc evaluate``), into a
 temporary folder renamed into place, so a reader sees a whole bundle or the previous one.
 A loader that does not know a bundle's format version refuses it.
+
+A bundle is a file someone hands you: nothing in it runs (weights load with
+``weights_only=True``, YAML with ``safe_load``), and every byte read is checked against the
+manifest, so a ``model.pt`` of another run swapped in, a file changed after writing, or a
+calibrators file left off the list is refused by name.  The hashes catch mixing and damage;
+against a deliberate forgery compare :func:`bundle_digest` (``trd-hpc predict`` prints it)
+with the one the bundle's author published.
 """
 
 from __future__ import annotations
@@ -32,10 +40,10 @@ from typing import Any
 import numpy as np
 
 from trd_hpc.errors import RunDirError
-from trd_hpc.fsio import HOST, atomic_write_json, atomic_write_text
+from trd_hpc.fsio import HOST, atomic_write_json, atomic_write_text, temp_name
 
 FORMAT = "trd-hpc-bundle"
-VERSION = 1
+VERSION = 2  # 2: bundle.json "files" maps each file to its sha256
 DIR = "bundle"
 
 
@@ -61,20 +69,25 @@ class Bundle:
         name = self.calibrators.get("default")
         return self.calibrators.get("fitted", {}).get(name) if name else None
 
+    @property
+    def digest(self) -> str:
+        return bundle_digest(self.path)
+
     def build_model(self):
-        """The network with the bundle's weights, in eval mode."""
+        """The network with the bundle's weights (verified against bundle.json), in eval mode."""
+        import io
+
         import torch
 
         from trd_hpc.tasks import make_task
 
         model = make_task(self.cfg).build_model()
         path = self.path / "model.pt"
+        data = _verified_bytes(self.path, "model.pt", self.meta)  # the very bytes loaded below
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-        except FileNotFoundError:
-            raise BundleError(f"{path} is missing") from None
-        except Exception as e:  # truncated file, weights of another model
+        except Exception as e:  # weights of another model, a pickle that is not a state_dict
             raise BundleError(
                 f"{path}: cannot be loaded into the model of {self.path / 'config.yaml'} "
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
@@ -83,6 +96,31 @@ class Bundle:
 
 
 # ---------------------------------------------------------------- writing
+def shareable_config(cfg):
+    """The run's config as a bundle carries it: nothing of the study beyond what the model
+    needs and the card states.  A bundle is shared with others; the run's own config.yaml
+    keeps the full record.  Left out: the dropped participants' ids and reasons (their
+    count stays), the study's folder and the training cohort's location (its name stays)."""
+    from trd_hpc.config import derive
+
+    changes: dict = {"data.cohort": Path(str(cfg.data.cohort)).name}
+    if getattr(cfg.cohort, "resolved", None) is not None:
+        changes.update({"cohort.resolved.root": "", "cohort.resolved.dropped": []})
+    return derive(cfg, changes, "the bundle's shareable config")
+
+
+def shareable_metrics(metrics: dict) -> dict:
+    """metrics.json without the cohort's absolute path or the study folder (see shareable_config)."""
+    out = dict(metrics)
+    ident = out.get("cohort")
+    if isinstance(ident, dict):
+        ident = {k: v for k, v in ident.items() if k != "spec_folder"}
+        if "path" in ident:
+            ident["path"] = Path(str(ident["path"])).name
+        out["cohort"] = ident
+    return out
+
+
 def _schema(cfg) -> dict:
     from trd_hpc.data.kinds import kind_of
     from trd_hpc.data.manifest import class_names
@@ -138,30 +176,55 @@ def _preprocessing(cfg) -> dict:
 
 
 def _calibrators(cfg, run) -> dict:
-    """Binary tasks: all three calibrators fitted on the validation predictions, and the default."""
+    """Binary tasks: all three calibrators fitted on the validation predictions, and the default.
+
+    A calibrator flagged as degenerate (eval.calibration.degenerate: a temperature at its
+    bound, outputs collapsed onto 0/1, ...) is kept, with the reason, but is never the
+    default: the next usable method in order is, or none (the plain sigmoid), and the
+    model card says which and why."""
     val = run.predictions("val")
     if "logit" not in val or "label" not in val:  # not a single-logit binary task
         return {}
-    from trd_hpc.eval.calibration import calibrator_state, choose_calibrator, make_calibrator
+    from trd_hpc.eval.calibration import calibrator_state, choose_calibrator, degenerate, make_calibrator
 
-    fitted, errors = {}, {}
-    for m in ("platt", "isotonic", "temperature"):
+    order = ("platt", "isotonic", "temperature")
+    fitted, errors, flagged = {}, {}, {}
+    for m in order:
         try:
-            fitted[m] = calibrator_state(make_calibrator(m).fit(val["logit"], val["label"]))
+            cal = make_calibrator(m).fit(val["logit"], val["label"])
         except ValueError as e:
             errors[m] = str(e)
+            continue
+        fitted[m] = calibrator_state(cal)
+        why = degenerate(cal, val["logit"])
+        if why:
+            flagged[m] = why
+    usable = [m for m in order if m in fitted and m not in flagged]
     want = cfg.eval.default_calibrator
     scores: dict = {}
     if want == "auto":
-        default, scores = choose_calibrator(val["logit"], val["label"], list(fitted), cfg.eval.ece_bins, cfg.train.seed)
+        default, scores = choose_calibrator(val["logit"], val["label"], usable, cfg.eval.ece_bins, cfg.train.seed)
         how = "lowest out-of-fold ECE on the validation split" if default else "validation split too small to choose"
-        if default is None and "platt" in fitted:
-            default = "platt"
+        if default is None and usable:
+            default, how = usable[0], f"{how}; the first usable of {', '.join(order)}"
     elif want == "none":
         default, how = None, "eval.default_calibrator=none"
+    elif want in usable:
+        default, how = want, f"eval.default_calibrator={want}"
     else:
-        default, how = (want if want in fitted else None), f"eval.default_calibrator={want}"
-    return {"default": default, "chosen_by": how, "oof_ece": scores, "fitted": fitted, "errors": errors}
+        why = flagged.get(want) or errors.get(want) or "not fitted"
+        default = usable[0] if usable else None
+        how = f"eval.default_calibrator={want} not used ({why}); {default or 'none (the uncalibrated sigmoid)'} instead"
+    if default is None and want != "none":
+        how += "; no usable calibrator: p_trd_calibrated is the uncalibrated sigmoid"
+    return {
+        "default": default,
+        "chosen_by": how,
+        "oof_ece": scores,
+        "fitted": fitted,
+        "errors": errors,
+        "degenerate": flagged,
+    }
 
 
 def _bootstrap_ci(cfg, run, n_boot: int = 1000) -> dict:
@@ -193,6 +256,11 @@ def _bootstrap_ci(cfg, run, n_boot: int = 1000) -> dict:
             stats["accuracy"] = lambda r, rp, s, sp: float((r == rp).mean())
         if cfg.model.name != "single_task_response":
             stats["severity_mae"] = lambda r, rp, s, sp: float(np.abs(s - sp).mean())
+    from trd_hpc.eval.metrics import ci_too_small
+
+    too_small = ci_too_small(len(arrays[0]) if arrays else 0)
+    if too_small and stats:
+        return {"not_computed": too_small}
     cis = bootstrap_ci(stats, *arrays, n_boot=n_boot, seed=0)
     return {k: list(v) for k, v in cis.items() if v is not None}
 
@@ -218,7 +286,7 @@ def _model_card(cfg, run, metrics: dict, calibrators: dict, ci: dict) -> tuple[d
         "title": spec.title,
         "model": cfg.model.name,
         "training_data": {
-            "cohort": str(cfg.data.cohort),
+            "cohort": Path(str(cfg.data.cohort)).name,
             "kind": co.kind,
             "synthetic": generated,
             "n_subjects": int(co.n_subjects),
@@ -229,7 +297,9 @@ def _model_card(cfg, run, metrics: dict, calibrators: dict, ci: dict) -> tuple[d
         },
         "metrics": headline,
         "confidence_intervals_95": ci,
-        "calibration": {k: calibrators.get(k) for k in ("default", "chosen_by", "oof_ece")} if calibrators else None,
+        "calibration": {k: calibrators.get(k) for k in ("default", "chosen_by", "oof_ece", "degenerate", "errors")}
+        if calibrators
+        else None,
         "intended_use": "research on treatment-resistant depression / medication response prediction; "
         "not a medical device and not for clinical decisions",
         "limitations": (
@@ -256,11 +326,12 @@ def _model_card(cfg, run, metrics: dict, calibrators: dict, ci: dict) -> tuple[d
         "| metric | value | 95 % CI (bootstrap over test subjects) |",
         "|---|---|---|",
     ]
+    no_ci = ci.get("not_computed")
     for k, v in headline.items():
         short = k.split(".", 1)[-1]
-        iv = ci.get(short)
+        iv = None if no_ci else ci.get(short)
         lines.append(
-            f"| {k} | {v:.4g} | {f'{iv[0]:.3g} - {iv[1]:.3g}' if iv else ''} |"
+            f"| {k} | {v:.4g} | {f'{iv[0]:.3g} - {iv[1]:.3g}' if iv else (no_ci or '')} |"
             if isinstance(v, float)
             else f"| {k} | {v} | |"
         )
@@ -275,6 +346,10 @@ def _model_card(cfg, run, metrics: dict, calibrators: dict, ci: dict) -> tuple[d
             lines.append(
                 "Out-of-fold validation ECE: " + ", ".join(f"{k} {v:.3f}" for k, v in calibrators["oof_ece"].items())
             )
+        for k, why in (calibrators.get("degenerate") or {}).items():
+            lines.append(f"- **{k} is degenerate, never the default**: {why}.")
+        for k, why in (calibrators.get("errors") or {}).items():
+            lines.append(f"- {k}: {why}.")
     lines += ["", "## Intended use", "", card["intended_use"], "", "## Limitations", ""]
     lines += [f"- {x}" for x in card["limitations"]]
     return card, "\n".join(lines) + "\n"
@@ -291,12 +366,12 @@ def write_bundle(run_dir: str | Path) -> Path:
     if not run.model_file.is_file():
         raise RunDirError(f"{run.model_file} is missing: the run has not finished training")
     final = run.path / DIR
-    tmp = run.path / f".{DIR}.tmp-{HOST}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = temp_name(run.path / DIR)
+    tmp.mkdir()  # a fresh random name: fails, rather than follows, anything planted there
     try:
         shutil.copyfile(run.model_file, tmp / "model.pt")
-        atomic_write_text(tmp / "config.yaml", to_yaml(cfg))
+        shared = shareable_config(cfg)
+        atomic_write_text(tmp / "config.yaml", to_yaml(shared))
         cal = _calibrators(cfg, run)
         files = [
             "config.yaml",
@@ -309,9 +384,9 @@ def write_bundle(run_dir: str | Path) -> Path:
         ] + (["calibrators.json"] if cal else [])
         if cal:
             atomic_write_json(tmp / "calibrators.json", cal)
-        atomic_write_json(tmp / "preprocessing.json", _preprocessing(cfg))
-        atomic_write_json(tmp / "schema.json", _schema(cfg))
-        atomic_write_json(tmp / "metrics.json", metrics)
+        atomic_write_json(tmp / "preprocessing.json", _preprocessing(shared))
+        atomic_write_json(tmp / "schema.json", _schema(shared))
+        atomic_write_json(tmp / "metrics.json", shareable_metrics(metrics))
         card, md = _model_card(cfg, run, metrics, cal, _bootstrap_ci(cfg, run))
         atomic_write_json(tmp / "model_card.json", card)
         atomic_write_text(tmp / "model_card.md", md)
@@ -325,7 +400,7 @@ def write_bundle(run_dir: str | Path) -> Path:
                 "task": cfg.task,
                 "model": cfg.model.name,
                 "written_by": f"trd-hpc {__version__}",
-                "files": files,
+                "files": {f: _sha256((tmp / f).read_bytes()) for f in files},
             },
         )
         # swap in: the old bundle (if any) moves aside first, so no moment has none or half of one
@@ -341,14 +416,70 @@ def write_bundle(run_dir: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------- reading
-def _read(path: Path, name: str) -> Any:
+# Every file a loader reads; each must be listed in bundle.json with its sha256.
+REQUIRED = ("config.yaml", "model.pt", "preprocessing.json", "schema.json", "metrics.json")
+OPTIONAL = ("calibrators.json", "model_card.md", "model_card.json")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def bundle_digest(path: str | Path) -> str:
+    """sha256 of a bundle's bundle.json, which pins every other file: the one value to compare
+    with what a bundle's author published."""
+    path = Path(path)
+    if (path / DIR / "bundle.json").is_file():
+        path = path / DIR
+    return _sha256((path / "bundle.json").read_bytes())
+
+
+def _verified_bytes(path: Path, name: str, meta: dict) -> bytes:
+    """The bytes of ``path/name``, only if bundle.json lists them with this sha256."""
     p = path / name
+    files = meta.get("files") or {}
+    if name not in files:
+        raise BundleError(
+            f"{p}: not listed in {path / 'bundle.json'} (a file added or a listing edited after the bundle "
+            "was written): refused"
+        )
+    if p.is_symlink():
+        raise BundleError(f"{p}: a symbolic link; a bundle holds its own files: refused")
     try:
-        return json.loads(p.read_text())
+        data = p.read_bytes()
     except FileNotFoundError:
         raise BundleError(f"{p} is missing: not a complete trd-hpc bundle") from None
+    if _sha256(data) != files[name]:
+        raise BundleError(
+            f"{p}: sha256 {_sha256(data)[:16]}... differs from the {files[name][:16]}... {path / 'bundle.json'} "
+            "lists (changed or swapped after the bundle was written): refused"
+        )
+    return data
+
+
+def _read(path: Path, name: str, meta: dict) -> Any:
+    p = path / name
+    data = _verified_bytes(path, name, meta)
+    try:
+        return json.loads(data.decode())
     except (ValueError, UnicodeDecodeError):
-        raise BundleError(f"{p}: not valid JSON (truncated or damaged)") from None
+        raise BundleError(f"{p}: not valid JSON") from None
+
+
+def _check_listing(path: Path, meta: dict) -> None:
+    files = meta.get("files")
+    where = path / "bundle.json"
+    if not isinstance(files, dict) or not all(isinstance(v, str) and len(v) == 64 for v in files.values()):
+        raise BundleError(f"{where}: field 'files' must map each file name to its sha256")
+    unknown = sorted(set(files) - set(REQUIRED) - set(OPTIONAL))
+    if unknown:
+        raise BundleError(f"{where}: lists files a bundle does not hold: {', '.join(unknown)}")
+    missing = [f for f in REQUIRED if f not in files]
+    if missing:
+        raise BundleError(f"{where}: does not list {', '.join(missing)}: not a complete trd-hpc bundle")
+    for f in OPTIONAL:  # present but unlisted: refused, not skipped (someone put it there)
+        if f not in files and (path / f).exists():
+            raise BundleError(f"{path / f}: present but not listed in {where}: refused")
 
 
 def load_bundle(source: str | Path) -> Bundle:
@@ -367,23 +498,53 @@ def load_bundle(source: str | Path) -> Bundle:
                 f"`trd-hpc evaluate {path}`)"
             )
         raise BundleError(f"{path}: no bundle.json here or in {path / DIR}: not a trd-hpc run or bundle")
-    meta = _read(path, "bundle.json")
+    try:
+        meta = json.loads((path / "bundle.json").read_text())
+    except (ValueError, UnicodeDecodeError, OSError):
+        raise BundleError(f"{path / 'bundle.json'}: not valid JSON") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BundleError(
             f"{path / 'bundle.json'}: field 'format' is {meta.get('format') if isinstance(meta, dict) else None!r}, not {FORMAT!r}"
         )
     if meta.get("version") != VERSION:
+        old = meta.get("version") == 1
         raise BundleError(
             f"{path / 'bundle.json'}: bundle format version {meta.get('version')!r}; this trd-hpc reads "
-            f"version {VERSION} (use the trd-hpc that wrote it)"
+            f"version {VERSION}"
+            + (
+                " (version 1 carries no file hashes; `trd-hpc evaluate RUN` rewrites the bundle of a run you trust)"
+                if old
+                else " (use the trd-hpc that wrote it)"
+            )
         )
+    _check_listing(path, meta)
     try:
-        cfg = validate_experiment(yaml.safe_load((path / "config.yaml").read_text()) or {}, str(path / "config.yaml"))
-    except FileNotFoundError:
-        raise BundleError(f"{path / 'config.yaml'} is missing") from None
+        text = _verified_bytes(path, "config.yaml", meta).decode()
+        cfg = validate_experiment(yaml.safe_load(text) or {}, str(path / "config.yaml"))
+    except UnicodeDecodeError:
+        raise BundleError(f"{path / 'config.yaml'}: not UTF-8 text") from None
     except (ConfigError, yaml.YAMLError) as e:
         raise BundleError(f"{path / 'config.yaml'}: {e}") from None
-    cal = _read(path, "calibrators.json") if "calibrators.json" in meta.get("files", []) else {}
-    return Bundle(
-        path, meta, cfg, cal, _read(path, "preprocessing.json"), _read(path, "schema.json"), _read(path, "metrics.json")
+    cal = _read(path, "calibrators.json", meta) if "calibrators.json" in meta["files"] else {}
+    b = Bundle(
+        path,
+        meta,
+        cfg,
+        cal,
+        _read(path, "preprocessing.json", meta),
+        _read(path, "schema.json", meta),
+        _read(path, "metrics.json", meta),
     )
+    _check_default_calibrator(b)
+    return b
+
+
+def _check_default_calibrator(b: Bundle) -> None:
+    """A default calibrator the bundle does not hold would make p_trd_calibrated silently the
+    plain sigmoid: refused."""
+    name = b.calibrators.get("default") if isinstance(b.calibrators, dict) else None
+    if name is not None and not isinstance((b.calibrators.get("fitted") or {}).get(name), dict):
+        raise BundleError(
+            f"{b.path / 'calibrators.json'}: the default calibrator {name!r} is not among the fitted ones "
+            f"({', '.join(b.calibrators.get('fitted') or {}) or 'none'}): refused"
+        )

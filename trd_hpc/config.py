@@ -14,7 +14,6 @@ the run's config.yaml, its W&B record and every log that prints the config.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -964,10 +963,31 @@ def merge_overrides(data: dict, overrides: list[str] | None, source: str = "") -
         raise ConfigError(f"cannot apply overrides {overrides} to {source or 'config'}: {e}") from e
 
 
-# `${name:` with a name, i.e. a resolver call (oc.env, oc.decode, any registered one), also
-# nested inside another interpolation; `${a.b}` (another key's value) is not one.  `\${` is
-# OmegaConf's escape for a literal.
-_RESOLVER = re.compile(r"(?<!\\)\$\{\s*([A-Za-z_][\w.\-]*)\s*:")
+def _resolver_call(text: str) -> str | None:
+    """The name of a resolver ``text`` calls anywhere (``oc.env``; ``${...}.env`` when the name
+    is itself an interpolation), or None.
+
+    Read from OmegaConf's own parse tree, not a pattern: a pattern misses what the grammar
+    accepts (``x\\\\${oc.env:V}`` is an escaped backslash then a live call; in
+    ``${${tracking.group}.env:V}`` the resolver's name is an interpolation), and anything the
+    grammar calls a resolver is refused, whatever it resolves to."""
+    if "${" not in text:
+        return None
+    from omegaconf import grammar_parser
+    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser as P
+
+    try:
+        tree = grammar_parser.parse(text)
+    except Exception:  # not valid interpolation syntax: OmegaConf itself refuses it on resolve
+        return None
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, P.InterpolationResolverContext):
+            name = node.resolverName()
+            return name.getText() if name is not None else "?"
+        stack.extend(node.getChild(i) for i in range(node.getChildCount()) if not hasattr(node.getChild(i), "symbol"))
+    return None
 
 
 def _resolver_uses(node: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -977,9 +997,9 @@ def _resolver_uses(node: Any, prefix: str = "") -> list[tuple[str, str]]:
     if isinstance(node, (list, tuple)):
         return [u for i, v in enumerate(node) for u in _resolver_uses(v, f"{prefix}{i}.")]
     if isinstance(node, str):
-        m = _RESOLVER.search(node)
-        if m:
-            return [(prefix[:-1], m.group(1))]
+        name = _resolver_call(node)
+        if name:
+            return [(prefix[:-1], name)]
     return []
 
 

@@ -17,13 +17,18 @@ values.
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from trd_hpc.bundle import load_bundle
-from trd_hpc.errors import ConfigError, TrdError
+from trd_hpc.errors import ConfigError, TrdError, WriteError
+from trd_hpc.fsio import HOST, _disk_full, explain, remove_stale_temps
 
 FORMATS = ("torchscript", "onnx", "pt2")
 TOLERANCE = 1e-4
@@ -66,7 +71,31 @@ def export_model(source: str | Path, fmt: str, out: str | Path) -> dict:
     x = example_inputs(b, 2, 0)
     args = tuple(x[n] for n in names)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out.parent, name_prefix=out.name)  # of an export killed with -9
+        # Exported and checked in a fresh folder beside OUT (the exporters may write files next
+        # to theirs, and some read the suffix), then renamed over OUT: a failed export (full
+        # disk, an operator the exporter lacks) leaves the previous OUT as it was.
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{HOST}-{os.getpid()}-r", suffix="", dir=out.parent))
+    except OSError as e:
+        raise WriteError(f"cannot write {out}: {explain(e)}") from None
+    try:
+        tmp = work / out.name
+        diff = _export_into(b, model, fmt, names, args, tmp)
+        # the exporter's side files first (ONNX's external weights, NAME.data, which NAME
+        # names relative to itself), NAME last: a reader never finds NAME without its data
+        for side in sorted(p for p in work.iterdir() if p != tmp):
+            os.replace(side, out.parent / side.name)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise WriteError(f"cannot write {out}: {explain(e)}; the previous file (if any) is unchanged") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"out": str(out), "format": fmt, "max_abs_diff": diff, "tolerance": TOLERANCE}
+
+
+def _export_into(b, model, fmt: str, names: list, args: tuple, out: Path) -> float:
     batch = torch.export.Dim("batch", min=1, max=4096)
     dyn = {n: {0: batch} for n in names}
     try:
@@ -86,11 +115,14 @@ def export_model(source: str | Path, fmt: str, out: str | Path) -> dict:
             torch.onnx.export(model, args, str(out), input_names=names, dynamo=True, dynamic_shapes=dyn)
     except ConfigError:
         raise
+    except OSError:
+        raise
     except Exception as e:  # the exporters raise many types for an operator they cannot handle
+        if _disk_full(out.parent):  # torch's writers report ENOSPC as RuntimeError
+            raise OSError(errno.ENOSPC, "No space left on device") from e
         msg = " ".join(str(e).split())[:300]
         raise ExportError(f"{b.cfg.model.name} cannot be exported to {fmt}: {type(e).__name__}: {msg}") from None
-    diff = check_export(b, model, fmt, out)
-    return {"out": str(out), "format": fmt, "max_abs_diff": diff, "tolerance": TOLERANCE}
+    return check_export(b, model, fmt, out)
 
 
 def check_export(b, model, fmt: str, path: Path) -> float:

@@ -9,10 +9,12 @@ at once; the file itself stays and is simply reused.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -57,11 +59,17 @@ class DirLock:
         self._nested = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a lock file planted as a symbolic link would have its target truncated
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             from trd_hpc.fsio import explain
 
+            if e.errno == errno.ELOOP:
+                raise WriteError(f"{self.path}: the lock file is a symbolic link; refused (remove it)") from None
             raise WriteError(f"cannot create the lock file {self.path}: {explain(e)}") from e
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise WriteError(f"{self.path}: the lock file is not a regular file; refused (remove it)")
         while True:
             try:
                 fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)

@@ -13,6 +13,7 @@ as a SLURM array (``--shard-index K --num-shards N``) each task writes part K an
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 
 from trd_hpc.bundle import Bundle, load_bundle
 from trd_hpc.errors import CohortError, ConfigError
-from trd_hpc.fsio import atomic_path
+from trd_hpc.fsio import atomic_path, atomic_write_json, csv_text, remove_stale_temps, safe_filename
 
 SPLITS_HELP = "test | val | train | all | fold:K"
 
@@ -35,6 +36,7 @@ class PredictResult:
     merged: bool = False
     calibrator: str | None = None
     explained: Path | None = None  # the explanations' summary CSV
+    bundle_sha256: str | None = None
 
 
 def cohort_problems(b: Bundle, m) -> list[str]:
@@ -98,6 +100,45 @@ def part_name(out: Path, k: int, total: int) -> Path:
     return out.with_name(f"{out.name}.part-{k:05d}-of-{total:05d}.csv")
 
 
+def provenance_path(out: Path) -> Path:
+    """``OUT.provenance.json``: which model (bundle digest) predicted which cohort (identity)."""
+    return out.with_name(out.name + ".provenance.json")
+
+
+def _provenance(b: Bundle, cohort, split: str) -> dict:
+    from trd_hpc import __version__
+    from trd_hpc.data.manifest import cohort_identity
+
+    return {
+        "model": {
+            "bundle": str(b.path.resolve()),
+            "bundle_sha256": b.digest,
+            "task": b.task,
+            "model": b.cfg.model.name,
+            "calibrator": b.calibrators.get("default") if b.calibrators else None,
+        },
+        "cohort": cohort_identity(cohort),
+        "split": split,
+        "written_by": f"trd-hpc {__version__}",
+    }
+
+
+def _same_run(a: dict, b: dict) -> bool:
+    """Two parts' provenance agree on the model, the cohort and the split."""
+    key = lambda p: (p["model"]["bundle_sha256"], p["cohort"]["manifest_sha256"], p["split"])  # noqa: E731
+    return key(a) == key(b)
+
+
+def _check_parquet(out: Path) -> None:
+    if out.suffix.lower() == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(
+                f"--out {out}: Parquet needs pyarrow ({e}); pip install 'trd-hpc[predict]' (or pyarrow), or write .csv"
+            ) from None
+
+
 def predict(
     source: str | Path,
     cohort: str | Path,
@@ -127,6 +168,8 @@ def predict(
         raise ConfigError("--shard-index and --num-shards go together (one SLURM array task each)")
     if num_shards is not None and not 0 <= shard_index < num_shards:
         raise ConfigError(f"--shard-index {shard_index} is outside 0..{num_shards - 1}")
+    _check_parquet(out)  # before any work, not after the last batch
+    remove_stale_temps(out.parent, name_prefix=out.name)  # left by a predict killed with -9
     b = load_bundle(source)
     m = load_manifest(cohort)
     problems = cohort_problems(b, m)
@@ -197,6 +240,8 @@ def predict(
             csv.writer(f).writerow(["subject_id"])
     res.rows = writer_rows
     res.parts.append(target)
+    atomic_write_json(provenance_path(target), {**_provenance(b, cohort, split), "rows": writer_rows})
+    res.bundle_sha256 = b.digest
     if explainer is not None:
         res.explained = explainer.finish()
     ds.close()
@@ -248,14 +293,22 @@ class _Explainer:
         sub = {k: v[idx] for k, v in inputs.items()}
         for j, (maps, summary) in zip(pick, self.spec.explain(self.b, model, sub)):
             s = int(sid[j])
-            stem = (self.pids or {}).get(s) or f"subject-{s:06d}"
+            pid = (self.pids or {}).get(s)
+            stem = safe_filename(pid) if pid else f"subject-{s:06d}"  # an id is data: never a path
             aff = None if self.affines is None else np.asarray(self.affines[s], dtype=np.float64)
             files = {}
             for name, vol in maps.items():
                 path = self.dir / f"{stem}_{name}.nii.gz"
                 write_map(path, vol, aff)
                 files[f"{name}_file"] = path.name
-            self.rows.append({"subject_id": s, **({"participant_id": stem} if self.pids else {}), **summary, **files})
+            self.rows.append(
+                {
+                    "subject_id": s,
+                    **({"participant_id": csv_text(pid or stem)} if self.pids else {}),
+                    **summary,
+                    **files,
+                }
+            )
 
     def finish(self) -> Path:
         import pandas as pd
@@ -270,7 +323,8 @@ class _Explainer:
 def _cell(v):
     if isinstance(v, (float, np.floating)):
         return repr(float(v))  # full precision: a CSV that round-trips the float64
-    return v.item() if isinstance(v, np.generic) else v
+    v = v.item() if isinstance(v, np.generic) else v
+    return csv_text(v) if isinstance(v, str) else v  # ids come from others' tables
 
 
 def read_predictions(path: str | Path):
@@ -299,20 +353,34 @@ def merge_parts(out: str | Path, total: int | None = None) -> Path:
     missing = [p.name for p in parts if not p.exists()]
     if missing:
         raise ConfigError(f"{out}: cannot merge, parts missing: {', '.join(missing[:5])} (run those array tasks)")
+    _check_parquet(out)
+    provs = []
+    for p in parts:
+        try:
+            provs.append(json.loads(provenance_path(p).read_text()))
+        except (OSError, ValueError):
+            raise ConfigError(
+                f"{provenance_path(p)}: missing or damaged; cannot tell which model and cohort {p.name} came from"
+            ) from None
+    for p, pv in zip(parts, provs):
+        if not _same_run(provs[0], pv):
+            raise ConfigError(
+                f"{out}: {p.name} was predicted by bundle {pv['model']['bundle_sha256'][:12]} on cohort "
+                f"{pv['cohort']['manifest_sha256'][:12]} ({pv['split']}), {parts[0].name} by "
+                f"{provs[0]['model']['bundle_sha256'][:12]} on {provs[0]['cohort']['manifest_sha256'][:12]} "
+                f"({provs[0]['split']}): parts of different runs are not merged"
+            )
     frames = [read_predictions(p) for p in parts]
     df = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else frames[0]
     if "subject_id" in df and len(df):
         df = df.sort_values("subject_id", kind="stable").reset_index(drop=True)
     with atomic_path(out) as tmp:
         if out.suffix.lower() == ".parquet":
-            try:
-                df.to_parquet(tmp, index=False)
-            except ImportError as e:
-                raise ConfigError(
-                    f"--out {out}: Parquet needs pyarrow ({e}); pip install pyarrow, or write .csv"
-                ) from None
+            df.to_parquet(tmp, index=False)
         else:
             df.to_csv(tmp, index=False, float_format="%.17g")
+    atomic_write_json(provenance_path(out), {**provs[0], "rows": int(len(df)), "parts": total})
     for p in parts:
         p.unlink()
+        provenance_path(p).unlink(missing_ok=True)
     return out

@@ -46,6 +46,7 @@ def run(
                 config or "configs/emt_tiny.yaml",
                 [
                     f"data.cohort={scratch / 'train'}",
+                    "data.generate=true",  # the benchmark's own synthetic cohort, made on purpose
                     f"cohort.n_subjects={max(subjects, 16)}",
                     f"cohort.subjects_per_shard={max(subjects, 16)}",
                     "train.max_epochs=1",

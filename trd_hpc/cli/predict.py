@@ -37,6 +37,7 @@ def _predict(a) -> int:
         print(f"part written: {res.parts[0]} ({res.rows} subjects{cal}); merge with --finalize once all are done")
     if res.explained:
         print(f"explanations: {res.explained} (maps as NIfTI beside it)")
+    print(f"model: bundle sha256 {res.bundle_sha256} (compare with the one its author published)")
     return 0
 
 

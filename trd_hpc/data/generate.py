@@ -50,7 +50,7 @@ from trd_hpc.data.shards import (
 )
 from trd_hpc.data.kinds import kind_of
 from trd_hpc.errors import IngestError, LockedError, WriteError
-from trd_hpc.fsio import HOST, atomic_write_json, pid_alive, remove_stale_temps
+from trd_hpc.fsio import HOST, TEMP_TAIL, atomic_write_json, pid_alive, remove_stale_temps
 from trd_hpc.locks import LOCK_FILE, DirLock
 
 LAYOUT = "cohort.json"
@@ -61,7 +61,9 @@ _SHARD = re.compile(r"^shard-[0-9]{5,}\.h5$")
 _OWN = re.compile(
     r"^(cohort\.json|manifest\.json|shard-[0-9]{5,}\.h5|\.shard-[0-9]{5,}\.(json|lock)|\.manifest\.lock|"
     + re.escape(LOCK_FILE)
-    + r"|\.(cohort\.json|manifest\.json|shard-[0-9]{5,}\.h5|\.shard-[0-9]{5,}\.json)\.tmp-.+-[0-9]+)$"
+    + r"|\.(cohort\.json|manifest\.json|shard-[0-9]{5,}\.h5|\.shard-[0-9]{5,}\.json)"
+    + TEMP_TAIL
+    + ")$"
 )
 
 
@@ -266,6 +268,12 @@ def shard_problem(
         return "completion record incomplete"
     if origin == "unreadable":
         return f"unreadable: {why}"
+    stamp = kind_of(cfg).source_stamp
+    if stamp is not None:
+        recorded = rec.get("sources") or []
+        for j, (src, now) in enumerate(stamp(cfg, first, stop)):
+            if j >= len(recorded) or list(recorded[j]) != now:
+                return f"its source {src} changed since the shard was written"
     if verify:
         try:
             got = shard_content_checksum(f, cfg)

@@ -47,6 +47,9 @@ class CohortKind:
     prepare_batch: Callable[[Any, dict, bool], dict] | None = None
     # cfg -> more top-level keys of manifest.json (an ingested cohort: where it came from)
     manifest_extras: Callable[[Any], dict] | None = None
+    # (cfg, first, stop) -> per subject (its source file, [size, mtime_ns]): an ingested
+    # shard records them, and is made again once a source changed (an image replaced)
+    source_stamp: Callable[[Any, int, int], list[tuple[str, list[int]]]] | None = None
     # False: subjects come from files (trd-hpc ingest); the cohort describes the data and
     # a run's cohort section is taken from its manifest (train.run.resolve_cohort)
     generated: bool = True

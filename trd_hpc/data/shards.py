@@ -109,6 +109,8 @@ def write_shard(
     final = out_dir / shard_name(shard_index)
     # The temporary name carries host and pid (fsio.temp_name), so a later run removes
     # it only once its writer is dead; a failed write (full disk) removes it at once.
+    stamp = kind_of(cfg).source_stamp
+    sources = [s for _, s in stamp(cfg, first, stop)] if stamp is not None else None  # before reading them
     with atomic_path(final, fault="shard") as tmp:
         hasher, small, bulk_crc = _write_shard_file(cfg, tmp, shard_index, first, stop, on_subject)
     cols = schema(cfg)
@@ -130,6 +132,8 @@ def write_shard(
         "config_fingerprint": config_fingerprint(cfg),
         "row_crc32": crcs,
     }
+    if sources is not None:
+        record["sources"] = sources
     atomic_write_json(out_dir / sidecar_name(shard_index), record, indent=None)
     return record
 

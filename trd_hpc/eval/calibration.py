@@ -35,6 +35,14 @@ from trd_hpc.eval.metrics import binary_metrics
 
 InputKind = Literal["logit", "prob"]
 _EPS = 1e-7
+# A calibrator is a map fitted to the validation labels: with fewer than this many
+# validation subjects of either class it is fitted to noise, so it is not fitted at all.
+MIN_PER_CLASS = 5
+# An output this close to 0 or 1 is a certainty no calibrated model should claim; a
+# calibrator that gives it to at least COLLAPSED_SHARE of the validation subjects has
+# collapsed onto the labels (perfectly separated validation scores do this to all three).
+COLLAPSE_EPS = 1e-6
+COLLAPSED_SHARE = 0.5
 
 
 def _as_logit(x, kind: InputKind) -> np.ndarray:
@@ -53,6 +61,12 @@ def _labels(y, n: int) -> np.ndarray:
         raise ValueError(f"{n} scores but {y.size} labels")
     if not (0 < y.sum() < y.size):
         raise ValueError("calibration needs both classes in the fitting set")
+    counts = np.bincount(y, minlength=2)
+    if counts.min() < MIN_PER_CLASS:
+        raise ValueError(
+            f"not fitted: {counts[0]} negative and {counts[1]} positive validation subjects; calibration needs "
+            f"at least {MIN_PER_CLASS} of each class"
+        )
     return y
 
 
@@ -146,6 +160,30 @@ class TemperatureCalibrator(_Calibrator):
         return {"T": self.T} if self.fitted else {}
 
 
+def degenerate(cal: _Calibrator, x_val, input: InputKind = "logit") -> str | None:
+    """Why a fitted calibrator must not be trusted as a model's probabilities, or None.
+
+    Flagged: a temperature stopped at a bound of its search (the NLL wanted a T outside it:
+    on separable validation scores T -> 0, every output 0 or 1); a Platt slope a <= 0 (the
+    map ignores or reverses the model's ranking); a constant output; or outputs within
+    COLLAPSE_EPS of 0 or 1 for at least COLLAPSED_SHARE of the validation subjects."""
+    cal._check_fitted()
+    if isinstance(cal, TemperatureCalibrator):
+        lo, hi = cal.bounds
+        if cal.T <= lo * (1 + 1e-3) or cal.T >= hi * (1 - 1e-3):
+            bound = "lower" if cal.T <= lo * (1 + 1e-3) else "upper"
+            return f"T = {cal.T:.3g} stopped at the {bound} bound of its search ({lo:g}..{hi:g})"
+    if isinstance(cal, PlattCalibrator) and cal.a <= 0:
+        return f"slope a = {cal.a:.3g} <= 0: the map ignores or reverses the model's ranking"
+    p = cal.predict_proba(x_val) if input == cal.input else cal.predict_proba(_as_logit(x_val, input))
+    if p.size and float(np.ptp(p)) < COLLAPSE_EPS:
+        return f"constant output ({float(p[0]):.3g} for every validation subject)"
+    share = float(np.mean((p < COLLAPSE_EPS) | (p > 1 - COLLAPSE_EPS))) if p.size else 0.0
+    if share >= COLLAPSED_SHARE:
+        return f"collapsed: {share:.0%} of its validation outputs are within {COLLAPSE_EPS:g} of 0 or 1"
+    return None
+
+
 CALIBRATORS: dict[str, type[_Calibrator]] = {
     "platt": PlattCalibrator,
     "isotonic": IsotonicCalibrator,
@@ -177,8 +215,10 @@ def calibrate_all(
     AUC, AP, Brier, ECE, ...) plus the fitted parameters (Platt ``a``, ``b``;
     temperature ``T``; isotonic ``n_steps``).  AUC is unchanged by Platt and
     temperature and may drop slightly under isotonic (ties); see the module
-    docstring.  A method that cannot be fitted (e.g. one class in validation)
-    gets ``{"error": ...}`` instead of failing the whole evaluation.
+    docstring.  A method that cannot be fitted (e.g. fewer than MIN_PER_CLASS of a
+    class in validation) gets ``{"error": ...}`` instead of failing the whole
+    evaluation; one that fitted but is degenerate (see :func:`degenerate`) carries
+    ``"degenerate": why``.
 
     With ``return_probs=True`` returns ``(results, probs)`` where ``probs`` maps
     "uncalibrated" and each fitted method to its test probabilities.
@@ -194,6 +234,9 @@ def calibrate_all(
             continue
         probs[m] = cal.predict_proba(z_test)
         results[m] = {**binary_metrics(y_test, probs[m], 0.5, n_bins), **cal.params()}
+        why = degenerate(cal, logit_val)
+        if why:
+            results[m]["degenerate"] = why
     return (results, probs) if return_probs else results
 
 

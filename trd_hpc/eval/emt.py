@@ -146,6 +146,8 @@ def _calibration_row(method: str, metrics: dict, best: bool) -> list:
     params = ", ".join(
         f"{k} = {metrics[pre + k]:.4g}" for k in _CALIBRATION_PARAMS.get(method, ()) if pre + k in metrics
     )
+    if f"{pre}degenerate" in metrics:  # fitted, but not probabilities to ship: never the bundle's default
+        params = f"{params}; DEGENERATE, not used as the default: {metrics[pre + 'degenerate']}".lstrip("; ")
     return [name, *values, Cell(params, num=False)]
 
 
@@ -161,7 +163,7 @@ def calibration_table(cfg: EMTExperiment, metrics: dict):
     ]
     if not methods:
         return None
-    fitted = [m for m in methods if f"calibrated.{m}.ece" in metrics]
+    fitted = [m for m in methods if f"calibrated.{m}.ece" in metrics and f"calibrated.{m}.degenerate" not in metrics]
     best = min(fitted, key=lambda m: metrics[f"calibrated.{m}.ece"], default=None)
     caption = (
         f"Calibrators fitted on the validation split, scored on the test split (accuracy at P \u2265 0.5, "

@@ -116,23 +116,36 @@ def fast_macro_f1(y, pred, n_classes: int) -> float:
     return float(np.mean(np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)))
 
 
+# A percentile bootstrap over fewer subjects than this resamples a handful of values: on 4-10
+# subjects it prints intervals such as [1.000, 1.000] that look like certainty and are not.
+# Below it no interval is computed, and every table that would show one says why.
+MIN_CI_SUBJECTS = 20
+
+
+def ci_too_small(n: int) -> str | None:
+    """Why no bootstrap interval is given for ``n`` subjects, or None when one is."""
+    return f"n = {n} < {MIN_CI_SUBJECTS}: too few for a CI" if n < MIN_CI_SUBJECTS else None
+
+
 def bootstrap_ci(
     stats: Mapping[str, Callable[..., float]],
     *arrays,
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    min_subjects: int = MIN_CI_SUBJECTS,
 ) -> dict[str, tuple[float, float] | None]:
     """Percentile intervals of each statistic over subjects resampled with replacement.
 
     ``arrays`` hold one row per test subject and are resampled together; every statistic
     sees the same draws (a fixed ``seed``: the same intervals each time).  A draw on which
     a statistic is undefined (``nan``, e.g. AUC of a draw holding one class) is left out of
-    that statistic's interval; ``None`` when no draw defines it or there are under 2 subjects.
+    that statistic's interval; ``None`` when no draw defines it or there are fewer than
+    ``min_subjects`` subjects (see MIN_CI_SUBJECTS; callers say so with :func:`ci_too_small`).
     """
     arrays = tuple(np.asarray(a) for a in arrays)
     n = len(arrays[0]) if arrays else 0
-    if n < 2:
+    if n < max(2, min_subjects):
         return {k: None for k in stats}
     draws = np.random.default_rng(seed).integers(0, n, (n_boot, n))
     values: dict[str, list[float]] = {k: [] for k in stats}

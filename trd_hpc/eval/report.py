@@ -144,8 +144,10 @@ def summary_table(
     """Metric x model, each cell the value on the test split and its percentile bootstrap
     95 % CI over test subjects (``metrics.bootstrap_ci``: the same seed, the same report),
     the best model of a row in bold, the paper's figure last."""
-    from trd_hpc.eval.metrics import bootstrap_ci
+    from trd_hpc.eval.metrics import bootstrap_ci, ci_too_small
 
+    n = len(columns[0].arrays[0]) if columns and columns[0].arrays else 0
+    too_small = ci_too_small(n)
     values: list[dict[str, tuple[float, tuple | None]]] = []
     for col in columns:
         mine = [s for s in stats if col.scored_on is None or (s.needs or s.key) in col.scored_on]
@@ -161,15 +163,19 @@ def summary_table(
                 row.append(Cell(DASH))
                 continue
             point, ci = v[s.key]
-            ci_text = f"[{_number(ci[0], s.digits)}, {_number(ci[1], s.digits)}]" if ci else ""
+            ci_text = (
+                f"[{_number(ci[0], s.digits)}, {_number(ci[1], s.digits)}]" if ci else ("no CI" if too_small else "")
+            )
             row.append(Cell(_number(point, s.digits), ci_text, best=best is not None and point == best))
         if paper is not None:
             row.append(Cell(f"{paper[s.key]:.2f}" if s.key in paper else DASH))
         rows.append(row)
-    n = len(columns[0].arrays[0]) if columns and columns[0].arrays else 0
     caption = (
         f"Test split, {n} subjects: value [95 % CI], a percentile bootstrap over test subjects "
         f"({n_boot} resamples, seed {seed}); {DASH}: not a metric of that model."
+        if not too_small
+        else f"Test split, {n} subjects: values only; no confidence intervals ({too_small}), so no "
+        f"difference between these models is established by this table. {DASH}: not a metric of that model."
     )
     header = ["metric", *(c.name for c in columns)] + ([paper_label] if paper is not None else [])
     return Table(caption, header, rows, kind="summary")

@@ -86,6 +86,12 @@ def _prepare_batch(cfg: IngestedEMTCohort, out: dict, normalize: bool) -> dict:
     return out
 
 
+def _source_stamps(cfg, first: int, stop: int):
+    from trd_hpc.ingest.resolve import source_stamps
+
+    return source_stamps(cfg, first, stop)
+
+
 KIND = CohortKind(
     name="ingested_emt",
     config_class=IngestedEMTCohort,
@@ -98,5 +104,6 @@ KIND = CohortKind(
     class_count_problem=lambda cfg, counts: None,  # real cohorts are as balanced as they are
     generated=False,
     manifest_extras=manifest_source,
+    source_stamp=lambda cfg, first, stop: _source_stamps(cfg, first, stop),
     prepare_batch=_prepare_batch,
 )

@@ -62,6 +62,30 @@ class Genotypes:
             self.row[k] = i
         if dups:
             raise IngestError(f"{self.files['fam']}: IIDs {', '.join(dups[:5])} appear more than once")
+        self._check_bed_size(len(iid), len(self.sid))
+
+    def _check_bed_size(self, n_ind: int, n_var: int) -> None:
+        """A SNP-major .bed holds 3 magic bytes, then ceil(individuals / 4) bytes per variant.
+
+        A line added to or deleted from the .fam or .bim in the middle shifts every later
+        genotype onto another individual or variant; bed-reader reads such a fileset without
+        complaint, so its size is checked against the two files' line counts."""
+        bed = self.files["bed"]
+        want = 3 + n_var * ((n_ind + 3) // 4)
+        have = bed.stat().st_size
+        if have != want:
+            raise IngestError(
+                f"{bed}: {have} bytes, but the {n_ind} individuals of {self.files['fam'].name} and the {n_var} "
+                f"variants of {self.files['bim'].name} need {want}: a line added to or removed from the .fam or "
+                ".bim (or a truncated .bed); every later genotype would be read for the wrong individual or variant"
+            )
+
+    def _duplicated(self, ids) -> list[str]:
+        """Those of ``ids`` that more than one .bim line names, with the lines."""
+        where: dict[str, list[int]] = {}
+        for j, s in enumerate(self.sid):
+            where.setdefault(s, []).append(j + 1)
+        return [f"{s} (lines {', '.join(map(str, where[s][:3]))})" for s in dict.fromkeys(ids) if len(where[s]) > 1]
 
     def fingerprint(self) -> str:
         """sha256 of the .fam and .bim: which individuals and variants, in which order."""
@@ -78,6 +102,12 @@ class Genotypes:
         if first is not None:
             if first > len(self.sid):
                 raise IngestError(f"{self.files['bim']}: holds {len(self.sid)} variants, snps.first asks for {first}")
+            dups = self._duplicated(self.sid[:first])
+            if dups:
+                raise IngestError(
+                    f"{self.files['bim']}: variant id(s) named on more than one line: {', '.join(dups[:5])}; a "
+                    "model's SNP columns are found by id, so each must be unique (rename them, e.g. CHR:POS:A1:A2)"
+                )
             return self.sid[:first]
         if not ids_file.is_file():
             raise IngestError(f"snps.ids: {ids_file} not found")
@@ -91,6 +121,12 @@ class Genotypes:
             raise IngestError(f"snps.ids: {ids_file}: {', '.join(unknown[:5])}{more} not in {self.files['bim']}")
         if len(set(want)) != len(want):
             raise IngestError(f"snps.ids: {ids_file} lists a variant twice")
+        dups = self._duplicated(want)
+        if dups:
+            raise IngestError(
+                f"{self.files['bim']}: variant id(s) of {ids_file.name} named on more than one line: "
+                f"{', '.join(dups[:5])}; which one is meant cannot be told"
+            )
         return want
 
     def read(self, rows: np.ndarray, snp_ids: list[str]) -> np.ndarray:

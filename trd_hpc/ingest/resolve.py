@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -77,12 +78,33 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def inside(root: Path, rel: str | Path, spec_key: str) -> Path:
+    """``root/rel``, refused unless it stays inside the study folder ``root``.
+
+    A spec is a file others hand you: with ``../`` or an absolute path it could make ingest
+    read (and echo into errors and manifests) any file on the machine.  The check is on the
+    path as written (normalised, links not followed): a link the folder's owner put inside
+    the folder is theirs to make."""
+    root = Path(os.path.abspath(root))
+    p = Path(os.path.normpath(root / rel))
+    if p != root and root not in p.parents:
+        raise ConfigError(
+            f"spec key '{spec_key}': {rel} is outside the study folder {root}; paths in a spec are relative to the "
+            "spec's own folder and stay inside it (link the file into the folder to use it)"
+        )
+    return p
+
+
 def _image_path(root: Path, template: str, key: str, spec_key: str) -> Path:
+    if "{id}" not in template:
+        raise ConfigError(
+            f"spec key '{spec_key}': template {template!r} has no {{id}}: every subject would get the same image"
+        )
     try:
         rel = template.format(id=key)
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(f"spec key '{spec_key}': template {template!r} takes only {{id}} ({e})") from None
-    return (root / rel).resolve()
+    return inside(root, rel, spec_key)
 
 
 def _collect(spec, root: Path, headers: bool = True) -> Subjects:
@@ -92,7 +114,7 @@ def _collect(spec, root: Path, headers: bool = True) -> Subjects:
     the list skips it: each image it writes is read whole anyway, and errors name it)."""
     from trd_hpc.ingest.images import read_header
 
-    tpath = (root / spec.table).resolve()
+    tpath = inside(root, spec.table, "table")
     df = T.read_table(tpath)
     written, keys = T.ids(df, tpath, spec.id_column)
     n = len(keys)
@@ -133,7 +155,7 @@ def _collect(spec, root: Path, headers: bool = True) -> Subjects:
     if emt:
         from trd_hpc.ingest.genotypes import Genotypes
 
-        geno = Genotypes((root / spec.genotypes).resolve())
+        geno = Genotypes(inside(root, spec.genotypes, "genotypes"))
         geno_row = np.array([geno.row.get(k, -1) for k in keys], dtype=np.int64)
         for i in np.flatnonzero(geno_row < 0):
             lacks.setdefault(int(i), []).append(f"no genotypes (IID not in {geno.files['fam'].name})")
@@ -161,6 +183,8 @@ def _collect(spec, root: Path, headers: bool = True) -> Subjects:
     dropped = [{"participant_id": written[i], "reason": ", ".join(w)} for i, w in sorted(lacks.items())]
     if not len(keep):
         raise IngestError(f"{tpath}: no subject has every source the spec names")
+    if label_col is not None:
+        _check_classes(tpath, label_col, label[keep], spec.labels, 2 if emt else 3)
 
     # Headers of the kept images: a file nibabel cannot read, or of the wrong kind, is an
     # error whatever on_missing says (it is there, so it was meant to be used).
@@ -200,6 +224,20 @@ def _collect(spec, root: Path, headers: bool = True) -> Subjects:
     )
 
 
+def _check_classes(tpath: Path, col: str, labels: np.ndarray, names, n_classes: int) -> None:
+    """Every class among the kept, labelled subjects: a cohort of one class trains a model
+    that has learned nothing (and crashed training); a class with no subject has no metric."""
+    counts = np.bincount(labels[labels >= 0], minlength=n_classes)
+    if (counts == 0).any():
+        shown = [str(v) for v in names] if names is not None else [str(k) for k in range(n_classes)]
+        have = ", ".join(f"{shown[k]}: {int(c)}" for k, c in enumerate(counts))
+        raise IngestError(
+            f"{tpath}: column '{col}': the kept subjects hold no subject of class(es) "
+            f"{', '.join(shown[k] for k in np.flatnonzero(counts == 0))} ({have}); a model needs subjects of every "
+            "class (leave the label column out of the spec to ingest an unlabelled cohort for prediction)"
+        )
+
+
 def resolve(path: str | Path):
     """The cohort config of the spec at ``path`` (IngestedEMTCohort / IngestedVolumeCohort)."""
     path = Path(path).resolve()
@@ -208,7 +246,7 @@ def resolve(path: str | Path):
     subj = _collect(spec, root)
     resolved = Resolved(
         root=str(root),
-        table_sha256=_sha256((root / spec.table).resolve()),
+        table_sha256=_sha256(inside(root, spec.table, "table")),
         n_subjects=len(subj.key),
         dropped=subj.dropped,
     )
@@ -216,8 +254,8 @@ def resolve(path: str | Path):
     if spec.task == "emt":
         from trd_hpc.ingest.genotypes import Genotypes
 
-        geno = Genotypes((root / spec.genotypes).resolve())
-        snp_ids = geno.select(spec.snps.first, (root / spec.snps.ids).resolve() if spec.snps.ids else None)
+        geno = Genotypes(inside(root, spec.genotypes, "genotypes"))
+        snp_ids = geno.select(spec.snps.first, inside(root, spec.snps.ids, "snps.ids") if spec.snps.ids else None)
         mean, sd = _clinical_stats(spec, subj)
         cfg = IngestedEMTCohort.model_validate(
             {
@@ -283,7 +321,7 @@ def subjects(cfg) -> Subjects:
     k = _key(cfg)
     if k not in _CACHE:
         root = Path(cfg.resolved.root)
-        tpath = (root / cfg.table).resolve()
+        tpath = inside(root, cfg.table, "table")
         if not tpath.is_file() or _sha256(tpath) != cfg.resolved.table_sha256:
             raise IngestError(
                 f"{tpath}: the table changed (or is gone) since this cohort was resolved; ingest it again"
@@ -294,6 +332,21 @@ def subjects(cfg) -> Subjects:
     return _CACHE[k]
 
 
+def source_stamps(cfg, first: int, stop: int) -> list[tuple[str, list[int]]]:
+    """(image, [size, mtime_ns]) of subjects [first, stop): what a shard records of its sources.
+
+    Size and modification time, not a hash: re-hashing every image of a big cohort on each
+    rerun would cost a full read; a replaced or rewritten image changes its mtime."""
+    out = []
+    for p in subjects(cfg).image[first:stop]:
+        try:
+            st = os.stat(p)
+            out.append((str(p), [int(st.st_size), int(st.st_mtime_ns)]))
+        except OSError:
+            out.append((str(p), [-1, -1]))
+    return out
+
+
 @lru_cache(maxsize=2)
 def genotype_matrix(cfg_key: str):
     """All kept subjects' genotypes of the selected variants (uint8), read once per process."""
@@ -301,7 +354,7 @@ def genotype_matrix(cfg_key: str):
     from trd_hpc.ingest.genotypes import Genotypes
 
     cfg = validate_cohort(json.loads(cfg_key))
-    geno = Genotypes((Path(cfg.resolved.root) / cfg.genotypes).resolve())
+    geno = Genotypes(inside(Path(cfg.resolved.root), cfg.genotypes, "genotypes"))
     if geno.fingerprint() != cfg.genotypes_sha256:
         raise IngestError(
             f"{geno.files['fam']}: the genotype files changed since this cohort was resolved; ingest it again"

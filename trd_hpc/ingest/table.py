@@ -124,4 +124,12 @@ def numbers(df: pd.DataFrame, path: Path, name: str, key: str) -> np.ndarray:
         raise IngestError(
             f"{path}: column '{name}' holds an infinite value on line(s) {lines(np.flatnonzero(np.isinf(arr)))}"
         )
+    # Shards store these as float32: a finite value beyond its range would become inf there
+    # (and NaN predictions after standardising).
+    big = np.flatnonzero(np.abs(np.nan_to_num(arr)) > np.finfo(np.float32).max)
+    if len(big):
+        raise IngestError(
+            f"{path}: column '{name}' holds {arr[big[0]]:g} on line(s) {lines(big)}: beyond float32's range "
+            f"(|x| <= {np.finfo(np.float32).max:.3g}), the precision a cohort stores"
+        )
     return arr

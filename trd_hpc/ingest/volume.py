@@ -43,6 +43,12 @@ def _make_subject(cfg: IngestedVolumeCohort, index: int, bulk_out: np.ndarray) -
     }
 
 
+def _source_stamps(cfg, first: int, stop: int):
+    from trd_hpc.ingest.resolve import source_stamps
+
+    return source_stamps(cfg, first, stop)
+
+
 KIND = CohortKind(
     name="ingested_volume",
     config_class=IngestedVolumeCohort,
@@ -55,5 +61,6 @@ KIND = CohortKind(
     class_count_problem=lambda cfg, counts: None,
     generated=False,
     manifest_extras=manifest_source,
+    source_stamp=lambda cfg, first, stop: _source_stamps(cfg, first, stop),
     prepare_batch=SYNTHETIC.prepare_batch,
 )
