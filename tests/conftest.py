@@ -75,6 +75,20 @@ def cli(*args: str, cwd: Path | None = None, check: bool = True, env: dict | Non
     return r
 
 
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MiB tmpfs of its own, for full and read-only disks (root may mount; CI runs as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 @pytest.fixture(scope="session")
 def emt_tiny():
     from trd_hpc.config import load_config

@@ -207,20 +207,6 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path, emt_cohort_dir):
 
 
 # ---------------------------------------------------------------------------- full and read-only disks
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 4 MiB tmpfs of its own (root may mount; CI runs as root)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_full_disk_is_one_line_naming_the_file_and_leaves_no_temp(small_fs, emt_cohort_dir):
     out = small_fs / "run"
     # Leave ~60 KiB: enough for config.yaml and the lock, not for a checkpoint.

@@ -107,7 +107,7 @@ def test_emt_subjects_are_aligned_across_modalities(emt_ingested):
 def test_emt_config_trains_on_an_ingested_cohort_as_it_is(emt_ingested, tmp_path):
     """configs/emt_tiny.yaml (100 SNPs, 15 clinical variables, 12x12x8x10 synthetic) on a
     cohort of 60 SNPs and 3 clinical columns: the manifest describes the data."""
-    _, out = emt_ingested
+    spec, out = emt_ingested
     run = tmp_path / "run"
     cli(
         "train",
@@ -124,6 +124,17 @@ def test_emt_config_trains_on_an_ingested_cohort_as_it_is(emt_ingested, tmp_path
     m = json.loads((run / "metrics.json").read_text())
     assert 0 <= m["test.auc"] <= 1 and "baselines.random_forest.auc" in m
     assert (run / "baselines" / "late_fusion_mlp" / "metrics.json").exists()
+    # The bundle is what gets shared: no participant data beyond what its card states (the
+    # run's own config.yaml keeps the full record, dropped subject and study folder included).
+    assert "nogeno1" in (run / "config.yaml").read_text()
+    for f in sorted((run / "bundle").iterdir()):
+        text = f.read_bytes()
+        assert b"nogeno1" not in text, f"{f.name} names a dropped participant"
+        assert str(spec.parent).encode() not in text and str(out).encode() not in text, f"{f.name} holds a path"
+    from trd_hpc.bundle import load_bundle
+
+    b = load_bundle(run)
+    assert b.cfg.cohort.resolved.dropped == [] and b.cfg.data.cohort == out.name and b.build_model() is not None
     # resuming the finished run with the same command finds the same config
     r = cli(
         "train",
@@ -259,6 +270,28 @@ def _no_image(spec: Path) -> None:
     _set(on_missing="error")(spec)
 
 
+def _edit_lines(path: Path, fn) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(fn(lines)))
+
+
+def _bim_duplicate(spec: Path) -> None:
+    def dup(lines):
+        f = lines[4].split("\t")
+        f[1] = lines[1].split("\t")[1]  # line 5 names line 2's variant
+        return lines[:4] + ["\t".join(f)] + lines[5:]
+
+    _edit_lines(spec.parent / "genotypes" / "cohort.bim", dup)
+
+
+def _outside(key: str, value: str):
+    def f(spec: Path) -> None:
+        (spec.parent.parent / "private.txt").write_text("secret-line-1\nsecret-line-2\n")
+        _set(**{key: value})(spec)
+
+    return f
+
+
 BAD = {
     "3-D image where 4-D is needed": (
         _bad_3d,
@@ -289,6 +322,43 @@ BAD = {
         ["rs_nope", "not in", "cohort.bim"],
     ),
     "too few frames to crop": (_set(temporal="crop", frames=10), ["has 2 frames", "temporal: resample"]),
+    # the ingest rows of the trust audit
+    "every subject one class": (
+        lambda s: _edit_table(s, lambda t: t.replace("\tyes\t", "\tno\t")),
+        ["column 'trd'", "no subject of class(es) yes", "no: 8, yes: 0", "a model needs subjects of every class"],
+    ),
+    "a variant id twice in the .bim": (_bim_duplicate, ["cohort.bim", "more than one line", "sid_1 (lines 2, 5)"]),
+    "a .fam line deleted in the middle": (
+        lambda s: _edit_lines(s.parent / "genotypes" / "cohort.fam", lambda ls: ls[:50] + ls[51:]),
+        ["cohort.bed", "beyond the 99 individuals of cohort.fam", "a line removed from the .fam"],
+    ),
+    "a .bim line deleted (the .bed size does not match)": (
+        lambda s: _edit_lines(s.parent / "genotypes" / "cohort.bim", lambda ls: ls[:70] + ls[71:]),
+        ["cohort.bed: 2503 bytes", "99 variants of cohort.bim need 2478", "a line added to or removed"],
+    ),
+    "an fmri template without {id}": (
+        _set(fmri="sub-iid_1/func/sub-iid_1_task-rest_bold.nii.gz"),
+        ["spec key 'fmri'", "has no {id}", "every subject would get the same image"],
+    ),
+    "a clinical value beyond float32": (
+        lambda s: _edit_table(s, lambda t: t.replace("\t1\tsite", "\t1e300\tsite", 1)),
+        ["column 'illness_years' holds 1e+300 on line(s) ", "beyond float32's range"],
+    ),
+    "snps.ids outside the study folder": (
+        _outside("snps", {"ids": "../private.txt"}),
+        ["spec key 'snps.ids'", "../private.txt is outside the study folder"],
+    ),
+    "an absolute table path elsewhere": (
+        _outside("table", "/etc/passwd"),
+        ["spec key 'table'", "/etc/passwd is outside the study folder"],
+    ),
+    "genotypes reached through ../": (
+        lambda s: (
+            shutil.copytree(s.parent / "genotypes", s.parent.parent / "elsewhere"),
+            _set(genotypes="genotypes/../../elsewhere/cohort")(s),
+        ),
+        ["spec key 'genotypes'", "outside the study folder"],
+    ),
     "unknown spec key": (_set(fmri_path="x"), ["unknown key 'fmri_path'"]),
 }
 
@@ -305,7 +375,28 @@ def test_bad_input_is_one_line_naming_it_and_writes_nothing(case, tmp_path, caps
     assert err.startswith("error: ") and err.count("\n") == 1 or err.startswith("error: invalid ingest spec"), err
     for e in expected:
         assert e in err, (e, err)
+    assert "secret-line" not in err  # a file outside the study folder is never read, let alone echoed
     assert not out.exists()
+
+
+def test_an_image_replaced_after_ingest_remakes_its_shard(tmp_path):
+    """A rerun notices a source that changed since its shard was written (size or mtime) and
+    writes that shard again; the others are kept."""
+    spec = cnn3d_folder(tmp_path / "src", n=18, spec_extra={"split": {"test": 0.2, "val": 0.2, "folds": 3}})
+    out = tmp_path / "cohort"
+    cli("ingest", str(spec), "--out", str(out), "--quiet")
+    before = _shards(out)
+    img = spec.parent / "sub-03" / "anat" / "sub-03_T1w.nii"
+    other = ANATOMICAL[0] if img.read_bytes() != Path(ANATOMICAL[0]).read_bytes() else ANATOMICAL[1]
+    copy_image(other, img)
+    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))  # a clock-proof change
+    r = cli("ingest", str(spec), "--out", str(out), "--quiet")
+    assert "remade 1" in r.stdout and "sub-03_T1w.nii changed since the shard was written" in r.stdout, r.stdout
+    assert "kept 2" in r.stdout
+    after = _shards(out)
+    assert not np.array_equal(before["volume"], after["volume"])  # the new image is in the cohort now
+    r = cli("ingest", str(spec), "--out", str(out), "--quiet")
+    assert "kept 3 verified" in r.stdout  # and is not remade again
 
 
 def test_ingest_onto_a_full_disk_leaves_no_shard_taken_for_a_good_one(tmp_path):

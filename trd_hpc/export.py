@@ -18,6 +18,7 @@ values.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
 import tempfile
@@ -95,15 +96,28 @@ def export_model(source: str | Path, fmt: str, out: str | Path) -> dict:
     return {"out": str(out), "format": fmt, "max_abs_diff": diff, "tolerance": TOLERANCE}
 
 
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _export_into(b, model, fmt: str, names: list, args: tuple, out: Path) -> float:
     batch = torch.export.Dim("batch", min=1, max=4096)
     dyn = {n: {0: batch} for n in names}
     try:
+        # TorchScript and .pt2 are serialised in memory, then written by Python: torch's C++
+        # zip writer aborts the whole process (SIGABRT, no Python exception) on a full disk.
         if fmt == "torchscript":
+            buf = io.BytesIO()
             with torch.no_grad():
-                torch.jit.trace(model, args, strict=False, check_trace=False).save(str(out))
+                torch.jit.save(torch.jit.trace(model, args, strict=False, check_trace=False), buf)
+            _write(out, buf.getvalue())
         elif fmt == "pt2":
-            torch.export.save(torch.export.export(model, args, dynamic_shapes=dyn), str(out))
+            buf = io.BytesIO()
+            torch.export.save(torch.export.export(model, args, dynamic_shapes=dyn), buf)
+            _write(out, buf.getvalue())
         else:
             try:
                 import onnx  # noqa: F401

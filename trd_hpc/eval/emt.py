@@ -267,7 +267,11 @@ def evaluate_emt(cfg: EMTExperiment, run, model, history: list, preds: dict, fig
                 "ROC (test)": F.roc_curve_plot(overlay, None, d / "roc.png"),
                 "Precision-recall (test)": F.pr_curve_plot(overlay, None, d / "pr.png"),
                 "Reliability diagram": F.reliability_diagram(
-                    test["label"], by_method, d / "reliability.png", n_bins=cfg.eval.ece_bins
+                    test["label"],
+                    by_method,
+                    d / "reliability.png",
+                    n_bins=cfg.eval.ece_bins,
+                    flagged={METHOD_LABELS.get(k, k) for k, r in cal.items() if "degenerate" in r},
                 ),
                 "Predicted probability by class": F.probability_densities(
                     test["label"], by_method, d / "densities.png"

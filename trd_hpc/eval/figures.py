@@ -20,7 +20,6 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
-from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 from sklearn.neighbors import KernelDensity
 
@@ -207,12 +206,14 @@ def probability_densities(
     return _save(probability_densities_figure(y, prob, prob_calibrated, threshold, calibrated_label), path)
 
 
-def reliability_diagram(y, probs: Mapping[str, Any], path, n_bins: int = 10) -> Path:
-    """Observed fraction of TRD against mean predicted P(TRD) per equal-width bin
-    (``sklearn.calibration.calibration_curve``), one line per calibration method, ECE in its
-    label (the same bins as metrics.json's); below, how many test subjects each method puts
-    in each bin (a point made of 1 subject says little)."""
-    from trd_hpc.eval.metrics import expected_calibration_error
+def reliability_diagram(y, probs: Mapping[str, Any], path, n_bins: int = 10, flagged=()) -> Path:
+    """Observed fraction of TRD against mean predicted P(TRD) per equal-width bin (the bins of
+    ``metrics.reliability_bins``, the same as metrics.json's ECE), one line per calibration
+    method, each point labelled with its number of test subjects (a point of 1 subject says
+    little); below, how many each method puts in each bin.  Methods in ``flagged``
+    (degenerate: eval.calibration.degenerate) say so in the legend: a calibrator collapsed
+    onto 0/1 puts its points on the diagonal's two ends, which would otherwise look perfect."""
+    from trd_hpc.eval.metrics import expected_calibration_error, reliability_bins
 
     y = np.asarray(y).reshape(-1).astype(int)
     fig = Figure(figsize=(5.6, 5.6), layout="constrained")
@@ -223,11 +224,25 @@ def reliability_diagram(y, probs: Mapping[str, Any], path, n_bins: int = 10) -> 
         p = np.asarray(p, dtype=float).reshape(-1)
         color = METHOD_COLORS[k % len(METHOD_COLORS)]
         if y.size:
-            frac, mean = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+            b = reliability_bins(y, p, n_bins)
+            count = np.asarray(b["count"])
+            keep = count > 0
+            mean, frac = np.asarray(b["mean_prob"])[keep], np.asarray(b["frac_pos"])[keep]
             ece = expected_calibration_error(y, p, n_bins)
-            top.plot(mean, frac, marker="o", ms=4, color=color, label=f"{name} (ECE {ece:.3f})")
+            label = f"{name} (ECE {ece:.3f}" + (", DEGENERATE)" if name in flagged else ")")
+            top.plot(mean, frac, marker="o", ms=4, color=color, ls=":" if name in flagged else "-", label=label)
+            for mx, fy, n in zip(mean, frac, count[keep]):
+                top.annotate(
+                    str(int(n)), (mx, fy), textcoords="offset points", xytext=(3, 3 + 6 * k), fontsize=6, color=color
+                )
         bottom.hist(p, bins=edges, histtype="step", lw=1.5, color=color)
-    top.set(ylabel="observed fraction TRD", xlim=(0, 1), ylim=(-0.02, 1.02), title=f"Reliability ({n_bins} bins)")
+    top.set(
+        ylabel="observed fraction TRD",
+        xlim=(0, 1),
+        ylim=(-0.02, 1.05),
+        title=f"Reliability ({n_bins} bins, {y.size} test subjects; numbers: subjects per point)",
+    )
+    top.title.set_fontsize(9)
     top.legend(fontsize=8, loc="upper left")
     top.grid(alpha=0.3)
     bottom.set(xlabel="predicted P(TRD)", ylabel="subjects")

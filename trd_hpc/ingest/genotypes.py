@@ -80,6 +80,30 @@ class Genotypes:
                 ".bim (or a truncated .bed); every later genotype would be read for the wrong individual or variant"
             )
 
+    def check_padding(self, snp_ids: list[str]) -> None:
+        """The unused 2-bit slots closing each variant's last byte hold 00 in a PLINK .bed.
+
+        A .fam line removed from a fileset of N individuals (N not one more than a multiple
+        of 4) leaves the .bed's size as it was, and the last individual's genotypes then
+        sit in those slots: non-zero there (on any of the selected variants) is the sign."""
+        n_ind, n_var = len(self.row), len(self.sid)
+        spare = (-n_ind) % 4
+        if not spare:
+            return
+        per_var = (n_ind + 3) // 4
+        index = {s: j for j, s in enumerate(self.sid)}
+        cols = np.array(sorted(index[s] for s in snp_ids), dtype=np.int64)
+        last = np.memmap(self.files["bed"], dtype=np.uint8, mode="r", offset=3, shape=(n_var, per_var))[cols, -1]
+        used_bits = 2 * (4 - spare)
+        bad = np.flatnonzero(np.asarray(last) >> used_bits)
+        if len(bad):
+            shown = ", ".join(self.sid[cols[j]] for j in bad[:3])
+            raise IngestError(
+                f"{self.files['bed']}: genotypes beyond the {n_ind} individuals of {self.files['fam'].name} "
+                f"(in the padding of variant(s) {shown}): a line removed from the .fam? every later individual's "
+                "genotypes would belong to someone else"
+            )
+
     def _duplicated(self, ids) -> list[str]:
         """Those of ``ids`` that more than one .bim line names, with the lines."""
         where: dict[str, list[int]] = {}

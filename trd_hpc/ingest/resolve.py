@@ -256,6 +256,7 @@ def resolve(path: str | Path):
 
         geno = Genotypes(inside(root, spec.genotypes, "genotypes"))
         snp_ids = geno.select(spec.snps.first, inside(root, spec.snps.ids, "snps.ids") if spec.snps.ids else None)
+        geno.check_padding(snp_ids)
         mean, sd = _clinical_stats(spec, subj)
         cfg = IngestedEMTCohort.model_validate(
             {
