@@ -31,11 +31,18 @@ def _train(config: str, out, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def emt_report_run(tmp_path_factory, emt_cohort_dir):
+def emt_report_run(tmp_path_factory):
+    # 160 subjects: 24 in the test split, enough for the CIs (eval.metrics.MIN_CI_SUBJECTS);
     # the random forest is the quick baseline: one baseline column, no second training
     out = tmp_path_factory.mktemp("emt_report") / "run"
     return _train(
-        "emt_tiny.yaml", out, f"data.cohort={emt_cohort_dir}", "train.max_epochs=2", "eval.baselines=[random_forest]"
+        "emt_tiny.yaml",
+        out,
+        "--generate",
+        f"data.cohort={out.parent / 'cohort'}",
+        "cohort.n_subjects=160",
+        "train.max_epochs=2",
+        "eval.baselines=[random_forest]",
     )
 
 

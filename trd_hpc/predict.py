@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from trd_hpc.bundle import Bundle, load_bundle
+from trd_hpc.data.trace import participant_ids as _participant_ids
+from trd_hpc.data.trace import trace as _trace
 from trd_hpc.errors import CohortError, ConfigError
 from trd_hpc.fsio import atomic_path, atomic_write_json, csv_text, remove_stale_temps, safe_filename
 
@@ -65,34 +67,6 @@ def cohort_problems(b: Bundle, m) -> list[str]:
             )
         if getattr(co, "genotype_values", 3) > b.schema["genotype_values"]:
             out.append("genotypes have missing calls (coded 3); the model was trained on 0/1/2 only")
-    return out
-
-
-def _participant_ids(m, ids: np.ndarray) -> dict[int, str] | None:
-    """subject_id -> the id as written in the table, for an ingested cohort."""
-    got = _trace(m, ids, "participant_id")
-    return None if got is None else {k: v.decode() for k, v in got.items()}
-
-
-def _trace(m, ids, name: str) -> dict | None:
-    """subject_id -> its row of trace column ``name`` (participant_id, affine), or None."""
-    import h5py
-
-    if m.virtual:
-        return None  # regenerated subjects: nothing traced (synthetic, identity affine)
-    want = set(int(i) for i in ids)
-    out: dict = {}
-    for s in m.shards:
-        first, n = s["first_subject"], s["n_subjects"]
-        if not any(first <= i < first + n for i in want):
-            continue
-        with h5py.File(m.root / s["file"], "r") as f:
-            if name not in f:
-                return None
-            rows = f[name][...]
-        for j, p in enumerate(rows):
-            if first + j in want:
-                out[first + j] = p
     return out
 
 

@@ -281,12 +281,14 @@ def cohort_identity(root: str | Path) -> dict:
 
 def identity_line(ident: dict) -> str:
     """One line for a banner or console: ``synthetic cohort (paper 000 generator, seed 7)``
-    or ``ingested cohort (table sha256 1a2b3c4d…)``, with the manifest's sha256 prefix."""
+    or ``ingested from /data/study (participants table sha256 1a2b3c4d…)``, with the
+    manifest's sha256 prefix."""
     if ident.get("origin") == "synthetic":
         what = f"synthetic cohort ({ident.get('generator')} generator, seed {ident.get('seed')})"
     else:
         table = str(ident.get("table_sha256") or "")[:12]
-        what = f"ingested cohort (participants table sha256 {table})"
+        where = f" from {ident['spec_folder']}" if ident.get("spec_folder") else ""
+        what = f"ingested{where} (participants table sha256 {table})"
     return f"{what}, manifest sha256 {str(ident.get('manifest_sha256', ''))[:12]}"
 
 

@@ -23,26 +23,36 @@ CAPTIONS = {
     "Example volumes (test)": "Middle axial slice of a few test volumes per class, as the model sees them, "
     "on one grey scale.",
 }
+# an ingested cohort has no generated severity ranges
+INGESTED_CAPTIONS = {
+    **CAPTIONS,
+    "Predicted vs true severity (test)": "One point per test subject, coloured by true class.",
+    "Example volumes (test)": "Middle axial slice of a few test volumes per class (participant ids in the titles), "
+    "as the model sees them, on one grey scale.",
+}
 
 
 def _examples(cfg: CNN3DExperiment, per_class: int = EXAMPLES_PER_CLASS) -> dict:
     """``{class name: [(title, volume), ...]}``: the first few test volumes of each class."""
     from trd_hpc.data.dataset import CohortDataset
+    from trd_hpc.data.trace import subject_labels
 
     ds = CohortDataset(cfg.data.cohort, cfg.data.split("test"))
     names = list(cfg.cohort.class_names)
     scale = float(cfg.cohort.severity_max)
-    out: dict = {n: [] for n in names}
+    picked: dict = {n: [] for n in names}
     for i in range(len(ds)):
-        if all(len(v) >= per_class for v in out.values()):
+        if all(len(v) >= per_class for v in picked.values()):
             break
         item = ds[i]
         k = int(item["response"])
-        if 0 <= k < len(names) and len(out[names[k]]) < per_class:
-            title = f"subject {int(item['subject_id'])}, severity {float(item['severity']) * scale:.0f}"
-            out[names[k]].append((title, item["volume"].float().numpy()[0]))  # [1, X, Y, Z] -> [X, Y, Z]
+        if 0 <= k < len(names) and len(picked[names[k]]) < per_class:
+            sev = float(item["severity"]) * scale
+            picked[names[k]].append((int(item["subject_id"]), sev, item["volume"].float().numpy()[0]))  # [X, Y, Z]
     ds.close()
-    return out
+    who = subject_labels(cfg.data.cohort, [sid for v in picked.values() for sid, _, _ in v])
+    # participant ids where the cohort has them (ingested), else the subject number
+    return {n: [(f"{who[sid]}, severity {sev:.0f}", vol) for sid, sev, vol in v] for n, v in picked.items()}
 
 
 def evaluate_cnn3d(cfg: CNN3DExperiment, run, history: list, preds: dict, figures: bool) -> tuple[dict, dict]:
@@ -132,11 +142,13 @@ def report_parts(cfg: CNN3DExperiment, run, metrics: dict):
     """The CNN report: the summary (accuracy, macro F1, severity MAE / RMSE / r of the model
     and its baselines, 95 % CIs, paper 001), response (confusion and per-class tables),
     severity, training and example volumes."""
+    from trd_hpc.data.kinds import kind_of
     from trd_hpc.eval.report import ReportParts, Section, confusion_table, per_class_table, summary_table
 
     names = list(cfg.cohort.class_names)
     cols, notes = _summary_columns(cfg, run, metrics)
-    summary = summary_table(summary_statistics(len(names)), cols, PAPER, PAPER_LABEL)
+    paper = PAPER if kind_of(cfg.cohort).generated else None  # the paper beside its own synthetic cohorts only
+    summary = summary_table(summary_statistics(len(names)), cols, paper, PAPER_LABEL)
     r, rp = cols[0].arrays[:2]
     tables = []
     if "accuracy" in cols[0].scored_on:
@@ -152,4 +164,4 @@ def report_parts(cfg: CNN3DExperiment, run, metrics: dict):
         Section("Training", figures=["Training progression"]),
         Section("Data", figures=["Example volumes (test)"]),
     ]
-    return ReportParts(summary, sections, CAPTIONS, notes)
+    return ReportParts(summary, sections, CAPTIONS if paper is not None else INGESTED_CAPTIONS, notes)

@@ -30,6 +30,15 @@ CAPTIONS = {
     "(red: the column's region), all on one grey scale.",
     "SNP genotype frequencies by class": "Training subjects' genotype frequencies, predictive SNPs vs the others.",
 }
+# An ingested cohort has no generated effects: no regions with a signal, no predictive SNPs.
+INGESTED_CAPTIONS = {
+    **CAPTIONS,
+    "Feature importance by modality": "Gradient x input on test subjects by octant of the grid (no atlas: octants, "
+    "not brain regions) and clinical variable, and the SNP attention weights; each panel on its own scale.",
+    "fMRI slices": "Time-mean axial slices at four depths of one TRD and one non-TRD test subject (participant ids "
+    "in the row titles), all on one grey scale.",
+    "SNP genotype frequencies by class": "Training subjects' genotype frequencies by class over all selected SNPs.",
+}
 
 
 def _sigmoid(x):
@@ -65,16 +74,22 @@ def importance(cfg: EMTExperiment, model) -> dict:
 
 
 def _examples(cfg: EMTExperiment):
-    """One TRD and one non-TRD test subject (fMRI) and the training SNPs with labels."""
+    """One TRD and one non-TRD test subject (fMRI; keyed "TRD (sub-01)": its participant id
+    where the cohort has one) and the training SNPs with labels."""
     from trd_hpc.data.dataset import CohortDataset
+    from trd_hpc.data.trace import subject_labels
 
     ds = CohortDataset(cfg.data.cohort, cfg.data.split("test"))
     labels = ds.__getitems__(list(range(len(ds))))["label"].numpy() if len(ds) <= 512 else None
-    examples = {}
+    picked = []
     for cls, name in ((1, "TRD"), (0, "non-TRD")):
-        pos = int(np.flatnonzero(labels == cls)[0]) if labels is not None else cls
-        examples[name] = ds[pos]["fmri"].float().numpy()
+        hits = np.flatnonzero(labels == cls) if labels is not None else [cls]
+        if len(hits):
+            item = ds[int(hits[0])]
+            picked.append((name, int(item["subject_id"]), item["fmri"].float().numpy()))
     ds.close()
+    who = subject_labels(cfg.data.cohort, [sid for _, sid, _ in picked])
+    examples = {f"{name} ({who[sid]})": vol for name, sid, vol in picked}
     tr = CohortDataset(cfg.data.cohort, cfg.data.split("train"))
     k = min(len(tr), 400)
     b = tr.__getitems__(list(range(k)))
@@ -176,10 +191,13 @@ def calibration_table(cfg: EMTExperiment, metrics: dict):
 def report_parts(cfg: EMTExperiment, run, metrics: dict):
     """The EMT report: the summary (AUC, AP, accuracy, F1, Brier, ECE of the model and its
     baselines, 95 % CIs, paper 000), discrimination, calibration, training, importance, data."""
+    from trd_hpc.data.kinds import kind_of
     from trd_hpc.eval.report import ReportParts, Section, per_class_table, summary_table
 
+    synthetic = kind_of(cfg.cohort).generated
     cols, notes = _summary_columns(cfg, run)
-    summary = summary_table(summary_statistics(cfg.eval.ece_bins), cols, PAPER, PAPER_LABEL)
+    # the paper's figures belong beside its own synthetic cohorts only, never beside real data
+    summary = summary_table(summary_statistics(cfg.eval.ece_bins), cols, PAPER if synthetic else None, PAPER_LABEL)
     y, p = cols[0].arrays
     per_class = per_class_table(
         y, (p >= 0.5).astype(int), ["non-TRD", "TRD"], "Per class at P(TRD) \u2265 0.5, before calibration (test)."
@@ -195,9 +213,12 @@ def report_parts(cfg: EMTExperiment, run, metrics: dict):
         ),
         Section("Training", figures=["Loss and validation AUC"]),
         Section("Feature importance", figures=["Feature importance by modality"]),
-        Section("Data", figures=["fMRI slices with regions", "SNP genotype frequencies by class"]),
+        Section(
+            "Data",
+            figures=["fMRI slices with regions" if synthetic else "fMRI slices", "SNP genotype frequencies by class"],
+        ),
     ]
-    return ReportParts(summary, sections, CAPTIONS, notes)
+    return ReportParts(summary, sections, CAPTIONS if synthetic else INGESTED_CAPTIONS, notes)
 
 
 def _importance_figure(cfg: EMTExperiment, imp: dict, path):
@@ -220,6 +241,7 @@ def _importance_figure(cfg: EMTExperiment, imp: dict, path):
 
 
 def evaluate_emt(cfg: EMTExperiment, run, model, history: list, preds: dict, figures: bool) -> tuple[dict, dict]:
+    from trd_hpc.data.kinds import kind_of
     from trd_hpc.eval import figures as F
     from trd_hpc.eval.calibration import METHOD_LABELS, calibrate_all
     from trd_hpc.eval.metrics import binary_metrics, curves
@@ -277,8 +299,14 @@ def evaluate_emt(cfg: EMTExperiment, run, model, history: list, preds: dict, fig
                     test["label"], by_method, d / "densities.png"
                 ),
                 "Feature importance by modality": _importance_figure(cfg, imp, d / "importance.png"),
-                "fMRI slices with regions": F.fmri_slices_with_regions(
-                    examples, cfg.cohort.region_boxes, d / "fmri_slices.png"
+                **(
+                    {
+                        "fMRI slices with regions": F.fmri_slices_with_regions(
+                            examples, cfg.cohort.region_boxes, d / "fmri_slices.png"
+                        )
+                    }
+                    if kind_of(cfg.cohort).generated
+                    else {"fMRI slices": F.fmri_slices_with_regions(examples, {}, d / "fmri_slices.png")}
                 ),
                 "SNP genotype frequencies by class": F.snp_allele_histograms(
                     snp, ysnp, cfg.cohort.n_predictive_snps, d / "snp_hist.png"

@@ -320,13 +320,14 @@ def fmri_slices_figure(volume_4d_by_class: Mapping[str, np.ndarray], regions: Ma
     All panels share one grey scale (and its colour bar), so a brighter region in the
     TRD row is brighter signal, not another panel's contrast stretch."""
     boxes = {name: as_box(r) for name, r in regions.items()}
-    targets = list(boxes.items()) or [("", None)]
+    targets = list(boxes.items()) or [("", None)] * 4  # no regions: four depths through the volume
     panels = []  # (row, col, class, region name, z, slice)
     for i, (cls, vol) in enumerate(volume_4d_by_class.items()):
         v = np.asarray(vol, dtype=np.float32)
         mean = v.mean(axis=3) if v.ndim == 4 else v
         for j, (name, box) in enumerate(targets):
-            z = (box[2][0] + box[2][1] - 1) // 2 if box else mean.shape[2] // 2
+            depth = (2 * j + 1) * mean.shape[2] // (2 * len(targets))
+            z = (box[2][0] + box[2][1] - 1) // 2 if box else min(depth, mean.shape[2] - 1)
             panels.append((i, j, cls, name, z, mean[:, :, z].T))  # x left-right, y posterior-anterior
     vmin, vmax = shared_limits([p[-1] for p in panels])
     nrow, ncol = len(volume_4d_by_class), len(targets)
@@ -363,7 +364,10 @@ def snp_allele_histograms(snp, y, n_predictive: int, path) -> Path:
     y = np.asarray(y).reshape(-1).astype(int)
     groups = [
         (f"predictive SNPs (first {n_predictive})", g[:, :n_predictive]),
-        (f"other SNPs ({g.shape[1] - n_predictive})", g[:, n_predictive:]),
+        (
+            f"other SNPs ({g.shape[1] - n_predictive})" if n_predictive else f"all {g.shape[1]} SNPs",
+            g[:, n_predictive:],
+        ),
     ]
     groups = [(t, a) for t, a in groups if a.shape[1] > 0]
     fig = Figure(figsize=(4.4 * len(groups), 3.4))

@@ -90,6 +90,22 @@ def _meta(cfg, metrics: dict) -> list[tuple[str, str]]:
     return out
 
 
+def banner(cfg, metrics: dict) -> tuple[str, str]:
+    """(origin, text) of the line atop every report: which data its figures come from."""
+    from trd_hpc.data.manifest import identity_line
+
+    ident = metrics.get("cohort")
+    if not isinstance(ident, dict) or "origin" not in ident:
+        return "unknown", (
+            "Data: this run did not record its cohort's identity (made before trd-hpc recorded it); "
+            f"its config names {cfg.data.cohort}"
+        )
+    line = identity_line(ident)
+    if ident["origin"] == "synthetic":
+        return "synthetic", f"Data: {line}. Synthetic subjects: these figures say nothing about real patients."
+    return "ingested", f"Data: {line}."
+
+
 def write_run_report(run_dir: str | Path, metrics: dict | None = None, cfg=None) -> Path:
     """(Re)write report.html from the run's files: config, metrics, figures/index.json and
     what the task's ``report`` reads (its predictions and those of its baselines)."""
@@ -111,4 +127,6 @@ def write_run_report(run_dir: str | Path, metrics: dict | None = None, cfg=None)
     parts = spec.report(cfg, run, metrics) if spec.report else None
     shown = {k: v for k, v in metrics.items() if not isinstance(v, list) or len(v) <= 4}
     title = f"{spec.title} ({run.path.name})"
-    return write_report(run.path, title, shown, figs, to_yaml(cfg), parts=parts, meta=_meta(cfg, metrics))
+    return write_report(
+        run.path, title, shown, figs, to_yaml(cfg), parts=parts, meta=_meta(cfg, metrics), banner=banner(cfg, metrics)
+    )

@@ -280,6 +280,7 @@ def write_report(
     notes: Sequence[str] = (),
     parts: ReportParts | None = None,
     meta: Sequence[tuple[str, str]] = (),
+    banner: tuple[str, str] | None = None,
 ) -> Path:
     """Render templates/report.html.j2 into ``run_dir/report.html`` and return its path."""
     from trd_hpc.fsio import atomic_write_text
@@ -296,6 +297,7 @@ def write_report(
             run_dir=str(run_dir),
             generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
             meta=list(meta),
+            banner=banner,
             notes=[*notes, *parts.notes],
             summary=parts.summary,
             sections=_sections(parts, figures),
