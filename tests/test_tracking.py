@@ -517,3 +517,28 @@ def test_csv_history_beside_wandb(tmp_path, capfd):
     t.log_epoch(rows[0])
     t.log_epoch(rows[1])
     assert t.csv is None and capfd.readouterr().err.count("CSV metrics: stopped") == 1
+
+
+def test_compare_says_when_runs_rest_on_different_cohorts(tmp_path):
+    """Two runs, one on a synthetic and one on an ingested cohort: the table is printed, and a
+    note says they are not comparable subject for subject, naming each run's cohort."""
+    from trd_hpc.compare import compare
+
+    root = tmp_path / "runs"
+    a = _fake_run(root, "synthetic", [], 0.9)
+    b = _fake_run(root, "real", [], 0.7)
+    c = _fake_run(root, "synthetic-again", [], 0.8)
+    syn = {"origin": "synthetic", "generator": "paper 000", "seed": 7, "manifest_sha256": "a" * 64}
+    real = {"origin": "ingested", "spec_folder": "/data/study", "table_sha256": "b" * 64, "manifest_sha256": "c" * 64}
+    for rd, ident in ((a, syn), (b, real), (c, syn)):
+        m = json.loads((rd / "metrics.json").read_text())
+        (rd / "metrics.json").write_text(json.dumps({**m, "cohort": ident}))
+    buf = io.StringIO()
+    res = compare([a, b], out=tmp_path / "x.png", file=buf)
+    note = res["cohort_note"]
+    assert note and "2 different cohorts (synthetic and ingested side by side)" in note and note in buf.getvalue()
+    assert (
+        "synthetic: synthetic cohort (paper 000 generator, seed 7)" in note
+        and "real: ingested from /data/study" in note
+    )
+    assert compare([a, c], out=tmp_path / "y.png", file=io.StringIO())["cohort_note"] is None  # one cohort: no note

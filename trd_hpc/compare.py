@@ -210,6 +210,33 @@ def metric_keys(runs: list[Run], patterns: Sequence[str] | None = None) -> list[
     return test + [k for k in DEFAULT_EXTRA if any(k in r.metrics for r in runs)]
 
 
+def cohort_note(runs: list[Run]) -> str | None:
+    """What the table's figures rest on, when that is not one cohort: runs evaluated on
+    different cohorts (another manifest), or on synthetic and real data side by side, are not
+    comparable subject for subject, and a table that hides it invites the comparison."""
+    from trd_hpc.data.manifest import identity_line
+
+    idents = {}
+    unknown = []
+    for r in runs:
+        ident = r.metrics.get("cohort")
+        if isinstance(ident, dict) and ident.get("manifest_sha256"):
+            idents.setdefault(ident["manifest_sha256"], (ident, []))[1].append(r.label)
+        else:
+            unknown.append(r.label)
+    if len(idents) <= 1 and not (unknown and idents):
+        return None
+    parts = [f"{', '.join(labels)}: {identity_line(ident)}" for ident, labels in idents.values()]
+    if unknown:
+        parts.append(f"{', '.join(unknown)}: cohort not recorded")
+    origins = {ident.get("origin") for ident, _ in idents.values()}
+    mixed = " (synthetic and ingested side by side)" if {"synthetic", "ingested"} <= origins else ""
+    return (
+        f"note: these runs rest on {len(idents) + bool(unknown)} different cohorts{mixed}; their test metrics "
+        "are not comparable subject for subject: " + "; ".join(parts)
+    )
+
+
 def metrics_table(runs: list[Run], keys: Sequence[str]) -> tuple[list[str], list[list[str]]]:
     header = ["metric"] + [r.label for r in runs]
     rows = [[k] + [_fmt(r.metrics.get(k)) for r in runs] for k in keys]
@@ -514,6 +541,9 @@ def compare(
     keys = metric_keys(runs, metrics)
     header, rows = metrics_table(runs, keys)
     render_table(f"final metrics ({len(runs)} runs)", header, rows, use_rich, file)
+    note = cohort_note(runs)
+    if note:
+        print(note, file=file)
     diff = config_diff(runs)
     if len(runs) > 1:
         _print_config_diff(runs, diff, use_rich, file)
@@ -536,4 +566,5 @@ def compare(
         "table": table,
         **texts,
         "sync": lines,
+        "cohort_note": note,
     }
