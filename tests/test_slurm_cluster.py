@@ -72,10 +72,11 @@ def test_two_node_cluster_removes_its_namespaces_even_when_its_owner_was_killed(
     was SIGKILLed is removed, namespaces included, by the next start's reap_stale_clusters."""
     from tests.cluster import netns
     from tests.cluster.fixtures import _unavailable
-    from tests.cluster.slurm import STATE_PREFIX, LocalSlurm, reap_stale_clusters
+    from tests.cluster.slurm import STATE_PREFIX, LocalSlurm, ensure_installed, reap_stale_clusters
 
     if os.geteuid() != 0 or (why := netns.available()):
         _unavailable(f"network namespaces cannot be made here: {why or 'not root'}")
+    ensure_installed()  # run alone (-m multinode) this test is the first to need SLURM
     with LocalSlurm(tempfile.mkdtemp(prefix=STATE_PREFIX, dir="/tmp"), nodes=2) as cluster:
         made = set(cluster.net.made)
         assert {m for m in made if not m.startswith("etc:")} <= _net_names()
