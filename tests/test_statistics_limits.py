@@ -180,3 +180,16 @@ def test_figures_of_real_data_name_participants(ingested_run):
     for title in examples:
         pid = re.fullmatch(r"(non-)?TRD \((.+)\)", title).group(2)
         assert pid in table and not pid.startswith("subject "), title
+
+
+def test_the_identity_line_says_synthetic_virtual_or_ingested_and_where_from():
+    from trd_hpc.data.manifest import identity_line
+
+    syn = {"origin": "synthetic", "generator": "paper 001", "seed": 3, "manifest_sha256": "ab" * 32}
+    assert identity_line(syn) == "synthetic cohort (paper 001 generator, seed 3), manifest sha256 abababababab"
+    assert "virtual: regenerated in the loader" in identity_line({**syn, "virtual": True})
+    real = {"origin": "ingested", "spec_folder": "/data/s", "table_sha256": "cd" * 32, "manifest_sha256": "ef" * 32}
+    assert (
+        identity_line(real)
+        == "ingested from /data/s (participants table sha256 cdcdcdcdcdcd), manifest sha256 efefefefefef"
+    )

@@ -284,7 +284,8 @@ def identity_line(ident: dict) -> str:
     or ``ingested from /data/study (participants table sha256 1a2b3c4d…)``, with the
     manifest's sha256 prefix."""
     if ident.get("origin") == "synthetic":
-        what = f"synthetic cohort ({ident.get('generator')} generator, seed {ident.get('seed')})"
+        virtual = ", virtual: regenerated in the loader" if ident.get("virtual") else ""
+        what = f"synthetic cohort ({ident.get('generator')} generator, seed {ident.get('seed')}{virtual})"
     else:
         table = str(ident.get("table_sha256") or "")[:12]
         where = f" from {ident['spec_folder']}" if ident.get("spec_folder") else ""
