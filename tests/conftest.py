@@ -75,6 +75,23 @@ def cli(*args: str, cwd: Path | None = None, check: bool = True, env: dict | Non
     return r
 
 
+def train_tiny(out: Path, *overrides: str, config: str = "emt_tiny.yaml", epochs: int = 1) -> Path:
+    """``trd-hpc train configs/CONFIG --out OUT`` as a quick test run: quiet, no baselines, no
+    W&B; ``overrides`` (data.cohort=..., --generate, ...) come last and win."""
+    cli(
+        "train",
+        str(CONFIGS / config),
+        "--out",
+        str(out),
+        "--quiet",
+        f"train.max_epochs={epochs}",
+        "eval.baselines=[]",
+        "tracking.wandb=false",
+        *overrides,
+    )
+    return out
+
+
 @pytest.fixture
 def small_fs(tmp_path):
     """A 4 MiB tmpfs of its own, for full and read-only disks (root may mount; CI runs as root)."""

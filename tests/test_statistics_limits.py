@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 
-from tests.conftest import CONFIGS, cli
+from tests.conftest import cli, train_tiny
 from trd_hpc.eval.calibration import (
     COLLAPSE_EPS,
     MIN_PER_CLASS,
@@ -77,22 +77,15 @@ def separable_run(tmp_path_factory):
     """The issue's case: the tiny synthetic cohort is separable, so the temperature stops at its
     bound; the config asks for it as the default anyway.  160 subjects: 24 in val and test."""
     out = tmp_path_factory.mktemp("limits") / "run"
-    cli(
-        "train",
-        str(CONFIGS / "emt_tiny.yaml"),
-        "--out",
-        str(out),
-        "--quiet",
+    return train_tiny(
+        out,
         "--generate",
         f"data.cohort={out.parent / 'cohort'}",
         "cohort.n_subjects=160",
-        "train.max_epochs=3",
         "train.num_threads=1",
-        "eval.baselines=[]",
         "eval.default_calibrator=temperature",
-        "tracking.wandb=false",
+        epochs=3,
     )
-    return out
 
 
 def test_a_degenerate_default_is_replaced_flagged_and_explained(separable_run):
@@ -119,18 +112,7 @@ def test_cis_on_enough_subjects_and_the_synthetic_banner(separable_run):
 
 
 def test_a_small_test_split_gets_no_ci_and_says_why(emt_cohort_dir, tmp_path):
-    out = tmp_path / "run"
-    cli(
-        "train",
-        str(CONFIGS / "emt_tiny.yaml"),
-        "--out",
-        str(out),
-        "--quiet",
-        f"data.cohort={emt_cohort_dir}",
-        "train.max_epochs=1",
-        "eval.baselines=[]",
-        "tracking.wandb=false",
-    )
+    out = train_tiny(tmp_path / "run", f"data.cohort={emt_cohort_dir}")
     html = (out / "report.html").read_text()
     assert "no confidence intervals (n = 10 &lt; 20: too few for a CI)" in html
     assert "no CI" in html and not re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", html)
@@ -144,19 +126,7 @@ def ingested_run(tmp_path_factory):
     spec = emt_folder(root / "study", n=24)
     cohort = root / "cohort"
     cli("ingest", str(spec), "--out", str(cohort), "--quiet")
-    run = root / "run"
-    cli(
-        "train",
-        str(CONFIGS / "emt_tiny.yaml"),
-        "--out",
-        str(run),
-        "--quiet",
-        f"data.cohort={cohort}",
-        "train.max_epochs=1",
-        "eval.baselines=[]",
-        "tracking.wandb=false",
-    )
-    return spec, run
+    return spec, train_tiny(root / "run", f"data.cohort={cohort}")
 
 
 def test_a_report_of_real_data_claims_nothing_synthetic(ingested_run):

@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import CONFIGS, cli
+from tests.conftest import CONFIGS, cli, train_tiny
 from trd_hpc.bundle import VERSION, bundle_digest, load_bundle
 from trd_hpc.config import ConfigError, load_config
 from trd_hpc.errors import WriteError
@@ -57,20 +57,7 @@ def _error(r, code: int | None = None) -> str:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, emt_cohort_dir):
-    out = tmp_path_factory.mktemp("trust") / "run"
-    cli(
-        "train",
-        str(CONFIGS / "emt_tiny.yaml"),
-        "--out",
-        str(out),
-        "--quiet",
-        f"data.cohort={emt_cohort_dir}",
-        "train.max_epochs=1",
-        "train.num_threads=1",
-        "eval.baselines=[]",
-        "tracking.wandb=false",
-    )
-    return out
+    return train_tiny(tmp_path_factory.mktemp("trust") / "run", f"data.cohort={emt_cohort_dir}", "train.num_threads=1")
 
 
 @pytest.fixture
@@ -297,19 +284,7 @@ def hostile_run(tmp_path_factory):
     cohort = root / "cohort"
     r = cli("ingest", str(spec), "--out", str(cohort), "--quiet")
     assert "12 subjects" in r.stdout, r.stdout
-    run = root / "run"
-    cli(
-        "train",
-        str(CONFIGS / "emt_tiny.yaml"),
-        "--out",
-        str(run),
-        "--quiet",
-        f"data.cohort={cohort}",
-        "train.max_epochs=1",
-        "eval.baselines=[]",
-        "tracking.wandb=false",
-    )
-    return cohort, run
+    return cohort, train_tiny(root / "run", f"data.cohort={cohort}")
 
 
 def test_hostile_participant_ids_stay_inside_the_explanations_folder_and_out_of_formulas(hostile_run, tmp_path):

@@ -60,6 +60,9 @@ class Bundle:
     preprocessing: dict
     schema: dict
     metrics: dict
+    # sha256 of the bundle.json bytes this Bundle was read from (which pin every other file):
+    # taken at load, so it names what was used even if the folder changes afterwards
+    digest: str = ""
 
     @property
     def task(self) -> str:
@@ -68,10 +71,6 @@ class Bundle:
     def default_calibrator(self) -> dict | None:
         name = self.calibrators.get("default")
         return self.calibrators.get("fitted", {}).get(name) if name else None
-
-    @property
-    def digest(self) -> str:
-        return bundle_digest(self.path)
 
     def build_model(self):
         """The network with the bundle's weights (verified against bundle.json), in eval mode."""
@@ -499,7 +498,8 @@ def load_bundle(source: str | Path) -> Bundle:
             )
         raise BundleError(f"{path}: no bundle.json here or in {path / DIR}: not a trd-hpc run or bundle")
     try:
-        meta = json.loads((path / "bundle.json").read_text())
+        listing = (path / "bundle.json").read_bytes()
+        meta = json.loads(listing.decode())
     except (ValueError, UnicodeDecodeError, OSError):
         raise BundleError(f"{path / 'bundle.json'}: not valid JSON") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -534,6 +534,7 @@ def load_bundle(source: str | Path) -> Bundle:
         _read(path, "preprocessing.json", meta),
         _read(path, "schema.json", meta),
         _read(path, "metrics.json", meta),
+        digest=_sha256(listing),
     )
     _check_default_calibrator(b)
     return b
