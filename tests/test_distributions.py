@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from tests.test_generate import read_all
-from trd_hpc.data.emt_cohort import make_emt_subject
 from trd_hpc.data.generate import generate
 from trd_hpc.data.manifest import load_manifest
-from trd_hpc.data.volume_cohort import make_volume_subject, region_masks
+from trd_hpc.tasks.cnn3d.cohort import make_volume_subject, region_masks
+from trd_hpc.tasks.emt.cohort import make_emt_subject
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import CONFIGS
-from trd_hpc.config import CNN3DExperiment, CNN3DModelConfig, MultiTaskLossConfig, load_config
-from trd_hpc.models.cnn3d import (
+from trd_hpc.config import load_config
+from trd_hpc.tasks.cnn3d.config import CNN3DExperiment, CNN3DModelConfig, MultiTaskLossConfig
+from trd_hpc.tasks.cnn3d.losses import MultiTaskLoss, focal_loss
+from trd_hpc.tasks.cnn3d.model import (
     DualPathCNN3D,
     ResNet18TwoHeads,
     SingleTaskCNN3D,
@@ -18,7 +20,6 @@ from trd_hpc.models.cnn3d import (
     cnn3d_flops_per_sample,
     pool_kernels,
 )
-from trd_hpc.models.losses import MultiTaskLoss, focal_loss
 
 TINY = (24, 24, 8)
 PAPER = (64, 64, 16)
@@ -214,7 +215,7 @@ def test_single_task_baselines_stop_on_and_report_their_own_target():
     import numpy as np
 
     from trd_hpc.config import validate_experiment
-    from trd_hpc.tasks.cnn3d import CNN3DTask
+    from trd_hpc.tasks.cnn3d.spec import CNN3DTask
 
     base = load_config(CONFIGS / "cnn3d.yaml")
     assert base.train.early_stopping.monitor == "val.accuracy"

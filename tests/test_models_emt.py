@@ -11,16 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trd_hpc.config import EMTModelConfig
-from trd_hpc.data.emt_cohort import make_emt_subject
-from trd_hpc.models.baselines import (
+from trd_hpc.models.layers import Encoder, EncoderLayer, fast_dropout
+from trd_hpc.tasks.emt.baselines import (
     LateFusionMLP,
     build_emt_model,
     emt_summary_features,
     fit_random_forest,
 )
-from trd_hpc.models.emt import EMT, emt_flops_per_sample, patch_index_of_box, patchify
-from trd_hpc.models.layers import Encoder, EncoderLayer, fast_dropout
+from trd_hpc.tasks.emt.cohort import make_emt_subject
+from trd_hpc.tasks.emt.config import EMTModelConfig
+from trd_hpc.tasks.emt.model import EMT, emt_flops_per_sample, patch_index_of_box, patchify
 
 SMALL = dict(d_model=32, n_heads=4, d_ff=64, snp_embed_dim=8, head_hidden=16, n_layers=2, mlp_hidden=16)
 

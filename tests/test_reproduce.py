@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, cli
+from tests.installed import wheel_env  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -115,9 +116,22 @@ def test_reproduce_paper001_tiny_table_from_its_files_and_a_rerun_skips_finished
     assert f"{out / 'reproduce.json'}: this directory holds the paper001 reproduction at --scale tiny" in bad.stderr
 
 
-def test_reproduce_paper000_tiny_table_and_a_failed_stage_names_its_log(tmp_path):
+def test_reproduce_paper000_tiny_from_an_installed_wheel_and_a_failed_stage_names_its_log(tmp_path, wheel_env):
+    # the first reproduction runs from a wheel installed outside the checkout, in a folder of its
+    # own: its configs come from the package; the reruns below use the checkout's interpreter
+    _, bin_dir = wheel_env
     out = tmp_path / "rep"
-    cli("reproduce", "paper000", "--out", str(out), "--scale", "tiny", "--quiet", timeout=1200)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    first = subprocess.run(
+        [str(bin_dir / "trd-hpc"), "reproduce", "paper000", "--out", str(out), "--scale", "tiny", "--quiet"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "train emt_tiny " in (out / "reproduction.md").read_text()  # the packaged config, by name
     rep = check_figures_come_from_files(
         out,
         [

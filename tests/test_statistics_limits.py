@@ -141,8 +141,8 @@ def test_a_report_of_real_data_claims_nothing_synthetic(ingested_run):
 
 
 def test_figures_of_real_data_name_participants(ingested_run):
-    from trd_hpc.eval.emt import _examples
     from trd_hpc.rundir import RunDir
+    from trd_hpc.tasks.emt.evaluate import _examples
 
     spec, run = ingested_run
     examples, _, _ = _examples(RunDir(run).config())

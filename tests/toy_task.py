@@ -17,7 +17,6 @@ from torch import nn
 from trd_hpc.config import (
     DataConfig,
     EarlyStoppingConfig,
-    EMTCohortConfig,
     EvalConfig,
     PlateauConfig,
     Strict,
@@ -26,6 +25,7 @@ from trd_hpc.config import (
 )
 from trd_hpc.tasks import TaskSpec
 from trd_hpc.tasks.base import check_finite, param_flops_estimate
+from trd_hpc.tasks.emt.config import EMTCohortConfig
 
 
 class ToyModelConfig(Strict):

@@ -24,7 +24,6 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import (
     BaseModel,
     ConfigDict,
-    Discriminator,
     Field,
     Tag,
     ValidationError,
@@ -45,103 +44,6 @@ PosInt = Annotated[int, Field(ge=1)]
 
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
-
-
-# --------------------------------------------------------------------------- EMT cohort
-class RegionEffect(Strict):
-    """A per-subject offset ~ N(offset_mean, offset_sd) added to every voxel and
-    frame inside ``box`` (half-open [start, stop) per spatial axis) for subjects of
-    class ``applies_to``.  A negative mean is a hypoactivation."""
-
-    box: Box
-    applies_to: Literal["trd", "non_trd"]
-    offset_mean: float
-    offset_sd: float = Field(ge=0)
-
-
-def _default_regions() -> dict[str, RegionEffect]:
-    # Boxes in the 48 x 48 x 24 grid (x: left->right, y: posterior->anterior,
-    # z: inferior->superior).  The paper gives no coordinates; these sit where
-    # the structures are in a roughly centred brain.
-    return {
-        "right_amygdala": RegionEffect(
-            box=((30, 36), (22, 28), (6, 10)), applies_to="trd", offset_mean=0.5, offset_sd=0.1
-        ),
-        "dorsolateral_prefrontal": RegionEffect(
-            box=((8, 16), (36, 44), (14, 20)), applies_to="trd", offset_mean=-0.4, offset_sd=0.1
-        ),
-        "anterior_cingulate": RegionEffect(
-            box=((21, 27), (32, 38), (10, 16)), applies_to="non_trd", offset_mean=0.3, offset_sd=0.1
-        ),
-    }
-
-
-class FMRIConfig(Strict):
-    shape: tuple[PosInt, PosInt, PosInt, PosInt] = (48, 48, 24, 80)
-    noise_sd: float = Field(0.08, ge=0)
-    dtype: Literal["float16", "float32"] = "float16"
-
-
-class SNPConfig(Strict):
-    n_snps: int = Field(800, ge=1)
-    n_predictive: int = Field(100, ge=0)
-    probs_trd: tuple[float, float, float] = (0.40, 0.35, 0.25)
-    probs_non_trd: tuple[float, float, float] = (0.80, 0.15, 0.05)
-    # The paper does not say how the other 700 SNPs are drawn; one distribution
-    # shared by both classes (so they carry no signal).
-    probs_other: tuple[float, float, float] = (0.60, 0.30, 0.10)
-
-    @model_validator(mode="after")
-    def _check(self) -> "SNPConfig":
-        for name in ("probs_trd", "probs_non_trd", "probs_other"):
-            p = getattr(self, name)
-            if any(x < 0 for x in p) or abs(sum(p) - 1.0) > 1e-6:
-                raise ValueError(f"{name} must be 3 non-negative probabilities summing to 1, got {p}")
-        if self.n_predictive > self.n_snps:
-            raise ValueError(f"n_predictive ({self.n_predictive}) exceeds n_snps ({self.n_snps})")
-        return self
-
-
-DEFAULT_CLINICAL = [
-    "severity",
-    "illness_duration",
-    "episode_count",
-    "functional_capacity",
-    "anxiety_comorbidity",
-    "age",
-    "sleep_disturbance",
-    "anhedonia",
-    "suicidal_ideation",
-    "prior_medication_trials",
-    "bmi",
-    "substance_use",
-    "social_support",
-    "cognitive_function",
-    "childhood_adversity",
-]
-
-
-class ClinicalConfig(Strict):
-    names: list[str] = Field(default_factory=lambda: list(DEFAULT_CLINICAL))
-    sd: float = Field(0.8, ge=0)
-    trd_shifts: dict[str, float] = Field(
-        default_factory=lambda: {
-            "severity": 2.0,
-            "illness_duration": 1.5,
-            "episode_count": 1.2,
-            "functional_capacity": -1.5,
-            "anxiety_comorbidity": 1.0,
-        }
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> "ClinicalConfig":
-        unknown = sorted(set(self.trd_shifts) - set(self.names))
-        if unknown:
-            raise ValueError(f"trd_shifts names unknown variables {unknown}; variables: {self.names}")
-        if len(set(self.names)) != len(self.names):
-            raise ValueError("clinical variable names must be unique")
-        return self
 
 
 class ThreeWaySplit(Strict):
@@ -165,7 +67,7 @@ class ThreeWaySplit(Strict):
 # their lower bound, so a borderline size may be refused although sklearn's draw
 # would have split it; generate() also runs the real splits on the real labels
 # before it writes anything (data.generate.check_splittable).
-def _stratified_problem(
+def stratified_problem(
     n: int, fraction: float, part: str, counts: list[int] | None, n_classes: int
 ) -> tuple[str | None, list[int] | None]:
     """(why a stratified hold-out of ``fraction`` fails or None, lower bounds of the kept part's class counts)."""
@@ -180,33 +82,7 @@ def _stratified_problem(
     return None, None if counts is None else [kept * c // n for c in counts]
 
 
-def emt_split_problem(n: int, split: "ThreeWaySplit") -> str | None:
-    # Odd ids are TRD (emt_cohort.emt_label), so the class counts are known.
-    counts = [n - n // 2, n // 2]
-    why, rest = _stratified_problem(n, split.test, "the test part", counts, 2)
-    if why:
-        return why
-    n_rest = n - math.ceil(split.test * n)
-    why, _ = _stratified_problem(n_rest, split.val / (split.train + split.val), "the val part", rest, 2)
-    return why
-
-
-def volume_split_problem(n: int, split: "VolumeSplit") -> str | None:
-    # Classes are drawn per subject, so only the sizes are checked here (3 classes).
-    why, _ = _stratified_problem(n, split.test, "the test part", None, 3)
-    if why:
-        return why
-    why, _ = _stratified_problem(n - math.ceil(split.test * n), split.val, "the val part", None, 3)
-    if why:
-        return why
-    if split.folds > n:
-        return f"{split.folds} folds need at least {split.folds} subjects"
-    rest = n - math.ceil(n / split.folds)  # the training side of the largest fold
-    why, _ = _stratified_problem(rest, split.val, "the val part of a cross-validation fold", None, 3)
-    return why
-
-
-def _split_error(n: int, split: BaseModel, problem) -> str | None:
+def split_error(n: int, split: BaseModel, problem) -> str | None:
     why = problem(n, split)
     if why is None:
         return None
@@ -214,156 +90,6 @@ def _split_error(n: int, split: BaseModel, problem) -> str | None:
     fractions = ", ".join(f"{k}={v}" for k, v in split.model_dump().items())
     hint = f"; the smallest cohort that splits is n_subjects={at_least}" if at_least else ""
     return f"cohort.n_subjects={n} is too few to split ({fractions}): {why}{hint}"
-
-
-class EMTCohortConfig(Strict):
-    kind: Literal["emt"] = "emt"
-    n_subjects: int = Field(1000, ge=4)
-    seed: int = 42
-    subjects_per_shard: int = Field(128, ge=1)
-    fmri: FMRIConfig = Field(default_factory=FMRIConfig)
-    regions: dict[str, RegionEffect] = Field(default_factory=_default_regions)
-    snp: SNPConfig = Field(default_factory=SNPConfig)
-    clinical: ClinicalConfig = Field(default_factory=ClinicalConfig)
-    split: ThreeWaySplit = Field(default_factory=ThreeWaySplit)
-
-    # What the models and the evaluation read of an EMT cohort, synthetic or ingested
-    # (IngestedEMTCohort has the same properties): input shapes, names, region boxes.
-    @property
-    def fmri_shape(self) -> tuple[int, int, int, int]:
-        return tuple(self.fmri.shape)
-
-    @property
-    def n_snps(self) -> int:
-        return self.snp.n_snps
-
-    @property
-    def clinical_names(self) -> list[str]:
-        return list(self.clinical.names)
-
-    @property
-    def genotype_values(self) -> int:
-        return 3  # 0/1/2 copies; generated genotypes are never missing
-
-    @property
-    def n_predictive_snps(self) -> int:
-        return self.snp.n_predictive
-
-    @property
-    def region_boxes(self) -> dict[str, Box]:
-        return {k: r.box for k, r in self.regions.items()}
-
-    @property
-    def labelled(self) -> bool:
-        return True
-
-    @model_validator(mode="after")
-    def _check(self) -> "EMTCohortConfig":
-        spatial = self.fmri.shape[:3]
-        for name, r in self.regions.items():
-            for axis, ((lo, hi), size) in enumerate(zip(r.box, spatial)):
-                if not 0 <= lo < hi <= size:
-                    raise ValueError(f"regions.{name}.box axis {axis} = [{lo}, {hi}) is empty or outside 0..{size}")
-        err = _split_error(self.n_subjects, self.split, emt_split_problem)
-        if err:
-            raise ValueError(err)
-        return self
-
-
-# --------------------------------------------------------------------------- volume cohort
-class AffineConfig(Strict):
-    rotation_deg: float = Field(5.0, ge=0)
-    scale: float = Field(0.05, ge=0, lt=1)
-    translation_vox: float = Field(2.0, ge=0)
-
-
-class WarpConfig(Strict):
-    """Gaussian random-field warp: white noise smoothed by a Gaussian of
-    ``smoothness_vox`` and scaled so its sd is ``amplitude_vox`` voxels."""
-
-    amplitude_vox: float = Field(1.0, ge=0)
-    smoothness_vox: float = Field(6.0, gt=0)
-
-
-class SeverityEffects(Strict):
-    """How far the prefrontal and hippocampal structures change at severity 1.0
-    (the top of the scale): fractional intensity loss and fractional shrinkage."""
-
-    prefrontal_intensity_loss: float = Field(0.5, ge=0, le=1)
-    prefrontal_shrink: float = Field(0.3, ge=0, lt=1)
-    hippocampus_intensity_loss: float = Field(0.5, ge=0, le=1)
-    hippocampus_shrink: float = Field(0.4, ge=0, lt=1)
-
-
-class VolumeSplit(Strict):
-    test: float = Field(0.15, gt=0, lt=1)
-    # Held out of the training part for early stopping / LR plateau.
-    val: float = Field(0.15, gt=0, lt=1)
-    folds: int = Field(5, ge=2)
-
-
-class VolumeCohortConfig(Strict):
-    kind: Literal["volume"] = "volume"
-    n_subjects: int = Field(1500, ge=6)
-    seed: int = 42
-    subjects_per_shard: int = Field(256, ge=1)
-    shape: tuple[PosInt, PosInt, PosInt] = (64, 64, 16)
-    class_names: tuple[str, str, str] = ("non_responder", "partial_responder", "responder")
-    class_probs: tuple[float, float, float] = (0.25, 0.50, 0.25)
-    # Severity is uniform inside each class's range on a 0..severity_max scale.
-    # Contiguous ranges: a model that only knows the class scores MAE = width/4.
-    severity_max: float = Field(100.0, gt=0)
-    severity_ranges: tuple[tuple[float, float], tuple[float, float], tuple[float, float]] = (
-        (66.7, 100.0),
-        (33.3, 66.7),
-        (0.0, 33.3),
-    )
-    noise_sd: float = Field(0.01, ge=0)
-    intensity_shift: float = Field(0.05, ge=0, lt=1)
-    affine: AffineConfig = Field(default_factory=AffineConfig)
-    warp: WarpConfig = Field(default_factory=WarpConfig)
-    effects: SeverityEffects = Field(default_factory=SeverityEffects)
-    split: VolumeSplit = Field(default_factory=VolumeSplit)
-    # Volumes are stored raw (float32); z-score then [0, 1] rescaling is applied
-    # per volume by the loader (data.normalize_volumes), so other tools see the
-    # generated intensities.
-    stored_normalization: Literal["none"] = "none"
-
-    @property
-    def labelled(self) -> bool:
-        return True
-
-    @model_validator(mode="after")
-    def _check(self) -> "VolumeCohortConfig":
-        p = self.class_probs
-        if any(x <= 0 for x in p) or abs(sum(p) - 1) > 1e-6:
-            raise ValueError(f"class_probs must be 3 positive numbers summing to 1, got {p}")
-        for k, (lo, hi) in enumerate(self.severity_ranges):
-            if not 0 <= lo < hi <= self.severity_max:
-                raise ValueError(f"severity_ranges[{k}] = ({lo}, {hi}) must lie inside 0..{self.severity_max}")
-        err = _split_error(self.n_subjects, self.split, volume_split_problem)
-        if err:
-            raise ValueError(err)
-        return self
-
-
-# --------------------------------------------------------------------------- ingested cohorts
-# `trd-hpc ingest SPEC.yaml` reads a spec (the keys of the *Spec classes), checks it against
-# the files it names and records the result as the cohort config of the manifest (the
-# Ingested* classes: the spec plus what was resolved from the files).  Runs on an ingested
-# cohort take that record as their `cohort` section (trd_hpc.train.run.resolve_cohort).
-class SNPSelection(Strict):
-    """Which variants of the PLINK fileset: the first N of the .bim, or the ids listed one a
-    line in a file (in that order)."""
-
-    first: Optional[int] = Field(None, ge=1)
-    ids: Optional[str] = None
-
-    @model_validator(mode="after")
-    def _one(self) -> "SNPSelection":
-        if (self.first is None) == (self.ids is None):
-            raise ValueError("give exactly one of snps.first (a count) or snps.ids (a file of variant ids)")
-        return self
 
 
 class IngestSpecBase(Strict):
@@ -378,52 +104,6 @@ class IngestSpecBase(Strict):
     subjects_per_shard: int = Field(64, ge=1)
 
 
-class EMTIngestSpec(IngestSpecBase):
-    task: Literal["emt"] = "emt"
-    label_column: Optional[str] = None  # None: an unlabelled cohort (prediction only)
-    clinical_columns: list[str] = Field(min_length=1)
-    # Missing clinical values: refuse (listing them), or impute with the training split's mean.
-    clinical_missing: Literal["error", "impute"] = "error"
-    fmri: str  # path template with {id}: one 4-D image per subject
-    genotypes: str  # PLINK prefix (.bed/.bim/.fam)
-    snps: SNPSelection = Field(default_factory=lambda: SNPSelection(first=800))
-    grid: tuple[PosInt, PosInt, PosInt] = (48, 48, 24)
-    frames: int = Field(80, ge=1)
-    # crop: the first `frames` frames (fewer is an error); resample: linear in time to `frames`.
-    temporal: Literal["crop", "resample"] = "crop"
-    fmri_dtype: Literal["float16", "float32"] = "float16"
-    split: ThreeWaySplit = Field(default_factory=ThreeWaySplit)
-
-    @model_validator(mode="after")
-    def _unique(self) -> "EMTIngestSpec":
-        if len(set(self.clinical_columns)) != len(self.clinical_columns):
-            raise ValueError("clinical_columns must be unique")
-        if self.labels is not None and len(self.labels) != 2:
-            raise ValueError(f"labels must name the 2 values of label_column (non-TRD first), got {self.labels}")
-        return self
-
-
-class CNN3DIngestSpec(IngestSpecBase):
-    task: Literal["cnn3d"] = "cnn3d"
-    response_column: Optional[str] = None  # None: an unlabelled cohort (prediction only)
-    severity_column: Optional[str] = None
-    # Severity is scaled by this for the loss (paper 001: a 0-100 scale); None: the largest
-    # severity in the table.
-    severity_max: Optional[float] = Field(None, gt=0)
-    class_names: tuple[str, str, str] = ("non_responder", "partial_responder", "responder")
-    volume: str  # path template with {id}: one 3-D image per subject
-    grid: tuple[PosInt, PosInt, PosInt] = (64, 64, 16)
-    split: VolumeSplit = Field(default_factory=VolumeSplit)
-
-    @model_validator(mode="after")
-    def _pair(self) -> "CNN3DIngestSpec":
-        if (self.response_column is None) != (self.severity_column is None):
-            raise ValueError("give both response_column and severity_column (or neither, for an unlabelled cohort)")
-        if self.labels is not None and len(self.labels) != 3:
-            raise ValueError(f"labels must name the 3 values of response_column in class order, got {self.labels}")
-        return self
-
-
 class Resolved(Strict):
     """What `trd-hpc ingest` found in the files (never written in a spec)."""
 
@@ -433,76 +113,7 @@ class Resolved(Strict):
     dropped: list[dict[str, str]] = Field(default_factory=list)  # {participant_id, reason}
 
 
-class IngestedEMTCohort(EMTIngestSpec):
-    kind: Literal["ingested_emt"] = "ingested_emt"
-    resolved: Resolved
-    snp_ids: list[str] = Field(min_length=1)
-    genotypes_sha256: str  # of the .fam and .bim (which individuals, which variants)
-    # Standardisation of the clinical columns (the model sees (x - mean) / sd, a missing
-    # value as 0 = the mean): fitted on the training split only.
-    clinical_mean: list[float]
-    clinical_sd: list[float]
-
-    @property
-    def n_subjects(self) -> int:
-        return self.resolved.n_subjects
-
-    @property
-    def fmri_shape(self) -> tuple[int, int, int, int]:
-        return (*self.grid, self.frames)
-
-    @property
-    def n_snps(self) -> int:
-        return len(self.snp_ids)
-
-    @property
-    def clinical_names(self) -> list[str]:
-        return list(self.clinical_columns)
-
-    @property
-    def genotype_values(self) -> int:
-        return 4  # 0/1/2 copies of the A1 allele, 3 = missing call (its own embedding)
-
-    @property
-    def n_predictive_snps(self) -> int:
-        return 0  # unknown for real data
-
-    @property
-    def region_boxes(self) -> dict[str, Box]:
-        """No atlas comes with a real cohort: the 8 octants of the grid stand in for regions."""
-        half = [(0, g // 2, g) for g in self.grid]
-        boxes = {}
-        for xs, xn in (((half[0][0], half[0][1]), "left"), ((half[0][1], half[0][2]), "right")):
-            for ys, yn in (((half[1][0], half[1][1]), "posterior"), ((half[1][1], half[1][2]), "anterior")):
-                for zs, zn in (((half[2][0], half[2][1]), "inferior"), ((half[2][1], half[2][2]), "superior")):
-                    if xs[0] < xs[1] and ys[0] < ys[1] and zs[0] < zs[1]:
-                        boxes[f"{xn}_{yn}_{zn}"] = (xs, ys, zs)
-        return boxes
-
-    @property
-    def labelled(self) -> bool:
-        return self.label_column is not None
-
-
-class IngestedVolumeCohort(CNN3DIngestSpec):
-    kind: Literal["ingested_volume"] = "ingested_volume"
-    resolved: Resolved
-    severity_max: float = Field(gt=0)  # resolved: the spec's, or the table's largest severity
-
-    @property
-    def n_subjects(self) -> int:
-        return self.resolved.n_subjects
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.grid)
-
-    @property
-    def labelled(self) -> bool:
-        return self.response_column is not None
-
-
-def _cohort_kind(default: str):
+def cohort_kind(default: str):
     """The discriminator of a `cohort` section: its `kind` (``default`` when left out)."""
 
     def tag(v: Any) -> str:
@@ -510,16 +121,6 @@ def _cohort_kind(default: str):
         return k if isinstance(k, str) else default
 
     return tag
-
-
-EMTCohortSection = Annotated[
-    Union[Annotated[EMTCohortConfig, Tag("emt")], Annotated[IngestedEMTCohort, Tag("ingested_emt")]],
-    Discriminator(_cohort_kind("emt")),
-]
-VolumeCohortSection = Annotated[
-    Union[Annotated[VolumeCohortConfig, Tag("volume")], Annotated[IngestedVolumeCohort, Tag("ingested_volume")]],
-    Discriminator(_cohort_kind("volume")),
-]
 
 
 # --------------------------------------------------------------------------- data loading
@@ -552,54 +153,6 @@ class DataConfig(Strict):
     def split(self, role: str) -> str:
         """The cohort split that plays ``role`` (train | val | test) for this run."""
         return role if self.fold is None else f"fold:{self.fold}:{role}"
-
-
-# --------------------------------------------------------------------------- models
-class EMTModelConfig(Strict):
-    """EMT (paper 000, section 2.2).  Input shapes come from the cohort section."""
-
-    name: Literal["emt", "late_fusion_mlp"] = "emt"
-    d_model: int = Field(256, ge=8)
-    patch: tuple[PosInt, PosInt, PosInt] = (6, 6, 4)  # spatial; all frames kept in each token
-    snp_embed_dim: int = Field(64, ge=1)
-    n_layers: int = Field(4, ge=1)
-    n_heads: int = Field(8, ge=1)
-    d_ff: int = Field(512, ge=1)
-    # Dropout(0.2) of the paper: patch embedding, clinical projection and head.
-    dropout: float = Field(0.2, ge=0, lt=1)
-    # Inside the Transformer layers (attention and feed-forward).  The paper does
-    # not say; PyTorch's default is 0.1.  Evaluation is the same either way.
-    encoder_dropout: float = Field(0.1, ge=0, lt=1)
-    head_hidden: int = Field(128, ge=1)  # chosen: the head's hidden width
-    # late-fusion MLP baseline: per-modality encoders of this width, MLP head
-    mlp_hidden: int = Field(128, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> "EMTModelConfig":
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        return self
-
-
-class CNN3DModelConfig(Strict):
-    """Dual-path 3-D CNN (paper 001, section 2.3) and its baselines."""
-
-    name: Literal["dual_path", "single_task_response", "single_task_severity", "resnet18"] = "dual_path"
-    channels: tuple[PosInt, ...] = Field((16, 32, 64), min_length=1)  # one Conv3d-BN-ReLU-MaxPool block each (chosen)
-    # How many of those blocks (the first ones) end in max-pooling; None: all of them.
-    # Fewer keeps a finer grid for the paths' attention and pooling (paper 64x64x16 with
-    # 2 of 3: 16x16x4 features instead of 8x8x2, at the same convolution cost).
-    pooled_blocks: Optional[int] = Field(None, ge=0)
-    attention: Literal["se", "spatial", "none"] = "se"  # per path: squeeze-excitation or spatial gate
-    dropout: float = Field(0.3, ge=0, lt=1)
-    dense: int = Field(64, ge=1)
-
-
-class MultiTaskLossConfig(Strict):
-    severity_weight: float = Field(0.4, ge=0)  # MSE on severity in [0, 1]
-    response_weight: float = Field(0.6, ge=0)  # categorical focal loss
-    focal_alpha: float = Field(0.25, gt=0)
-    focal_gamma: float = Field(2.0, ge=0)
 
 
 # --------------------------------------------------------------------------- training
@@ -673,11 +226,8 @@ class EvalConfig(Strict):
         default_factory=lambda: ["platt", "isotonic", "temperature"]
     )
     ece_bins: int = Field(10, ge=2)
-    baselines: list[
-        Literal["late_fusion_mlp", "random_forest", "single_task_response", "single_task_severity", "resnet18"]
-    ] = Field(default_factory=list)
-    rf_estimators: int = Field(300, ge=1)
-    importance_subjects: int = Field(64, ge=1)  # gradient x input on this many test subjects
+    # Names of the task's baselines (each task's EvalConfig subclass says which exist).
+    baselines: list[str] = Field(default_factory=list)
     # The calibrator `trd-hpc predict` applies by default (binary tasks): auto = the lowest
     # out-of-fold ECE on the validation split (eval.calibration.choose_calibrator).
     default_calibrator: Literal["auto", "platt", "isotonic", "temperature", "none"] = "auto"
@@ -693,7 +243,7 @@ class TrackingConfig(Strict):
     csv: bool = False  # also RUN_DIR/metrics.csv, one row per epoch, W&B on or off (tracking.py)
 
 
-def _default_baselines(data: Any, names: list[str]) -> Any:
+def default_baselines(data: Any, names: list[str]) -> Any:
     """Each task's baselines unless the config lists its own (an empty list turns them off)."""
     if isinstance(data, dict):
         ev = data.get("eval")
@@ -704,120 +254,61 @@ def _default_baselines(data: Any, names: list[str]) -> Any:
     return data
 
 
-class EMTExperiment(Strict):
-    task: Literal["emt"] = "emt"
-    cohort: EMTCohortSection = Field(default_factory=EMTCohortConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: EMTModelConfig = Field(default_factory=EMTModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=lambda: EvalConfig(baselines=["late_fusion_mlp", "random_forest"]))
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _baselines(cls, data: Any) -> Any:
-        return _default_baselines(data, ["late_fusion_mlp", "random_forest"])
-
-    @model_validator(mode="after")
-    def _patch_fits(self) -> "EMTExperiment":
-        # The EMT cuts the fMRI volume into whole patches; checked here, where both
-        # sections are known, instead of failing when the model is built.
-        if self.model.name == "emt":
-            spatial = tuple(self.cohort.fmri_shape[:3])
-            bad = [f"axis {a}: {s} % {p} = {s % p}" for a, (s, p) in enumerate(zip(spatial, self.model.patch)) if s % p]
-            if bad:
-                where = (
-                    "cohort.grid (the ingest spec's grid)"
-                    if self.cohort.kind == "ingested_emt"
-                    else "cohort.fmri.shape"
-                )
-                raise ValueError(
-                    f"model.patch {tuple(self.model.patch)} does not divide the spatial shape {spatial} of "
-                    f"{where} ({'; '.join(bad)}); change model.patch or {where.split(' ')[0]}"
-                )
-        return self
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
-def _cnn_train() -> TrainConfig:
-    return TrainConfig(
-        optimizer="adam",
-        lr=5e-4,
-        weight_decay=0.0,
-        grad_clip_norm=1.0,
-        batch_size=16,
-        max_epochs=39,
-        precise_bn_batches=16,
-        plateau=PlateauConfig(monitor="val.loss", mode="min", patience=3, factor=0.5),
-        # Chosen tie-breaker: on ~190 validation volumes accuracy reaches its ceiling within a
-        # few epochs and stays there; among the epochs at the ceiling the lowest validation loss
-        # (which still falls, the severity error with it) is kept, and patience restarts.
-        early_stopping=EarlyStoppingConfig(
-            monitor="val.accuracy", mode="max", patience=7, tie_breaker=TieBreaker(metric="val.loss", mode="min")
-        ),
-    )
+# What a config may be.  The classes live in the paper folders (trd_hpc/tasks/NAME/config.py)
+# and in task modules registered at run time; the config layer only keeps them by name.
+ExperimentConfig = BaseModel
+CohortConfig = BaseModel
+_TASKS: dict[str, type[BaseModel]] = {}
+_COHORTS: dict[str, type[BaseModel]] = {}
+_INGEST_SPECS: dict[str, type[BaseModel]] = {}
+_builtins_loaded = False
 
 
-class CNN3DExperiment(Strict):
-    task: Literal["cnn3d"] = "cnn3d"
-    cohort: VolumeCohortSection = Field(default_factory=VolumeCohortConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: CNN3DModelConfig = Field(default_factory=CNN3DModelConfig)
-    loss: MultiTaskLossConfig = Field(default_factory=MultiTaskLossConfig)
-    train: TrainConfig = Field(default_factory=_cnn_train)
-    eval: EvalConfig = Field(
-        default_factory=lambda: EvalConfig(
-            calibration=[], baselines=["single_task_response", "single_task_severity", "resnet18"]
-        )
-    )
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+def _load_builtin_configs() -> None:
+    """Register the config classes of the built-in papers (``trd_hpc.registry.BUILTIN_TASKS``).
 
-    @model_validator(mode="before")
-    @classmethod
-    def _baselines(cls, data: Any) -> Any:
-        data = _default_baselines(data, ["single_task_response", "single_task_severity", "resnet18"])
-        # A partial `train:` section overrides paper 001's training defaults key by key
-        # (not the generic TrainConfig defaults, which are paper 000's).
-        if isinstance(data, dict) and isinstance(data.get("train"), dict):
-            data = {**data, "train": _deep_merge(_cnn_train().model_dump(), data["train"])}
-        return data
+    Each paper folder's ``config.py`` names them: ``EXPERIMENT`` (the class of ``task: NAME``),
+    ``COHORTS`` ({cohort kind: class}) and ``INGEST_SPEC`` (an ingest spec's class, or None).
+    They are imported by name on first use, as the task and cohort-kind registries import
+    their entries: the paper folders sit above this module and import it."""
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
+    import importlib
 
-    @model_validator(mode="after")
-    def _single_task_monitors(self) -> "CNN3DExperiment":
-        # A single-task baseline reports only its own target: the severity model has no
-        # accuracy and the response model no severity MAE. Its plateau and early stopping
-        # follow the metric of its own target, so the baseline made from the dual-path
-        # config (early stopping on val.accuracy) stops on something it actually predicts.
-        own = {
-            "single_task_severity": ("val.severity_mae", "min"),
-            "single_task_response": ("val.accuracy", "max"),
-        }.get(self.model.name)
-        if own is not None:
-            foreign = "val.accuracy" if own[0] == "val.severity_mae" else "val.severity_mae"
-            for section in (self.train.plateau, self.train.early_stopping):
-                if section.monitor == foreign:
-                    section.monitor, section.mode = own
-        return self
+    from trd_hpc.registry import BUILTIN_TASKS
+
+    for task in BUILTIN_TASKS:
+        mod = importlib.import_module(f"trd_hpc.tasks.{task}.config")
+        register_experiment(task, mod.EXPERIMENT)
+        for kind, cls in mod.COHORTS.items():
+            register_cohort(kind, cls)
+        if mod.INGEST_SPEC is not None:
+            register_ingest_spec(task, mod.INGEST_SPEC)
 
 
-ExperimentConfig = Union[EMTExperiment, CNN3DExperiment]
-CohortConfig = Union[EMTCohortConfig, VolumeCohortConfig, IngestedEMTCohort, IngestedVolumeCohort]
-# Experiment classes by `task` value.  The two papers' are here; a task added through the
-# registry (trd_hpc.tasks.register) adds its own class, so the config layer never imports
-# the tasks.
-_TASKS: dict[str, type[BaseModel]] = {"emt": EMTExperiment, "cnn3d": CNN3DExperiment}
-_COHORTS: dict[str, type[BaseModel]] = {
-    "emt": EMTCohortConfig,
-    "volume": VolumeCohortConfig,
-    "ingested_emt": IngestedEMTCohort,
-    "ingested_volume": IngestedVolumeCohort,
-}
+def experiment_class(task: str) -> type[BaseModel] | None:
+    _load_builtin_configs()
+    return _TASKS.get(task)
+
+
+def ingest_spec_class(task: str) -> type[BaseModel] | None:
+    """The class of an ingest spec with ``task: NAME`` (trd_hpc.ingest.resolve)."""
+    _load_builtin_configs()
+    return _INGEST_SPECS.get(task)
+
+
+def ingest_tasks() -> list[str]:
+    _load_builtin_configs()
+    return sorted(_INGEST_SPECS)
 
 
 def register_cohort(kind: str, cls: type[BaseModel]) -> None:
@@ -826,6 +317,14 @@ def register_cohort(kind: str, cls: type[BaseModel]) -> None:
     if have is not None and have is not cls:
         raise ValueError(f"cohort kind {kind!r} already has the config class {have.__name__}")
     _COHORTS[kind] = cls
+
+
+def register_ingest_spec(task: str, cls: type[BaseModel]) -> None:
+    """Make ``task: NAME`` in an ingest spec validate with ``cls``."""
+    have = _INGEST_SPECS.get(task)
+    if have is not None and have is not cls:
+        raise ValueError(f"task {task!r} already has the ingest spec class {have.__name__}")
+    _INGEST_SPECS[task] = cls
 
 
 def register_experiment(task: str, cls: type[BaseModel]) -> None:
@@ -1005,6 +504,7 @@ def _resolver_uses(node: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 def validate_experiment(data: dict, source: str = "config") -> ExperimentConfig:
     task = data.get("task")
+    _load_builtin_configs()
     if task not in _TASKS:
         raise ConfigError(f"{source}: key 'task' must be one of {sorted(_TASKS)}, got {task!r}")
     model = _TASKS[task]
@@ -1029,17 +529,22 @@ def _read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: key 'extends' makes a cycle: {chain}")
     if not target.is_file():
         raise ConfigError(f"{path}: key 'extends': config file not found: {target}")
-    return _deep_merge(_read_config_file(target, (*seen, path.resolve())), data)
+    return deep_merge(_read_config_file(target, (*seen, path.resolve())), data)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    path = Path(path)
+    """An experiment config from a YAML file, or a packaged one by name (``emt_tiny``:
+    trd_hpc.resources), with ``key=value`` overrides applied."""
+    from trd_hpc import resources
+
+    path = resources.config_path(path)
     data = merge_overrides(_read_config_file(path), overrides, str(path))
     return validate_experiment(data, str(path))
 
 
 def validate_cohort(data: dict, source: str = "cohort config") -> CohortConfig:
     kind = data.get("kind")
+    _load_builtin_configs()
     if kind not in _COHORTS:
         raise ConfigError(f"{source}: key 'kind' must be one of {sorted(_COHORTS)}, got {kind!r}")
     model = _COHORTS[kind]

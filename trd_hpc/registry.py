@@ -13,6 +13,14 @@ from trd_hpc.errors import ConfigError
 
 T = TypeVar("T")
 
+# The papers that ship with trd-hpc: one folder each under trd_hpc/tasks/ holding
+#   config.py    EXPERIMENT, COHORTS, INGEST_SPEC (the config layer registers them by name)
+#   spec.py      SPEC, the task's registry entry (trd_hpc.tasks)
+#   cohort.py    KIND, the synthetic cohort kind; ingested.py: KIND, the ingested one
+#   configs/, sweeps/  the paper's experiment configs and sweep specs (package data)
+# A task of your own registers itself instead (trd_hpc.tasks.register, trd_hpc.data.kinds.register).
+BUILTIN_TASKS = ("emt", "cnn3d")
+
 
 class Registry(Generic[T]):
     def __init__(self, what: str, builtin: tuple[str, ...], attr: str, on_register: Callable[[str, type], None]):

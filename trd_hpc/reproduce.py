@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from trd_hpc import resources
 from trd_hpc.errors import TrdError
 from trd_hpc.fsio import atomic_write_json, atomic_write_text
 from trd_hpc.launch.plan import available_cpus
 from trd_hpc.rundir import read_json
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 STATE = "reproduce.json"
 SCALES = ("tiny", "paper")
 
@@ -119,14 +119,14 @@ def _cv(src: Sources, key: str, digits: int) -> str:
 
 
 def _cfg(paper: str, scale: str) -> str:
-    """The paper's config of this checkout, relative to the working directory when it is inside it
-    (the commands in reproduction.md then read as the README's)."""
+    """The paper's packaged config: ``configs/NAME.yaml`` when the working directory is a checkout
+    showing that very file (the commands in reproduction.md then read as the README's), else
+    its packaged name, which every command takes."""
     name = {"paper000": "emt", "paper001": "cnn3d"}[paper] + ("_tiny" if scale == "tiny" else "")
-    path = REPO_ROOT / "configs" / f"{name}.yaml"
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+    local = Path("configs") / f"{name}.yaml"
+    if local.is_file() and local.resolve() == resources.config_path(name).resolve():
+        return str(local)
+    return name
 
 
 def _generate_and_train(cfg: str, data: str, main: str, overrides: list[str]) -> tuple[Stage, Stage]:

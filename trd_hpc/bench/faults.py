@@ -135,7 +135,7 @@ def run(
     from trd_hpc.config import load_config
     from trd_hpc.data.generate import generate
 
-    config = config or "configs/emt_tiny.yaml"
+    config = config or "emt_tiny"
     overrides = list(overrides or [])
     if not any(o.startswith("train.checkpoint_every_steps=") for o in overrides):
         overrides.append("train.checkpoint_every_steps=2")

@@ -47,7 +47,7 @@ def run(
     scratch_dir: str | None = None,
     json_path: str | None = None,
 ) -> int:
-    cfg = load_config(config or "configs/emt.yaml", list(overrides))
+    cfg = load_config(config or "emt", list(overrides))
     n = subjects or 64
     cohort = derive(cfg.cohort, {"n_subjects": n, "subjects_per_shard": max(n // 2, 1)}, "bench generate")
     scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="trd-bench-gen-"))

@@ -216,7 +216,7 @@ def run(
     json_path: str | None = None,
     virtual: bool = False,
 ) -> int:
-    cfg = load_config(config or "configs/emt.yaml", list(overrides))
+    cfg = load_config(config or "emt", list(overrides))
     if cfg.cohort.kind != "emt":
         raise ConfigError(f"{config}: bench load compares against float32 fMRI storage: use an EMT config (task: emt)")
     n = subjects or 48

@@ -43,7 +43,7 @@ def run(
             from trd_hpc.experiment import run as train
 
             cfg = load_config(
-                config or "configs/emt_tiny.yaml",
+                config or "emt_tiny",
                 [
                     f"data.cohort={scratch / 'train'}",
                     "data.generate=true",  # the benchmark's own synthetic cohort, made on purpose

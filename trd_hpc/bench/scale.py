@@ -122,7 +122,7 @@ def run(
     workers: int = 2,
     keep: bool = False,
 ) -> int:
-    config = config or "configs/cnn3d.yaml"
+    config = config or "cnn3d"
     cfg = load_config(config, list(overrides))
     n = subjects or 100_000
     paper_n = cfg.cohort.n_subjects

@@ -117,7 +117,7 @@ def run(
     lightning: bool = True,
     compile: bool = True,
 ) -> int:
-    cfg = load_config(config or "configs/emt.yaml", list(overrides))
+    cfg = load_config(config or "emt", list(overrides))
     steps = max(2, (subjects or 0) // cfg.train.batch_size) if subjects else 8
     n_train = steps * cfg.train.batch_size
     scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="trd-bench-train-"))

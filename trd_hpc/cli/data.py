@@ -115,6 +115,20 @@ def _config_show(a) -> int:
     return 0
 
 
+def _config_list(a) -> int:
+    from trd_hpc import resources
+
+    for what, table, example in (
+        ("configs", resources.configs(), "`trd-hpc config show emt_tiny`, `trd-hpc train emt_tiny`"),
+        ("sweeps", resources.sweeps(), "`trd-hpc tune cnn3d_asha --out DIR`"),
+    ):
+        print(f"{what} (by name: {example}):")
+        for name, path in table.items():
+            print(f"  {name:<20} {path}")
+    print(f"deepspeed (train.deepspeed_config=NAME): {', '.join(resources.deepspeed_configs())}")
+    return 0
+
+
 def add_parsers(sub) -> None:
     g = verb(
         sub,
@@ -125,7 +139,10 @@ def add_parsers(sub) -> None:
         "remakes missing or corrupt ones; the manifest is written when every shard is present.",
         epilog=EPILOG,
     )
-    g.add_argument("config", help="experiment YAML (configs/emt.yaml, configs/cnn3d_tiny.yaml, ...)")
+    g.add_argument(
+        "config",
+        help="experiment YAML (configs/emt.yaml, ...) or a packaged config by name (emt, cnn3d_tiny: `trd-hpc config list`)",
+    )
     g.add_argument("--out", help="cohort directory (default: the config's data.cohort)")
     g.add_argument("--num-shards", type=int, help="number of shards (default: n_subjects / cohort.subjects_per_shard)")
     g.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")
@@ -196,5 +213,6 @@ def add_parsers(sub) -> None:
     cf = sub.add_parser("config", help="show a resolved config")
     cfsub = cf.add_subparsers(dest="config_cmd", required=True, metavar="ACTION")
     s = verb(cfsub, "show", _config_show, help="print CONFIG with overrides applied and defaults filled in")
-    s.add_argument("config")
+    s.add_argument("config", help="a YAML path, or a packaged config by name (`trd-hpc config list`)")
+    verb(cfsub, "list", _config_list, help="the configs and sweep specs shipped in the package, by name")
     add_overrides(s)

@@ -114,7 +114,10 @@ def add_parsers(sub) -> None:
         "run again on its --out continues the run (its config must match); Ctrl-C names the checkpoint kept.",
         epilog=EPILOG,
     )
-    t.add_argument("config", help="experiment YAML (configs/emt_tiny.yaml, configs/cnn3d.yaml, ...)")
+    t.add_argument(
+        "config",
+        help="experiment YAML (configs/emt_tiny.yaml, ...) or a packaged config by name (emt_tiny, cnn3d: `trd-hpc config list`)",
+    )
     t.add_argument("--out", required=True, help="run directory (created; holds checkpoints, metrics, report)")
     t.add_argument(
         "--resume",

@@ -5,7 +5,8 @@ A kind (``cohort.kind`` in a config: ``emt``, ``volume``) says which columns a s
 class label and the classes' names, how subject ``i`` is made, how the cohort is split, what
 a plausible class balance is, and what the loader does to a batch (``prepare_batch``).  The
 sharded writer, the manifest, the checksums, the validator and the loader work from this
-record alone.  A new kind is one module defining ``KIND`` plus its line in ``BUILTIN``.
+record alone.  The papers' kinds are in their folders (``trd_hpc/tasks/NAME/cohort.py`` and
+``ingested.py``); a kind of your own is a ``register(KIND)`` call.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from trd_hpc.config import register_cohort
-from trd_hpc.registry import Registry
+from trd_hpc.registry import BUILTIN_TASKS, Registry
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,7 @@ class CohortKind:
     generated: bool = True
 
 
-BUILTIN = (
-    "trd_hpc.data.emt_cohort",
-    "trd_hpc.data.volume_cohort",
-    "trd_hpc.ingest.emt",
-    "trd_hpc.ingest.volume",
-)
+BUILTIN = tuple(f"trd_hpc.tasks.{name}.{mod}" for name in BUILTIN_TASKS for mod in ("cohort", "ingested"))
 _REGISTRY: Registry[CohortKind] = Registry("cohort kind", BUILTIN, "KIND", register_cohort)
 register = _REGISTRY.register
 get = _REGISTRY.get

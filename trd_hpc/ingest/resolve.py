@@ -21,16 +21,11 @@ import numpy as np
 import yaml
 from pydantic import ValidationError
 
-from trd_hpc.config import (
-    CNN3DIngestSpec,
-    EMTIngestSpec,
-    IngestedEMTCohort,
-    IngestedVolumeCohort,
-    Resolved,
-    format_validation_error,
-)
+from trd_hpc.config import Resolved, format_validation_error
 from trd_hpc.errors import ConfigError, IngestError
 from trd_hpc.ingest import table as T
+from trd_hpc.tasks.cnn3d.config import CNN3DIngestSpec, IngestedVolumeCohort
+from trd_hpc.tasks.emt.config import EMTIngestSpec, IngestedEMTCohort
 
 SPECS = {"emt": EMTIngestSpec, "cnn3d": CNN3DIngestSpec}
 

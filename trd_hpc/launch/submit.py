@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trd_hpc import resources
 from trd_hpc.errors import ConfigError, TrainingError
 from trd_hpc.launch.plan import implied_overrides
 from trd_hpc.rundir import PREEMPTED, RunDir
@@ -320,14 +321,15 @@ def make_jobs(a: SubmitRequest) -> tuple[list, str]:
     if a.verb in ("generate", "tune") and world > 1:
         raise ConfigError(f"submit {a.verb} runs one task (use --cpus-per-task), not {world}")
     if a.verb == "tune":
-        if not Path(a.config).exists():
+        spec = resources.sweep_path(a.config)
+        if not spec.exists():
             raise ConfigError(f"sweep spec {a.config} not found")
         out = a.out or f"runs/tune-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        return [TrdJob("tune", str(Path(a.config).absolute()), str(Path(out).absolute()), a.overrides, cwd=cwd)], name
+        return [TrdJob("tune", str(spec.absolute()), str(Path(out).absolute()), a.overrides, cwd=cwd)], name
     overrides = _overrides_with_defaults(a)
     cfg = load_config(a.config, overrides)  # errors now, not in the queue
     data = to_dict(cfg)
-    config = str(Path(a.config).absolute())
+    config = str(resources.config_path(a.config).absolute())
     if a.verb == "generate":
         out = a.out or cfg.data.cohort
         opts = {"workers": a.cpus_per_task}

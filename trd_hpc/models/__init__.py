@@ -1,3 +1,2 @@
-"""Models: the EMT (paper 000, ``emt``) with its baselines (``baselines``), and
-the dual-path 3-D CNN (paper 001, ``cnn3d``) with its losses (``losses``).
-Import from the submodules."""
+"""Building blocks that models share (``layers``: the Transformer encoder, fast dropout).
+Each paper's model is in its folder: ``trd_hpc.tasks.emt.model``, ``trd_hpc.tasks.cnn3d.model``."""

@@ -1,22 +1,20 @@
 """The task registry: one ``TaskSpec`` per kind of experiment.
 
-Adding a model or task to trd-hpc is one module that defines its config class, its ``Task``
-and a ``SPEC``, plus its line in ``BUILTIN`` (or a ``register(SPEC)`` call from code of
-your own, e.g. a plugin or a test).  The trainer, the experiment layer, the CLI, compare
+Each paper is one folder here (``emt/``, ``cnn3d/``: config classes, model, baselines,
+cohort kinds, evaluation, reproduce recipe, configs and sweeps) listed in
+``trd_hpc.registry.BUILTIN_TASKS``; a task of your own is a ``register(SPEC)`` call from
+your code (a plugin, a test: ``tests/toy_task.py``).  The trainer, the experiment layer, the CLI, compare
 and cv find it here; nothing else dispatches on the task's name.
 """
 
 from __future__ import annotations
 
 from trd_hpc.config import register_experiment
-from trd_hpc.registry import Registry
+from trd_hpc.registry import BUILTIN_TASKS, Registry
 from trd_hpc.tasks.base import Baseline, Task, TaskSpec, merge_records
 
 # module paths, each defining SPEC
-BUILTIN = (
-    "trd_hpc.tasks.emt",
-    "trd_hpc.tasks.cnn3d",
-)
+BUILTIN = tuple(f"trd_hpc.tasks.{name}.spec" for name in BUILTIN_TASKS)
 
 _REGISTRY: Registry[TaskSpec] = Registry("task", BUILTIN, "SPEC", register_experiment)
 # register(SPEC): its config class then validates configs with `task: SPEC.name`

@@ -14,24 +14,22 @@ from pathlib import Path
 
 import torch
 
+from trd_hpc import resources
 from trd_hpc.config import TrainConfig
 from trd_hpc.errors import ConfigError
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
 
 def resolve_config_path(name: str) -> Path:
-    for cand in (
-        Path(name),
-        REPO_CONFIGS / name,
-        REPO_CONFIGS / "deepspeed" / name,
-        REPO_CONFIGS / "deepspeed" / f"{name}.json",
-    ):
-        if cand.is_file():
+    """A DeepSpeed JSON: a file path, or a packaged one by name (``zero1_bf16``, with or
+    without ``.json``; the packaged ones are trd_hpc/train/deepspeed_configs, shown in a
+    checkout as configs/deepspeed/)."""
+    packaged = resources.deepspeed_configs()
+    stem = Path(name).name.removesuffix(".json")
+    for cand in (Path(name), packaged.get(stem) if Path(name).parent in (Path("."), Path("deepspeed")) else None):
+        if cand is not None and cand.is_file():
             return cand
     raise ConfigError(
-        f"train.deepspeed_config: {name} not found (looked in ., configs/, configs/deepspeed/); "
-        f"available: {', '.join(sorted(p.name for p in (REPO_CONFIGS / 'deepspeed').glob('*.json')))}"
+        f"train.deepspeed_config: {name} not found (a path, or a packaged name); packaged: {', '.join(packaged)}"
     )
 
 

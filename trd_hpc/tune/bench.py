@@ -27,8 +27,8 @@ from trd_hpc.fsio import atomic_write_text
 from trd_hpc.tune.spec import dumps, load_spec
 from trd_hpc.tune.sweep import prepare_cohort, run_sweep, start_ray
 
-DEFAULT_GRID = "tune/cnn3d_grid.yaml"
-DEFAULT_ASHA = "tune/cnn3d_asha.yaml"
+DEFAULT_GRID = "cnn3d_grid"  # packaged sweep specs (trd_hpc.resources)
+DEFAULT_ASHA = "cnn3d_asha"
 DEFAULT_OUT = "runs/bench-tune"
 EPOCH_RATIO_TARGET = 1 / 3
 VAL_SUBJECTS = 360

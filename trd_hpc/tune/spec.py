@@ -30,6 +30,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trd_hpc import resources
 from trd_hpc.config import (
     ConfigError,
     TieBreaker,
@@ -42,7 +43,6 @@ from trd_hpc.config import (
     validate_experiment,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # Keys the sweep sets itself in every trial.
 SWEEP_OWNED = ("train.max_epochs", "data.cohort")
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -239,8 +239,11 @@ def _flat_keys(d: dict, prefix: str = "") -> set[str]:
 
 
 def _resolve_base(base: str, spec_path: Path | None) -> Path:
-    """The base config: as given (absolute or from the current directory), else next to the
-    spec, else one folder up from it (``tune/x.yaml`` naming ``configs/y.yaml``)."""
+    """The base config: a packaged name (``emt``), else as given (absolute or from the current
+    directory), else next to the spec, else one folder up from it (``tune/x.yaml`` or a
+    packaged ``sweeps/x.yaml`` naming ``configs/y.yaml``)."""
+    if resources.is_name(base):
+        return resources.config_path(base)
     p = Path(base)
     if p.is_absolute() or p.exists() or spec_path is None:
         return p
@@ -333,14 +336,7 @@ def load_spec(
     """Read and check a spec file (or a dict).  ``base`` replaces the spec's base config,
     ``overrides`` (dotted key=value) apply to the base after the spec's own, ``updates``
     replace top-level spec fields (e.g. ``{"scheduler": "fifo", "max_t": 4}``)."""
-    spec_path = Path(path) if path is not None else None
-    if (
-        spec_path is not None
-        and not spec_path.is_file()
-        and not spec_path.is_absolute()
-        and (REPO_ROOT / spec_path).is_file()
-    ):
-        spec_path = REPO_ROOT / spec_path  # tune/*.yaml of this checkout, from another directory
+    spec_path = resources.sweep_path(path) if path is not None else None
     source = str(spec_path) if spec_path else "<spec>"
     if data is None:
         if spec_path is None:

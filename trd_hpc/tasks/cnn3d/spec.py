@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from trd_hpc.config import CNN3DExperiment
 from trd_hpc.tasks.base import Baseline, TaskSpec, check_finite
+from trd_hpc.tasks.cnn3d.config import CNN3DExperiment
 
 # What each model predicts; a single-task model is scored on its own target only.
 _TARGETS = {"single_task_response": ("response",), "single_task_severity": ("severity",)}
@@ -28,19 +28,19 @@ class CNN3DTask:
         self._loss = None
 
     def build_model(self) -> nn.Module:
-        from trd_hpc.models.cnn3d import build_cnn3d_model
+        from trd_hpc.tasks.cnn3d.model import build_cnn3d_model
 
         return build_cnn3d_model(self.cfg)
 
     def _loss_fn(self):
         if self._loss is None:
-            from trd_hpc.models.losses import MultiTaskLoss
+            from trd_hpc.tasks.cnn3d.losses import MultiTaskLoss
 
             self._loss = MultiTaskLoss(self.cfg.loss, tasks=self.targets)
         return self._loss
 
     def flops_per_sample(self, model: nn.Module) -> int:
-        from trd_hpc.models.cnn3d import cnn3d_flops_per_sample
+        from trd_hpc.tasks.cnn3d.model import cnn3d_flops_per_sample
 
         return int(cnn3d_flops_per_sample(model, tuple(self.cfg.cohort.shape)))
 
@@ -97,13 +97,13 @@ class CNN3DTask:
 
 
 def evaluate(cfg, run, model, history, preds, figures):
-    from trd_hpc.eval.cnn3d import evaluate_cnn3d
+    from trd_hpc.tasks.cnn3d.evaluate import evaluate_cnn3d
 
     return evaluate_cnn3d(cfg, run, history, preds, figures)
 
 
 def report(cfg, run, metrics):
-    from trd_hpc.eval.cnn3d import report_parts
+    from trd_hpc.tasks.cnn3d.evaluate import report_parts
 
     return report_parts(cfg, run, metrics)
 

@@ -12,22 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trd_hpc.config import IngestedEMTCohort
 from trd_hpc.data.kinds import CohortKind, Column
-
-# The kind registry imports this module whenever any cohort is used; what reads the sources
-# (pandas, nibabel, bed-reader) is imported when an ingested cohort is actually written.
-
-ID_BYTES = 64  # participant ids are stored as fixed-width bytes
-
-
-def trace_columns() -> list[Column]:
-    """Columns that trace a row back to its sources; the loader does not read them."""
-    return [
-        Column("participant_id", (), f"S{ID_BYTES}", False, load=False),
-        Column("affine", (4, 4), "float64", False, load=False),
-        Column("source_affine", (4, 4), "float64", False, load=False),
-    ]
+from trd_hpc.ingest.kinds import labels_of, manifest_source, splits_of, trace_columns
+from trd_hpc.tasks.emt.config import IngestedEMTCohort
 
 
 def _schema(cfg: IngestedEMTCohort) -> list[Column]:
@@ -39,25 +26,6 @@ def _schema(cfg: IngestedEMTCohort) -> list[Column]:
         Column("subject_id", (), "int64", False),
         *trace_columns(),
     ]
-
-
-def labels_of(cfg) -> np.ndarray:
-    from trd_hpc.ingest.resolve import subjects
-
-    return subjects(cfg).label.copy()
-
-
-def splits_of(cfg, labels: np.ndarray):
-    from trd_hpc.ingest.resolve import subjects
-    from trd_hpc.ingest.splits import splits_for
-
-    return splits_for(cfg, labels, subjects(cfg).site)
-
-
-def manifest_source(cfg) -> dict:
-    from trd_hpc.ingest.resolve import source_record
-
-    return source_record(cfg)
 
 
 def _make_subject(cfg: IngestedEMTCohort, index: int, bulk_out: np.ndarray) -> dict:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from trd_hpc.config import VolumeCohortConfig
 from trd_hpc.data.kinds import CohortKind, Column
 from trd_hpc.data.rng import subject_numpy_stream, subject_streams
 from trd_hpc.data.splits import fold_parts, stratified_folds, train_test_with_val
+from trd_hpc.tasks.cnn3d.config import VolumeCohortConfig
 
 
 def _grid(shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

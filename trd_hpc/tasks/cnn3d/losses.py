@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trd_hpc.config import MultiTaskLossConfig
+from trd_hpc.tasks.cnn3d.config import MultiTaskLossConfig
 
 TASKS = ("response", "severity")
 

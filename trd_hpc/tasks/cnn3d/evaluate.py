@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from trd_hpc.config import CNN3DExperiment
 from trd_hpc.console import step
+from trd_hpc.tasks.cnn3d.config import CNN3DExperiment
 
 # Paper 001's test figures, shown beside ours in the report's summary.
 PAPER = {"accuracy": 1.00, "severity_mae": 8.03}

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trd_hpc.config import EMTExperiment
 from trd_hpc.console import step
+from trd_hpc.tasks.emt.config import EMTExperiment
 
 # Paper 000's test figures, shown beside ours in the report's summary (its accuracy is the
 # uncalibrated one at P >= 0.5: perfectly ranked scores all on one side of 0.5).

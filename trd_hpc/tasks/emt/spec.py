@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trd_hpc.config import EMTExperiment
 from trd_hpc.tasks.base import Baseline, TaskSpec, check_finite, param_flops_estimate
+from trd_hpc.tasks.emt.config import EMTExperiment
 
 
 class EMTTask:
@@ -23,13 +23,13 @@ class EMTTask:
         self.root = cohort_root
 
     def build_model(self) -> nn.Module:
-        from trd_hpc.models.baselines import build_emt_model
+        from trd_hpc.tasks.emt.baselines import build_emt_model
 
         return build_emt_model(self.cfg)
 
     def flops_per_sample(self, model: nn.Module) -> int:
         if self.cfg.model.name == "emt":
-            from trd_hpc.models.emt import emt_flops_per_sample
+            from trd_hpc.tasks.emt.model import emt_flops_per_sample
 
             c = self.cfg.cohort
             return int(emt_flops_per_sample(self.cfg.model, c.fmri_shape, c.n_snps, len(c.clinical_names)))
@@ -72,9 +72,9 @@ def fit_random_forest(cfg: EMTExperiment, out_dir: Path) -> dict:
     predictions and the forest's top features."""
     from trd_hpc.data.dataset import CohortDataset
     from trd_hpc.eval.metrics import binary_metrics
-    from trd_hpc.models.baselines import emt_summary_features
-    from trd_hpc.models.baselines import fit_random_forest as fit
     from trd_hpc.rundir import RunDir
+    from trd_hpc.tasks.emt.baselines import emt_summary_features
+    from trd_hpc.tasks.emt.baselines import fit_random_forest as fit
 
     def features(split: str):
         ds = CohortDataset(cfg.data.cohort, cfg.data.split(split))
@@ -101,13 +101,13 @@ def fit_random_forest(cfg: EMTExperiment, out_dir: Path) -> dict:
 
 
 def evaluate(cfg, run, model, history, preds, figures):
-    from trd_hpc.eval.emt import evaluate_emt
+    from trd_hpc.tasks.emt.evaluate import evaluate_emt
 
     return evaluate_emt(cfg, run, model, history, preds, figures)
 
 
 def report(cfg, run, metrics):
-    from trd_hpc.eval.emt import report_parts
+    from trd_hpc.tasks.emt.evaluate import report_parts
 
     return report_parts(cfg, run, metrics)
 

@@ -1,7 +1,7 @@
 """The ``ingested_volume`` cohort kind: 3-D images and outcomes for the dual-path CNN.
 
 Shards hold what a synthetic volume shard holds (volume, response, severity, subject_id)
-plus the trace columns of ``ingest.emt``.  The loader treats the volumes as it treats
+plus the trace columns of ``ingest.kinds``.  The loader treats the volumes as it treats
 synthetic ones (paper 001's per-volume z-score then [0, 1], severity / severity_max).
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from trd_hpc.config import IngestedVolumeCohort
 from trd_hpc.data.kinds import CohortKind, Column
-from trd_hpc.data.volume_cohort import KIND as SYNTHETIC
-from trd_hpc.ingest.emt import labels_of, manifest_source, splits_of, trace_columns
+from trd_hpc.ingest.kinds import labels_of, manifest_source, splits_of, trace_columns
+from trd_hpc.tasks.cnn3d.cohort import KIND as SYNTHETIC
+from trd_hpc.tasks.cnn3d.config import IngestedVolumeCohort
 
 
 def _schema(cfg: IngestedVolumeCohort) -> list[Column]:

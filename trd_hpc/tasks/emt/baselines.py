@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trd_hpc.config import EMTCohortConfig, EMTExperiment, EMTModelConfig
-from trd_hpc.models.emt import EMT, patch_grid
+from trd_hpc.tasks.emt.config import EMTCohortConfig, EMTExperiment, EMTModelConfig
+from trd_hpc.tasks.emt.model import EMT, patch_grid
 
 
 class LateFusionMLP(nn.Module):

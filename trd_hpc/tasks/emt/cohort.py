@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trd_hpc.config import EMTCohortConfig
 from trd_hpc.data.kinds import CohortKind, Column
 from trd_hpc.data.rng import subject_streams
 from trd_hpc.data.splits import three_way_split
+from trd_hpc.tasks.emt.config import EMTCohortConfig
 
 CLASS_NAMES = ("non_trd", "trd")
 

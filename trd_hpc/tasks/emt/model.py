@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trd_hpc.config import EMTExperiment, EMTModelConfig
 from trd_hpc.models.layers import Encoder, FastDropout
+from trd_hpc.tasks.emt.config import EMTExperiment, EMTModelConfig
 
 Box = Sequence[Sequence[int]]  # ((x0, x1), (y0, y1), (z0, z1)), half-open
 

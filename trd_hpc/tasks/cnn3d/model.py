@@ -11,7 +11,7 @@ Every model's ``forward(volume)`` returns the same dict
 
 and carries ``tasks``: the tasks it learns.  A single-task baseline still
 returns both keys; for the task it does not learn it returns zeros (uniform
-logits / severity 0), which :class:`trd_hpc.models.losses.MultiTaskLoss`
+logits / severity 0), which :class:`trd_hpc.tasks.cnn3d.losses.MultiTaskLoss`
 leaves out of the total when given the model's ``tasks``.
 
 Models (``CNN3DModelConfig.name``):
@@ -34,7 +34,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from trd_hpc.config import CNN3DExperiment, CNN3DModelConfig
+from trd_hpc.tasks.cnn3d.config import CNN3DExperiment, CNN3DModelConfig
 
 N_CLASSES = 3
 TASKS = ("response", "severity")
