@@ -37,8 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from trd_hpc.errors import RunDirError
 from trd_hpc.fsio import HOST, atomic_write_json, atomic_write_text, temp_name
 
@@ -227,36 +225,16 @@ def _calibrators(cfg, run) -> dict:
 
 
 def _bootstrap_ci(cfg, run, n_boot: int = 1000) -> dict:
-    """95 % percentile intervals over test subjects (resampled with replacement); the same
-    draws (metrics.bootstrap_ci, seed 0) as report.html's summary."""
-    from trd_hpc.eval.metrics import bootstrap_ci, expected_calibration_error, rank_auc
+    """95 % percentile intervals over test subjects (resampled with replacement) of the task's
+    statistics (TaskSpec.bootstrap_statistics); the same draws (metrics.bootstrap_ci, seed 0)
+    as report.html's summary."""
+    from trd_hpc.eval.metrics import bootstrap_ci, ci_too_small
+    from trd_hpc.tasks import spec_for
 
-    test = run.predictions("test")
-    stats: dict = {}
-    arrays: tuple = ()
-    if "logit" in test:
-        p = 1 / (1 + np.exp(-np.asarray(test["logit"], dtype=np.float64)))
-        arrays = (np.asarray(test["label"]), p)
-        # the metrics themselves, not binary_metrics: sklearn's input checks made 1000 draws 8.7 s
-        stats = {
-            "auc": lambda y, p: rank_auc(y, p) if 0 < y.sum() < y.size else float("nan"),
-            "accuracy": lambda y, p: float(((p >= 0.5) == (y == 1)).mean()),
-            "ece": lambda y, p: expected_calibration_error(y, p, cfg.eval.ece_bins),
-        }
-    elif {"response", "response_logits", "severity", "severity_pred"} <= set(test):
-        scale = float(cfg.cohort.severity_max)  # both stored on the [0, 1] scale the loss saw
-        arrays = (
-            np.asarray(test["response"]),
-            np.asarray(test["response_logits"]).argmax(1),
-            np.asarray(test["severity"], dtype=np.float64) * scale,
-            np.asarray(test["severity_pred"], dtype=np.float64) * scale,
-        )
-        if cfg.model.name != "single_task_severity":
-            stats["accuracy"] = lambda r, rp, s, sp: float((r == rp).mean())
-        if cfg.model.name != "single_task_response":
-            stats["severity_mae"] = lambda r, rp, s, sp: float(np.abs(s - sp).mean())
-    from trd_hpc.eval.metrics import ci_too_small
-
+    hook = spec_for(cfg).bootstrap_statistics
+    if hook is None:
+        return {}
+    stats, arrays = hook(cfg, run.predictions("test"))
     too_small = ci_too_small(len(arrays[0]) if arrays else 0)
     if too_small and stats:
         return {"not_computed": too_small}

@@ -284,7 +284,7 @@ def _load_builtin_configs() -> None:
     _builtins_loaded = True
     import importlib
 
-    from trd_hpc.registry import BUILTIN_TASKS
+    from trd_hpc.registry import BUILTIN_TASKS, load_plugins
 
     for task in BUILTIN_TASKS:
         mod = importlib.import_module(f"trd_hpc.tasks.{task}.config")
@@ -293,6 +293,7 @@ def _load_builtin_configs() -> None:
             register_cohort(kind, cls)
         if mod.INGEST_SPEC is not None:
             register_ingest_spec(task, mod.INGEST_SPEC)
+    load_plugins()  # their register() calls add their classes here
 
 
 def experiment_class(task: str) -> type[BaseModel] | None:

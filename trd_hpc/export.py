@@ -40,19 +40,13 @@ class ExportError(TrdError, RuntimeError):
 
 
 def example_inputs(b, batch: int, seed: int) -> dict[str, torch.Tensor]:
-    """Inputs of the bundle's schema (values in the ranges the model sees)."""
+    """Inputs of the bundle's schema in the ranges the model sees (the task's own, else
+    trd_hpc.tasks.base.example_inputs)."""
+    from trd_hpc.tasks import spec_for
+    from trd_hpc.tasks.base import example_inputs as generic
+
     g = torch.Generator().manual_seed(seed)
-    out = {}
-    for col in b.schema["inputs"]:
-        shape = (batch, *col["shape"])
-        if col["dtype"] == "uint8":  # genotypes
-            hi = int(b.schema.get("genotype_values", 3))
-            out[col["name"]] = torch.randint(0, hi, shape, generator=g, dtype=torch.uint8)  # as stored
-        elif col["name"] == "volume":
-            out[col["name"]] = torch.rand(shape, generator=g).unsqueeze(1)  # [0, 1], channel axis
-        else:
-            out[col["name"]] = torch.randn(shape, generator=g)
-    return out
+    return (spec_for(b.cfg).example_inputs or generic)(b.schema, batch, g)
 
 
 def _outputs(y) -> dict[str, np.ndarray]:

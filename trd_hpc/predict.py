@@ -44,6 +44,7 @@ class PredictResult:
 def cohort_problems(b: Bundle, m) -> list[str]:
     """How the cohort of manifest ``m`` differs from what the bundle's model takes."""
     from trd_hpc.data.kinds import kind_of
+    from trd_hpc.tasks import spec_for
 
     co = m.config
     cols = {c.name: c for c in kind_of(co).schema(co)}
@@ -54,19 +55,9 @@ def cohort_problems(b: Bundle, m) -> list[str]:
             out.append(f"no '{col['name']}' input (the model takes {', '.join(c['name'] for c in b.schema['inputs'])})")
         elif list(have.shape) != list(col["shape"]):
             out.append(f"'{col['name']}' is {tuple(have.shape)} per subject, the model takes {tuple(col['shape'])}")
-    if b.task == "emt" and not out:
-        names = list(getattr(co, "clinical_names", []))
-        if names != b.schema["clinical_names"]:
-            out.append(f"clinical columns {names} differ from the model's {b.schema['clinical_names']}")
-        ids, want = list(getattr(co, "snp_ids", None) or []), b.schema.get("snp_ids") or []
-        if want and ids != want:
-            diff = next((i for i, (x, y) in enumerate(zip(ids, want)) if x != y), min(len(ids), len(want)))
-            out.append(
-                f"SNP ids differ from the model's from position {diff} "
-                f"({ids[diff] if diff < len(ids) else 'none'} vs {want[diff] if diff < len(want) else 'none'})"
-            )
-        if getattr(co, "genotype_values", 3) > b.schema["genotype_values"]:
-            out.append("genotypes have missing calls (coded 3); the model was trained on 0/1/2 only")
+    hook = spec_for(b.cfg).cohort_mismatch
+    if hook is not None and not out:
+        out.extend(hook(b, co))
     return out
 
 

@@ -21,6 +21,32 @@ T = TypeVar("T")
 # A task of your own registers itself instead (trd_hpc.tasks.register, trd_hpc.data.kinds.register).
 BUILTIN_TASKS = ("emt", "cnn3d")
 
+# Modules of your own that register tasks or cohort kinds when imported: the entry points of
+# group "trd_hpc.plugins" of installed packages, and the comma-separated module names in
+# $TRD_HPC_PLUGINS (the processes a command starts inherit it, so a `trd-hpc reproduce` or
+# `submit` of a task of your own finds it in every stage and job).
+PLUGIN_GROUP = "trd_hpc.plugins"
+PLUGIN_ENV = "TRD_HPC_PLUGINS"
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import every plugin module once (each calls trd_hpc.tasks.register / data.kinds.register)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    import os
+    from importlib.metadata import entry_points
+
+    names = [ep.value for ep in entry_points(group=PLUGIN_GROUP)]
+    names += [m.strip() for m in os.environ.get(PLUGIN_ENV, "").split(",") if m.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name.split(":")[0])
+        except ImportError as e:
+            raise ConfigError(f"plugin {name!r} (${PLUGIN_ENV} or entry point {PLUGIN_GROUP}) cannot be imported: {e}") from e
+
 
 class Registry(Generic[T]):
     def __init__(self, what: str, builtin: tuple[str, ...], attr: str, on_register: Callable[[str, type], None]):
@@ -45,6 +71,7 @@ class Registry(Generic[T]):
             entry = getattr(importlib.import_module(mod), self.attr)
             if entry.name not in self._entries:
                 self.register(entry)
+        load_plugins()
 
     def get(self, name: str) -> T:
         self._load_builtins()

@@ -15,288 +15,27 @@ which keeps, per table row, the file, key and value behind each number
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import platform
-import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from trd_hpc import resources
-from trd_hpc.errors import TrdError
 from trd_hpc.fsio import atomic_write_json, atomic_write_text
 from trd_hpc.launch.plan import available_cpus
+from trd_hpc.recipe import Recipe, ReproduceError, Sources
 from trd_hpc.rundir import read_json
 
 STATE = "reproduce.json"
 SCALES = ("tiny", "paper")
 
 
-class ReproduceError(TrdError):
-    """A stage failed, or DIR holds another paper's or scale's reproduction."""
+def recipes() -> dict[str, Callable[[Path, str], Recipe]]:
+    """{paper id: recipe} of every registered task that has one (TaskSpec.paper, .reproduce)."""
+    from trd_hpc import tasks
 
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    args: tuple[str, ...]  # after `trd-hpc`
-    outputs: tuple[str, ...]  # files (relative to DIR) a finished stage has written
-
-    def done(self, out: Path) -> bool:
-        return all((out / p).exists() for p in self.outputs)
-
-    def command(self) -> str:
-        return shlex.join(("trd-hpc", *self.args))
-
-
-class Sources:
-    """Values read from the run's JSON files, each remembered with where it came from."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self._files: dict[str, dict] = {}
-        self.used: list[dict] = []
-
-    def has(self, file: str, key: str) -> bool:
-        return key in self._load(file)
-
-    def keys(self, file: str, prefix: str) -> list[str]:
-        return [k for k in self._load(file) if k.startswith(prefix)]
-
-    def get(self, file: str, key: str, *index: int):
-        data = self._load(file)
-        if key not in data:
-            raise ReproduceError(f"{self.out / file}: no key '{key}' (was the stage that writes it finished?)")
-        v = data[key]
-        for i in index:
-            v = v[i]
-        self.used.append({"file": file, "key": key, "index": list(index), "value": v})
-        return v
-
-    def _load(self, file: str) -> dict:
-        if file not in self._files:
-            self._files[file] = read_json(self.out / file, "metrics file")
-        return self._files[file]
-
-
-@dataclass(frozen=True)
-class Row:
-    label: str
-    paper: str
-    ours: Callable[[Sources], str]
-
-
-@dataclass(frozen=True)
-class Recipe:
-    paper: str
-    title: str
-    stages: tuple[Stage, ...]
-    header: Callable[[Sources], str]  # first column's heading, e.g. "test set (225 volumes)"
-    rows: tuple[Row, ...]
-    reductions: tuple[str, ...] = field(default=())
-
-
-# ------------------------------------------------------------------------------------ helpers
-def _f(v, digits: int = 3) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.{digits}f}"
-
-
-def _epochs(src: Sources, file: str) -> str:
-    run, best = src.get(file, "epochs_run"), src.get(file, "best_epoch")
-    if src.get(file, "stopped_early"):
-        return f"early stop at epoch {run}, best epoch {best}"
-    return f"{run} epochs (the limit), best epoch {best}"
-
-
-def _cv(src: Sources, key: str, digits: int) -> str:
-    f = "cv/cv_summary.json"
-    mean, sd = src.get(f, f"mean.{key}"), src.get(f, f"sd.{key}")
-    lo, hi = src.get(f, f"min.{key}"), src.get(f, f"max.{key}")
-    return f"{_f(mean, digits)} +- {_f(sd, digits)} ({_f(lo, digits)}..{_f(hi, digits)})"
-
-
-def _cfg(paper: str, scale: str) -> str:
-    """The paper's packaged config: ``configs/NAME.yaml`` when the working directory is a checkout
-    showing that very file (the commands in reproduction.md then read as the README's), else
-    its packaged name, which every command takes."""
-    name = {"paper000": "emt", "paper001": "cnn3d"}[paper] + ("_tiny" if scale == "tiny" else "")
-    local = Path("configs") / f"{name}.yaml"
-    if local.is_file() and local.resolve() == resources.config_path(name).resolve():
-        return str(local)
-    return name
-
-
-def _generate_and_train(cfg: str, data: str, main: str, overrides: list[str]) -> tuple[Stage, Stage]:
-    """The first two stages of both papers: the cohort, then the main model (evaluated later,
-    with its baselines, by the evaluate stage)."""
-    return (
-        Stage("generate", ("generate", cfg, "--out", data, "--workers", "2"), ("data/manifest.json",)),
-        Stage(
-            "train",
-            ("train", cfg, "--out", main, "--resume", "auto", "--no-eval", f"data.cohort={data}", *overrides),
-            ("main/metrics.json", "main/model.pt"),
-        ),
-    )
-
-
-# ------------------------------------------------------------------------------ paper 000 (EMT)
-def _paper000(out: Path, scale: str) -> Recipe:
-    cfg, data, main = _cfg("paper000", scale), str(out / "data"), str(out / "main")
-    tiny = ["train.max_epochs=4"] if scale == "tiny" else []
-    stages = (
-        *_generate_and_train(cfg, data, main, tiny),
-        # the baselines (late-fusion MLP, random forest) are trained here, then everything is evaluated
-        Stage("evaluate", ("evaluate", main), ("main/report.html", "main/bundle")),
-    )
-
-    def acc(src: Sources) -> str:
-        m = "main/metrics.json"
-        return (
-            f"{_f(src.get(m, 'test.accuracy'))} (mean P = {_f(src.get(m, 'test.mean_prob_neg'))} / "
-            f"{_f(src.get(m, 'test.mean_prob_pos'))})"
-        )
-
-    def calibrated(key: str, with_auc: bool) -> Callable[[Sources], str]:
-        def cell(src: Sources) -> str:
-            m, methods = "main/metrics.json", ("platt", "isotonic", "temperature")
-            have = [x for x in methods if src.has(m, f"calibrated.{x}.{key}")]
-            vals = " / ".join(_f(src.get(m, f"calibrated.{x}.{key}"), 3 if key != "ece" else 4) for x in have)
-            aucs = ", AUC " + " / ".join(_f(src.get(m, f"calibrated.{x}.auc")) for x in have) if with_auc else ""
-            return f"{' / '.join(have)}: {vals}{aucs}"
-
-        return cell
-
-    def baseline(name: str) -> Callable[[Sources], str]:
-        return lambda src: _f(src.get("main/metrics.json", f"baselines.{name}.auc"))
-
-    m = "main/metrics.json"
-    rows = (
-        Row("ROC AUC", "1.00", lambda s: _f(s.get(m, "test.auc"))),
-        Row("average precision", "1.00", lambda s: _f(s.get(m, "test.ap"))),
-        Row("accuracy at 0.5, uncalibrated", "0.50 (probabilities compressed to ~0.32 / ~0.41)", acc),
-        Row(
-            "ECE / Brier, uncalibrated",
-            "-",
-            lambda s: f"{_f(s.get(m, 'test.ece'), 4)} / {_f(s.get(m, 'test.brier'), 4)}",
-        ),
-        Row("accuracy after calibration", "improved, AUC kept at 1.00", calibrated("accuracy", True)),
-        Row("ECE after calibration", "-", calibrated("ece", False)),
-        Row("convergence", "early stop at epoch 8", lambda s: _epochs(s, m)),
-        Row("late-fusion MLP baseline AUC", "> 0.90, below EMT", baseline("late_fusion_mlp")),
-        Row("random-forest baseline AUC", "> 0.90, below EMT", baseline("random_forest")),
-    )
-    return Recipe(
-        "paper000",
-        "EMT (paper 000)",
-        stages,
-        lambda s: f"test set ({s.get(m, 'test.n')} subjects)",
-        rows,
-        reductions=("train.max_epochs=4 (tiny scale)",) if tiny else (),
-    )
-
-
-# ------------------------------------------------------------------- paper 001 (dual-path 3-D CNN)
-def _paper001(out: Path, scale: str) -> Recipe:
-    cfg, data, main = _cfg("paper001", scale), str(out / "data"), str(out / "main")
-    # Reductions that keep a two-core run within about two hours; each is stated in
-    # reproduction.md. At the paper's 39 epochs with early stopping a fold takes 12-22 min here,
-    # the five of them longer than everything else together; on a cluster `slurm/cv_cnn3d.sh`
-    # runs the full folds as an array.
-    if scale == "tiny":
-        main_epochs, resnet_epochs, cv_epochs = ["train.max_epochs=4"], 1, ["train.max_epochs=2"]
-    else:
-        main_epochs, resnet_epochs, cv_epochs = [], 3, ["train.max_epochs=10"]
-    baselines = "eval.baselines=[single_task_response,single_task_severity,resnet18]"
-    stages = (
-        *_generate_and_train(cfg, data, main, main_epochs),
-        Stage(
-            "resnet18",
-            (
-                "train",
-                cfg,
-                "--out",
-                f"{main}/baselines/resnet18",
-                "--resume",
-                "auto",
-                "--no-eval",
-                f"data.cohort={data}",
-                "model.name=resnet18",
-                f"train.max_epochs={resnet_epochs}",
-            ),
-            ("main/baselines/resnet18/metrics.json",),
-        ),  # fmt: skip
-        # trains the two single-task baselines with the main run's settings, then evaluates all
-        Stage("evaluate", ("evaluate", main, baselines), ("main/report.html", "main/bundle")),
-        Stage(
-            "cv",
-            (
-                "cv",
-                cfg,
-                "--folds",
-                "5",
-                "--out",
-                str(out / "cv"),
-                f"data.cohort={data}",
-                *cv_epochs,
-            ),
-            ("cv/cv_summary.json",),
-        ),  # fmt: skip
-    )
-    m = "main/metrics.json"
-
-    def accuracy(src: Sources) -> str:
-        k_range = range(3)  # rows: true class, columns: predicted (metrics.multiclass_metrics)
-        correct = [src.get(m, "test.confusion_matrix", k, k) for k in k_range]
-        total = [src.get(m, key) for key in src.keys(m, "test.support.")]  # in class order
-        return (
-            f"{_f(src.get(m, 'test.accuracy'))} ({' / '.join(map(str, correct))} correct of "
-            f"{' / '.join(map(str, total))}; macro F1 {_f(src.get(m, 'test.macro_f1'))})"
-        )
-
-    def mae(src: Sources) -> str:
-        return (
-            f"{_f(src.get(m, 'test.severity_mae'), 2)} (RMSE {_f(src.get(m, 'test.severity_rmse'), 2)}, "
-            f"Pearson r {_f(src.get(m, 'test.severity_pearson_r'))})"
-        )
-
-    def baseline(name: str, acc: bool, sev: bool) -> Callable[[Sources], str]:
-        def cell(src: Sources) -> str:
-            f = f"main/baselines/{name}/metrics.json"
-            parts = ([f"accuracy {_f(src.get(f, 'test.accuracy'))}"] if acc else []) + (
-                [f"MAE {_f(src.get(f, 'test.severity_mae'), 2)}"] if sev else []
-            )
-            return f"{', '.join(parts)} ({_epochs(src, f)})"
-
-        return cell
-
-    rows = (
-        Row("response accuracy", "1.000 (58 / 113 / 54 all correct)", accuracy),
-        Row("severity MAE (0-100 scale)", "8.03", mae),
-        Row("convergence", "~25 of 39 epochs", lambda s: _epochs(s, m)),
-        Row("5-fold CV accuracy, mean +- sd (min..max)", "> 0.99", lambda s: _cv(s, "test.accuracy", 3)),
-        Row("5-fold CV severity MAE", "7.9 - 8.4", lambda s: _cv(s, "test.severity_mae", 2)),
-        Row("single-task CNN, response only", "-", baseline("single_task_response", True, False)),
-        Row("single-task CNN, severity only", "-", baseline("single_task_severity", False, True)),
-        Row("3-D ResNet-18 (MONAI), two heads", "-", baseline("resnet18", True, True)),
-    )
-    reductions = [f"ResNet-18 baseline: train.max_epochs={resnet_epochs}"]
-    if scale == "tiny":
-        reductions[:0] = ["main run and single-task baselines: train.max_epochs=4"]
-    reductions.append(f"CV folds: {cv_epochs[0]}")
-    return Recipe(
-        "paper001",
-        "dual-path 3-D CNN (paper 001)",
-        stages,
-        lambda s: f"test set ({s.get(m, 'test.n')} volumes)",
-        rows,
-        reductions=tuple(reductions),
-    )
-
-
-RECIPES: dict[str, Callable[[Path, str], Recipe]] = {"paper000": _paper000, "paper001": _paper001}
+    return {spec.paper: spec.reproduce for spec in map(tasks.get, tasks.names()) if spec.paper and spec.reproduce}
 
 
 # ---------------------------------------------------------------------------------- the runner
@@ -315,13 +54,14 @@ def _check_state(state: dict, paper: str, scale: str, path: Path) -> None:
 
 def reproduce(paper: str, out: str | Path, scale: str = "tiny", progress: bool = True) -> Path:
     """Run (or continue) ``paper``'s stages into ``out`` and write ``out/reproduction.md``."""
-    if paper not in RECIPES:
-        raise ReproduceError(f"unknown paper {paper!r}; one of: {', '.join(RECIPES)}")
+    known = recipes()
+    if paper not in known:
+        raise ReproduceError(f"unknown paper {paper!r}; one of: {', '.join(sorted(known))}")
     if scale not in SCALES:
         raise ReproduceError(f"unknown --scale {scale!r}; one of: {', '.join(SCALES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    recipe = RECIPES[paper](out, scale)
+    recipe = known[paper](out, scale)
     state_path = out / STATE
     state = read_json(state_path, "reproduction state") if state_path.exists() else {"paper": paper, "scale": scale}
     _check_state(state, paper, scale, state_path)

@@ -182,7 +182,7 @@ def add_parsers(sub) -> None:
         "--scale tiny uses configs/*_tiny.yaml and a few epochs (minutes); --scale paper the papers' "
         "configs (paper001: hours on two cores; the reductions are listed in the table's notes).",
     )
-    rep.add_argument("paper", choices=["paper000", "paper001"])
+    rep.add_argument("paper", help="paper000 or paper001 (or the paper of a task you registered)")
     rep.add_argument("--out", required=True, help="directory of the whole reproduction (cohort, runs, table)")
     rep.add_argument("--scale", choices=["tiny", "paper"], default="tiny", help="tiny (default, minutes) or paper")
     rep.add_argument("--quiet", action="store_true", help="only the stage lines, not each command's output")

@@ -54,6 +54,8 @@ class CohortKind:
     # False: subjects come from files (trd-hpc ingest); the cohort describes the data and
     # a run's cohort section is taken from its manifest (train.run.resolve_cohort)
     generated: bool = True
+    # what a generated kind implements, as a report's banner names it ("paper 000")
+    generator: str | None = None
 
 
 BUILTIN = tuple(f"trd_hpc.tasks.{name}.{mod}" for name in BUILTIN_TASKS for mod in ("cohort", "ingested"))

@@ -244,10 +244,6 @@ def load_manifest(root: str | Path) -> Manifest:
     return m
 
 
-# The generator each synthetic kind implements (what a report's banner names).
-GENERATORS = {"emt": "paper 000", "volume": "paper 001"}
-
-
 def cohort_identity(root: str | Path) -> dict:
     """What a run was trained or evaluated on, as every record of it names it.
 
@@ -269,7 +265,7 @@ def cohort_identity(root: str | Path) -> dict:
         "n_subjects": m.n_subjects,
     }
     if generated:
-        out["generator"] = GENERATORS.get(m.kind, m.kind)
+        out["generator"] = kind_of(m.config).generator or m.kind
         out["seed"] = int(m.config.seed)
         out["virtual"] = m.virtual
     else:

@@ -3,7 +3,7 @@
 Each paper is one folder here (``emt/``, ``cnn3d/``: config classes, model, baselines,
 cohort kinds, evaluation, reproduce recipe, configs and sweeps) listed in
 ``trd_hpc.registry.BUILTIN_TASKS``; a task of your own is a ``register(SPEC)`` call from
-your code (a plugin, a test: ``tests/toy_task.py``).  The trainer, the experiment layer, the CLI, compare
+your code (a plugin named in $TRD_HPC_PLUGINS or an entry point: trd_hpc.registry).  The trainer, the experiment layer, the CLI, compare
 and cv find it here; nothing else dispatches on the task's name.
 """
 

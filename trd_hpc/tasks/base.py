@@ -87,6 +87,18 @@ class TaskSpec:
     # (bundle, model, model inputs of some subjects) -> per subject ({map name: 3-D array}, summary
     # columns): `trd-hpc predict --explain` (trd_hpc.explain)
     explain: Callable[[Any, Any, dict], list[tuple[dict, dict]]] | None = None
+    # (cfg, test predictions) -> ({name: statistic(*arrays) -> float}, arrays over test subjects):
+    # the bundle's bootstrap intervals (model_card.json); None: no intervals
+    bootstrap_statistics: Callable[[Any, dict], tuple[dict, tuple]] | None = None
+    # (bundle schema, batch, torch.Generator) -> model inputs in the ranges the model sees
+    # (`trd-hpc export` traces and checks with them); None: example_inputs below
+    example_inputs: Callable[[dict, int, torch.Generator], dict] | None = None
+    # (bundle, cohort config) -> why the cohort's columns do not fit the model, beyond the
+    # shapes `trd-hpc predict` checks itself (clinical names, SNP ids); None: nothing more
+    cohort_mismatch: Callable[[Any, Any], list[str]] | None = None
+    # `trd-hpc reproduce PAPER`: the paper's id and (out dir, scale) -> trd_hpc.recipe.Recipe
+    paper: str | None = None
+    reproduce: Callable[[Path, str], Any] | None = None
 
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -119,6 +131,20 @@ class FlopsEstimate(int):
 def param_flops_estimate(model: nn.Module) -> int:
     """~6 FLOPs per parameter per sample (2 forward, 4 backward) for dense layers."""
     return FlopsEstimate(6 * sum(p.numel() for p in model.parameters()))
+
+
+def example_inputs(schema: dict, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Inputs of a bundle's schema: uint8 columns (genotypes, as a cohort stores them) drawn
+    below ``genotype_values``, float columns standard normal."""
+    out = {}
+    for col in schema["inputs"]:
+        shape = (batch, *col["shape"])
+        if col["dtype"] == "uint8":
+            hi = int(schema.get("genotype_values", 3))
+            out[col["name"]] = torch.randint(0, hi, shape, generator=g, dtype=torch.uint8)
+        else:
+            out[col["name"]] = torch.randn(shape, generator=g)
+    return out
 
 
 def merge_records(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -191,4 +191,5 @@ KIND = CohortKind(
     make_splits=_splits,
     class_count_problem=_class_count_problem,
     prepare_batch=_prepare_batch,
+    generator="paper 001",
 )

@@ -5,6 +5,7 @@ ResNet-18 with the same two heads."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -145,6 +146,36 @@ def explain(bundle, model, inputs: dict) -> list[tuple[dict, dict]]:
     return out
 
 
+def reproduce(out: Path, scale: str):
+    from trd_hpc.tasks.cnn3d.reproduce import recipe
+
+    return recipe(out, scale)
+
+
+def bootstrap_statistics(cfg, test: dict) -> tuple[dict, tuple]:
+    """Response accuracy and severity MAE (on the cohort's scale), each only for a model that
+    predicts it."""
+    scale = float(cfg.cohort.severity_max)  # both stored on the [0, 1] scale the loss saw
+    arrays = (
+        np.asarray(test["response"]),
+        np.asarray(test["response_logits"]).argmax(1),
+        np.asarray(test["severity"], dtype=np.float64) * scale,
+        np.asarray(test["severity_pred"], dtype=np.float64) * scale,
+    )
+    stats = {}
+    if cfg.model.name != "single_task_severity":
+        stats["accuracy"] = lambda r, rp, s, sp: float((r == rp).mean())
+    if cfg.model.name != "single_task_response":
+        stats["severity_mae"] = lambda r, rp, s, sp: float(np.abs(s - sp).mean())
+    return stats, arrays
+
+
+def example_inputs(schema: dict, batch: int, g: torch.Generator) -> dict:
+    """A volume in [0, 1] with its channel axis, as the loader gives it."""
+    (col,) = schema["inputs"]
+    return {col["name"]: torch.rand((batch, *col["shape"]), generator=g).unsqueeze(1)}
+
+
 SPEC = TaskSpec(
     name="cnn3d",
     config_class=CNN3DExperiment,
@@ -162,4 +193,8 @@ SPEC = TaskSpec(
     cv_keys=("test.accuracy", "test.severity_mae", "test.macro_f1", "best_epoch", "epochs_run"),
     prediction_columns=prediction_columns,
     explain=explain,
+    bootstrap_statistics=bootstrap_statistics,
+    example_inputs=example_inputs,
+    paper="paper001",
+    reproduce=reproduce,
 )

@@ -106,4 +106,5 @@ KIND = CohortKind(
         [],
     ),
     class_count_problem=_class_count_problem,
+    generator="paper 000",
 )
