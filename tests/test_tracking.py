@@ -542,3 +542,57 @@ def test_compare_says_when_runs_rest_on_different_cohorts(tmp_path):
         and "real: ingested from /data/study" in note
     )
     assert compare([a, c], out=tmp_path / "y.png", file=io.StringIO())["cohort_note"] is None  # one cohort: no note
+
+
+# ---------------------------------------------------------------------------- MLflow
+def test_mlflow_records_a_training_run_offline_in_its_run_directory(tmp_path, emt_cohort_dir):
+    """tracking.mlflow=true: the same epoch rows, final metrics and figures as W&B gets, in
+    MLflow's SQLite store inside the run directory; a second process continues the same run;
+    nothing lands in the working directory."""
+    from mlflow.tracking import MlflowClient
+
+    from trd_hpc.tracking import Tracker
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    run = tmp_path / "run"
+    cli(
+        "train",
+        str(CONFIGS / "emt_tiny.yaml"),
+        "--out",
+        str(run),
+        "--quiet",
+        "train.max_epochs=2",
+        "eval.baselines=[]",
+        "tracking.wandb=false",
+        "tracking.mlflow=true",
+        f"data.cohort={emt_cohort_dir}",
+        cwd=cwd,
+    )
+    rec = json.loads((run / "mlflow_run.json").read_text())
+    assert rec["tracking_uri"] == f"sqlite:///{(run / 'mlflow.db').resolve()}"
+    client = MlflowClient(rec["tracking_uri"])
+    got = client.get_run(rec["run_id"])
+    assert got.info.status == "FINISHED"
+    assert got.data.params["train.max_epochs"] == "2" and got.data.params["task"] == "emt"
+    assert got.data.tags["trd_hpc.task"] == "emt" and len(got.data.tags["cohort.manifest_sha256"]) == 64
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val_loss = client.get_metric_history(rec["run_id"], "val.loss")
+    assert [m.step for m in val_loss] == [1, 2]
+    assert [m.value for m in val_loss] == pytest.approx([h["val.loss"] for h in history])
+    final = json.loads((run / "metrics.json").read_text())
+    assert got.data.metrics["test.auc"] == pytest.approx(final["test.auc"])
+    artifacts = {a.path for a in client.list_artifacts(rec["run_id"], "figures")}
+    assert artifacts and all(a.endswith(".png") for a in artifacts)
+    assert list(cwd.iterdir()) == []  # no mlruns/ or mlflow.db where the command ran
+
+    # a later process on the same run directory (resume, `trd-hpc evaluate`) continues that run
+    cfg = _cfg("tracking.wandb=false", "tracking.mlflow=true")
+    t = Tracker.start(cfg, run, rank=0)
+    t.log_epoch({"epoch": 3, "val.loss": 0.125})
+    t.finish()
+    assert json.loads((run / "mlflow_run.json").read_text())["run_id"] == rec["run_id"]
+    assert [m.step for m in client.get_metric_history(rec["run_id"], "val.loss")] == [1, 2, 3]
+    assert len(client.search_runs([got.info.experiment_id])) == 1
+    # other ranks log nothing
+    assert Tracker.start(cfg, tmp_path / "rank1", rank=1).logger("mlflow") is None

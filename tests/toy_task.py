@@ -160,9 +160,7 @@ def recipe(out: Path, scale: str):
         Row("accuracy", "-", lambda s: fmt(s.get(m, "test.accuracy"))),
         *(Row(f"{b} accuracy", "-", lambda s, b=b: fmt(s.get(m, f"baselines.{b}.accuracy"))) for b in BASELINES),
     )
-    return Recipe(
-        "toy000", "Toy (clinical variables alone)", stages, lambda s: "test set", rows
-    )
+    return Recipe("toy000", "Toy (clinical variables alone)", stages, lambda s: "test set", rows)
 
 
 SPEC = TaskSpec(

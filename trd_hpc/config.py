@@ -240,7 +240,11 @@ class TrackingConfig(Strict):
     group: Optional[str] = None
     job_type: str = "train"
     tags: list[str] = Field(default_factory=list)
-    csv: bool = False  # also RUN_DIR/metrics.csv, one row per epoch, W&B on or off (tracking.py)
+    csv: bool = False  # also RUN_DIR/metrics.csv, one row per epoch, W&B on or off (trd_hpc.tracking)
+    # also MLflow: parameters, metrics, figures in RUN_DIR/mlflow.db (SQLite, no server) or
+    # the store mlflow_uri names (sqlite:///FILE shared by runs, or an http(s) tracking server)
+    mlflow: bool = False
+    mlflow_uri: Optional[str] = None
 
 
 def default_baselines(data: Any, names: list[str]) -> Any:

@@ -45,7 +45,9 @@ def load_plugins() -> None:
         try:
             importlib.import_module(name.split(":")[0])
         except ImportError as e:
-            raise ConfigError(f"plugin {name!r} (${PLUGIN_ENV} or entry point {PLUGIN_GROUP}) cannot be imported: {e}") from e
+            raise ConfigError(
+                f"plugin {name!r} (${PLUGIN_ENV} or entry point {PLUGIN_GROUP}) cannot be imported: {e}"
+            ) from e
 
 
 class Registry(Generic[T]):

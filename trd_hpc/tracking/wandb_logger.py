@@ -1,31 +1,23 @@
-"""Weights & Biases tracking for every command, offline by default.
+"""Weights & Biases, offline by default: ``WandbLogger`` and the reader of offline runs.
 
-``Tracker.start(cfg, run_dir, rank)`` opens a W&B run whose files live inside the
-run directory (``RUN_DIR/wandb/offline-run-*``) and records its id in
-``RUN_DIR/wandb_run.json``; a later start on the same run directory (a requeued or
-``--resume auto`` training, ``trd-hpc evaluate``) continues the same W&B run.  On
-ranks other than 0, with ``tracking.wandb: false``, ``tracking.mode: disabled`` (or
-``WANDB_MODE=disabled``) or without the ``wandb`` package, the tracker does nothing
-(and says once why on stderr).  A tracking failure never stops a training run: it
-is reported once and the tracker goes quiet.
+``WandbLogger.start(cfg, run_dir, rank)`` opens a W&B run whose files live inside the run
+directory (``RUN_DIR/wandb/offline-run-*``) and records its id in ``RUN_DIR/wandb_run.json``;
+a later start on the same run directory (a requeued or ``--resume auto`` training,
+``trd-hpc evaluate``) continues the same W&B run.  On ranks other than 0, with
+``tracking.wandb: false``, ``tracking.mode: disabled`` (or ``WANDB_MODE=disabled``) or
+without the ``wandb`` package, it does nothing (and says once why on stderr).
 
-Mode: ``WANDB_MODE`` from the environment wins over ``tracking.mode``.  Offline
-(the default) opens no network connection; upload later with
-``wandb sync RUN_DIR/wandb/offline-run-*``.  Online mode with a key but no network
-waits ~90 s in ``wandb.init`` before giving up, hence offline on clusters.
+Mode: ``WANDB_MODE`` from the environment wins over ``tracking.mode``.  Offline (the
+default) opens no network connection; upload later with ``wandb sync RUN_DIR/wandb/offline-run-*``.
+Online mode with a key but no network waits ~90 s in ``wandb.init`` before giving up, hence
+offline on clusters.
 
-``read_offline_run(run_dir)`` reads config, summary and history back from the
-``.wandb`` transaction logs on disk (``wandb leet inspect``, wandb >= 0.31).
-
-``tracking.csv: true`` also writes ``RUN_DIR/metrics.csv`` on rank 0, W&B on or off: the
-epoch rows as one table for a spreadsheet, for sites where clinical data may not leave
-and W&B is off (``metrics.jsonl`` holds the same rows as JSON).
+``read_offline_run(run_dir)`` reads config, summary and history back from the ``.wandb``
+transaction logs on disk (``wandb leet inspect``, wandb >= 0.31).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -37,16 +29,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from trd_hpc.errors import RunDirError, TrdError
+from trd_hpc.tracking.base import say_once
 
 RUN_RECORD = "wandb_run.json"
-CSV_HISTORY = "metrics.csv"
-_said: set[str] = set()
 
 
 def _say_once(msg: str, who: str = "W&B tracking") -> None:
-    if msg not in _said:
-        _said.add(msg)
-        print(f"{who}: {msg}", file=sys.stderr, flush=True)
+    say_once(msg, who)
 
 
 def _secret() -> str | None:
@@ -117,61 +106,10 @@ def read_run_record(run_dir: Path) -> dict | None:
     return rec if isinstance(rec, dict) and rec.get("id") else None
 
 
-def csv_cell(v: Any) -> str:
-    """One CSV cell: numbers at full precision, None empty, lists and dicts as JSON."""
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return repr(v)  # full precision (nan, inf as Python writes them)
-    if isinstance(v, (list, tuple, dict)):
-        return json.dumps(v, separators=(",", ":"))
-    return str(v)
+class WandbLogger:
+    """One W&B run for one run directory (or nothing, see ``enabled``)."""
 
-
-class CsvHistory:
-    """``RUN_DIR/metrics.csv``: one row per epoch, one column per key in the order keys
-    first appear (a key that appears later gets its column then, empty in earlier rows).
-    Rewritten whole and atomically at each epoch: the history is small, and a reader (a
-    spreadsheet, a copy to another site) never sees a torn file."""
-
-    def __init__(self, path: Path, rows: list[Mapping[str, Any]] = ()):
-        self.path = Path(path)
-        self.rows: dict[int, dict[str, str]] = {}
-        self.columns: list[str] = []
-        for r in rows:
-            self._add(r)
-
-    @classmethod
-    def open(cls, run_dir: Path) -> "CsvHistory":
-        """Seeded with the epochs already in metrics.jsonl (a resumed run logs only the next ones)."""
-        from trd_hpc.rundir import RunDir
-
-        return cls(Path(run_dir) / CSV_HISTORY, [r for r in RunDir(run_dir).history(skip_bad=True) if "epoch" in r])
-
-    def _add(self, row: Mapping[str, Any]) -> None:
-        for k in row:
-            if k not in self.columns:
-                self.columns.append(k)
-        # a re-run epoch (resumed from the checkpoint before it) replaces the earlier row
-        self.rows[int(row["epoch"])] = {k: csv_cell(v) for k, v in row.items()}
-
-    def text(self) -> str:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=self.columns, restval="", lineterminator="\n")
-        w.writeheader()
-        w.writerows(self.rows[e] for e in sorted(self.rows))
-        return buf.getvalue()
-
-    def log(self, row: Mapping[str, Any]) -> None:
-        from trd_hpc.fsio import atomic_write_text
-
-        self._add(row)
-        atomic_write_text(self.path, self.text())
-
-
-class Tracker:
-    """One W&B run for one run directory (or nothing, see ``enabled``), and with
-    ``tracking.csv`` the CSV history beside it (written whatever ``enabled`` says)."""
+    name = "wandb"
 
     def __init__(
         self, run: Any = None, run_dir: Path | None = None, record: dict | None = None, reason: str | None = None
@@ -182,11 +120,10 @@ class Tracker:
         self.reason = reason  # why this tracker does nothing (None when enabled)
         self._last_step = int(self.record.get("last_step") or 0)
         self._failed = False
-        self.csv: CsvHistory | None = None
 
     # ---------------------------------------------------------------- start
     @classmethod
-    def noop(cls, reason: str | None = None) -> "Tracker":
+    def noop(cls, reason: str | None = None) -> "WandbLogger":
         return cls(reason=reason or "off")
 
     @classmethod
@@ -199,21 +136,18 @@ class Tracker:
         group: str | None = None,
         name: str | None = None,
         cohort: dict | None = None,
-    ) -> "Tracker":
+    ) -> "WandbLogger":
         """``cohort``: the cohort's identity (data.manifest.cohort_identity), kept in the W&B
         config beside the training config, so a run in the dashboard names its data."""
         run_dir = Path(run_dir)
         if rank != 0:
             return cls.noop(f"rank {rank}")
-        tracker = cls._start_wandb(cfg, run_dir, job_type, group, name, cohort)
-        if cfg.tracking.csv:
-            tracker.csv = CsvHistory.open(run_dir)
-        return tracker
+        return cls._start_wandb(cfg, run_dir, job_type, group, name, cohort)
 
     @classmethod
     def _start_wandb(
         cls, cfg, run_dir: Path, job_type: str | None, group: str | None, name: str | None, cohort: dict | None = None
-    ) -> "Tracker":
+    ) -> "WandbLogger":
         tc = cfg.tracking
         if not tc.wandb:
             _say_once("off (tracking.wandb is false)")
@@ -327,8 +261,7 @@ class Tracker:
 
     # ---------------------------------------------------------------- logging
     def log_epoch(self, row: Mapping[str, Any]) -> None:
-        """One ``metrics.jsonl`` row, at step = ``row["epoch"]`` (and into metrics.csv)."""
-        self._log_csv(row)
+        """One ``metrics.jsonl`` row, at step = ``row["epoch"]``."""
         if not self.enabled:
             return
         step = int(row["epoch"])
@@ -337,15 +270,6 @@ class Tracker:
         self._guard("log", self.run.log, dict(row), step=step)
         self._last_step = max(self._last_step, step)
         self._guard("writing wandb_run.json", self._write_record)
-
-    def _log_csv(self, row: Mapping[str, Any]) -> None:
-        if self.csv is None:
-            return
-        try:
-            self.csv.log(row)
-        except OSError as e:  # WriteError included: like W&B, never a reason to stop training
-            _say_once(f"stopped: {e}; training goes on without metrics.csv", who="CSV metrics")
-            self.csv = None
 
     def log_summary(self, metrics: Mapping[str, Any]) -> None:
         """Final metrics (flat dotted keys) into the run summary; None/NaN kept out."""
@@ -387,19 +311,11 @@ class Tracker:
         except Exception as e:  # noqa: BLE001
             _say_once(f"finish failed ({type(e).__name__}: {e})")
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> "WandbLogger":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.finish(exit_code=1 if exc_type is not None else None)
-
-
-def figures_of(run_dir: Path) -> dict[str, Path]:
-    """title -> PNG from ``RUN_DIR/figures/index.json`` (written by the evaluation)."""
-    index = Path(run_dir) / "figures" / "index.json"
-    if not index.is_file():
-        return {}
-    return {k: index.parent / v for k, v in json.loads(index.read_text()).items()}
 
 
 # ---------------------------------------------------------------------------- reading back
