@@ -22,7 +22,7 @@ source "$TRD_SLURM_DIR/_common.sh"
 export PYTHONUNBUFFERED=1
 
 # Ranks, rendezvous (the job's first host, a port from the job id), "several tasks -> DDP" and
-# "torch threads = CPUs per task" are trd_hpc/launch/plan.py's, applied by `trd-hpc train`/`cv`
+# "torch threads = CPUs per task" are trd_hpc/train/plan.py's, applied by `trd-hpc train`/`cv`
 # in each task.  Only torchrun-style variables inherited from the submitting shell are dropped
 # here: they would take precedence over SLURM's in the tasks.
 trd_rendezvous() {

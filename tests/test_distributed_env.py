@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tests.conftest import CONFIGS, cli
-from trd_hpc.launch.plan import env_from_slurm, first_host, implied_overrides, slurm_port, slurm_tasks
+from trd_hpc.train.plan import env_from_slurm, first_host, implied_overrides, slurm_port, slurm_tasks
 
 
 def test_env_from_slurm_tasks():

@@ -153,7 +153,7 @@ def test_cli_parsers():
 # --------------------------------------------------------------------------- sweeps
 @pytest.fixture(scope="module")
 def asha_and_fifo(local_ray, volume_cohort_dir, tmp_path_factory):
-    from trd_hpc.tune import run_sweep
+    from trd_hpc.tune.sweep import run_sweep
 
     root = tmp_path_factory.mktemp("tune")
     spec = write_spec(root / "spec.yaml")
@@ -169,7 +169,7 @@ def test_sweep_logs_every_result_of_every_trial_to_wandb_offline(local_ray, volu
     import shutil
 
     from trd_hpc.tracking import read_offline_run
-    from trd_hpc.tune import run_sweep
+    from trd_hpc.tune.sweep import run_sweep
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     spec = write_spec(

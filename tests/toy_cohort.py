@@ -8,7 +8,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from trd_hpc.config import Strict, ThreeWaySplit
+from trd_hpc.cohort_config import ThreeWaySplit
+from trd_hpc.config import Strict
 from trd_hpc.data.kinds import CohortKind, Column
 from trd_hpc.data.splits import three_way_split
 

@@ -97,7 +97,7 @@ def train_baselines(cfg: "ExperimentConfig", run_dir: str | Path, progress: bool
 
 
 def _evaluation_stage(run_dir: Path, figures: bool = True) -> dict | None:
-    from trd_hpc.eval.pipeline import evaluate_run
+    from trd_hpc.evaluation import evaluate_run
 
     run = RunDir(run_dir)
     faults.point("evaluate")
@@ -156,7 +156,7 @@ def evaluate(run_dir: str | Path, figures: bool = True, overrides=()) -> dict | 
     ``eval.*`` overrides are written into the run's config.yaml first (once every input has
     been read and checked); a baseline whose directory already holds test predictions is
     reused, a new one trained."""
-    from trd_hpc.eval.pipeline import check_inputs
+    from trd_hpc.evaluation import check_inputs
 
     run = RunDir(run_dir)
     if not run.path.is_dir():

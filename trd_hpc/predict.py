@@ -104,6 +104,61 @@ def _check_parquet(out: Path) -> None:
             ) from None
 
 
+def _check_request(out: Path, shard_index: int | None, num_shards: int | None) -> None:
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        raise ConfigError(f"--out {out}: predictions are written as .csv or .parquet")
+    if (shard_index is None) != (num_shards is None):
+        raise ConfigError("--shard-index and --num-shards go together (one SLURM array task each)")
+    if num_shards is not None and not 0 <= shard_index < num_shards:
+        raise ConfigError(f"--shard-index {shard_index} is outside 0..{num_shards - 1}")
+    _check_parquet(out)  # before any work, not after the last batch
+
+
+def _place(model, b, device: str):
+    """(DistInfo, device, world size): the model moved there, CPU threads as in the run."""
+    from trd_hpc.train import distributed as D
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    info = D.init("ddp" if world > 1 else "single", device) if world > 1 else D.DistInfo()
+    dev = info.device if world > 1 else D.pick_device(device, 0)
+    model.to(dev)
+    if dev.type == "cpu":
+        # the run's thread count: CPU kernels sum in an order that depends on it, and the same
+        # order gives the same bits as the run's own evaluation
+        from trd_hpc.train.plan import threads_per_process
+
+        torch.set_num_threads(b.cfg.train.num_threads or threads_per_process(info.local_world_size))
+    return info, dev, world
+
+
+def _write_rows(f, loader, model, task, spec, b, dev, pids, bar, explainer) -> int:
+    """One CSV row per subject of the loader (padding dropped); returns the count."""
+    w, rows = None, 0
+    with torch.no_grad():
+        for batch in loader:
+            outp = model(**task.inputs(batch, dev, torch.float32))
+            cols = spec.prediction_columns(b, outp, batch)
+            keep = ~batch["is_pad"].numpy()
+            sid = batch["subject_id"].numpy()[keep]
+            table = {"subject_id": sid}
+            if pids is not None:
+                table["participant_id"] = np.array([pids[int(i)] for i in sid], dtype=object)
+            table.update({k: np.asarray(v)[keep] for k, v in cols.items()})
+            if w is None:
+                w = csv.writer(f)
+                w.writerow(list(table))
+            for row in zip(*table.values()):
+                w.writerow([_cell(v) for v in row])
+            rows += int(keep.sum())
+            bar.update(len(keep))
+            if explainer is not None:
+                with torch.enable_grad():
+                    explainer.batch(model, task.inputs(batch, dev, torch.float32), batch["subject_id"].numpy(), keep)
+    if w is None:  # an empty part still says what the columns would be
+        csv.writer(f).writerow(["subject_id"])
+    return rows
+
+
 def predict(
     source: str | Path,
     cohort: str | Path,
@@ -127,13 +182,7 @@ def predict(
     from trd_hpc.train import distributed as D
 
     out = Path(out)
-    if out.suffix.lower() not in (".csv", ".parquet"):
-        raise ConfigError(f"--out {out}: predictions are written as .csv or .parquet")
-    if (shard_index is None) != (num_shards is None):
-        raise ConfigError("--shard-index and --num-shards go together (one SLURM array task each)")
-    if num_shards is not None and not 0 <= shard_index < num_shards:
-        raise ConfigError(f"--shard-index {shard_index} is outside 0..{num_shards - 1}")
-    _check_parquet(out)  # before any work, not after the last batch
+    _check_request(out, shard_index, num_shards)
     remove_stale_temps(out.parent, name_prefix=out.name)  # left by a predict killed with -9
     b = load_bundle(source)
     m = load_manifest(cohort)
@@ -146,17 +195,7 @@ def predict(
         raise ConfigError(f"task {b.task} defines no prediction columns (TaskSpec.prediction_columns)")
     task = make_task(b.cfg, str(cohort))
     model = b.build_model()
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    info = D.init("ddp" if world > 1 else "single", device) if world > 1 else D.DistInfo()
-    dev = info.device if world > 1 else D.pick_device(device, 0)
-    model.to(dev)
-    if dev.type == "cpu":
-        # the run's thread count: CPU kernels sum in an order that depends on it, and the same
-        # order gives the same bits as the run's own evaluation
-        from trd_hpc.launch.plan import threads_per_process
-
-        torch.set_num_threads(b.cfg.train.num_threads or threads_per_process(info.local_world_size))
-    dtype = torch.float32
+    info, dev, world = _place(model, b, device)
     parts_total = (num_shards or 1) * info.world_size
     part = (shard_index or 0) * info.world_size + info.rank
     sampler = ShardAwareSampler.for_dataset(
@@ -170,9 +209,7 @@ def predict(
     explainer = (
         _Explainer(b, spec, m, ds.ids, pids, out, explain_subjects, explain_dir, part, parts_total) if explain else None
     )
-    writer_rows = 0
     with atomic_path(target) as tmp, open(tmp, "w", newline="") as f:
-        w = None
         bar = tqdm(
             total=len(sampler),
             unit="subj",
@@ -180,32 +217,10 @@ def predict(
             disable=not progress,
             dynamic_ncols=True,
         )
-        with torch.no_grad():
-            for batch in loader:
-                outp = model(**task.inputs(batch, dev, dtype))
-                cols = spec.prediction_columns(b, outp, batch)
-                keep = ~batch["is_pad"].numpy()
-                sid = batch["subject_id"].numpy()[keep]
-                table = {"subject_id": sid}
-                if pids is not None:
-                    table["participant_id"] = np.array([pids[int(i)] for i in sid], dtype=object)
-                table.update({k: np.asarray(v)[keep] for k, v in cols.items()})
-                if w is None:
-                    w = csv.writer(f)
-                    w.writerow(list(table))
-                for row in zip(*table.values()):
-                    w.writerow([_cell(v) for v in row])
-                writer_rows += int(keep.sum())
-                bar.update(len(keep))
-                if explainer is not None:
-                    with torch.enable_grad():
-                        explainer.batch(model, task.inputs(batch, dev, dtype), batch["subject_id"].numpy(), keep)
+        res.rows = _write_rows(f, loader, model, task, spec, b, dev, pids, bar, explainer)
         bar.close()
-        if w is None:  # an empty part still says what the columns would be
-            csv.writer(f).writerow(["subject_id"])
-    res.rows = writer_rows
     res.parts.append(target)
-    atomic_write_json(provenance_path(target), {**_provenance(b, cohort, split), "rows": writer_rows})
+    atomic_write_json(provenance_path(target), {**_provenance(b, cohort, split), "rows": res.rows})
     res.bundle_sha256 = b.digest
     if explainer is not None:
         res.explained = explainer.finish()

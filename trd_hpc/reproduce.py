@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Callable
 
 from trd_hpc.fsio import atomic_write_json, atomic_write_text
-from trd_hpc.launch.plan import available_cpus
 from trd_hpc.recipe import Recipe, ReproduceError, Sources
 from trd_hpc.rundir import read_json
+from trd_hpc.train.plan import available_cpus
 
 STATE = "reproduce.json"
 SCALES = ("tiny", "paper")

@@ -208,101 +208,98 @@ def common_epoch(root: Path, workers: int, batch: int) -> tuple[float, int]:
     return dt, n
 
 
-def run(
-    config: str | None = None,
-    overrides=(),
-    subjects: int | None = None,
-    scratch_dir: str | None = None,
-    json_path: str | None = None,
-    virtual: bool = False,
-) -> int:
-    cfg = load_config(config or "emt", list(overrides))
-    if cfg.cohort.kind != "emt":
-        raise ConfigError(f"{config}: bench load compares against float32 fMRI storage: use an EMT config (task: emt)")
-    n = subjects or 48
-    batch = 12
-    scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="trd-bench-load-"))
-    scratch.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
-    figures: dict = {"benchmark": "load", "subjects": n, "batch": batch}
-    try:
-        base = derive(cfg.cohort, {"n_subjects": n, "subjects_per_shard": max(n // 4, 1)}, "bench load")
-        ours_dir, common_dir = scratch / "f16", scratch / "f32"
-        print(f"making cohorts of {n} subjects in {scratch} ...", flush=True)
-        generate(base, ours_dir, workers=2, progress=False)
-        f32 = derive(base, {"fmri.dtype": "float32"}, "bench load")
-        generate(f32, common_dir, workers=2, progress=False)
-        files = sorted(ours_dir.glob("shard-*.h5"))
-        fmri_bytes_per_subject = int(np.prod(base.fmri.shape)) * 2
+def _make_cohorts(cfg, n: int, scratch: Path):
+    """The float16 cohort (ours) and its float32 twin (common): ``(base, ours_dir, common_dir)``."""
+    base = derive(cfg.cohort, {"n_subjects": n, "subjects_per_shard": max(n // 4, 1)}, "bench load")
+    ours_dir, common_dir = scratch / "f16", scratch / "f32"
+    print(f"making cohorts of {n} subjects in {scratch} ...", flush=True)
+    generate(base, ours_dir, workers=2, progress=False)
+    f32 = derive(base, {"fmri.dtype": "float32"}, "bench load")
+    generate(f32, common_dir, workers=2, progress=False)
+    return base, ours_dir, common_dir
 
-        cold_ok = drop_caches(files)
-        dt, nbytes = raw_read(files)
-        figures["raw_cold_MB_per_s"] = nbytes / dt / 1e6
-        figures["cold_cache_dropped"] = cold_ok
-        dt, nbytes = min(raw_read(files) for _ in range(WARM_REPEATS))
-        figures["raw_warm_MB_per_s"] = nbytes / dt / 1e6
-        total_fraction = fmri_bytes_per_subject * n / nbytes  # fMRI share of the file bytes
-        figures["raw_warm_subjects_per_s"] = (
-            figures["raw_warm_MB_per_s"] * 1e6 * total_fraction / fmri_bytes_per_subject
-        )
 
-        for key, w, kind in MODES:
-            for cache in ("cold", "warm"):
-                dt, got, nb = epoch(ours_dir, w, batch, "fmri", files if cache == "cold" else None, kind)
-                figures[f"ours_{key}_{cache}_subjects_per_s"] = got / dt
-                figures[f"ours_{key}_{cache}_MB_per_s"] = nb / dt / 1e6
-        if virtual:  # the same subjects regenerated in the loader: no page cache to be cold or warm
-            from trd_hpc.data.generate import write_virtual
+def _measure_raw(figures: dict, files: list[Path], fmri_bytes_per_subject: int, n: int) -> float:
+    """Raw sequential reads, cold and warm, into ``figures``; returns the fMRI share of the file bytes."""
+    cold_ok = drop_caches(files)
+    dt, nbytes = raw_read(files)
+    figures["raw_cold_MB_per_s"] = nbytes / dt / 1e6
+    figures["cold_cache_dropped"] = cold_ok
+    dt, nbytes = min(raw_read(files) for _ in range(WARM_REPEATS))
+    figures["raw_warm_MB_per_s"] = nbytes / dt / 1e6
+    total_fraction = fmri_bytes_per_subject * n / nbytes  # fMRI share of the file bytes
+    figures["raw_warm_subjects_per_s"] = figures["raw_warm_MB_per_s"] * 1e6 * total_fraction / fmri_bytes_per_subject
+    return total_fraction
 
-            write_virtual(base, scratch / "virtual")
-            for w in (0, 1, 2):
-                dt, got, _ = epoch(scratch / "virtual", w, batch, "fmri", worker_type="process")
-                figures[f"virtual_w{w}_subjects_per_s"] = got / dt
-                sharded = f"w{w}" if w == 0 else f"p{w}"  # the same worker processes
-                for cache in ("cold", "warm"):
-                    figures[f"virtual_vs_sharded_w{w}_{cache}"] = (
-                        figures[f"virtual_w{w}_subjects_per_s"] / figures[f"ours_{sharded}_{cache}_subjects_per_s"]
-                    )
-        best_warm = max(figures[f"ours_{k}_warm_MB_per_s"] for k, _, _ in MODES)
-        best_cold = max(figures[f"ours_{k}_cold_MB_per_s"] for k, _, _ in MODES)
-        # Raw moves every byte of the file; ours counts only the fMRI bytes (>99 %).
-        figures["ratio_to_raw_warm"] = best_warm / (figures["raw_warm_MB_per_s"] * total_fraction)
-        figures["ratio_to_raw_cold"] = best_cold / (figures["raw_cold_MB_per_s"] * total_fraction)
-        raw_warm = figures["raw_warm_MB_per_s"] * total_fraction
-        figures["in_process_warm_to_raw"] = figures["ours_w0_warm_MB_per_s"] / raw_warm
-        for cache in ("cold", "warm"):  # the slower of 1 and 2 reading threads, against in-process
-            figures[f"threads_vs_in_process_{cache}"] = (
-                min(figures[f"ours_w{w}_{cache}_MB_per_s"] for w in (1, 2)) / figures[f"ours_w0_{cache}_MB_per_s"]
+
+def _measure_modes(figures: dict, ours_dir: Path, files: list[Path], batch: int) -> None:
+    for key, w, kind in MODES:
+        for cache in ("cold", "warm"):
+            dt, got, nb = epoch(ours_dir, w, batch, "fmri", files if cache == "cold" else None, kind)
+            figures[f"ours_{key}_{cache}_subjects_per_s"] = got / dt
+            figures[f"ours_{key}_{cache}_MB_per_s"] = nb / dt / 1e6
+
+
+def _measure_virtual(figures: dict, base, scratch: Path, batch: int) -> None:
+    """The same subjects regenerated in the loader: no page cache to be cold or warm."""
+    from trd_hpc.data.generate import write_virtual
+
+    write_virtual(base, scratch / "virtual")
+    for w in (0, 1, 2):
+        dt, got, _ = epoch(scratch / "virtual", w, batch, "fmri", worker_type="process")
+        figures[f"virtual_w{w}_subjects_per_s"] = got / dt
+        sharded = f"w{w}" if w == 0 else f"p{w}"  # the same worker processes
+        for cache in ("cold", "warm"):
+            figures[f"virtual_vs_sharded_w{w}_{cache}"] = (
+                figures[f"virtual_w{w}_subjects_per_s"] / figures[f"ours_{sharded}_{cache}_subjects_per_s"]
             )
 
-        raw_read(files)  # warm: the check's own cost, not the disk's
-        plain = min(first_epoch(ours_dir, batch, verify=False) for _ in range(2))
-        checked = min(first_epoch(ours_dir, batch, verify=True) for _ in range(2))
-        figures["first_epoch_s_unchecked"] = plain
-        figures["first_epoch_s_checked"] = checked
-        figures["first_epoch_check_ratio"] = checked / plain
 
-        # Warm page cache for the float32 files too, so the comparison is of the code paths.
-        raw_read(sorted(common_dir.glob("shard-*.h5")))
-        dt, got = common_epoch(common_dir, 2, batch)
-        figures["common_w2_warm_subjects_per_s"] = got / dt
-        figures["speedup_vs_common"] = figures["ours_w2_warm_subjects_per_s"] / figures["common_w2_warm_subjects_per_s"]
-        shutil.rmtree(common_dir, ignore_errors=True)
+def _ratios(figures: dict, total_fraction: float) -> None:
+    best_warm = max(figures[f"ours_{k}_warm_MB_per_s"] for k, _, _ in MODES)
+    best_cold = max(figures[f"ours_{k}_cold_MB_per_s"] for k, _, _ in MODES)
+    # Raw moves every byte of the file; ours counts only the fMRI bytes (>99 %).
+    figures["ratio_to_raw_warm"] = best_warm / (figures["raw_warm_MB_per_s"] * total_fraction)
+    figures["ratio_to_raw_cold"] = best_cold / (figures["raw_cold_MB_per_s"] * total_fraction)
+    raw_warm = figures["raw_warm_MB_per_s"] * total_fraction
+    figures["in_process_warm_to_raw"] = figures["ours_w0_warm_MB_per_s"] / raw_warm
+    for cache in ("cold", "warm"):  # the slower of 1 and 2 reading threads, against in-process
+        figures[f"threads_vs_in_process_{cache}"] = (
+            min(figures[f"ours_w{w}_{cache}_MB_per_s"] for w in (1, 2)) / figures[f"ours_w0_{cache}_MB_per_s"]
+        )
 
-        big = derive(base, {"n_subjects": 10 * n}, "bench load")
-        big_dir = scratch / "f16x10"
-        print(f"making a cohort of {10 * n} subjects for the memory check ...", flush=True)
-        generate(big, big_dir, workers=2, progress=False)
-        for name, root in (("1x", ours_dir), ("10x", big_dir)):
-            with PeakRSS() as rss:
-                epoch(root, 2, batch, "fmri")
-            figures[f"peak_rss_MB_{name}"] = rss.peak / 1e6
-        figures["rss_growth_10x"] = figures["peak_rss_MB_10x"] / figures["peak_rss_MB_1x"]
-    finally:
-        if not scratch_dir:
-            shutil.rmtree(scratch, ignore_errors=True)
 
-    f = figures
+def _measure_verification(figures: dict, files: list[Path], ours_dir: Path, batch: int) -> None:
+    raw_read(files)  # warm: the check's own cost, not the disk's
+    plain = min(first_epoch(ours_dir, batch, verify=False) for _ in range(2))
+    checked = min(first_epoch(ours_dir, batch, verify=True) for _ in range(2))
+    figures["first_epoch_s_unchecked"] = plain
+    figures["first_epoch_s_checked"] = checked
+    figures["first_epoch_check_ratio"] = checked / plain
+
+
+def _measure_common(figures: dict, common_dir: Path, batch: int) -> None:
+    # Warm page cache for the float32 files too, so the comparison is of the code paths.
+    raw_read(sorted(common_dir.glob("shard-*.h5")))
+    dt, got = common_epoch(common_dir, 2, batch)
+    figures["common_w2_warm_subjects_per_s"] = got / dt
+    figures["speedup_vs_common"] = figures["ours_w2_warm_subjects_per_s"] / figures["common_w2_warm_subjects_per_s"]
+    shutil.rmtree(common_dir, ignore_errors=True)
+
+
+def _measure_memory(figures: dict, base, n: int, scratch: Path, ours_dir: Path, batch: int) -> None:
+    big = derive(base, {"n_subjects": 10 * n}, "bench load")
+    big_dir = scratch / "f16x10"
+    print(f"making a cohort of {10 * n} subjects for the memory check ...", flush=True)
+    generate(big, big_dir, workers=2, progress=False)
+    for name, root in (("1x", ours_dir), ("10x", big_dir)):
+        with PeakRSS() as rss:
+            epoch(root, 2, batch, "fmri")
+        figures[f"peak_rss_MB_{name}"] = rss.peak / 1e6
+    figures["rss_growth_10x"] = figures["peak_rss_MB_10x"] / figures["peak_rss_MB_1x"]
+
+
+def _print_report(f: dict, cfg, batch: int, n: int, virtual: bool) -> None:
     print(f"load: EMT fMRI {tuple(cfg.cohort.fmri.shape)} float16, batch {batch}, {n} subjects (10x: {10 * n})")
     print(
         f"  raw sequential read : cold {f['raw_cold_MB_per_s']:7.0f} MB/s   warm {f['raw_warm_MB_per_s']:7.0f} MB/s"
@@ -340,6 +337,42 @@ def run(
         f"  checksums on first open: first epoch {f['first_epoch_s_checked']:.3f} s checked vs "
         f"{f['first_epoch_s_unchecked']:.3f} s unchecked = {f['first_epoch_check_ratio']:.2f}x (later epochs: no cost)"
     )
+
+
+def run(
+    config: str | None = None,
+    overrides=(),
+    subjects: int | None = None,
+    scratch_dir: str | None = None,
+    json_path: str | None = None,
+    virtual: bool = False,
+) -> int:
+    cfg = load_config(config or "emt", list(overrides))
+    if cfg.cohort.kind != "emt":
+        raise ConfigError(f"{config}: bench load compares against float32 fMRI storage: use an EMT config (task: emt)")
+    n = subjects or 48
+    batch = 12
+    scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="trd-bench-load-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    figures: dict = {"benchmark": "load", "subjects": n, "batch": batch}
+    try:
+        base, ours_dir, common_dir = _make_cohorts(cfg, n, scratch)
+        files = sorted(ours_dir.glob("shard-*.h5"))
+        fmri_bytes_per_subject = int(np.prod(base.fmri.shape)) * 2
+        total_fraction = _measure_raw(figures, files, fmri_bytes_per_subject, n)
+        _measure_modes(figures, ours_dir, files, batch)
+        if virtual:
+            _measure_virtual(figures, base, scratch, batch)
+        _ratios(figures, total_fraction)
+        _measure_verification(figures, files, ours_dir, batch)
+        _measure_common(figures, common_dir, batch)
+        _measure_memory(figures, base, n, scratch, ours_dir, batch)
+    finally:
+        if not scratch_dir:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    _print_report(figures, cfg, batch, n, virtual)
     if json_path:
         atomic_write_json(json_path, figures)
     return 0

@@ -107,155 +107,177 @@ def _lightning_epochs(model, task, batches, make_opt, device, clip: float | None
     return seconds
 
 
-def run(
-    config: str | None = None,
-    overrides=(),
-    subjects: int | None = None,
-    scratch_dir: str | None = None,
-    json_path: str | None = None,
-    epochs: int = 3,
-    lightning: bool = True,
-    compile: bool = True,
-) -> int:
-    cfg = load_config(config or "emt", list(overrides))
-    steps = max(2, (subjects or 0) // cfg.train.batch_size) if subjects else 8
-    n_train = steps * cfg.train.batch_size
-    scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="trd-bench-train-"))
-    threads = cfg.train.num_threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
+def _cohort_subjects(cfg, n_train: int) -> int:
+    """Subjects of a cohort whose train split holds ``n_train`` of them (an even number)."""
+    n = int(
+        round(
+            n_train / cfg.cohort.split.train
+            if hasattr(cfg.cohort.split, "train")
+            else n_train / ((1 - cfg.cohort.split.test) * (1 - cfg.cohort.split.val))
+        )
+    )
+    n += n % 2
+    return n
+
+
+def _set_up(cfg, scratch: Path, threads: int, n_train: int):
+    """Generate the bench cohort in ``scratch`` and a Trainer on it: ``(cfg, root, info, trainer)``."""
+    # A cohort whose train split is exactly `steps` full batches.
+    n = _cohort_subjects(cfg, n_train)
+    root = scratch / "cohort"
+    cfg = derive(
+        cfg,
+        {
+            "cohort.n_subjects": n,
+            "cohort.subjects_per_shard": max(n // 4, 1),
+            "data.cohort": str(root),
+            "train.strategy": "single",
+            "train.num_threads": threads,
+        },
+        "bench train",
+    )
+    print(f"bench train: making a {cfg.task} cohort of {n} subjects in {root} ...", flush=True)
+    generate(cfg.cohort, root, workers=1, progress=False)
+    info = D.DistInfo()
+    trainer = Trainer(cfg, make_task(cfg, str(root)), scratch / "run", info, root, progress=False)
+    return cfg, root, info, trainer
+
+
+def _preload(ds, batch_size: int) -> list[dict]:
+    """The same subjects, preloaded as batches, for the bare loop."""
+    ids = list(range(len(ds)))
+    batches = []
+    for lo in range(0, len(ids), batch_size):
+        b = ds.__getitems__(ids[lo : lo + batch_size])
+        batches.append({k: v.clone() for k, v in b.items()})
+    return batches
+
+
+def _compiled_loop(fresh_model, make_opt, task, batches, device, clip: float | None):
+    """The bare loop under ``torch.compile``: ``(figures, loop)``, ``loop`` None when compiling failed."""
+    c_model = fresh_model()
+    c_opt = make_opt(c_model.parameters())
     try:
-        # A cohort whose train split is exactly `steps` full batches.
-        n = int(
-            round(
-                n_train / cfg.cohort.split.train
-                if hasattr(cfg.cohort.split, "train")
-                else n_train / ((1 - cfg.cohort.split.test) * (1 - cfg.cohort.split.val))
-            )
+        c_fn = torch.compile(c_model)
+        t0 = time.perf_counter()
+        _bare_epoch(c_fn, task, batches[:1], c_opt, device, clip)  # compiles forward and backward
+        compiled = {"compile": "measured", "compile_seconds": time.perf_counter() - t0}
+        return compiled, lambda: _bare_epoch(c_fn, task, batches, c_opt, device, clip)
+    except Exception as exc:  # no C++ compiler, an unsupported op: reported, not fatal
+        return {"compile": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}, None
+
+
+def _time_loops(loops: dict, epochs: int) -> dict[str, list[float]]:
+    # Warm-up each (allocator, first touch, one-time kernels), then alternate timed epochs.
+    for fn in loops.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in loops}
+    for _ in range(epochs):
+        for k, fn in loops.items():
+            times[k].append(fn())
+    return times
+
+
+def _time_lightning(lightning: bool, fresh_model, task, batches, default_opt, device, clip, epochs: int):
+    """``(figures, timed epoch seconds)`` of Lightning's Trainer; the seconds are None when not measured."""
+    if not lightning:
+        return {"lightning": "off (--no-lightning)"}, None
+    try:
+        import lightning as _  # noqa: F401
+    except ImportError:
+        return {"lightning": "not installed (pip install 'trd-hpc[bench]')"}, None
+    sec = _lightning_epochs(fresh_model(), task, batches, default_opt, device, clip, epochs)
+    return {"lightning": "measured"}, sec[1:]
+
+
+def _measure(cfg, root: Path, info, trainer, epochs: int, lightning: bool, compile: bool):
+    """Time every loop on the trainer's train subjects: ``(n_used, times, light, compiled)``."""
+    ds = trainer.datasets["train"]
+    n_used = len(ds)
+
+    batches = _preload(ds, cfg.train.batch_size)
+    torch.manual_seed(cfg.train.seed)
+    task = make_task(cfg, str(root))
+    init = copy.deepcopy(trainer.raw_model.state_dict())
+    clip = cfg.train.grad_clip_norm
+    opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
+
+    def make_opt(params):  # the trainer's optimiser (fused where PyTorch has the kernel)
+        return build_optimizer(params, cfg.train)
+
+    def default_opt(params):  # as Lightning's docs write configure_optimizers
+        return opt_cls(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+    def fresh_model():
+        m = task.build_model()
+        m.load_state_dict(init)
+        return m.to(info.device)
+
+    bare_model = fresh_model()
+    bare_opt = make_opt(bare_model.parameters())
+
+    def bare() -> float:
+        return _bare_epoch(bare_model, task, batches, bare_opt, info.device, clip)
+
+    def ours() -> float:
+        t0 = time.perf_counter()
+        trainer.train_epoch(trainer.train_sampler.epoch + 1)
+        return time.perf_counter() - t0
+
+    loops = {"bare": bare, "ours": ours}
+    compiled = {"compile": "off (--no-compile)"}
+    if compile:
+        compiled, c_loop = _compiled_loop(fresh_model, make_opt, task, batches, info.device, clip)
+        if c_loop is not None:
+            loops["compiled"] = c_loop
+    print(f"bench train: {n_used} subjects, 1 warm-up + {epochs} timed epochs of {', '.join(loops)} ...", flush=True)
+    times = _time_loops(loops, epochs)
+    light, sec = _time_lightning(lightning, fresh_model, task, batches, default_opt, info.device, clip, epochs)
+    if sec is not None:
+        times["lightning"] = sec
+    return n_used, times, light, compiled
+
+
+def _figures(cfg, trainer, info, threads: int, n_used: int, epochs: int, times: dict, light: dict, compiled: dict):
+    """The JSON figures of the benchmark."""
+    sps = {k: n_used / min(v) for k, v in times.items()}
+    peak, source = peak_flops(info.device, "fp32")
+    fps = trainer.flops_per_sample
+    figures = {
+        "benchmark": "train",
+        "task": cfg.task,
+        "model": cfg.model.name,
+        "batch_size": cfg.train.batch_size,
+        "threads": threads,
+        "subjects_per_epoch": n_used,
+        "timed_epochs": epochs,
+        "grad_clip_norm": cfg.train.grad_clip_norm,
+        "bare_samples_per_s": sps["bare"],
+        "ours_samples_per_s": sps["ours"],
+        "ratio": sps["ours"] / sps["bare"],
+        "target_ratio": 0.95,
+        "epoch_seconds": times,
+        **light,
+        **compiled,
+        "flops_per_sample": fps,
+        "peak_flops": peak,
+        "peak_source": source,
+        "mfu_ours": fps * sps["ours"] / peak,
+        "mfu_bare": fps * sps["bare"] / peak,
+    }
+    if "lightning" in sps:
+        figures.update(
+            lightning_samples_per_s=sps["lightning"],
+            ratio_vs_lightning=sps["ours"] / sps["lightning"],
+            target_ratio_vs_lightning=1.0,
         )
-        n += n % 2
-        root = scratch / "cohort"
-        cfg = derive(
-            cfg,
-            {
-                "cohort.n_subjects": n,
-                "cohort.subjects_per_shard": max(n // 4, 1),
-                "data.cohort": str(root),
-                "train.strategy": "single",
-                "train.num_threads": threads,
-            },
-            "bench train",
-        )
-        print(f"bench train: making a {cfg.task} cohort of {n} subjects in {root} ...", flush=True)
-        generate(cfg.cohort, root, workers=1, progress=False)
-        info = D.DistInfo()
-        trainer = Trainer(cfg, make_task(cfg, str(root)), scratch / "run", info, root, progress=False)
-        ds = trainer.datasets["train"]
-        n_used = len(ds)
+    if "compiled" in sps:
+        figures.update(compiled_samples_per_s=sps["compiled"], compile_ratio=sps["compiled"] / sps["bare"])
+    return figures
 
-        # The same subjects, preloaded as batches, for the bare loop.
-        ids = list(range(len(ds)))
-        batches = []
-        for lo in range(0, len(ids), cfg.train.batch_size):
-            b = ds.__getitems__(ids[lo : lo + cfg.train.batch_size])
-            batches.append({k: v.clone() for k, v in b.items()})
-        torch.manual_seed(cfg.train.seed)
-        task = make_task(cfg, str(root))
-        init = copy.deepcopy(trainer.raw_model.state_dict())
-        clip = cfg.train.grad_clip_norm
-        opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
 
-        def make_opt(params):  # the trainer's optimiser (fused where PyTorch has the kernel)
-            return build_optimizer(params, cfg.train)
-
-        def default_opt(params):  # as Lightning's docs write configure_optimizers
-            return opt_cls(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-        def fresh_model():
-            m = task.build_model()
-            m.load_state_dict(init)
-            return m.to(info.device)
-
-        bare_model = fresh_model()
-        bare_opt = make_opt(bare_model.parameters())
-
-        def bare() -> float:
-            return _bare_epoch(bare_model, task, batches, bare_opt, info.device, clip)
-
-        def ours() -> float:
-            t0 = time.perf_counter()
-            trainer.train_epoch(trainer.train_sampler.epoch + 1)
-            return time.perf_counter() - t0
-
-        loops = {"bare": bare, "ours": ours}
-        compiled = {"compile": "off (--no-compile)"}
-        if compile:
-            c_model = fresh_model()
-            c_opt = make_opt(c_model.parameters())
-            try:
-                c_fn = torch.compile(c_model)
-                t0 = time.perf_counter()
-                _bare_epoch(c_fn, task, batches[:1], c_opt, info.device, clip)  # compiles forward and backward
-                compiled = {"compile": "measured", "compile_seconds": time.perf_counter() - t0}
-                loops["compiled"] = lambda: _bare_epoch(c_fn, task, batches, c_opt, info.device, clip)
-            except Exception as exc:  # no C++ compiler, an unsupported op: reported, not fatal
-                compiled = {"compile": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-        print(
-            f"bench train: {n_used} subjects, 1 warm-up + {epochs} timed epochs of {', '.join(loops)} ...", flush=True
-        )
-        # Warm-up each (allocator, first touch, one-time kernels), then alternate timed epochs.
-        for fn in loops.values():
-            fn()
-        times: dict[str, list[float]] = {k: [] for k in loops}
-        for _ in range(epochs):
-            for k, fn in loops.items():
-                times[k].append(fn())
-        light: dict = {"lightning": "off (--no-lightning)"}
-        if lightning:
-            try:
-                import lightning as _  # noqa: F401
-            except ImportError:
-                light = {"lightning": "not installed (pip install 'trd-hpc[bench]')"}
-            else:
-                sec = _lightning_epochs(fresh_model(), task, batches, default_opt, info.device, clip, epochs)
-                times["lightning"] = sec[1:]
-                light = {"lightning": "measured"}
-        sps = {k: n_used / min(v) for k, v in times.items()}
-        peak, source = peak_flops(info.device, "fp32")
-        fps = trainer.flops_per_sample
-        figures = {
-            "benchmark": "train",
-            "task": cfg.task,
-            "model": cfg.model.name,
-            "batch_size": cfg.train.batch_size,
-            "threads": threads,
-            "subjects_per_epoch": n_used,
-            "timed_epochs": epochs,
-            "grad_clip_norm": clip,
-            "bare_samples_per_s": sps["bare"],
-            "ours_samples_per_s": sps["ours"],
-            "ratio": sps["ours"] / sps["bare"],
-            "target_ratio": 0.95,
-            "epoch_seconds": times,
-            **light,
-            **compiled,
-            "flops_per_sample": fps,
-            "peak_flops": peak,
-            "peak_source": source,
-            "mfu_ours": fps * sps["ours"] / peak,
-            "mfu_bare": fps * sps["bare"] / peak,
-        }
-        if "lightning" in sps:
-            figures.update(
-                lightning_samples_per_s=sps["lightning"],
-                ratio_vs_lightning=sps["ours"] / sps["lightning"],
-                target_ratio_vs_lightning=1.0,
-            )
-        if "compiled" in sps:
-            figures.update(compiled_samples_per_s=sps["compiled"], compile_ratio=sps["compiled"] / sps["bare"])
-    finally:
-        if not scratch_dir:
-            shutil.rmtree(scratch, ignore_errors=True)
-    f = figures
+def _print_report(f: dict) -> None:
+    n_used = f["subjects_per_epoch"]
     print(
         f"train {f['task']} ({f['model']}), batch {f['batch_size']}, {f['threads']} threads, {n_used} subjects/epoch, fp32"
     )
@@ -285,6 +307,32 @@ def run(
     print(
         f"  {f['flops_per_sample'] / 1e9:.2f} GFLOP/sample; peak {f['peak_flops'] / 1e9:.0f} GFLOP/s ({f['peak_source']})"
     )
+
+
+def run(
+    config: str | None = None,
+    overrides=(),
+    subjects: int | None = None,
+    scratch_dir: str | None = None,
+    json_path: str | None = None,
+    epochs: int = 3,
+    lightning: bool = True,
+    compile: bool = True,
+) -> int:
+    cfg = load_config(config or "emt", list(overrides))
+    steps = max(2, (subjects or 0) // cfg.train.batch_size) if subjects else 8
+    n_train = steps * cfg.train.batch_size
+    scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="trd-bench-train-"))
+    threads = cfg.train.num_threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cfg, root, info, trainer = _set_up(cfg, scratch, threads, n_train)
+        n_used, times, light, compiled = _measure(cfg, root, info, trainer, epochs, lightning, compile)
+        figures = _figures(cfg, trainer, info, threads, n_used, epochs, times, light, compiled)
+    finally:
+        if not scratch_dir:
+            shutil.rmtree(scratch, ignore_errors=True)
+    _print_report(figures)
     if json_path:
         atomic_write_json(json_path, figures)
     return 0

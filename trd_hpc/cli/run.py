@@ -11,9 +11,9 @@ from trd_hpc.cli.common import EPILOG, add_generate, add_overrides, format_final
 
 def load_for_launch(config: str, overrides: list[str]):
     """The config with what an srun launch implies (several tasks -> DDP, threads = CPUs per
-    task; trd_hpc.launch.plan), so the sbatch scripts pass the user's arguments through as they are."""
+    task; trd_hpc.train.plan), so the sbatch scripts pass the user's arguments through as they are."""
     from trd_hpc.config import load_config
-    from trd_hpc.launch.plan import implied_overrides, slurm_tasks
+    from trd_hpc.train.plan import implied_overrides, slurm_tasks
 
     tasks, cpus = slurm_tasks()
     cfg = load_config(config, overrides)
@@ -88,7 +88,7 @@ def _evaluate(a) -> int:
 
 
 def _report(a) -> int:
-    from trd_hpc.eval.pipeline import write_run_report
+    from trd_hpc.evaluation import write_run_report
 
     print(f"report: {write_run_report(Path(a.run_dir))}")
     return 0

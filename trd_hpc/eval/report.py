@@ -108,19 +108,17 @@ class Column:
     scored_on: tuple[str, ...] | None = None  # what the model is scored on; None: everything
 
 
-def baseline_columns(cfg, run, arrays) -> tuple[list[Column], list[str]]:
+def baseline_columns(cfg, run, arrays, scored_on: dict) -> tuple[list[Column], list[str]]:
     """A summary column per baseline of the config whose test predictions are in the run
-    (``arrays(predictions)`` gives the column's per-subject arrays), and a note for each
-    left out."""
-    from trd_hpc.tasks import spec_for
-
+    (``arrays(predictions)`` gives the column's per-subject arrays; ``scored_on``: what each
+    baseline is scored on, TaskSpec.baselines), and a note for each left out."""
     cols, notes = [], []
     for b in cfg.eval.baselines:
         brun = run.baseline(b)
         if not brun.predictions_file("test").is_file():
             notes.append(f"baseline {b}: no test predictions in {brun.path}, left out of the summary")
             continue
-        cols.append(Column(_label(b), arrays(brun.predictions("test")), spec_for(cfg).baselines[b].scored_on))
+        cols.append(Column(_label(b), arrays(brun.predictions("test")), scored_on.get(b)))
     return cols, notes
 
 

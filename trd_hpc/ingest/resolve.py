@@ -21,13 +21,10 @@ import numpy as np
 import yaml
 from pydantic import ValidationError
 
-from trd_hpc.config import Resolved, format_validation_error
+from trd_hpc.cohort_config import Resolved
+from trd_hpc.config import format_validation_error, ingest_spec_class, ingest_tasks, validate_cohort
 from trd_hpc.errors import ConfigError, IngestError
 from trd_hpc.ingest import table as T
-from trd_hpc.tasks.cnn3d.config import CNN3DIngestSpec, IngestedVolumeCohort
-from trd_hpc.tasks.emt.config import EMTIngestSpec, IngestedEMTCohort
-
-SPECS = {"emt": EMTIngestSpec, "cnn3d": CNN3DIngestSpec}
 
 
 @dataclass
@@ -57,12 +54,13 @@ def load_spec(path: str | Path):
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: an ingest spec is a mapping of keys")
     task = data.get("task")
-    if task not in SPECS:
-        raise ConfigError(f"{path}: key 'task' must be one of {sorted(SPECS)}, got {task!r}")
+    cls = ingest_spec_class(task) if isinstance(task, str) else None
+    if cls is None:
+        raise ConfigError(f"{path}: key 'task' must be one of {ingest_tasks()}, got {task!r}")
     try:
-        return SPECS[task].model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, SPECS[task], str(path), "ingest spec")) from None
+        raise ConfigError(format_validation_error(e, cls, str(path), "ingest spec")) from None
 
 
 def _sha256(path: Path) -> str:
@@ -102,22 +100,8 @@ def _image_path(root: Path, template: str, key: str, spec_key: str) -> Path:
     return inside(root, rel, spec_key)
 
 
-def _collect(spec, root: Path, headers: bool = True) -> Subjects:
-    """Every row of the table with its sources; raises on what no policy can mend.
-
-    ``headers``: read every kept image's header too (``resolve``; a worker that rebuilds
-    the list skips it: each image it writes is read whole anyway, and errors name it)."""
-    from trd_hpc.ingest.images import read_header
-
-    tpath = inside(root, spec.table, "table")
-    df = T.read_table(tpath)
-    written, keys = T.ids(df, tpath, spec.id_column)
-    n = len(keys)
-    emt = spec.task == "emt"
-    template, tkey = (spec.fmri, "fmri") if emt else (spec.volume, "volume")
-    images = [_image_path(root, template, k, tkey) for k in keys]
-
-    label_col = spec.label_column if emt else spec.response_column
+def _table_values(spec, df, tpath: Path, emt: bool, n: int, label_col: str | None):
+    """(label, severity, clinical, site) read from the table's columns the spec names."""
     if label_col is not None:
         label = T.class_labels(
             df, tpath, label_col, spec.labels, 2 if emt else 3, "label_column" if emt else "response_column"
@@ -143,8 +127,12 @@ def _collect(spec, root: Path, headers: bool = True) -> Subjects:
                 f"{tpath}: column '{spec.site_column}' is empty on line(s) {T.lines(col.index[col.isna()])}"
             )
         site = [str(v).strip() for v in col]
+    return label, severity, clinical, site
 
-    # What each subject lacks; only a missing source may be dropped (on_missing: drop).
+
+def _lacking(spec, root: Path, emt: bool, keys, images, tkey, label, label_col, severity):
+    """({row: what the subject lacks}, genotype rows or None): only a missing source may be
+    dropped (on_missing: drop)."""
     lacks: dict[int, list[str]] = {}
     geno_row = None
     if emt:
@@ -163,6 +151,55 @@ def _collect(spec, root: Path, headers: bool = True) -> Subjects:
         if severity is not None:
             for i in np.flatnonzero(np.isnan(severity)):
                 lacks.setdefault(int(i), []).append(f"no value in '{spec.severity_column}'")
+    return lacks, geno_row
+
+
+def _check_headers(spec, emt: bool, images, written, keep) -> None:
+    """Headers of the kept images: a file nibabel cannot read, or of the wrong kind, is an
+    error whatever on_missing says (it is there, so it was meant to be used)."""
+    from trd_hpc.ingest.images import read_header
+
+    problems = []
+    for i in keep:
+        try:
+            read_header(
+                images[i], written[i], 4 if emt else 3, spec.frames if emt and spec.temporal == "crop" else None
+            )
+        except IngestError as e:
+            problems.append(str(e))
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise IngestError("; ".join(problems[:5]) + more)
+
+
+def _check_clinical(spec, tpath: Path, clinical, keep) -> None:
+    holes = [
+        f"'{c}' on line(s) {T.lines(keep[np.isnan(clinical[keep, j])])}"
+        for j, c in enumerate(spec.clinical_columns)
+        if np.isnan(clinical[keep, j]).any()
+    ]
+    if holes:
+        raise IngestError(
+            f"{tpath}: missing clinical values: {'; '.join(holes)}. Fill them, or set clinical_missing: impute "
+            f"(the training split's mean, recorded in the manifest)"
+        )
+
+
+def _collect(spec, root: Path, headers: bool = True) -> Subjects:
+    """Every row of the table with its sources; raises on what no policy can mend.
+
+    ``headers``: read every kept image's header too (``resolve``; a worker that rebuilds
+    the list skips it: each image it writes is read whole anyway, and errors name it)."""
+    tpath = inside(root, spec.table, "table")
+    df = T.read_table(tpath)
+    written, keys = T.ids(df, tpath, spec.id_column)
+    n = len(keys)
+    emt = spec.task == "emt"
+    template, tkey = (spec.fmri, "fmri") if emt else (spec.volume, "volume")
+    images = [_image_path(root, template, k, tkey) for k in keys]
+    label_col = spec.label_column if emt else spec.response_column
+    label, severity, clinical, site = _table_values(spec, df, tpath, emt, n, label_col)
+    lacks, geno_row = _lacking(spec, root, emt, keys, images, tkey, label, label_col, severity)
 
     if lacks and spec.on_missing == "error":
         listed = "; ".join(f"{written[i]} (line {i + 2}): {', '.join(w)}" for i, w in sorted(lacks.items())[:10])
@@ -180,32 +217,10 @@ def _collect(spec, root: Path, headers: bool = True) -> Subjects:
         raise IngestError(f"{tpath}: no subject has every source the spec names")
     if label_col is not None:
         _check_classes(tpath, label_col, label[keep], spec.labels, 2 if emt else 3)
-
-    # Headers of the kept images: a file nibabel cannot read, or of the wrong kind, is an
-    # error whatever on_missing says (it is there, so it was meant to be used).
-    problems = []
-    for i in keep if headers else ():
-        try:
-            read_header(
-                images[i], written[i], 4 if emt else 3, spec.frames if emt and spec.temporal == "crop" else None
-            )
-        except IngestError as e:
-            problems.append(str(e))
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise IngestError("; ".join(problems[:5]) + more)
-
+    if headers:
+        _check_headers(spec, emt, images, written, keep)
     if clinical is not None and spec.clinical_missing == "error":
-        holes = [
-            f"'{c}' on line(s) {T.lines(keep[np.isnan(clinical[keep, j])])}"
-            for j, c in enumerate(spec.clinical_columns)
-            if np.isnan(clinical[keep, j]).any()
-        ]
-        if holes:
-            raise IngestError(
-                f"{tpath}: missing clinical values: {'; '.join(holes)}. Fill them, or set clinical_missing: impute "
-                f"(the training split's mean, recorded in the manifest)"
-            )
+        _check_clinical(spec, tpath, clinical, keep)
     return Subjects(
         participant_id=[written[i] for i in keep],
         key=[keys[i] for i in keep],
@@ -234,7 +249,7 @@ def _check_classes(tpath: Path, col: str, labels: np.ndarray, names, n_classes: 
 
 
 def resolve(path: str | Path):
-    """The cohort config of the spec at ``path`` (IngestedEMTCohort / IngestedVolumeCohort)."""
+    """The cohort config of the spec at ``path`` (kind ingested_emt / ingested_volume)."""
     path = Path(path).resolve()
     spec = load_spec(path)
     root = path.parent
@@ -253,7 +268,7 @@ def resolve(path: str | Path):
         snp_ids = geno.select(spec.snps.first, inside(root, spec.snps.ids, "snps.ids") if spec.snps.ids else None)
         geno.check_padding(snp_ids)
         mean, sd = _clinical_stats(spec, subj)
-        cfg = IngestedEMTCohort.model_validate(
+        cfg = validate_cohort(
             {
                 **d,
                 "kind": "ingested_emt",
@@ -262,7 +277,8 @@ def resolve(path: str | Path):
                 "genotypes_sha256": geno.fingerprint(),
                 "clinical_mean": mean,
                 "clinical_sd": sd,
-            }
+            },
+            str(path),
         )
     else:
         smax = spec.severity_max
@@ -274,8 +290,8 @@ def resolve(path: str | Path):
             raise IngestError(
                 f"{root / spec.table}: severity {subj.severity[i]:g} of {subj.participant_id[i]} exceeds severity_max {smax:g}"
             )
-        cfg = IngestedVolumeCohort.model_validate(
-            {**d, "kind": "ingested_volume", "resolved": resolved.model_dump(), "severity_max": smax}
+        cfg = validate_cohort(
+            {**d, "kind": "ingested_volume", "resolved": resolved.model_dump(), "severity_max": smax}, str(path)
         )
     _cache_put(cfg, subj)
     return cfg
@@ -322,7 +338,7 @@ def subjects(cfg) -> Subjects:
             raise IngestError(
                 f"{tpath}: the table changed (or is gone) since this cohort was resolved; ingest it again"
             )
-        spec_cls = SPECS[cfg.task]
+        spec_cls = ingest_spec_class(cfg.task)
         spec = spec_cls.model_validate({f: getattr(cfg, f) for f in spec_cls.model_fields})
         _cache_put(cfg, _collect(spec, root, headers=False))
     return _CACHE[k]

@@ -1,17 +1,7 @@
-"""Launchers around the trainer: ``trd-hpc submit`` (submitit: SLURM, local, debug).
+"""Launchers around the trainer: ``trd-hpc submit`` (``submit``: submitit, SLURM, local, debug).
+What every launch needs to know about its processes (threads, implied overrides) is
+``trd_hpc.train.plan``, below the launchers.  Nothing is imported here.
 
 The sbatch scripts live in ``slurm/``; both checkpoint on SIGUSR2 and requeue the job
 (see ``trd_hpc.launch.submit`` and ``slurm/_train.sh``).
 """
-
-from trd_hpc.launch.submit import SubmitRequest, submit
-
-__all__ = ["SubmitRequest", "TrdJob", "submit"]
-
-
-def __getattr__(name: str):
-    if name == "TrdJob":  # imports submitit (see trd_hpc.launch.submit)
-        from trd_hpc.launch import submit as _submit
-
-        return _submit.TrdJob
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,8 +37,8 @@ from pathlib import Path
 
 from trd_hpc import resources
 from trd_hpc.errors import ConfigError, TrainingError
-from trd_hpc.launch.plan import implied_overrides
 from trd_hpc.rundir import PREEMPTED, RunDir
+from trd_hpc.train.plan import implied_overrides
 
 VERBS = ("train", "generate", "cv", "tune", "predict")
 CLUSTERS = ("slurm", "local", "debug")
@@ -74,9 +74,9 @@ def _join_tasks() -> int:
     if env.num_tasks > 1:
         from submitit.helpers import TorchDistributedEnvironment
 
-        from trd_hpc.launch.plan import slurm_port
+        from trd_hpc.train.plan import slurm_port
 
-        # the port of every srun launch (trd_hpc.launch.plan): same on every task, and not one
+        # the port of every srun launch (trd_hpc.train.plan): same on every task, and not one
         # inherited from the submitting shell (submitit would keep that)
         os.environ["MASTER_PORT"] = str(slurm_port(env.raw_job_id))
         # CUDA_VISIBLE_DEVICES is left alone: the trainer picks GPU local_rank % visible GPUs
@@ -291,7 +291,7 @@ class SubmitRequest:
 
 
 def _overrides_with_defaults(a: SubmitRequest) -> list[str]:
-    """The user's overrides plus what the resources imply (trd_hpc.launch.plan)."""
+    """The user's overrides plus what the resources imply (trd_hpc.train.plan)."""
     if a.verb not in ("train", "cv"):
         return list(a.overrides or [])
     from trd_hpc.config import load_config

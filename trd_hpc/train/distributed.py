@@ -2,7 +2,7 @@
 
 Rank, world size, local rank and the rendezvous come from torchrun's variables
 when present, else from SLURM's (one task per process under ``srun``; see
-``trd_hpc.launch.plan`` for the rendezvous).
+``trd_hpc.train.plan`` for the rendezvous).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from trd_hpc.errors import ConfigError
-from trd_hpc.launch.plan import env_from_slurm
+from trd_hpc.train.plan import env_from_slurm
 
 
 @dataclass

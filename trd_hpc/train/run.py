@@ -89,11 +89,11 @@ def ensure_cohort(cfg: "ExperimentConfig", info: D.DistInfo, progress: bool = Tr
     cfg = resolve_cohort(cfg)  # refuses a missing cohort unless data.generate
     root = Path(cfg.data.cohort)
     if info.is_main and not (root / MANIFEST).exists():
-        from trd_hpc.data.manifest import GENERATORS
+        from trd_hpc.data.kinds import kind_of
 
         check_target_dir(cfg.cohort, root)  # never generate over another cohort's or tool's files
         what = (
-            f"a synthetic cohort ({GENERATORS.get(cfg.cohort.kind, cfg.cohort.kind)} generator, "
+            f"a synthetic cohort ({kind_of(cfg.cohort).generator or cfg.cohort.kind} generator, "
             f"seed {cfg.cohort.seed}, {cfg.cohort.n_subjects} subjects)"
         )
         if cfg.data.source == "virtual":

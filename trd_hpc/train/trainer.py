@@ -28,12 +28,12 @@ from trd_hpc.console import say
 from trd_hpc.data.dataset import CohortDataset, make_loader
 from trd_hpc.data.sampler import ShardAwareSampler
 from trd_hpc.errors import TrainingError  # noqa: E402  (re-exported)
-from trd_hpc.launch.plan import threads_per_process
 from trd_hpc.rundir import RunDir
 from trd_hpc.tasks.base import FlopsEstimate, Task, merge_records
 from trd_hpc.train import checkpoint as ckpt
 from trd_hpc.train import distributed as D
 from trd_hpc.train import identity, signals
+from trd_hpc.train.plan import threads_per_process
 from trd_hpc.train.strategy import make_strategy
 
 if TYPE_CHECKING:

@@ -64,18 +64,8 @@ def tolerance(metric: str) -> float | None:
     return None
 
 
-def run_bench(
-    spec_grid: str | Path = DEFAULT_GRID,
-    spec_asha: str | Path = DEFAULT_ASHA,
-    out_dir: str | Path = DEFAULT_OUT,
-    base: str | Path | None = None,
-    address: str | None = None,
-    overrides=(),
-    max_t: int | None = None,
-    verbose: int = 0,
-    seeds: int = 3,
-    val_subjects: int = VAL_SUBJECTS,
-) -> dict:
+def _load_specs(spec_grid, spec_asha, base, overrides, max_t, seeds: int, val_subjects: int):
+    """The grid spec under fifo and one ASHA spec per search seed, as many trials each: ``(grid, ashas)``."""
     if val_subjects:
         probe = load_spec(spec_grid, base=base, overrides=tuple(overrides), updates={"scheduler": "fifo"})
         overrides = (*bigger_validation(probe.base_data, val_subjects), *overrides)  # the caller's win
@@ -99,7 +89,11 @@ def run_bench(
         )
         for k in range(max(1, seeds))
     ]
-    asha = ashas[0]
+    return grid, ashas
+
+
+def _check_comparable(grid, asha) -> None:
+    """Raise ConfigError unless both sweeps optimise the same thing on the same task and cohort."""
     if (grid.spec.metric, grid.spec.mode, grid.spec.tie_breaker) != (
         asha.spec.metric,
         asha.spec.mode,
@@ -118,15 +112,10 @@ def run_bench(
         )
     if grid.trial_data({}).get("data", {}).get("cohort") != asha.trial_data({}).get("data", {}).get("cohort"):
         raise ConfigError("the two specs point data.cohort at different directories; pass --base or data.cohort=DIR")
-    out_dir = Path(out_dir).expanduser().absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    print(
-        f"bench tune: {grid.task}, {n} trials each, max_t {grid.spec.max_t}, metric {grid.spec.metric} "
-        f"({grid.spec.mode}); sweeps in {out_dir}",
-        flush=True,
-    )
-    prepare_cohort(grid, generate=True)  # the bench's own cohort, once, before either sweep
 
+
+def _run_sweeps(grid, ashas, out_dir: Path, address: str | None, verbose: int):
+    """The grid sweep, then each ASHA sweep, on one Ray cluster: ``(grid summary, ASHA summaries, seconds)``."""
     started = start_ray(address, log_to_driver=verbose > 0)
     try:
         t0 = time.perf_counter()
@@ -141,23 +130,26 @@ def run_bench(
             import ray
 
             ray.shutdown()
-    metric, mode = grid.spec.metric, grid.spec.mode
-    tol = tolerance(metric)
-    gv = g["value"]
+    return g, runs, seconds
+
+
+def _reaches(av, gv, tol: float | None, mode: str) -> bool | None:
+    if tol is None or gv is None or av is None:
+        return None
+    return bool(av >= gv - tol) if mode == "max" else bool(av <= gv + tol)
+
+
+def _within_budget(a: dict, g: dict) -> bool | None:
+    return None if not g["trial_epochs"] else bool(a["trial_epochs"] / g["trial_epochs"] <= EPOCH_RATIO_TARGET)
+
+
+def _per_seed(ashas, runs: list[dict], g: dict, tol: float | None, mode: str) -> list[dict]:
+    """Each ASHA seed's figures and its own verdict against the grid."""
 
     def reaches(av) -> bool | None:
-        if tol is None or gv is None or av is None:
-            return None
-        return bool(av >= gv - tol) if mode == "max" else bool(av <= gv + tol)
+        return _reaches(av, g["value"], tol, mode)
 
-    def within_budget(a) -> bool | None:
-        return None if not g["trial_epochs"] else bool(a["trial_epochs"] / g["trial_epochs"] <= EPOCH_RATIO_TARGET)
-
-    a = runs[0]
-    av = a["value"]
-    quality = reaches(av)
-    ratio = a["trial_epochs"] / g["trial_epochs"] if g["trial_epochs"] else None
-    per_seed = [
+    return [
         {
             "seed": s.spec.seed,
             "best": r["value"],
@@ -165,22 +157,34 @@ def run_bench(
             "epoch_ratio": r["trial_epochs"] / g["trial_epochs"] if g["trial_epochs"] else None,
             "wall_seconds": r["wall_seconds"],
             "holds": None
-            if reaches(r["value"]) is None or within_budget(r) is None
-            else reaches(r["value"]) and within_budget(r),
+            if reaches(r["value"]) is None or _within_budget(r, g) is None
+            else reaches(r["value"]) and _within_budget(r, g),
         }
         for s, r in zip(ashas, runs)
     ]
+
+
+def _summary(grid, ashas, g: dict, runs: list[dict], seconds: float, out_dir: Path) -> dict:
+    """The bench's figures (bench_tune.json) from the grid's and the ASHA sweeps' summaries."""
+    metric, mode = grid.spec.metric, grid.spec.mode
+    tol = tolerance(metric)
+    gv = g["value"]
+    a = runs[0]
+    av = a["value"]
+    quality = _reaches(av, gv, tol, mode)
+    ratio = a["trial_epochs"] / g["trial_epochs"] if g["trial_epochs"] else None
+    per_seed = _per_seed(ashas, runs, g, tol, mode)
     bests = [r["best"] for r in per_seed if r["best"] is not None]
     ratios = [r["epoch_ratio"] for r in per_seed if r["epoch_ratio"] is not None]
     # The target as stated: ASHA's mean best over the seeds within the tolerance of the grid's,
     # at a mean budget of at most 1/3 of the grid's trial-epochs (one seed is one draw).
     on_means = (
         None
-        if not bests or not ratios or reaches(statistics.fmean(bests)) is None
-        else bool(reaches(statistics.fmean(bests)) and statistics.fmean(ratios) <= EPOCH_RATIO_TARGET)
+        if not bests or not ratios or _reaches(statistics.fmean(bests), gv, tol, mode) is None
+        else bool(_reaches(statistics.fmean(bests), gv, tol, mode) and statistics.fmean(ratios) <= EPOCH_RATIO_TARGET)
     )
     val_n = _val_subjects(g)
-    res = {
+    return {
         "task": grid.task,
         "metric": metric,
         "mode": mode,
@@ -213,6 +217,34 @@ def run_bench(
         "this_run_seconds": seconds,
         "out": str(out_dir),
     }
+
+
+def run_bench(
+    spec_grid: str | Path = DEFAULT_GRID,
+    spec_asha: str | Path = DEFAULT_ASHA,
+    out_dir: str | Path = DEFAULT_OUT,
+    base: str | Path | None = None,
+    address: str | None = None,
+    overrides=(),
+    max_t: int | None = None,
+    verbose: int = 0,
+    seeds: int = 3,
+    val_subjects: int = VAL_SUBJECTS,
+) -> dict:
+    grid, ashas = _load_specs(spec_grid, spec_asha, base, overrides, max_t, seeds, val_subjects)
+    n = grid.spec.num_trials
+    _check_comparable(grid, ashas[0])
+    out_dir = Path(out_dir).expanduser().absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(
+        f"bench tune: {grid.task}, {n} trials each, max_t {grid.spec.max_t}, metric {grid.spec.metric} "
+        f"({grid.spec.mode}); sweeps in {out_dir}",
+        flush=True,
+    )
+    prepare_cohort(grid, generate=True)  # the bench's own cohort, once, before either sweep
+
+    g, runs, seconds = _run_sweeps(grid, ashas, out_dir, address, verbose)
+    res = _summary(grid, ashas, g, runs, seconds, out_dir)
     atomic_write_text(out_dir / "bench_tune.json", dumps(res) + "\n")
     return res
 

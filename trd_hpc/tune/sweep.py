@@ -34,8 +34,8 @@ from typing import Any
 
 from trd_hpc.config import ConfigError, to_yaml, validate_experiment
 from trd_hpc.fsio import atomic_write_text
-from trd_hpc.launch.plan import available_cpus
 from trd_hpc.rundir import RunDir
+from trd_hpc.train.plan import available_cpus
 from trd_hpc.tune.spec import SCORE_KEY, Sweep, dumps, load_spec, score
 
 EXPERIMENT = "sweep"
@@ -389,6 +389,104 @@ def prepare_cohort(sweep: Sweep, progress: bool = True, generate: bool = False) 
     return cohort
 
 
+def _make_tuner(sweep: Sweep, out_dir: Path, cohort: str, restoring: bool, verbose: int):
+    """The sweep's Tuner: restored from ``out_dir`` when ``restoring``, else a new one."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    spec, exp_dir = sweep.spec, out_dir / EXPERIMENT
+    ctx = {
+        "exp_dir": str(exp_dir),
+        "cohort": cohort,
+        "threads": max(1, int(spec.resources_per_trial.get("cpu", 1))),
+        "sweep": sweep,
+    }
+    resources = {k: v for k, v in spec.resources_per_trial.items()}
+    trainable = tune.with_resources(tune.with_parameters(trial_main, ctx=ctx), resources)
+    if restoring:
+        print(f"resuming the sweep in {exp_dir}", flush=True)
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    if spec.scheduler == "asha":
+        sched = ASHAScheduler(
+            time_attr="epoch",
+            max_t=spec.max_t,
+            grace_period=spec.grace_period,
+            reduction_factor=spec.reduction_factor,
+            brackets=1,
+        )
+    else:
+        sched = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        param_space=spec.param_space(),
+        tune_config=tune.TuneConfig(
+            metric=spec.scheduler_metric,
+            mode=spec.mode,
+            scheduler=sched,
+            num_samples=spec.num_samples,
+            search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent),
+            reuse_actors=True,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=str(out_dir),
+            stop={"epoch": spec.max_t},
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=[_StateCallback(str(out_dir))] + _wandb_callbacks(sweep, out_dir),
+            verbose=verbose,
+        ),
+    )
+
+
+def _fit(sweep: Sweep, out_dir: Path, cohort: str, restoring: bool, state: dict, address, min_nodes: int, verbose: int):
+    """This invocation's Tuner.fit: ``(trials, terminated, errored)``; adds its wall seconds to ``state``."""
+    spec = sweep.spec
+    t0 = time.perf_counter()
+    started = start_ray(address, log_to_driver=verbose > 0)
+    try:
+        import ray
+
+        def missing() -> dict:
+            have = ray.cluster_resources()
+            return {
+                k: max(have.get(k, 0), have.get(k.upper(), 0))
+                for k, v in spec.resources_per_trial.items()
+                if max(have.get(k, 0), have.get(k.upper(), 0)) < v
+            }
+
+        def alive() -> int:
+            return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+        short, nodes = missing(), alive()
+        joining = bool(address or os.environ.get("RAY_ADDRESS"))  # an existing cluster: nodes may still come
+        deadline = time.monotonic() + (RESOURCE_WAIT_S if joining else 0)
+        # a cluster whose workers are still joining: trials started now would all land on the head
+        while (short or nodes < min_nodes) and time.monotonic() < deadline:
+            time.sleep(2)
+            short, nodes = missing(), alive()
+        if short:
+            raise ConfigError(
+                f"resources_per_trial {spec.resources_per_trial} exceeds what the Ray cluster has ({short}); lower it"
+            )
+        if nodes < min_nodes:
+            raise ConfigError(
+                f"--min-nodes {min_nodes}: only {nodes} Ray node(s) joined within {RESOURCE_WAIT_S} s "
+                f"(see the workers' logs, or lower --min-nodes)"
+            )
+        grid = _make_tuner(sweep, out_dir, cohort, restoring, verbose).fit()
+        return len(grid), grid.num_terminated, grid.num_errors
+    finally:
+        state["wall_seconds"] = float(state.get("wall_seconds", 0.0)) + time.perf_counter() - t0
+        _write_state(out_dir, state)
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
 def run_sweep(
     spec_path,
     out_dir,
@@ -429,8 +527,6 @@ def run_sweep(
     # here (a restored sweep loses less), so no warning about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     restoring = tune.Tuner.can_restore(str(exp_dir))
     if restoring or fp_file.exists():
@@ -461,91 +557,7 @@ def run_sweep(
     )
     _write_state(out_dir, state)
 
-    t0 = time.perf_counter()
-    started = start_ray(address, log_to_driver=verbose > 0)
-    try:
-        import ray
-
-        def missing() -> dict:
-            have = ray.cluster_resources()
-            return {
-                k: max(have.get(k, 0), have.get(k.upper(), 0))
-                for k, v in spec.resources_per_trial.items()
-                if max(have.get(k, 0), have.get(k.upper(), 0)) < v
-            }
-
-        def alive() -> int:
-            return sum(1 for n in ray.nodes() if n.get("Alive"))
-
-        short, nodes = missing(), alive()
-        joining = bool(address or os.environ.get("RAY_ADDRESS"))  # an existing cluster: nodes may still come
-        deadline = time.monotonic() + (RESOURCE_WAIT_S if joining else 0)
-        # a cluster whose workers are still joining: trials started now would all land on the head
-        while (short or nodes < min_nodes) and time.monotonic() < deadline:
-            time.sleep(2)
-            short, nodes = missing(), alive()
-        if short:
-            raise ConfigError(
-                f"resources_per_trial {spec.resources_per_trial} exceeds what the Ray cluster has ({short}); lower it"
-            )
-        if nodes < min_nodes:
-            raise ConfigError(
-                f"--min-nodes {min_nodes}: only {nodes} Ray node(s) joined within {RESOURCE_WAIT_S} s "
-                f"(see the workers' logs, or lower --min-nodes)"
-            )
-        ctx = {
-            "exp_dir": str(exp_dir),
-            "cohort": cohort,
-            "threads": max(1, int(spec.resources_per_trial.get("cpu", 1))),
-            "sweep": sweep,
-        }
-        resources = {k: v for k, v in spec.resources_per_trial.items()}
-        trainable = tune.with_resources(tune.with_parameters(trial_main, ctx=ctx), resources)
-        if restoring:
-            print(f"resuming the sweep in {exp_dir}", flush=True)
-            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            if spec.scheduler == "asha":
-                sched = ASHAScheduler(
-                    time_attr="epoch",
-                    max_t=spec.max_t,
-                    grace_period=spec.grace_period,
-                    reduction_factor=spec.reduction_factor,
-                    brackets=1,
-                )
-            else:
-                sched = FIFOScheduler()
-            tuner = tune.Tuner(
-                trainable,
-                param_space=spec.param_space(),
-                tune_config=tune.TuneConfig(
-                    metric=spec.scheduler_metric,
-                    mode=spec.mode,
-                    scheduler=sched,
-                    num_samples=spec.num_samples,
-                    search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent),
-                    reuse_actors=True,
-                    trial_dirname_creator=_trial_dirname,
-                ),
-                run_config=tune.RunConfig(
-                    name=EXPERIMENT,
-                    storage_path=str(out_dir),
-                    stop={"epoch": spec.max_t},
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    failure_config=tune.FailureConfig(max_failures=0),
-                    callbacks=[_StateCallback(str(out_dir))] + _wandb_callbacks(sweep, out_dir),
-                    verbose=verbose,
-                ),
-            )
-        grid = tuner.fit()
-        n, done, errors = len(grid), grid.num_terminated, grid.num_errors
-    finally:
-        state["wall_seconds"] = float(state.get("wall_seconds", 0.0)) + time.perf_counter() - t0
-        _write_state(out_dir, state)
-        if started:
-            import ray
-
-            ray.shutdown()
+    n, done, errors = _fit(sweep, out_dir, cohort, restoring, state, address, min_nodes, verbose)
     state.update(
         {
             "finished": n == spec.num_trials and done == n and errors == 0,

@@ -9,23 +9,19 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
+from trd_hpc.cohort_config import IngestSpecBase, Resolved, cohort_kind, split_error, stratified_problem
 from trd_hpc.config import (
     DataConfig,
     EarlyStoppingConfig,
     EvalConfig,
-    IngestSpecBase,
     PlateauConfig,
     PosInt,
-    Resolved,
     Strict,
     TieBreaker,
     TrackingConfig,
     TrainConfig,
-    cohort_kind,
     deep_merge,
     default_baselines,
-    split_error,
-    stratified_problem,
 )
 
 BASELINES = ("single_task_response", "single_task_severity", "resnet18")

@@ -32,6 +32,12 @@ INGESTED_CAPTIONS = {
 }
 
 
+def _scored_on(cfg) -> dict:
+    from trd_hpc.tasks import spec_for
+
+    return {name: b.scored_on for name, b in spec_for(cfg).baselines.items()}
+
+
 def _examples(cfg: CNN3DExperiment, per_class: int = EXAMPLES_PER_CLASS) -> dict:
     """``{class name: [(title, volume), ...]}``: the first few test volumes of each class."""
     from trd_hpc.data.dataset import CohortDataset
@@ -134,7 +140,7 @@ def _summary_columns(cfg: CNN3DExperiment, run, metrics: dict) -> tuple[list, li
     # the run's own targets: a single-task model's metrics.json holds only its own
     own = tuple(k for k in ("accuracy", "severity_mae") if f"test.{k}" in metrics)
     cols = [Column(f"{cfg.model.name.replace('_', ' ')} (this run)", _arrays(cfg, run.predictions("test")), own)]
-    more, notes = baseline_columns(cfg, run, lambda pred: _arrays(cfg, pred))
+    more, notes = baseline_columns(cfg, run, lambda pred: _arrays(cfg, pred), _scored_on(cfg))
     return cols + more, notes
 
 

@@ -41,6 +41,12 @@ INGESTED_CAPTIONS = {
 }
 
 
+def _scored_on(cfg) -> dict:
+    from trd_hpc.tasks import spec_for
+
+    return {name: b.scored_on for name, b in spec_for(cfg).baselines.items()}
+
+
 def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
@@ -141,7 +147,7 @@ def _summary_columns(cfg: EMTExperiment, run) -> tuple[list, list[str]]:
 
     name = "EMT" if cfg.model.name == "emt" else cfg.model.name
     cols = [Column(f"{name} (this run)", arrays(run.predictions("test")))]
-    more, notes = baseline_columns(cfg, run, arrays)
+    more, notes = baseline_columns(cfg, run, arrays, _scored_on(cfg))
     return cols + more, notes
 
 

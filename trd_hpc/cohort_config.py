@@ -1,0 +1,89 @@
+"""What the papers' cohort and ingest config sections share: split fractions and the check that
+a cohort is large enough to split, the base of an ingest spec and what ingest resolved, and
+the discriminator of a ``cohort`` section (its ``kind``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, Field, model_validator
+
+from trd_hpc.config import Strict
+
+
+class ThreeWaySplit(Strict):
+    train: float = 0.70
+    val: float = 0.15
+    test: float = 0.15
+
+    @model_validator(mode="after")
+    def _check(self) -> "ThreeWaySplit":
+        if min(self.train, self.val, self.test) <= 0 or abs(self.train + self.val + self.test - 1) > 1e-6:
+            raise ValueError("train, val and test fractions must be positive and sum to 1")
+        return self
+
+
+# --------------------------------------------------------------------------- split sizes
+# The splits are made by scikit-learn once every shard exists; a cohort too small
+# to split would leave a directory of shards and no manifest.  These checks follow
+# sklearn's rules (held = ceil(fraction * n), kept = n - held, each of the two at
+# least one subject per class, every class at least 2 subjects) without importing
+# it (1.4 s) on every config load.  Class counts of the part kept are taken at
+# their lower bound, so a borderline size may be refused although sklearn's draw
+# would have split it; generate() also runs the real splits on the real labels
+# before it writes anything (data.generate.check_splittable).
+def stratified_problem(
+    n: int, fraction: float, part: str, counts: list[int] | None, n_classes: int
+) -> tuple[str | None, list[int] | None]:
+    """(why a stratified hold-out of ``fraction`` fails or None, lower bounds of the kept part's class counts)."""
+    if counts is not None and min(counts) < 2:
+        return f"a class has {min(counts)} subject(s) before {part} is drawn (at least 2 needed)", None
+    held = math.ceil(fraction * n)
+    kept = n - held
+    if held < n_classes:
+        return f"{part} would get {held} subject(s) for {n_classes} classes", None
+    if kept < n_classes:
+        return f"{kept} subject(s) would be left beside {part} for {n_classes} classes", None
+    return None, None if counts is None else [kept * c // n for c in counts]
+
+
+def split_error(n: int, split: BaseModel, problem) -> str | None:
+    why = problem(n, split)
+    if why is None:
+        return None
+    at_least = next((m for m in range(n + 1, n + 100_000) if problem(m, split) is None), None)
+    fractions = ", ".join(f"{k}={v}" for k, v in split.model_dump().items())
+    hint = f"; the smallest cohort that splits is n_subjects={at_least}" if at_least else ""
+    return f"cohort.n_subjects={n} is too few to split ({fractions}): {why}{hint}"
+
+
+class IngestSpecBase(Strict):
+    table: str  # .tsv or .csv, relative to the spec's folder
+    id_column: str = "participant_id"
+    # Values of the label column in class order (class 0 first); None: the values are the
+    # class indices themselves (0/1 for the EMT, 0/1/2 for the CNN).
+    labels: Optional[list[Union[int, str]]] = None
+    site_column: Optional[str] = None  # no site in two splits (or two folds)
+    on_missing: Literal["error", "drop"] = "error"  # subjects without an image or genotypes
+    seed: int = 42  # of the splits
+    subjects_per_shard: int = Field(64, ge=1)
+
+
+class Resolved(Strict):
+    """What `trd-hpc ingest` found in the files (never written in a spec)."""
+
+    root: str  # the spec's folder, absolute: the spec's paths are relative to it
+    table_sha256: str
+    n_subjects: int = Field(ge=1)
+    dropped: list[dict[str, str]] = Field(default_factory=list)  # {participant_id, reason}
+
+
+def cohort_kind(default: str):
+    """The discriminator of a `cohort` section: its `kind` (``default`` when left out)."""
+
+    def tag(v: Any) -> str:
+        k = v.get("kind", default) if isinstance(v, dict) else getattr(v, "kind", default)
+        return k if isinstance(k, str) else default
+
+    return tag
