@@ -128,6 +128,22 @@ def test_no_import_cycle_in_the_package():
     assert not found, "import cycles: " + "; ".join(" -> ".join(c) for c in found)
 
 
+def test_no_cycle_between_folders():
+    """The top-level parts (a folder such as trd_hpc.train, or a module such as trd_hpc.bundle)
+    form no cycle either: each one can be read, tested and replaced above the ones it uses."""
+    graph = import_graph()
+
+    def top(m: str) -> str:
+        return ".".join(m.split(".")[:2])
+
+    parts: dict[str, set[str]] = {}
+    for m, targets in graph.items():
+        parts.setdefault(top(m), set()).update(top(t) for t in targets if top(t) != top(m))
+    assert len(parts) > 20
+    found = cycles(parts)
+    assert not found, "cycles between folders: " + "; ".join(" -> ".join(c) for c in found)
+
+
 def test_the_domain_never_imports_the_cli():
     graph = import_graph()
     offenders = {
