@@ -1,4 +1,5 @@
-"""``trd-hpc submit VERB CONFIG``: a verb as a submitit job (see trd_hpc.launch.submit)."""
+"""``trd-hpc submit VERB CONFIG``: a verb as a submitit job (trd_hpc.launch.submit) or a
+Kubernetes Job manifest (trd_hpc.launch.kubernetes)."""
 
 from __future__ import annotations
 
@@ -74,8 +75,14 @@ def add_parsers(sub) -> None:
         "--cluster",
         choices=CLUSTERS,
         default=None,
-        help="slurm, local (background processes) or debug (in this process); default: slurm if srun is found",
+        help="slurm, local (background processes), debug (in this process) or kubernetes (writes a Job "
+        "manifest for kubectl apply); default: slurm if srun is found",
     )
+    k = p.add_argument_group("kubernetes (--cluster kubernetes)")
+    k.add_argument("--image", default=None, help="container image with trd-hpc installed (required)")
+    k.add_argument("--namespace", default=None, help="namespace of the Job (default: kubectl's)")
+    k.add_argument("--pvc", default=None, help="PersistentVolumeClaim mounted as the pods' working directory")
+    k.add_argument("--manifest", default=None, help="file to write (default: JOB_NAME.k8s.yaml)")
     j.add_argument("--logs", default=None, help="submitit folder: job pickles and logs (default: submitit-logs/%%j)")
     j.add_argument("--name", default=None, help="job name (default trd-VERB-CONFIG)")
     j.add_argument("--wait", action="store_true", help="follow the job's log until it ends and print its result")

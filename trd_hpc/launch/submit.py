@@ -37,11 +37,12 @@ from pathlib import Path
 
 from trd_hpc import resources
 from trd_hpc.errors import ConfigError, TrainingError
+from trd_hpc.launch.verbs import VERBS as JOB_VERBS
+from trd_hpc.launch.verbs import overrides_with_defaults as _overrides_with_defaults
 from trd_hpc.rundir import PREEMPTED, RunDir
-from trd_hpc.train.plan import implied_overrides
 
-VERBS = ("train", "generate", "cv", "tune", "predict")
-CLUSTERS = ("slurm", "local", "debug")
+VERBS = tuple(JOB_VERBS)  # one table: trd_hpc.launch.verbs
+CLUSTERS = ("slurm", "local", "debug", "kubernetes")
 
 
 def _need_submitit():
@@ -282,22 +283,16 @@ class SubmitRequest:
     fold: int | None = None
     cohort: str | None = None  # predict: the subjects
     split: str = "test"  # predict
+    image: str | None = None  # kubernetes: the container image holding trd-hpc
+    namespace: str | None = None  # kubernetes
+    pvc: str | None = None  # kubernetes: a PersistentVolumeClaim mounted at the job's working directory
+    manifest: str | None = None  # kubernetes: the file written (default JOB_NAME.k8s.yaml)
 
     def __post_init__(self) -> None:
         if self.verb not in VERBS:
             raise ConfigError(f"unknown verb {self.verb!r}; one of {', '.join(VERBS)}")
         if self.cluster is not None and self.cluster not in CLUSTERS:
             raise ConfigError(f"unknown cluster {self.cluster!r}; one of {', '.join(CLUSTERS)}")
-
-
-def _overrides_with_defaults(a: SubmitRequest) -> list[str]:
-    """The user's overrides plus what the resources imply (trd_hpc.train.plan)."""
-    if a.verb not in ("train", "cv"):
-        return list(a.overrides or [])
-    from trd_hpc.config import load_config
-
-    configured = load_config(a.config, a.overrides).train.strategy
-    return implied_overrides(a.overrides, a.nodes * a.tasks_per_node, a.cpus_per_task, configured)
 
 
 def make_jobs(a: SubmitRequest) -> tuple[list, str]:
@@ -457,7 +452,30 @@ def _print_result(verb: str, res) -> None:
         )
 
 
+class SubmititLauncher:
+    """SLURM, local background processes or this process, through submitit (``submit_jobs``)."""
+
+    name = "submitit"
+
+    def submit(self, a: SubmitRequest) -> int:
+        return submit_jobs(a)
+
+
+def launcher_for(cluster: str | None):
+    """The Launcher of ``--cluster`` (each has ``name`` and ``submit(request) -> exit code``)."""
+    if cluster == "kubernetes":
+        from trd_hpc.launch.kubernetes import KubernetesLauncher
+
+        return KubernetesLauncher()
+    return SubmititLauncher()
+
+
 def submit(a: SubmitRequest) -> int:
+    """``trd-hpc submit``: the request handed to its cluster's launcher; the exit code."""
+    return launcher_for(a.cluster).submit(a)
+
+
+def submit_jobs(a: SubmitRequest) -> int:
     """Submit the job(s), print their ids and logs; with ``a.wait`` follow them and print the
     result.  The exit code of ``trd-hpc submit``."""
     submitit = _need_submitit()
