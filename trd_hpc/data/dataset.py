@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from trd_hpc.data.kinds import kind_of
 from trd_hpc.data.manifest import Manifest, load_manifest
 from trd_hpc.data.sampler import ShardAwareSampler, decode
 from trd_hpc.data.shards import CohortError, ShardLayout, ShardReader, shard_content_checksum
-from trd_hpc.data.kinds import kind_of
 
 _TORCH_DTYPES = {
     "float16": torch.float16,

@@ -329,7 +329,12 @@ def _run_shards(cfg, out, plan, todo, workers, verify, progress, res, force=Fals
                     # Events arrive from the writer thread; drain them after each shard
                     # and, for a live bar, from a small polling thread.
                     _drain_live(
-                        q, on_event, lambda: _shard_task(cfg_dict, str(out), k, first, stop, verify, force), record
+                        q,
+                        on_event,
+                        lambda k=k, first=first, stop=stop: _shard_task(
+                            cfg_dict, str(out), k, first, stop, verify, force
+                        ),
+                        record,
                     )
             finally:
                 _progress_q = None

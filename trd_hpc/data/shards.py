@@ -24,8 +24,8 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import queue
+import re
 import threading
 import zlib
 from dataclasses import dataclass

@@ -176,7 +176,11 @@ def cohort_summary(root: str | Path) -> str:
         dropped = src.get("dropped") or []
         lines.append(
             f"            {src.get('participants')} participants in, {len(dropped)} dropped"
-            + (f" ({', '.join(d.get('participant_id', '?') for d in dropped[:5])}{' ...' if len(dropped) > 5 else ''})" if dropped else "")
+            + (
+                f" ({', '.join(d.get('participant_id', '?') for d in dropped[:5])}{' ...' if len(dropped) > 5 else ''})"
+                if dropped
+                else ""
+            )
         )
         if not m.labelled:
             lines.append("            unlabelled: for prediction only")
