@@ -137,7 +137,7 @@ def test_cli_parsers():
     assert (a.func.__name__, a.spec, a.address, a.scheduler) == ("_tune", "tune/cnn3d_asha.yaml", "auto", "fifo")
     assert a.overrides + extra == ["train.lr=0.1"]
     a = p.parse_args(["bench", "tune", "--base", "configs/cnn3d_tiny.yaml", "--max-t", "3"])
-    assert (a.base, a.max_t, a.spec_grid) == ("configs/cnn3d_tiny.yaml", 3, "tune/cnn3d_grid.yaml")
+    assert (a.base, a.max_t, a.spec_grid) == ("configs/cnn3d_tiny.yaml", 3, "cnn3d_grid")  # packaged, by name
     # --config and --dir, as the other benchmarks call them
     a, extra = p.parse_known_args(
         ["bench", "tune", "--config", "configs/cnn3d_tiny.yaml", "--spec-asha", "s.yaml", "--dir", "d", "a.b=1"]
