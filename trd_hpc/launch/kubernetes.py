@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from pathlib import Path
 
 import yaml
 
 from trd_hpc.errors import ConfigError
-from trd_hpc.launch.verbs import VERBS, job_argv, overrides_with_defaults
+from trd_hpc.launch.verbs import job_argv, plan_jobs
 
 WORKDIR = "/workspace"
 MASTER_PORT = 29500
@@ -39,37 +38,13 @@ def dns_name(s: str) -> str:
     return n
 
 
-def _plan(a) -> tuple[list[str], dict, int]:
-    """(trd-hpc arguments, verb options, completions) of the request, checked now (not in the cluster)."""
-    stem = Path(a.config).stem
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    world = a.nodes * a.tasks_per_node
-    if world > 1 and not VERBS[a.verb].distributed:
-        raise ConfigError(f"submit {a.verb} runs one task (use --cpus-per-task), not {world}")
-    if a.verb == "predict":
-        if not a.cohort:
-            raise ConfigError("submit predict needs --cohort DIR (the subjects to predict)")
-        out = a.out or f"runs/predict-{stem}-{stamp}.csv"
-        return job_argv("predict", a.config, out, [], {"cohort": a.cohort, "split": a.split}), {}, 1
-    if a.verb == "tune":
-        return job_argv("tune", a.config, a.out or f"runs/tune-{stem}-{stamp}", a.overrides), {}, 1
-    from trd_hpc.config import load_config
-
-    overrides = overrides_with_defaults(a)
-    cfg = load_config(a.config, overrides)  # errors now, not in the cluster
-    if a.verb == "generate":
-        return job_argv("generate", a.config, a.out or cfg.data.cohort, overrides, {"workers": a.cpus_per_task}), {}, 1
-    out = a.out or f"runs/{a.verb}-{stem}-{stamp}"
-    if a.verb == "train":
-        return job_argv("train", a.config, out, overrides, {"no_eval": a.no_eval}), {}, 1
-    from trd_hpc.cv import check_folds
-
-    k = check_folds(cfg, a.folds)
-    if a.fold is not None:
-        if not 0 <= a.fold < k:
-            raise ConfigError(f"--fold {a.fold} is outside 0..{k - 1}")
-        return job_argv("cv", a.config, out, overrides, {"folds": k, "fold": a.fold}), {}, 1
-    return job_argv("cv", a.config, out, overrides, {"folds": k, "fold": f"$({INDEX_ENV})"}), {"per_fold": True}, k
+def _plan(a) -> tuple[list[str], int]:
+    """(trd-hpc arguments, completions): one pod's command; cv over every fold is one Indexed
+    Job whose pods take their fold from the completion index."""
+    jobs = plan_jobs(a)
+    p = jobs[0]
+    options = {**p.options, "fold": f"$({INDEX_ENV})"} if len(jobs) > 1 else p.options
+    return job_argv(p.verb, p.config, p.out, p.overrides, options), len(jobs)
 
 
 def _command(a, argv: list[str], name: str) -> list[str]:
@@ -94,7 +69,7 @@ def manifests(a) -> list[dict]:
     """The Kubernetes objects of a SubmitRequest: [Service (several nodes only), Job]."""
     if not a.image:
         raise ConfigError("--cluster kubernetes needs --image IMAGE (a container image with trd-hpc installed)")
-    argv, opts, completions = _plan(a)
+    argv, completions = _plan(a)
     name = dns_name(a.name or f"trd-{a.verb}-{Path(a.config).stem}")
     pods = a.nodes if a.nodes > 1 else completions
     indexed = pods > 1

@@ -38,7 +38,7 @@ from pathlib import Path
 from trd_hpc import resources
 from trd_hpc.errors import ConfigError, TrainingError
 from trd_hpc.launch.verbs import VERBS as JOB_VERBS
-from trd_hpc.launch.verbs import overrides_with_defaults as _overrides_with_defaults
+from trd_hpc.launch.verbs import plan_jobs
 from trd_hpc.rundir import PREEMPTED, RunDir
 
 VERBS = tuple(JOB_VERBS)  # one table: trd_hpc.launch.verbs
@@ -296,49 +296,27 @@ class SubmitRequest:
 
 
 def make_jobs(a: SubmitRequest) -> tuple[list, str]:
-    """The callables to submit (TrdJob: one, or one per fold for cv) and the job name."""
-    from trd_hpc.config import load_config, to_dict
-
+    """The callables to submit (TrdJob: one, or one per fold for cv) and the job name; paths
+    made absolute, since the job runs elsewhere (trd_hpc.launch.verbs.plan_jobs checks them)."""
     TrdJob = __getattr__("TrdJob")
-    stem = Path(a.config).stem
-    name = a.name or f"trd-{a.verb}-{stem}"
+    name = a.name or f"trd-{a.verb}-{Path(a.config).stem}"
     cwd = os.getcwd()
-    world = a.nodes * a.tasks_per_node
     if a.verb == "predict":
         from trd_hpc.bundle import load_bundle
 
         load_bundle(a.config)  # errors now, not in the queue
         if not a.cohort or not Path(a.cohort).is_dir():
             raise ConfigError(f"submit predict needs --cohort DIR (the subjects to predict); got {a.cohort!r}")
-        out = str(Path(a.out or f"runs/predict-{stem}-{time.strftime('%Y%m%d-%H%M%S')}.csv").absolute())
-        opts = {"cohort": str(Path(a.cohort).absolute()), "split": a.split}
-        return [TrdJob("predict", str(Path(a.config).absolute()), out, [], None, opts, cwd)], name
-    if a.verb in ("generate", "tune") and world > 1:
-        raise ConfigError(f"submit {a.verb} runs one task (use --cpus-per-task), not {world}")
-    if a.verb == "tune":
-        spec = resources.sweep_path(a.config)
-        if not spec.exists():
-            raise ConfigError(f"sweep spec {a.config} not found")
-        out = a.out or f"runs/tune-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        return [TrdJob("tune", str(spec.absolute()), str(Path(out).absolute()), a.overrides, cwd=cwd)], name
-    overrides = _overrides_with_defaults(a)
-    cfg = load_config(a.config, overrides)  # errors now, not in the queue
-    data = to_dict(cfg)
-    config = str(resources.config_path(a.config).absolute())
-    if a.verb == "generate":
-        out = a.out or cfg.data.cohort
-        opts = {"workers": a.cpus_per_task}
-        return [TrdJob("generate", config, str(Path(out).absolute()), overrides, data, opts, cwd)], name
-    out = str(Path(a.out or f"runs/{a.verb}-{stem}-{time.strftime('%Y%m%d-%H%M%S')}").absolute())
-    if a.verb == "train":
-        return [TrdJob("train", config, out, overrides, data, {"no_eval": a.no_eval}, cwd)], name
-    from trd_hpc.cv import check_folds
-
-    k = check_folds(cfg, a.folds)
-    folds = [a.fold] if a.fold is not None else list(range(k))
-    if any(not 0 <= f < k for f in folds):
-        raise ConfigError(f"--fold {a.fold} is outside 0..{k - 1}")
-    return [TrdJob("cv", config, out, overrides, data, {"folds": k, "fold": f}, cwd) for f in folds], name
+    jobs = []
+    for p in plan_jobs(a):
+        if p.verb == "predict":
+            config, opts = str(Path(p.config).absolute()), {**p.options, "cohort": str(Path(a.cohort).absolute())}
+        elif p.verb == "tune":
+            config, opts = str(resources.sweep_path(p.config).absolute()), p.options
+        else:
+            config, opts = str(resources.config_path(p.config).absolute()), p.options
+        jobs.append(TrdJob(p.verb, config, str(Path(p.out).absolute()), p.overrides, p.cfg_data, opts, cwd))
+    return jobs, name
 
 
 def make_executor(a: SubmitRequest, name: str):

@@ -104,3 +104,58 @@ def overrides_with_defaults(a) -> list[str]:
 
     configured = load_config(a.config, a.overrides).train.strategy
     return implied_overrides(a.overrides, a.nodes * a.tasks_per_node, a.cpus_per_task, configured)
+
+
+@dataclass
+class PlannedJob:
+    """One job of a request, checked: the verb's config (as given), output, overrides (with
+    what the resources imply), options, and the validated config (train, cv, generate)."""
+
+    verb: str
+    config: str
+    out: str
+    overrides: list[str]
+    options: dict
+    cfg_data: dict | None = None
+
+
+def plan_jobs(a) -> list[PlannedJob]:
+    """The jobs of a SubmitRequest, every launcher's: one, or one per fold for cv.  Errors now
+    (a bad key, an unknown fold, a verb that runs one task), not in the queue."""
+    import time
+    from pathlib import Path
+
+    stem = Path(a.config).stem
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    world = a.nodes * a.tasks_per_node
+    if world > 1 and not VERBS[a.verb].distributed:
+        raise ConfigError(f"submit {a.verb} runs one task (use --cpus-per-task), not {world}")
+    if a.verb == "predict":
+        if not a.cohort:
+            raise ConfigError(f"submit predict needs --cohort DIR (the subjects to predict); got {a.cohort!r}")
+        out = a.out or f"runs/predict-{stem}-{stamp}.csv"
+        return [PlannedJob("predict", a.config, out, [], {"cohort": a.cohort, "split": a.split})]
+    if a.verb == "tune":
+        from trd_hpc import resources
+
+        if not resources.sweep_path(a.config).exists():
+            raise ConfigError(f"sweep spec {a.config} not found")
+        return [PlannedJob("tune", a.config, a.out or f"runs/tune-{stem}-{stamp}", list(a.overrides or []), {})]
+    from trd_hpc.config import load_config, to_dict
+
+    overrides = overrides_with_defaults(a)
+    cfg = load_config(a.config, overrides)
+    data = to_dict(cfg)
+    if a.verb == "generate":
+        opts = {"workers": a.cpus_per_task}
+        return [PlannedJob("generate", a.config, a.out or cfg.data.cohort, overrides, opts, data)]
+    out = a.out or f"runs/{a.verb}-{stem}-{stamp}"
+    if a.verb == "train":
+        return [PlannedJob("train", a.config, out, overrides, {"no_eval": a.no_eval}, data)]
+    from trd_hpc.cv import check_folds
+
+    k = check_folds(cfg, a.folds)
+    folds = [a.fold] if a.fold is not None else list(range(k))
+    if any(not 0 <= f < k for f in folds):
+        raise ConfigError(f"--fold {a.fold} is outside 0..{k - 1}")
+    return [PlannedJob("cv", a.config, out, overrides, {"folds": k, "fold": f}, data) for f in folds]
