@@ -25,7 +25,9 @@ from trd_hpc.cli import main
 from trd_hpc.data.dataset import CohortDataset
 from trd_hpc.data.manifest import load_manifest
 from trd_hpc.data.validate import validate_cohort_dir
-from trd_hpc.ingest.example import ANATOMICAL, cnn3d_folder, copy_image, emt_folder
+from trd_hpc.ingest.example import ANATOMICAL, copy_image
+from trd_hpc.tasks.cnn3d.example import cnn3d_folder
+from trd_hpc.tasks.emt.example import emt_folder
 
 
 def _shards(root: Path) -> dict[str, np.ndarray]:

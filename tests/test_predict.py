@@ -16,8 +16,8 @@ import yaml
 from tests.conftest import CONFIGS, REPO, cli
 from trd_hpc.bundle import FORMAT, VERSION, load_bundle
 from trd_hpc.eval.calibration import apply_calibrator, make_calibrator
-from trd_hpc.ingest.example import cnn3d_folder
 from trd_hpc.predict import read_predictions
+from trd_hpc.tasks.cnn3d.example import cnn3d_folder
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +230,7 @@ def test_explanations_are_nifti_maps_that_find_the_designed_regions(emt_run, emt
     from scipy.stats import spearmanr
 
     from trd_hpc.data.dataset import CohortDataset
-    from trd_hpc.explain import emt_attributions
+    from trd_hpc.tasks.emt.explain import emt_attributions
 
     out = tmp_path / "p.csv"
     r = cli("predict", str(emt_run), "--cohort", str(emt_cohort_dir), "--out", str(out), "--explain", "--quiet")
@@ -289,7 +289,7 @@ def test_snp_attributions_find_the_predictive_snps_where_the_signal_is(tmp_path)
     from sklearn.metrics import roc_auc_score
 
     from trd_hpc.data.dataset import CohortDataset
-    from trd_hpc.explain import emt_attributions
+    from trd_hpc.tasks.emt.explain import emt_attributions
 
     run, cohort = tmp_path / "run", tmp_path / "cohort"
     cli(

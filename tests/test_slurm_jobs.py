@@ -72,8 +72,8 @@ def test_ingest_array_makes_the_same_cohort_as_one_process(slurm_cluster, tmp_pa
     """slurm/ingest.sh: one array task per shard of a real cohort (nibabel's and bed-reader's
     example files); the result equals a one-process ingest, array by array."""
     from trd_hpc.data.generate import generate as write
-    from trd_hpc.ingest.example import emt_folder
     from trd_hpc.ingest.resolve import resolve
+    from trd_hpc.tasks.emt.example import emt_folder
 
     spec = emt_folder(tmp_path / "src", n=12, spec_extra={"split": {"train": 0.5, "val": 0.25, "test": 0.25}})
     out = tmp_path / "cohort"

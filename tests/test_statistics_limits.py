@@ -23,7 +23,7 @@ from trd_hpc.eval.calibration import (
     degenerate,
     make_calibrator,
 )
-from trd_hpc.ingest.example import emt_folder
+from trd_hpc.tasks.emt.example import emt_folder
 
 
 # ------------------------------------------------------------------ calibrators

@@ -26,7 +26,7 @@ from tests.conftest import CONFIGS, cli, train_tiny
 from trd_hpc.bundle import VERSION, bundle_digest, load_bundle
 from trd_hpc.config import ConfigError, load_config
 from trd_hpc.errors import WriteError
-from trd_hpc.ingest.example import emt_folder
+from trd_hpc.tasks.emt.example import emt_folder
 
 
 class _Payload:

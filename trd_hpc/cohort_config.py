@@ -68,6 +68,10 @@ class IngestSpecBase(Strict):
     on_missing: Literal["error", "drop"] = "error"  # subjects without an image or genotypes
     seed: int = 42  # of the splits
     subjects_per_shard: int = Field(64, ge=1)
+    # Each source's file format, by the spec key naming it ({fmri: nifti, genotypes: plink1,
+    # table: tsv}); left out: the mapping's default (the table: by its suffix).
+    # trd_hpc.ingest.readers lists the formats there are.
+    formats: dict[str, str] = Field(default_factory=dict)
 
 
 class Resolved(Strict):

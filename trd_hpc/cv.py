@@ -104,7 +104,7 @@ def run_cv(
     only_aggregate: bool = False,
     progress: bool = True,
 ) -> dict | None:
-    from trd_hpc.train.run import resolve_cohort
+    from trd_hpc.cohort import resolve_cohort
 
     cfg = resolve_cohort(cfg)
     k_total = check_folds(cfg, folds)

@@ -1,8 +1,10 @@
 """The experiment layer: what every entry point (CLI, SLURM scripts, submitit jobs, Ray Tune
 trials, cross-validation) calls.  Typed arguments, no argparse.
 
-    train_run(cfg, run_dir)       one training run (trd_hpc.train.run)
-    run(cfg, run_dir)             `trd-hpc train`: train_run, then baselines + evaluation
+    train_run(cfg, run_dir)       one training run: its cohort (trd_hpc.cohort), then the
+                                  steps of trd_hpc.train.run.TrainingSession
+    run(cfg, run_dir)             `trd-hpc train`: train_run, then its evaluation step
+                                  (baselines + the evaluation stage) on rank 0
     derive_config(cfg, updates)   a config made from another, validated again whole
     train_baselines(cfg, run_dir) each baseline of the config, trained once, reused after
     evaluate(run_dir)             `trd-hpc evaluate`: (eval.* overrides), baselines, evaluation
@@ -18,12 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from trd_hpc import faults
+from trd_hpc.cohort import ensure_cohort, resolve_cohort
 from trd_hpc.config import ConfigError, derive, merge_overrides, to_dict, validate_experiment
 from trd_hpc.console import labelled, say, step
 from trd_hpc.locks import DirLock
 from trd_hpc.rundir import RunDir
 from trd_hpc.tasks import spec_for
-from trd_hpc.train.run import train_run
+from trd_hpc.train.run import TrainingSession, default_label
 
 if TYPE_CHECKING:
     from trd_hpc.config import ExperimentConfig
@@ -108,6 +111,39 @@ def _evaluation_stage(run_dir: Path, figures: bool = True) -> dict | None:
         return evaluate_run(run.path, figures=figures)
 
 
+def train_run(
+    cfg,
+    run_dir: str | Path,
+    resume: str | None = None,
+    progress: bool = True,
+    on_step=None,
+    on_epoch=None,
+    standalone: bool = False,
+    evaluate: bool = False,
+    label: str | None = None,
+) -> dict | None:
+    """One training run; returns the final metrics on rank 0 (None elsewhere or when pre-empted).
+
+    The steps, in every process of the job: the cohort (an ingested one's own description,
+    a synthetic one generated only when asked), the run directory, training, the final
+    predictions; with ``evaluate``, then the evaluation step (the baselines and the
+    evaluation stage) on rank 0 while the other ranks wait.  Its console lines start with
+    ``[label]`` (default: the task, e.g. ``[emt]``).
+
+    ``on_step(trainer)`` runs after every optimiser step and ``on_epoch(trainer, row)``
+    after each epoch's checkpoint is written (Ray Tune reports there).  ``standalone``:
+    one process whatever the launcher says (baselines trained by rank 0 of a DDP job)."""
+    with labelled(label or default_label(cfg)):
+        cfg = resolve_cohort(cfg)
+        with TrainingSession(cfg, run_dir, standalone=standalone) as session:
+            root = ensure_cohort(cfg, session.info, progress)
+            session.start(root, resume, progress=progress)
+            metrics = session.fit(on_step=on_step, on_epoch=on_epoch)
+            if evaluate and not session.preempted:
+                metrics = session.on_main(_evaluation_stage)
+            return metrics
+
+
 def run(
     cfg,
     run_dir: str | Path,
@@ -122,13 +158,7 @@ def run(
     if evaluate:
         check_baselines(cfg)
     return train_run(
-        cfg,
-        run_dir,
-        resume=resume,
-        progress=progress,
-        on_step=on_step,
-        on_epoch=on_epoch,
-        then=_evaluation_stage if evaluate else None,
+        cfg, run_dir, resume=resume, progress=progress, on_step=on_step, on_epoch=on_epoch, evaluate=evaluate
     )
 
 

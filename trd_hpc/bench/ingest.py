@@ -26,14 +26,14 @@ def run(
     import nibabel as nib
 
     from trd_hpc.data.generate import generate
-    from trd_hpc.ingest.resolve import resolve
+    from trd_hpc.ingest.resolve import mapping_of, resolve
     from trd_hpc.ingest.resolve import subjects as subjects_of
 
     scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="trd-bench-ingest-"))
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         if spec is None:
-            from trd_hpc.ingest.example import emt_folder
+            from trd_hpc.tasks.emt.example import emt_folder
 
             # paper 000's grid and frames (48 x 48 x 24 x 80), so the per-subject work is the real job's
             spec = str(emt_folder(scratch / "example", n=subjects, spec_extra={"grid": [48, 48, 24], "frames": 80}))
@@ -65,7 +65,7 @@ def run(
         res = {
             "spec": str(spec),
             "subjects": n,
-            "grid": list(cfg.grid) + ([cfg.frames] if cfg.task == "emt" else []),
+            "grid": list(cfg.grid) + ([cfg.frames] if mapping_of(cfg).image_ndim == 4 else []),
             "resolve_s": t_resolve,
             "nibabel_read_subjects_per_s": n / t_read,
             "ingest_1_worker_subjects_per_s": n / times[1],

@@ -39,14 +39,22 @@ def _ingest(a) -> int:
 
 
 def _example_data(a) -> int:
-    from trd_hpc.ingest.example import cnn3d_folder, emt_folder
+    from trd_hpc.config import ingest_spec_class, ingest_tasks
+    from trd_hpc.errors import ConfigError
+    from trd_hpc.ingest.resolve import mapping_of
 
+    def example_of(task: str):
+        cls = ingest_spec_class(task)
+        return mapping_of(cls.model_construct(task=task)).example if cls is not None else None
+
+    make = example_of(a.task)
+    if make is None:
+        have = [t for t in ingest_tasks() if example_of(t) is not None]
+        raise ConfigError(f"--task {a.task}: no example folder for that task; tasks with one: {', '.join(have)}")
     out = Path(a.dir)
     if out.exists() and any(out.iterdir()):
-        from trd_hpc.errors import ConfigError
-
         raise ConfigError(f"{out}: not empty; example-data writes into a new or empty directory")
-    spec = (emt_folder if a.task == "emt" else cnn3d_folder)(out, n=a.subjects)
+    spec = make(out, a.subjects)
     print(f"{spec}  (ingest it: trd-hpc ingest {spec} --out COHORT_DIR)")
     return 0
 
@@ -194,7 +202,11 @@ def add_parsers(sub) -> None:
         "missing value or two, and spec.yaml. The labels are made up.",
     )
     ex.add_argument("dir", help="new or empty directory")
-    ex.add_argument("--task", choices=["emt", "cnn3d"], default="emt", help="which task's layout (default emt)")
+    ex.add_argument(
+        "--task",
+        default="emt",
+        help="which paper's layout: emt (default) or cnn3d, or a task of your own with an example",
+    )
     ex.add_argument("--subjects", type=int, default=24, help="number of subjects (default 24; emt: at most 100)")
 
     c = sub.add_parser("cohort", help="inspect a cohort directory")

@@ -52,10 +52,12 @@ class CohortKind:
     # shard records them, and is made again once a source changed (an image replaced)
     source_stamp: Callable[[Any, int, int], list[tuple[str, list[int]]]] | None = None
     # False: subjects come from files (trd-hpc ingest); the cohort describes the data and
-    # a run's cohort section is taken from its manifest (train.run.resolve_cohort)
+    # a run's cohort section is taken from its manifest (trd_hpc.cohort.resolve_cohort)
     generated: bool = True
     # what a generated kind implements, as a report's banner names it ("paper 000")
     generator: str | None = None
+    # an ingested kind: what its ingest spec means (trd_hpc.ingest.mapping.IngestMapping)
+    ingest: Any = None
 
 
 BUILTIN = tuple(f"trd_hpc.tasks.{name}.{mod}" for name in BUILTIN_TASKS for mod in ("cohort", "ingested"))

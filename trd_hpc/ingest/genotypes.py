@@ -63,6 +63,7 @@ class Genotypes:
         if dups:
             raise IngestError(f"{self.files['fam']}: IIDs {', '.join(dups[:5])} appear more than once")
         self._check_bed_size(len(iid), len(self.sid))
+        self.index_name = self.files["fam"].name
 
     def _check_bed_size(self, n_ind: int, n_var: int) -> None:
         """A SNP-major .bed holds 3 magic bytes, then ceil(individuals / 4) bytes per variant.
@@ -80,7 +81,7 @@ class Genotypes:
                 ".bim (or a truncated .bed); every later genotype would be read for the wrong individual or variant"
             )
 
-    def check_padding(self, snp_ids: list[str]) -> None:
+    def check(self, snp_ids: list[str]) -> None:
         """The unused 2-bit slots closing each variant's last byte hold 00 in a PLINK .bed.
 
         A .fam line removed from a fileset of N individuals (N not one more than a multiple
@@ -163,3 +164,10 @@ class Genotypes:
         if (out > MISSING).any():
             raise IngestError(f"{self.files['bed']}: a genotype outside 0..2")
         return out
+
+
+class PlinkReader:
+    """The ``plink1`` genotype format (trd_hpc.ingest.readers): a .bed/.bim/.fam fileset."""
+
+    def open(self, prefix: Path) -> Genotypes:
+        return Genotypes(prefix)

@@ -24,7 +24,9 @@ from pydantic import ValidationError
 from trd_hpc.cohort_config import Resolved
 from trd_hpc.config import format_validation_error, ingest_spec_class, ingest_tasks, validate_cohort
 from trd_hpc.errors import ConfigError, IngestError
+from trd_hpc.ingest import readers
 from trd_hpc.ingest import table as T
+from trd_hpc.ingest.mapping import IngestMapping, Source, mapping_of
 
 
 @dataclass
@@ -35,11 +37,40 @@ class Subjects:
     key: list[str]  # the BIDS label ('01' for 'sub-01')
     image: list[Path]
     label: np.ndarray  # int64, -1 when unlabelled
-    severity: np.ndarray | None  # float32 (cnn3d)
-    clinical: np.ndarray | None  # float32 [n, k], NaN where missing (emt)
-    genotype_row: np.ndarray | None  # row in the .fam (emt)
+    values: dict[str, np.ndarray]  # the paper's own per-subject values from the table (IngestMapping.table_values)
+    rows: dict[str, np.ndarray]  # each subject's row in each cohort-wide source, by spec key ("genotypes")
     site: list[str] | None
     dropped: list[dict[str, str]]
+
+
+def _check_formats(spec, m: IngestMapping) -> None:
+    keys = ["table"] + [src.key for src in m.sources()]
+    unknown = [k for k in spec.formats if k not in keys]
+    if unknown:
+        raise ConfigError(
+            f"spec key 'formats': {', '.join(map(repr, unknown))} is not a source of this spec; sources: {', '.join(keys)}"
+        )
+
+
+def _reader(spec, src: Source):
+    return readers.reader(src.role, spec.formats.get(src.key, src.default_format), src.key)
+
+
+def image_reader(cfg):
+    """The reader of a resolved cohort's images (the shard writers call it)."""
+    return _reader(cfg, mapping_of(cfg).image)
+
+
+def open_source(spec, root: Path, src: Source):
+    """A cohort-wide source (a genotype fileset) opened by its reader."""
+    return _reader(spec, src).open(inside(root, getattr(spec, src.key), src.key))
+
+
+def _read_table(spec, tpath: Path):
+    fmt = spec.formats.get("table")
+    if fmt is None:
+        return T.read_table(tpath)  # by its suffix
+    return readers.reader("table", fmt, "table").read(tpath)
 
 
 def load_spec(path: str | Path):
@@ -100,71 +131,44 @@ def _image_path(root: Path, template: str, key: str, spec_key: str) -> Path:
     return inside(root, rel, spec_key)
 
 
-def _table_values(spec, df, tpath: Path, emt: bool, n: int, label_col: str | None):
-    """(label, severity, clinical, site) read from the table's columns the spec names."""
-    if label_col is not None:
-        label = T.class_labels(
-            df, tpath, label_col, spec.labels, 2 if emt else 3, "label_column" if emt else "response_column"
-        )
-    else:
-        label = np.full(n, -1, dtype=np.int64)
-    severity = None
-    if not emt and spec.severity_column is not None:
-        severity = T.numbers(df, tpath, spec.severity_column, "severity_column")
-        bad = np.flatnonzero((severity < 0) & ~np.isnan(severity))
-        if len(bad):
-            raise IngestError(f"{tpath}: column '{spec.severity_column}' is negative on line(s) {T.lines(bad)}")
-    clinical = None
-    if emt:
-        clinical = np.stack(
-            [T.numbers(df, tpath, c, "clinical_columns") for c in spec.clinical_columns], axis=1
-        ).astype(np.float32)
-    site = None
-    if spec.site_column is not None:
-        col = T.column(df, tpath, spec.site_column, "site_column")
-        if col.isna().any():
-            raise IngestError(
-                f"{tpath}: column '{spec.site_column}' is empty on line(s) {T.lines(col.index[col.isna()])}"
-            )
-        site = [str(v).strip() for v in col]
-    return label, severity, clinical, site
+def _sites(spec, df, tpath: Path) -> list[str] | None:
+    if spec.site_column is None:
+        return None
+    col = T.column(df, tpath, spec.site_column, "site_column")
+    if col.isna().any():
+        raise IngestError(f"{tpath}: column '{spec.site_column}' is empty on line(s) {T.lines(col.index[col.isna()])}")
+    return [str(v).strip() for v in col]
 
 
-def _lacking(spec, root: Path, emt: bool, keys, images, tkey, label, label_col, severity):
-    """({row: what the subject lacks}, genotype rows or None): only a missing source may be
+def _lacking(spec, m: IngestMapping, root: Path, keys, images, label, label_col, values):
+    """({row: what the subject lacks}, {source key: rows}): only a missing source may be
     dropped (on_missing: drop)."""
     lacks: dict[int, list[str]] = {}
-    geno_row = None
-    if emt:
-        from trd_hpc.ingest.genotypes import Genotypes
-
-        geno = Genotypes(inside(root, spec.genotypes, "genotypes"))
-        geno_row = np.array([geno.row.get(k, -1) for k in keys], dtype=np.int64)
-        for i in np.flatnonzero(geno_row < 0):
-            lacks.setdefault(int(i), []).append(f"no genotypes (IID not in {geno.files['fam'].name})")
+    rows = {}
+    for src in m.cohort_sources:
+        index = open_source(spec, root, src)
+        rows[src.key] = np.array([index.row.get(k, -1) for k in keys], dtype=np.int64)
+        for i in np.flatnonzero(rows[src.key] < 0):
+            lacks.setdefault(int(i), []).append(f"no {src.key} (IID not in {index.index_name})")
     for i, p in enumerate(images):
         if not p.is_file():
-            lacks.setdefault(i, []).append(f"no {tkey} image ({p})")
+            lacks.setdefault(i, []).append(f"no {m.image.key} image ({p})")
     if label_col is not None:
         for i in np.flatnonzero(label < 0):
             lacks.setdefault(int(i), []).append(f"no value in '{label_col}'")
-        if severity is not None:
-            for i in np.flatnonzero(np.isnan(severity)):
-                lacks.setdefault(int(i), []).append(f"no value in '{spec.severity_column}'")
-    return lacks, geno_row
+    for i, what in m.lacking(spec, values).items():
+        lacks.setdefault(int(i), []).extend(what)
+    return lacks, rows
 
 
-def _check_headers(spec, emt: bool, images, written, keep) -> None:
-    """Headers of the kept images: a file nibabel cannot read, or of the wrong kind, is an
+def _check_headers(spec, m: IngestMapping, images, written, keep) -> None:
+    """Headers of the kept images: a file the reader cannot read, or of the wrong kind, is an
     error whatever on_missing says (it is there, so it was meant to be used)."""
-    from trd_hpc.ingest.images import read_header
-
+    reader = _reader(spec, m.image)
     problems = []
     for i in keep:
         try:
-            read_header(
-                images[i], written[i], 4 if emt else 3, spec.frames if emt and spec.temporal == "crop" else None
-            )
+            reader.header(images[i], written[i], m.image_ndim, m.min_frames(spec))
         except IngestError as e:
             problems.append(str(e))
     if problems:
@@ -172,34 +176,27 @@ def _check_headers(spec, emt: bool, images, written, keep) -> None:
         raise IngestError("; ".join(problems[:5]) + more)
 
 
-def _check_clinical(spec, tpath: Path, clinical, keep) -> None:
-    holes = [
-        f"'{c}' on line(s) {T.lines(keep[np.isnan(clinical[keep, j])])}"
-        for j, c in enumerate(spec.clinical_columns)
-        if np.isnan(clinical[keep, j]).any()
-    ]
-    if holes:
-        raise IngestError(
-            f"{tpath}: missing clinical values: {'; '.join(holes)}. Fill them, or set clinical_missing: impute "
-            f"(the training split's mean, recorded in the manifest)"
-        )
-
-
 def _collect(spec, root: Path, headers: bool = True) -> Subjects:
     """Every row of the table with its sources; raises on what no policy can mend.
 
     ``headers``: read every kept image's header too (``resolve``; a worker that rebuilds
     the list skips it: each image it writes is read whole anyway, and errors name it)."""
+    m = mapping_of(spec)
+    _check_formats(spec, m)
     tpath = inside(root, spec.table, "table")
-    df = T.read_table(tpath)
+    df = _read_table(spec, tpath)
     written, keys = T.ids(df, tpath, spec.id_column)
     n = len(keys)
-    emt = spec.task == "emt"
-    template, tkey = (spec.fmri, "fmri") if emt else (spec.volume, "volume")
-    images = [_image_path(root, template, k, tkey) for k in keys]
-    label_col = spec.label_column if emt else spec.response_column
-    label, severity, clinical, site = _table_values(spec, df, tpath, emt, n, label_col)
-    lacks, geno_row = _lacking(spec, root, emt, keys, images, tkey, label, label_col, severity)
+    images = [_image_path(root, getattr(spec, m.image.key), k, m.image.key) for k in keys]
+    label_col = getattr(spec, m.label_key)
+    label = (
+        T.class_labels(df, tpath, label_col, spec.labels, m.n_classes, m.label_key)
+        if label_col is not None
+        else np.full(n, -1, dtype=np.int64)
+    )
+    values = m.table_values(spec, df, tpath)
+    site = _sites(spec, df, tpath)
+    lacks, rows = _lacking(spec, m, root, keys, images, label, label_col, values)
 
     if lacks and spec.on_missing == "error":
         listed = "; ".join(f"{written[i]} (line {i + 2}): {', '.join(w)}" for i, w in sorted(lacks.items())[:10])
@@ -216,19 +213,17 @@ def _collect(spec, root: Path, headers: bool = True) -> Subjects:
     if not len(keep):
         raise IngestError(f"{tpath}: no subject has every source the spec names")
     if label_col is not None:
-        _check_classes(tpath, label_col, label[keep], spec.labels, 2 if emt else 3)
+        _check_classes(tpath, label_col, label[keep], spec.labels, m.n_classes)
     if headers:
-        _check_headers(spec, emt, images, written, keep)
-    if clinical is not None and spec.clinical_missing == "error":
-        _check_clinical(spec, tpath, clinical, keep)
+        _check_headers(spec, m, images, written, keep)
+    m.check(spec, tpath, values, keep)
     return Subjects(
         participant_id=[written[i] for i in keep],
         key=[keys[i] for i in keep],
         image=[images[i] for i in keep],
         label=label[keep],
-        severity=None if severity is None else severity[keep].astype(np.float32),
-        clinical=None if clinical is None else clinical[keep],
-        genotype_row=None if geno_row is None else geno_row[keep],
+        values={k: v[keep] for k, v in values.items()},
+        rows={k: r[keep] for k, r in rows.items()},
         site=None if site is None else [site[i] for i in keep],
         dropped=dropped,
     )
@@ -249,10 +244,11 @@ def _check_classes(tpath: Path, col: str, labels: np.ndarray, names, n_classes: 
 
 
 def resolve(path: str | Path):
-    """The cohort config of the spec at ``path`` (kind ingested_emt / ingested_volume)."""
+    """The cohort config of the spec at ``path`` (the kind its mapping names)."""
     path = Path(path).resolve()
     spec = load_spec(path)
     root = path.parent
+    m = mapping_of(spec)
     subj = _collect(spec, root)
     resolved = Resolved(
         root=str(root),
@@ -260,59 +256,15 @@ def resolve(path: str | Path):
         n_subjects=len(subj.key),
         dropped=subj.dropped,
     )
+    sources = {src.key: open_source(spec, root, src) for src in m.cohort_sources}
+    fields = m.resolved_fields(spec, root, subj, sources)
+    for src in m.cohort_sources:
+        if src.fingerprint_field is not None:
+            fields[src.fingerprint_field] = sources[src.key].fingerprint()
     d = spec.model_dump(mode="json")
-    if spec.task == "emt":
-        from trd_hpc.ingest.genotypes import Genotypes
-
-        geno = Genotypes(inside(root, spec.genotypes, "genotypes"))
-        snp_ids = geno.select(spec.snps.first, inside(root, spec.snps.ids, "snps.ids") if spec.snps.ids else None)
-        geno.check_padding(snp_ids)
-        mean, sd = _clinical_stats(spec, subj)
-        cfg = validate_cohort(
-            {
-                **d,
-                "kind": "ingested_emt",
-                "resolved": resolved.model_dump(),
-                "snp_ids": snp_ids,
-                "genotypes_sha256": geno.fingerprint(),
-                "clinical_mean": mean,
-                "clinical_sd": sd,
-            },
-            str(path),
-        )
-    else:
-        smax = spec.severity_max
-        if smax is None:
-            smax = float(np.nanmax(subj.severity)) if subj.severity is not None and len(subj.severity) else 1.0
-            smax = smax if smax > 0 else 1.0
-        elif subj.severity is not None and (subj.severity > smax).any():
-            i = int(np.flatnonzero(subj.severity > smax)[0])
-            raise IngestError(
-                f"{root / spec.table}: severity {subj.severity[i]:g} of {subj.participant_id[i]} exceeds severity_max {smax:g}"
-            )
-        cfg = validate_cohort(
-            {**d, "kind": "ingested_volume", "resolved": resolved.model_dump(), "severity_max": smax}, str(path)
-        )
+    cfg = validate_cohort({**d, "kind": m.kind, "resolved": resolved.model_dump(), **fields}, str(path))
     _cache_put(cfg, subj)
     return cfg
-
-
-def _clinical_stats(spec, subj: Subjects) -> tuple[list[float], list[float]]:
-    """Mean and sd of each clinical column over the training split (all subjects of an
-    unlabelled cohort, which has none); what the model sees is (x - mean) / sd."""
-    x = subj.clinical.astype(np.float64)
-    if spec.label_column is not None:
-        from trd_hpc.ingest.splits import splits_for
-
-        train = np.asarray(splits_for(spec, subj.label, subj.site)[0]["train"], dtype=np.int64)
-        x = x[train]
-    mean = np.nanmean(x, axis=0) if len(x) else np.zeros(x.shape[1])
-    sd = np.nanstd(x, axis=0) if len(x) else np.ones(x.shape[1])
-    bad = [c for c, m in zip(spec.clinical_columns, mean) if not np.isfinite(m)]
-    if bad:
-        raise IngestError(f"clinical column(s) {', '.join(bad)} have no value in the training split")
-    sd = np.where(np.isfinite(sd) & (sd > 0), sd, 1.0)  # a constant column stays 0 after centring
-    return [float(v) for v in mean], [float(v) for v in sd]
 
 
 # ---------------------------------------------------------------- per process
@@ -360,26 +312,27 @@ def source_stamps(cfg, first: int, stop: int) -> list[tuple[str, list[int]]]:
 
 
 @lru_cache(maxsize=2)
-def genotype_matrix(cfg_key: str):
-    """All kept subjects' genotypes of the selected variants (uint8), read once per process."""
-    from trd_hpc.config import validate_cohort
-    from trd_hpc.ingest.genotypes import Genotypes
-
+def _source_matrix(cfg_key: str, key: str) -> np.ndarray:
+    """What the kept subjects hold in cohort-wide source ``key`` (the selected variants'
+    genotypes, uint8), read once per process."""
     cfg = validate_cohort(json.loads(cfg_key))
-    geno = Genotypes(inside(Path(cfg.resolved.root), cfg.genotypes, "genotypes"))
-    if geno.fingerprint() != cfg.genotypes_sha256:
+    src = next(s for s in mapping_of(cfg).cohort_sources if s.key == key)
+    index = open_source(cfg, Path(cfg.resolved.root), src)
+    if src.fingerprint_field is not None and index.fingerprint() != getattr(cfg, src.fingerprint_field):
         raise IngestError(
-            f"{geno.files['fam']}: the genotype files changed since this cohort was resolved; ingest it again"
+            f"{index.index_name} ({getattr(cfg, key)}): the {key} files changed since this cohort was resolved; "
+            "ingest it again"
         )
-    return geno.read(subjects(cfg).genotype_row, cfg.snp_ids)
+    return index.read(subjects(cfg).rows[key], cfg.snp_ids)
 
 
-def genotypes_of(cfg, index: int) -> np.ndarray:
-    return genotype_matrix(_key(cfg))[index]
+def source_matrix(cfg, key: str) -> np.ndarray:
+    return _source_matrix(_key(cfg), key)
 
 
 def source_record(cfg) -> dict:
     """The manifest's ``source`` section: where the data came from and what was done to it."""
+    m = mapping_of(cfg)
     s = subjects(cfg)
     rec: dict = {
         "spec_folder": cfg.resolved.root,
@@ -387,45 +340,12 @@ def source_record(cfg) -> dict:
         "table_sha256": cfg.resolved.table_sha256,
         "participants": len(s.participant_id),
         "dropped": cfg.resolved.dropped,
-        "image_template": cfg.fmri if cfg.task == "emt" else cfg.volume,
+        "image_template": getattr(cfg, m.image.key),
+        "formats": {src.key: cfg.formats.get(src.key, src.default_format) for src in m.sources()},
         "grid": list(cfg.grid),
-        "images": "RAS+ (nibabel.as_closest_canonical); the brain's bounding box (voxels above 10% of the "
-        "min..98th-percentile range) resampled onto the grid with one isotropic voxel size, linear "
-        "(scipy.ndimage.affine_transform) after a Gaussian anti-alias filter; per-subject 'affine' "
-        "(grid -> world mm) and 'source_affine' datasets in every shard",
+        "images": image_reader(cfg).describe,
+        **m.record(cfg, s),
     }
-    if cfg.task == "emt":
-        n_missing = int((genotype_matrix(_key(cfg)) == 3).sum())
-        rec.update(
-            {
-                "frames": cfg.frames,
-                "temporal": cfg.temporal,
-                "fmri_normalisation": "z-score over brain voxels and frames per subject, background 0",
-                "genotypes": cfg.genotypes,
-                "genotype_coding": "count of the A1 allele 0/1/2; 3 = missing call",
-                "missing_calls": n_missing,
-                "snp_ids": cfg.snp_ids,
-                "clinical": {
-                    "columns": cfg.clinical_columns,
-                    "mean": cfg.clinical_mean,
-                    "sd": cfg.clinical_sd,
-                    "fitted_on": "train" if cfg.labelled else "all subjects (unlabelled cohort)",
-                    "missing": cfg.clinical_missing,
-                    "imputed": {
-                        c: int(np.isnan(s.clinical[:, j]).sum())
-                        for j, c in enumerate(cfg.clinical_columns)
-                        if np.isnan(s.clinical[:, j]).any()
-                    },
-                },
-            }
-        )
-    else:
-        rec.update(
-            {
-                "volume_normalisation": "stored as resampled; the loader z-scores then scales to [0, 1] per volume",
-                "severity_max": cfg.severity_max,
-            }
-        )
     out: dict = {"source": rec}
     if s.site is not None:  # the loader's fold parts keep sites whole too (Manifest.subjects)
         from trd_hpc.ingest.splits import site_groups

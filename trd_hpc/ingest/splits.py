@@ -10,6 +10,7 @@ import numpy as np
 
 from trd_hpc.data.splits import fold_parts, stratified_folds, three_way_split, train_test_with_val
 from trd_hpc.errors import IngestError
+from trd_hpc.ingest.mapping import mapping_of
 
 
 def site_groups(sites: list[str] | None) -> np.ndarray | None:
@@ -18,21 +19,32 @@ def site_groups(sites: list[str] | None) -> np.ndarray | None:
 
 
 def splits_for(spec, labels: np.ndarray, sites: list[str] | None):
-    """(splits {train, val, test}, folds) of an ingested cohort."""
+    """(splits {train, val, test}, folds) of an ingested cohort, as its mapping splits it."""
     n = len(labels)
     if (labels < 0).all():
         return {"train": [], "val": [], "test": list(range(n))}, []
-    split, groups = spec.split, site_groups(sites)
+    groups = site_groups(sites)
     try:
-        if spec.task == "emt":
-            return three_way_split(labels, split.train, split.val, split.test, spec.seed, groups), []
-        folds = stratified_folds(labels, split.folds, spec.seed, groups)
-        for k in range(len(folds)):  # what `trd-hpc cv` will ask for
-            fold_parts(folds, labels, k, split.val, spec.seed, groups)
-        return train_test_with_val(labels, split.test, split.val, spec.seed, groups), folds
+        return mapping_of(spec).split(labels, spec, groups)
     except ValueError as e:
         grouped = f" grouped by '{spec.site_column}'" if groups is not None else ""
         raise IngestError(
             f"the {n} subjects cannot be split{grouped} as the spec's split asks ({' '.join(str(e).split())}); "
             f"more subjects or sites, other fractions or fewer folds"
         ) from None
+
+
+def three_way(labels: np.ndarray, spec, groups: np.ndarray | None):
+    """Train / val / test by the spec's fractions, no cross-validation folds (paper 000)."""
+    split = spec.split
+    return three_way_split(labels, split.train, split.val, split.test, spec.seed, groups), []
+
+
+def held_out_test_and_folds(labels: np.ndarray, spec, groups: np.ndarray | None):
+    """A held-out test split and the spec's cross-validation folds over all subjects, each
+    fold's parts checked now (what `trd-hpc cv` asks for) (paper 001)."""
+    split = spec.split
+    folds = stratified_folds(labels, split.folds, spec.seed, groups)
+    for k in range(len(folds)):
+        fold_parts(folds, labels, k, split.val, spec.seed, groups)
+    return train_test_with_val(labels, split.test, split.val, spec.seed, groups), folds

@@ -17,25 +17,38 @@ from trd_hpc.errors import IngestError
 MISSING = ["n/a", ""]
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path, sep: str | None = None) -> pd.DataFrame:
+    """The table at ``path``; ``sep`` None: tab for .tsv, comma for .csv (another suffix is an error)."""
     path = Path(path)
     if not path.is_file():
         raise IngestError(f"{path}: participants table not found")
     suffix = path.suffix.lower()
-    if suffix not in (".tsv", ".csv"):
-        raise IngestError(f"{path}: a table must be .tsv or .csv, not {suffix or 'a file without a suffix'}")
+    if sep is None:
+        if suffix not in (".tsv", ".csv"):
+            raise IngestError(
+                f"{path}: a table must be .tsv or .csv, not {suffix or 'a file without a suffix'} "
+                "(or name its format: formats: {table: tsv})"
+            )
+        sep = "\t" if suffix == ".tsv" else ","
     try:
-        df = pd.read_csv(
-            path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False, na_values=MISSING
-        )
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=MISSING)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise IngestError(
-            f"{path}: cannot be read as a {suffix[1:].upper()} table: {' '.join(str(e).split())}"
-        ) from None
+        what = "TSV" if sep == "\t" else "CSV"
+        raise IngestError(f"{path}: cannot be read as a {what} table: {' '.join(str(e).split())}") from None
     df.columns = [str(c).strip() for c in df.columns]
     if df.empty:
         raise IngestError(f"{path}: the table has no rows")
     return df
+
+
+class CsvReader:
+    """The ``tsv`` and ``csv`` table formats (trd_hpc.ingest.readers)."""
+
+    def __init__(self, sep: str):
+        self.sep = sep
+
+    def read(self, path: Path) -> pd.DataFrame:
+        return read_table(path, self.sep)
 
 
 def lines(index) -> str:

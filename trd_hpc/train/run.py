@@ -1,6 +1,7 @@
-"""One training run: cohort (made if missing) -> run directory -> Trainer -> final
-predictions and metrics.  The files it writes are described in ``trd_hpc.rundir``;
-what comes after (baselines, evaluation, report) is the experiment layer's.
+"""One training run in one process: the run directory checked and written, the Trainer,
+the final predictions and metrics (``TrainingSession``).  The files it writes are described
+in ``trd_hpc.rundir``; which cohort it reads (``trd_hpc.cohort``) and what comes after
+(baselines, evaluation, report) are the experiment layer's (``trd_hpc.experiment``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import torch
 
 from trd_hpc import faults
 from trd_hpc.config import ConfigError, to_dict
-from trd_hpc.console import labelled, say
-from trd_hpc.data.generate import check_target_dir, generate
-from trd_hpc.data.manifest import MANIFEST, cohort_identity, identity_line, load_manifest
+from trd_hpc.console import say
+from trd_hpc.data.manifest import cohort_identity, identity_line
 from trd_hpc.fsio import atomic_write_json, atomic_write_with
 from trd_hpc.locks import DirLock
 from trd_hpc.rundir import PREEMPTED, RunDir
@@ -29,92 +29,9 @@ from trd_hpc.train.identity import RESUMABLE_CHANGES, differing_keys, flatten
 from trd_hpc.train.trainer import Preempted, Trainer
 
 if TYPE_CHECKING:
-    from trd_hpc.config import ExperimentConfig
+    pass
 
-__all__ = ["train_run", "RESUMABLE_CHANGES", "read_run_config"]
-
-
-def resolve_cohort(cfg: "ExperimentConfig") -> "ExperimentConfig":
-    """``cfg`` with its ``cohort`` section taken from the manifest when ``data.cohort`` is an
-    ingested cohort (``trd-hpc ingest``): real data describes itself (grid, frames, SNPs,
-    clinical columns, classes), so a config written for synthetic data trains on it as it
-    is.  Generated cohorts are left alone (their config must match, see ensure_cohort)."""
-    from trd_hpc.config import derive
-    from trd_hpc.data.kinds import kind_of
-
-    root = Path(cfg.data.cohort)
-    if not (root / MANIFEST).is_file():
-        if not kind_of(cfg.cohort).generated:
-            raise ConfigError(
-                f"data.cohort={root}: no manifest.json, and an ingested cohort cannot be generated from the "
-                f"config; run `trd-hpc ingest SPEC.yaml --out {root}` again"
-            )
-        if not cfg.data.generate:
-            raise ConfigError(missing_cohort_message(root))
-        return cfg
-    m = load_manifest(root)
-    kind = kind_of(m.config)
-    if kind.generated:
-        return cfg
-    if getattr(m.config, "task", cfg.task) != cfg.task:
-        raise ConfigError(
-            f"data.cohort={root} is an ingested {m.config.task} cohort; this config trains task {cfg.task}"
-        )
-    if not m.labelled:
-        raise ConfigError(
-            f"data.cohort={root} is unlabelled (its ingest spec names no label column): it can be predicted "
-            f"on, not trained or evaluated on"
-        )
-    if to_dict(cfg.cohort) == to_dict(m.config):
-        return cfg
-    return derive(cfg, {"cohort": to_dict(m.config)}, f"the config with the cohort section of {root / MANIFEST}")
-
-
-def missing_cohort_message(root: Path) -> str:
-    """data.cohort names no cohort: say so, with the closest existing ones and the two ways on."""
-    from trd_hpc.data.manifest import nearby_cohorts
-
-    near = nearby_cohorts(root)
-    what = "no such directory" if not root.exists() else "no manifest.json there (not a finished cohort)"
-    hint = f" (did you mean {' or '.join(str(p) for p in near)}?)" if near else ""
-    return (
-        f"data.cohort={root}: {what}{hint}; train on an existing cohort (`trd-hpc generate` or `trd-hpc ingest` "
-        f"makes one), or pass --generate (data.generate=true) to make a synthetic one there from the config"
-    )
-
-
-def ensure_cohort(cfg: "ExperimentConfig", info: D.DistInfo, progress: bool = True) -> Path:
-    """The config's cohort directory; generated first (by rank 0) only when absent and the
-    config asks for it (data.generate), so a mistyped path never becomes a synthetic cohort."""
-    cfg = resolve_cohort(cfg)  # refuses a missing cohort unless data.generate
-    root = Path(cfg.data.cohort)
-    if info.is_main and not (root / MANIFEST).exists():
-        from trd_hpc.data.kinds import kind_of
-
-        check_target_dir(cfg.cohort, root)  # never generate over another cohort's or tool's files
-        what = (
-            f"a synthetic cohort ({kind_of(cfg.cohort).generator or cfg.cohort.kind} generator, "
-            f"seed {cfg.cohort.seed}, {cfg.cohort.n_subjects} subjects)"
-        )
-        if cfg.data.source == "virtual":
-            from trd_hpc.data.generate import write_virtual
-
-            say(f"data.generate: writing {what} at {root} as a virtual cohort (manifest only)")
-            write_virtual(cfg.cohort, root)
-        else:
-            say(f"data.generate: generating {what} at {root}")
-            generate(cfg.cohort, root, progress=progress)
-    D.barrier(info)
-    m = load_manifest(root)
-    have = {k: v for k, v in to_dict(m.config).items() if k != "subjects_per_shard"}
-    want = {k: v for k, v in to_dict(cfg.cohort).items() if k != "subjects_per_shard"}
-    if have != want:
-        diffs = sorted(k for k, v in flatten(want).items() if flatten(have).get(k) != v)
-        raise ConfigError(
-            f"data.cohort={root} holds a cohort made with another config (differs in: "
-            f"{', '.join('cohort.' + k for k in diffs)}); point data.cohort at a new directory"
-        )
-    return root
+__all__ = ["TrainingSession", "RESUMABLE_CHANGES", "read_run_config", "default_label"]
 
 
 def read_run_config(run_dir: Path):
@@ -210,31 +127,123 @@ def final_metrics(trainer: Trainer, val_m: dict, test_m: dict, seconds: float, h
     return out
 
 
-def train_run(
-    cfg,
-    run_dir: str | Path,
-    resume: str | None = None,
-    progress: bool = True,
-    on_step=None,
-    on_epoch=None,
-    standalone: bool = False,
-    then: Callable[[Path], dict | None] | None = None,
-    label: str | None = None,
-) -> dict | None:
-    """Train one run; returns the final metrics on rank 0 (None elsewhere or when pre-empted).
+class TrainingSession:
+    """One training run's process-wide state, entered once per process: the process group,
+    the run directory's lock, the tracker.  Its steps are called by the experiment layer
+    (``trd_hpc.experiment.train_run``) in order:
 
-    Its console lines start with ``[label]`` (default: the task, e.g. ``[emt]``).
+        with TrainingSession(cfg, run_dir) as s:
+            s.start(cohort_root, resume)   # config.yaml, the tracker, the Trainer, a checkpoint
+            metrics = s.fit()              # train, then final predictions and metrics.json
+            metrics = s.on_main(stage)     # rank 0 works, the other ranks wait in the job
 
-    ``on_step(trainer)`` runs after every optimiser step and ``on_epoch(trainer, row)``
-    after each epoch's checkpoint is written (Ray Tune reports there).  ``standalone``:
-    one process whatever the launcher says (baselines trained by rank 0 of a DDP job).
+    Leaving it shuts the process group down, finishes the tracker and releases the lock,
+    whatever happened."""
 
-    ``then(run_dir) -> metrics`` runs on rank 0 once training is done (the evaluation
-    stage) while the other ranks wait, still part of the job: a rank that exits while
-    rank 0 works can end the whole srun step (--kill-on-bad-exit) and take that work
-    with it.  What it returns is the run's metrics from then on."""
-    with labelled(label or default_label(cfg)):
-        return _train_run(cfg, run_dir, resume, progress, on_step, on_epoch, standalone, then)
+    def __init__(self, cfg, run_dir: str | Path, standalone: bool = False):
+        signals.install()
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.info = D.init(cfg.train.strategy, cfg.train.device, standalone=standalone)
+        faults.set_rank(self.info.rank)
+        self.lock = DirLock(self.run_dir, "run directory") if self.info.is_main else None
+        self.tracker = None
+        self.trainer: Trainer | None = None
+        self.identity: dict | None = None
+        self.preempted = False  # fit stopped at a signal (every rank), a checkpoint written
+
+    def __enter__(self) -> "TrainingSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            D.shutdown(self.info)
+        finally:
+            if self.tracker is not None:
+                self.tracker.finish()
+            if self.lock is not None:
+                self.lock.release()
+
+    def start(self, root: Path, resume: str | None, progress: bool = True) -> None:
+        from trd_hpc.tracking import Tracker
+
+        info, run_dir = self.info, self.run_dir
+        self.identity = cohort_identity(root)
+        if info.is_main:
+            say(f"cohort {root}: {identity_line(self.identity)}")
+        if self.lock is not None:  # before anything is written into the run directory
+            self.lock.acquire()
+            ckpt.remove_stale(run_dir)
+        resume = prepare_run_dir(self.cfg, run_dir, resume, info)
+        # rank 0 only; resumes its W&B id
+        self.tracker = Tracker.start(self.cfg, run_dir, info.rank, cohort=self.identity)
+        self.trainer = Trainer(self.cfg, make_task(self.cfg, str(root)), run_dir, info, root, progress=progress)
+        if resume:
+            path = self.trainer.load_checkpoint(resume)
+            if info.is_main:
+                say(
+                    f"resumed from {path} (epoch {self.trainer.state.epoch + 1}, step {self.trainer.state.step})"
+                    if path
+                    else "no checkpoint yet: starting from scratch"
+                )
+
+    def fit(self, on_step=None, on_epoch=None) -> dict | None:
+        """Train, then predict val and test with the final model; the metrics on rank 0 (None
+        elsewhere, or when pre-empted: the checkpoint and PREEMPTED say where to go on)."""
+        trainer, info, run, tracker = self.trainer, self.info, RunDir(self.run_dir), self.tracker
+
+        def _on_epoch(tr, row):
+            tracker.log_epoch(row)
+            if on_epoch is not None:
+                on_epoch(tr, row)
+
+        t0 = time.perf_counter()
+        try:
+            trainer.fit(on_step=on_step, on_epoch=_on_epoch)
+        except Preempted as p:
+            self.preempted = True
+            if info.is_main:
+                atomic_write_json(
+                    run.path / PREEMPTED, {"step": p.step, "signal": p.signame, "checkpoint": str(p.path)}
+                )
+                say(f"{p}; continue with --resume auto")
+            return None
+        val_m, val_rec = trainer.evaluate("val")
+        test_m, test_rec = trainer.evaluate("test")
+        hosts = D.all_gather_objects(info, socket.gethostname())
+        metrics = None
+        if info.is_main:
+            run.write_predictions("val", val_rec)
+            run.write_predictions("test", test_rec)
+            state = trainer.raw_model.state_dict()
+            atomic_write_with(run.model_file, lambda tmp: torch.save(state, tmp), fault="model")
+            metrics = final_metrics(trainer, val_m, test_m, time.perf_counter() - t0, hosts)
+            metrics["cohort"] = self.identity  # what these figures rest on
+            atomic_write_json(run.metrics_file, metrics, fault="metrics")
+            tracker.log_summary(metrics)
+        D.barrier(info)
+        return metrics
+
+    def on_main(self, stage: Callable[[Path], dict | None]) -> dict | None:
+        """``stage(run_dir) -> metrics`` on rank 0 while the other ranks wait, still part of
+        the job: a rank that exits while rank 0 works can end the whole srun step
+        (--kill-on-bad-exit) and take that work with it.  What it returns (None: pre-empted
+        during the stage) is logged and is the run's metrics from then on."""
+        from trd_hpc.tracking import figures_of
+
+        info, metrics = self.info, None
+        try:
+            if info.is_main:
+                metrics = stage(self.run_dir)
+                if metrics is not None:
+                    self.tracker.log_summary(metrics)
+                    self.tracker.log_figures(figures_of(self.run_dir))
+            else:
+                D.wait_for_main(info)
+        finally:
+            if info.is_main:
+                D.release_others(info)
+        D.barrier(info)  # rank 0 stays until every rank has seen the release
+        return metrics
 
 
 def default_label(cfg) -> str:
@@ -245,86 +254,3 @@ def default_label(cfg) -> str:
     if field is None or model.name == field.default:
         return cfg.task
     return f"{cfg.task} {model.name}"
-
-
-def _train_run(cfg, run_dir, resume, progress, on_step, on_epoch, standalone, then) -> dict | None:
-    signals.install()
-    from trd_hpc.tracking import Tracker, figures_of
-
-    run_dir = Path(run_dir)
-    run = RunDir(run_dir)
-    cfg = resolve_cohort(cfg)
-    info = D.init(cfg.train.strategy, cfg.train.device, standalone=standalone)
-    faults.set_rank(info.rank)
-    tracker = Tracker.noop()
-    lock = DirLock(run_dir, "run directory") if info.is_main else None
-    try:
-        try:
-            root = ensure_cohort(cfg, info, progress)
-            identity = cohort_identity(root)
-            if info.is_main:
-                say(f"cohort {root}: {identity_line(identity)}")
-            if lock is not None:  # before anything is written into the run directory
-                lock.acquire()
-                ckpt.remove_stale(run_dir)
-            resume = prepare_run_dir(cfg, run_dir, resume, info)
-            tracker = Tracker.start(cfg, run_dir, info.rank, cohort=identity)  # rank 0 only; resumes its W&B id
-            trainer = Trainer(cfg, make_task(cfg, str(root)), run_dir, info, root, progress=progress)
-            if resume:
-                path = trainer.load_checkpoint(resume)
-                if info.is_main:
-                    say(
-                        f"resumed from {path} (epoch {trainer.state.epoch + 1}, step {trainer.state.step})"
-                        if path
-                        else "no checkpoint yet: starting from scratch"
-                    )
-
-            def _on_epoch(tr, row):
-                tracker.log_epoch(row)
-                if on_epoch is not None:
-                    on_epoch(tr, row)
-
-            t0 = time.perf_counter()
-            try:
-                trainer.fit(on_step=on_step, on_epoch=_on_epoch)
-            except Preempted as p:
-                if info.is_main:
-                    atomic_write_json(
-                        run_dir / PREEMPTED, {"step": p.step, "signal": p.signame, "checkpoint": str(p.path)}
-                    )
-                    say(f"{p}; continue with --resume auto")
-                return None
-            val_m, val_rec = trainer.evaluate("val")
-            test_m, test_rec = trainer.evaluate("test")
-            hosts = D.all_gather_objects(info, socket.gethostname())
-            metrics = None
-            if info.is_main:
-                run.write_predictions("val", val_rec)
-                run.write_predictions("test", test_rec)
-                state = trainer.raw_model.state_dict()
-                atomic_write_with(run.model_file, lambda tmp: torch.save(state, tmp), fault="model")
-                metrics = final_metrics(trainer, val_m, test_m, time.perf_counter() - t0, hosts)
-                metrics["cohort"] = identity  # what these figures rest on
-                atomic_write_json(run.metrics_file, metrics, fault="metrics")
-                tracker.log_summary(metrics)
-            D.barrier(info)
-            if then is not None:
-                try:
-                    if info.is_main:
-                        metrics = then(run_dir)  # None: pre-empted during that stage
-                        if metrics is not None:
-                            tracker.log_summary(metrics)
-                            tracker.log_figures(figures_of(run_dir))
-                    else:
-                        D.wait_for_main(info)
-                finally:
-                    if info.is_main:
-                        D.release_others(info)
-                D.barrier(info)  # rank 0 stays until every rank has seen the release
-        finally:
-            D.shutdown(info)
-        return metrics
-    finally:
-        tracker.finish()
-        if lock is not None:
-            lock.release()

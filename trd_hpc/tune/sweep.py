@@ -378,8 +378,8 @@ def prepare_cohort(sweep: Sweep, progress: bool = True, generate: bool = False) 
     """The absolute cohort directory shared by every trial; generated now when missing only if
     the base config says data.generate (`tune --generate`) or ``generate`` (bench tune, whose
     cohort is its own)."""
+    from trd_hpc.cohort import ensure_cohort
     from trd_hpc.train import distributed as D
-    from trd_hpc.train.run import ensure_cohort
 
     cohort = str(Path(sweep.base_data.get("data", {}).get("cohort", "data/cohort")).expanduser().absolute())
     cfg = validate_experiment(sweep.trial_data({}, cohort=cohort), "base")

@@ -5,7 +5,7 @@ name through ``trd_hpc.config`` (EXPERIMENT, COHORTS, INGEST_SPEC at the bottom)
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
@@ -121,6 +121,7 @@ class VolumeCohortConfig(Strict):
 
 class CNN3DIngestSpec(IngestSpecBase):
     task: Literal["cnn3d"] = "cnn3d"
+    cohort_kind: ClassVar[str] = "ingested_volume"  # what it resolves to (its IngestMapping)
     response_column: Optional[str] = None  # None: an unlabelled cohort (prediction only)
     severity_column: Optional[str] = None
     # Severity is scaled by this for the loss (paper 001: a 0-100 scale); None: the largest

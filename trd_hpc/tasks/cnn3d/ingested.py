@@ -10,7 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 from trd_hpc.data.kinds import CohortKind, Column
+from trd_hpc.errors import IngestError
+from trd_hpc.ingest import table as T
 from trd_hpc.ingest.kinds import labels_of, manifest_source, splits_of, trace_columns
+from trd_hpc.ingest.mapping import IngestMapping, Source
+from trd_hpc.ingest.splits import held_out_test_and_folds
 from trd_hpc.tasks.cnn3d.cohort import KIND as SYNTHETIC
 from trd_hpc.tasks.cnn3d.config import IngestedVolumeCohort
 
@@ -26,14 +30,13 @@ def _schema(cfg: IngestedVolumeCohort) -> list[Column]:
 
 
 def _make_subject(cfg: IngestedVolumeCohort, index: int, bulk_out: np.ndarray) -> dict:
-    from trd_hpc.ingest.images import to_grid
-    from trd_hpc.ingest.resolve import subjects
+    from trd_hpc.ingest.resolve import image_reader, subjects
 
     s = subjects(cfg)
     pid = s.participant_id[index]
-    x, affine, source = to_grid(s.image[index], pid, cfg.grid)
+    x, affine, source = image_reader(cfg).to_grid(s.image[index], pid, cfg.grid)
     bulk_out[...] = x
-    severity = s.severity[index] if s.severity is not None else np.nan
+    severity = s.values["severity"][index] if "severity" in s.values else np.nan
     return {
         "response": np.int64(s.label[index]),
         "severity": np.float32(severity),
@@ -47,6 +50,62 @@ def _source_stamps(cfg, first: int, stop: int):
     from trd_hpc.ingest.resolve import source_stamps
 
     return source_stamps(cfg, first, stop)
+
+
+# ---------------------------------------------------------------- the ingest spec's meaning
+def _table_values(spec, df, tpath) -> dict[str, np.ndarray]:
+    if spec.severity_column is None:
+        return {}
+    severity = T.numbers(df, tpath, spec.severity_column, "severity_column")
+    bad = np.flatnonzero((severity < 0) & ~np.isnan(severity))
+    if len(bad):
+        raise IngestError(f"{tpath}: column '{spec.severity_column}' is negative on line(s) {T.lines(bad)}")
+    return {"severity": severity.astype(np.float32)}
+
+
+def _lacking(spec, values) -> dict[int, list[str]]:
+    if spec.response_column is None or "severity" not in values:
+        return {}
+    return {int(i): [f"no value in '{spec.severity_column}'"] for i in np.flatnonzero(np.isnan(values["severity"]))}
+
+
+def _resolved_fields(spec, root, subj, sources) -> dict:
+    """severity_max: the spec's (no severity above it), or the table's largest."""
+    severity = subj.values.get("severity")
+    smax = spec.severity_max
+    if smax is None:
+        smax = float(np.nanmax(severity)) if severity is not None and len(severity) else 1.0
+        smax = smax if smax > 0 else 1.0
+    elif severity is not None and (severity > smax).any():
+        i = int(np.flatnonzero(severity > smax)[0])
+        raise IngestError(
+            f"{root / spec.table}: severity {severity[i]:g} of {subj.participant_id[i]} exceeds severity_max {smax:g}"
+        )
+    return {"severity_max": smax}
+
+
+def _example(root, n: int):
+    from trd_hpc.tasks.cnn3d.example import cnn3d_folder
+
+    return cnn3d_folder(root, n=n)
+
+
+INGEST = IngestMapping(
+    kind="ingested_volume",
+    label_key="response_column",
+    n_classes=3,
+    image=Source("volume", "image", "nifti"),
+    image_ndim=3,
+    table_values=_table_values,
+    lacking=_lacking,
+    resolved_fields=_resolved_fields,
+    split=held_out_test_and_folds,
+    example=_example,
+    record=lambda cfg, s: {
+        "volume_normalisation": "stored as resampled; the loader z-scores then scales to [0, 1] per volume",
+        "severity_max": cfg.severity_max,
+    },
+)
 
 
 KIND = CohortKind(
@@ -63,4 +122,5 @@ KIND = CohortKind(
     manifest_extras=manifest_source,
     source_stamp=lambda cfg, first, stop: _source_stamps(cfg, first, stop),
     prepare_batch=SYNTHETIC.prepare_batch,
+    ingest=INGEST,
 )

@@ -130,8 +130,8 @@ def prediction_columns(bundle, out, batch) -> dict:
 
 
 def explain(bundle, model, inputs: dict) -> list[tuple[dict, dict]]:
-    """Grad-CAM per head (trd_hpc.explain): one map each for response and severity."""
-    from trd_hpc.explain import cnn_maps
+    """Grad-CAM per head (explain.py beside this file): one map each for response and severity."""
+    from trd_hpc.tasks.cnn3d.explain import cnn_maps
 
     heads = _TARGETS.get(bundle.cfg.model.name, ("response", "severity"))
     maps = cnn_maps(model, inputs["volume"], heads)

@@ -5,7 +5,7 @@ COHORTS, INGEST_SPEC at the bottom)."""
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
@@ -181,7 +181,7 @@ class EMTCohortConfig(Strict):
 # `trd-hpc ingest SPEC.yaml` reads a spec (the keys of the *Spec classes), checks it against
 # the files it names and records the result as the cohort config of the manifest (the
 # Ingested* classes: the spec plus what was resolved from the files).  Runs on an ingested
-# cohort take that record as their `cohort` section (trd_hpc.train.run.resolve_cohort).
+# cohort take that record as their `cohort` section (trd_hpc.cohort.resolve_cohort).
 class SNPSelection(Strict):
     """Which variants of the PLINK fileset: the first N of the .bim, or the ids listed one a
     line in a file (in that order)."""
@@ -198,6 +198,7 @@ class SNPSelection(Strict):
 
 class EMTIngestSpec(IngestSpecBase):
     task: Literal["emt"] = "emt"
+    cohort_kind: ClassVar[str] = "ingested_emt"  # what it resolves to (its IngestMapping)
     label_column: Optional[str] = None  # None: an unlabelled cohort (prediction only)
     clinical_columns: list[str] = Field(min_length=1)
     # Missing clinical values: refuse (listing them), or impute with the training split's mean.

@@ -13,7 +13,11 @@ import numpy as np
 import torch
 
 from trd_hpc.data.kinds import CohortKind, Column
+from trd_hpc.errors import IngestError
+from trd_hpc.ingest import table as T
 from trd_hpc.ingest.kinds import labels_of, manifest_source, splits_of, trace_columns
+from trd_hpc.ingest.mapping import IngestMapping, Source
+from trd_hpc.ingest.splits import three_way
 from trd_hpc.tasks.emt.config import IngestedEMTCohort
 
 
@@ -29,16 +33,17 @@ def _schema(cfg: IngestedEMTCohort) -> list[Column]:
 
 
 def _make_subject(cfg: IngestedEMTCohort, index: int, bulk_out: np.ndarray) -> dict:
-    from trd_hpc.ingest.images import to_grid
-    from trd_hpc.ingest.resolve import genotypes_of, subjects
+    from trd_hpc.ingest.resolve import image_reader, source_matrix, subjects
 
     s = subjects(cfg)
     pid = s.participant_id[index]
-    x, affine, source = to_grid(s.image[index], pid, cfg.grid, cfg.frames, cfg.temporal, normalize=True)
+    x, affine, source = image_reader(cfg).to_grid(
+        s.image[index], pid, cfg.grid, cfg.frames, cfg.temporal, normalize=True
+    )
     bulk_out[...] = x
     return {
-        "snp": genotypes_of(cfg, index),
-        "clinical": s.clinical[index],
+        "snp": source_matrix(cfg, "genotypes")[index],
+        "clinical": s.values["clinical"][index],
         "label": np.int64(s.label[index]),
         "participant_id": np.bytes_(pid.encode()),
         "affine": affine,
@@ -60,6 +65,107 @@ def _source_stamps(cfg, first: int, stop: int):
     return source_stamps(cfg, first, stop)
 
 
+# ---------------------------------------------------------------- the ingest spec's meaning
+def _table_values(spec, df, tpath) -> dict[str, np.ndarray]:
+    clinical = [T.numbers(df, tpath, c, "clinical_columns") for c in spec.clinical_columns]
+    return {"clinical": np.stack(clinical, axis=1).astype(np.float32)}
+
+
+def _check_clinical(spec, tpath, values, keep) -> None:
+    if spec.clinical_missing != "error":
+        return
+    clinical = values["clinical"]
+    holes = [
+        f"'{c}' on line(s) {T.lines(keep[np.isnan(clinical[keep, j])])}"
+        for j, c in enumerate(spec.clinical_columns)
+        if np.isnan(clinical[keep, j]).any()
+    ]
+    if holes:
+        raise IngestError(
+            f"{tpath}: missing clinical values: {'; '.join(holes)}. Fill them, or set clinical_missing: impute "
+            f"(the training split's mean, recorded in the manifest)"
+        )
+
+
+def _clinical_stats(spec, subj) -> tuple[list[float], list[float]]:
+    """Mean and sd of each clinical column over the training split (all subjects of an
+    unlabelled cohort, which has none); what the model sees is (x - mean) / sd."""
+    x = subj.values["clinical"].astype(np.float64)
+    if spec.label_column is not None:
+        from trd_hpc.ingest.splits import splits_for
+
+        train = np.asarray(splits_for(spec, subj.label, subj.site)[0]["train"], dtype=np.int64)
+        x = x[train]
+    mean = np.nanmean(x, axis=0) if len(x) else np.zeros(x.shape[1])
+    sd = np.nanstd(x, axis=0) if len(x) else np.ones(x.shape[1])
+    bad = [c for c, m in zip(spec.clinical_columns, mean) if not np.isfinite(m)]
+    if bad:
+        raise IngestError(f"clinical column(s) {', '.join(bad)} have no value in the training split")
+    sd = np.where(np.isfinite(sd) & (sd > 0), sd, 1.0)  # a constant column stays 0 after centring
+    return [float(v) for v in mean], [float(v) for v in sd]
+
+
+def _resolved_fields(spec, root, subj, sources) -> dict:
+    from trd_hpc.ingest.resolve import inside
+
+    geno = sources["genotypes"]
+    ids_file = inside(root, spec.snps.ids, "snps.ids") if spec.snps.ids else None
+    snp_ids = geno.select(spec.snps.first, ids_file)
+    geno.check(snp_ids)
+    mean, sd = _clinical_stats(spec, subj)
+    return {"snp_ids": snp_ids, "clinical_mean": mean, "clinical_sd": sd}
+
+
+def _record(cfg, s) -> dict:
+    from trd_hpc.ingest.resolve import source_matrix
+
+    clinical = s.values["clinical"]
+    return {
+        "frames": cfg.frames,
+        "temporal": cfg.temporal,
+        "fmri_normalisation": "z-score over brain voxels and frames per subject, background 0",
+        "genotypes": cfg.genotypes,
+        "genotype_coding": "count of the A1 allele 0/1/2; 3 = missing call",
+        "missing_calls": int((source_matrix(cfg, "genotypes") == 3).sum()),
+        "snp_ids": cfg.snp_ids,
+        "clinical": {
+            "columns": cfg.clinical_columns,
+            "mean": cfg.clinical_mean,
+            "sd": cfg.clinical_sd,
+            "fitted_on": "train" if cfg.labelled else "all subjects (unlabelled cohort)",
+            "missing": cfg.clinical_missing,
+            "imputed": {
+                c: int(np.isnan(clinical[:, j]).sum())
+                for j, c in enumerate(cfg.clinical_columns)
+                if np.isnan(clinical[:, j]).any()
+            },
+        },
+    }
+
+
+def _example(root, n: int):
+    from trd_hpc.tasks.emt.example import emt_folder
+
+    return emt_folder(root, n=n)
+
+
+INGEST = IngestMapping(
+    kind="ingested_emt",
+    label_key="label_column",
+    n_classes=2,
+    image=Source("fmri", "image", "nifti"),
+    image_ndim=4,
+    cohort_sources=(Source("genotypes", "genotypes", "plink1", fingerprint_field="genotypes_sha256"),),
+    min_frames=lambda spec: spec.frames if spec.temporal == "crop" else None,
+    table_values=_table_values,
+    check=_check_clinical,
+    resolved_fields=_resolved_fields,
+    split=three_way,
+    example=_example,
+    record=_record,
+)
+
+
 KIND = CohortKind(
     name="ingested_emt",
     config_class=IngestedEMTCohort,
@@ -74,4 +180,5 @@ KIND = CohortKind(
     manifest_extras=manifest_source,
     source_stamp=lambda cfg, first, stop: _source_stamps(cfg, first, stop),
     prepare_batch=_prepare_batch,
+    ingest=INGEST,
 )

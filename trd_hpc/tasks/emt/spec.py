@@ -128,9 +128,10 @@ def prediction_columns(bundle, out, batch) -> dict:
 
 
 def explain(bundle, model, inputs: dict) -> list[tuple[dict, dict]]:
-    """Integrated Gradients per modality (trd_hpc.explain): the fMRI map and the top regions,
+    """Integrated Gradients per modality (explain.py beside this file): the fMRI map and the top regions,
     SNPs and clinical variables of each subject."""
-    from trd_hpc.explain import _top, emt_attributions, region_scores
+    from trd_hpc.explain import region_scores, top_scores
+    from trd_hpc.tasks.emt.explain import emt_attributions
 
     co = bundle.cfg.cohort
     a = emt_attributions(model, inputs["fmri"], inputs["snp"], inputs["clinical"])
@@ -139,9 +140,9 @@ def explain(bundle, model, inputs: dict) -> list[tuple[dict, dict]]:
     for i in range(a["fmri"].shape[0]):
         regions = region_scores(a["fmri"][i], co.region_boxes)
         summary = {
-            "top_regions": _top(list(regions), np.array(list(regions.values()))),
-            "top_snps": _top(snp_names, a["snp"][i]),
-            "top_clinical": _top(list(co.clinical_names), a["clinical"][i]),
+            "top_regions": top_scores(list(regions), np.array(list(regions.values()))),
+            "top_snps": top_scores(snp_names, a["snp"][i]),
+            "top_clinical": top_scores(list(co.clinical_names), a["clinical"][i]),
             "ig_fmri_total": float(a["fmri"][i].sum()),
             "ig_snp_total": float(a["snp"][i].sum()),
             "ig_clinical_total": float(a["clinical"][i].sum()),
