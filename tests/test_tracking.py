@@ -7,6 +7,7 @@ import argparse
 import io
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -566,6 +567,7 @@ def test_mlflow_records_a_training_run_offline_in_its_run_directory(tmp_path, em
         "eval.baselines=[]",
         "tracking.wandb=false",
         "tracking.mlflow=true",
+        "tracking.csv=true",
         f"data.cohort={emt_cohort_dir}",
         cwd=cwd,
     )
@@ -585,6 +587,7 @@ def test_mlflow_records_a_training_run_offline_in_its_run_directory(tmp_path, em
     artifacts = {a.path for a in client.list_artifacts(rec["run_id"], "figures")}
     assert artifacts and all(a.endswith(".png") for a in artifacts)
     assert list(cwd.iterdir()) == []  # no mlruns/ or mlflow.db where the command ran
+    assert (run / "metrics.csv").is_file()
 
     # a later process on the same run directory (resume, `trd-hpc evaluate`) continues that run
     cfg = _cfg("tracking.wandb=false", "tracking.mlflow=true")
@@ -596,3 +599,24 @@ def test_mlflow_records_a_training_run_offline_in_its_run_directory(tmp_path, em
     assert len(client.search_runs([got.info.experiment_id])) == 1
     # other ranks log nothing
     assert Tracker.start(cfg, tmp_path / "rank1", rank=1).logger("mlflow") is None
+
+    # compare reads a run back through the same protocol when only a tracker's log came along:
+    # MLflow's store first, then metrics.csv (each Logger's read_back)
+    from trd_hpc.compare import load_run
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "metrics.jsonl").unlink()
+    (copy / "metrics.json").unlink()
+    back = load_run(copy)
+    assert [r["epoch"] for r in back.history] == [1, 2, 3]
+    assert [r["val.loss"] for r in back.history[:2]] == pytest.approx([h["val.loss"] for h in history])
+    assert back.metrics["test.auc"] == pytest.approx(final["test.auc"])
+    assert "test.auc" not in back.history[-1]  # a final metric is the summary, not an epoch's value
+    (copy / "mlflow_run.json").unlink()
+    assert (copy / "metrics.csv").is_file()
+    back = load_run(copy)
+    assert [r["epoch"] for r in back.history] == [1, 2]  # the CSV holds what training logged
+    assert [r["val.loss"] for r in back.history] == pytest.approx([h["val.loss"] for h in history])
+    r = cli("compare", str(copy), "--out", str(tmp_path / "cmp.png"))
+    assert "its epochs read back from its csv log" in r.stderr, r.stderr

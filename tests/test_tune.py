@@ -163,12 +163,14 @@ def asha_and_fifo(local_ray, volume_cohort_dir, tmp_path_factory):
     return root, asha, fifo
 
 
-def test_sweep_logs_every_result_of_every_trial_to_wandb_offline(local_ray, volume_cohort_dir, tmp_path, monkeypatch):
-    """The driver's W&B callback hands results to each trial's logger without waiting for it to
-    start (trd_hpc/tune/sweep.py `_non_blocking`): every epoch of every trial still arrives, in order."""
-    import shutil
-
+def test_sweep_logs_every_result_of_every_trial_through_the_tracker(
+    local_ray, volume_cohort_dir, tmp_path, monkeypatch
+):
+    """The driver logs each trial through the same Tracker a run uses (trd_hpc/tune/tracking.py):
+    W&B offline and MLflow each get every epoch of every trial, in order, Ray's bookkeeping left
+    out; the trials' own trainers log to neither (a trial stopped by ASHA would lose its tail)."""
     from trd_hpc.tracking import read_offline_run
+    from trd_hpc.tracking.mlflow_logger import MlflowLogger
     from trd_hpc.tune.sweep import run_sweep
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -177,18 +179,22 @@ def test_sweep_logs_every_result_of_every_trial_to_wandb_offline(local_ray, volu
         scheduler="fifo",
         max_t=3,
         num_samples=2,
-        overrides=["train.early_stopping.patience=100"],
+        overrides=["train.early_stopping.patience=100", "tracking.mlflow=true"],
     )
     run_sweep(spec, tmp_path / "out", overrides=[f"data.cohort={volume_cohort_dir}"], verbose=0, progress=False)
-    runs = sorted((tmp_path / "out" / "wandb" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2, runs
-    for k, d in enumerate(runs):
-        one = tmp_path / f"trial{k}"  # read_offline_run reads RUN_DIR/wandb/offline-run-*
-        shutil.copytree(d, one / "wandb" / d.name)
-        run = read_offline_run(one)
-        assert run["job_type"] == "tune" and run["group"] == "out", run
-        assert [row["epoch"] for row in run["history"]] == [1, 2, 3], run["history"]
-        assert all("val.loss" in row for row in run["history"])
+    trials = sorted((tmp_path / "out" / "sweep").glob("trial_*/"))
+    assert len(trials) == 2, trials
+    for t in trials:
+        w = read_offline_run(t / "tracking")
+        assert w["job_type"] == "tune" and w["group"] == "out", w
+        assert [row["epoch"] for row in w["history"]] == [1, 2, 3], w["history"]
+        assert all("val.loss" in row and "training_iteration" not in row for row in w["history"])
+        own = [json.loads(line)["val.loss"] for line in (t / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert [row["val.loss"] for row in w["history"]] == pytest.approx(own)
+        ml = MlflowLogger.read_back(t / "tracking")
+        assert [row["epoch"] for row in ml["history"]] == [1, 2, 3]
+        assert [row["val.loss"] for row in ml["history"]] == pytest.approx(own)
+        assert not (t / "run" / "mlflow_run.json").exists() and not (t / "run" / "wandb").exists()
 
 
 def test_bench_tune_repeats_asha_over_seeds_on_a_bigger_validation_split(local_ray, tmp_path):

@@ -145,16 +145,20 @@ def load_run(path: Path) -> Run:
     metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
     history = RunDir(path).history(skip_bad=True)  # what a torn last line leaves is still shown
     run = Run(path=path, config=cfg, metrics=metrics, history=history)
-    if not history and run.offline_dirs:  # only the W&B log came along: read it back
-        try:
-            from trd_hpc.tracking import read_offline_run
+    if not history:  # only a tracker's log came along (W&B, MLflow, metrics.csv): read it back
+        from trd_hpc.tracking import read_back
 
-            w = read_offline_run(path)
-            run.history = [r for r in w["history"] if "epoch" in r]
-            if not metrics:
-                run.metrics = dict(w["summary"])
+        try:
+            got = read_back(path)
         except Exception as e:  # noqa: BLE001
-            print(f"{path}: no metrics.jsonl and its W&B log could not be read ({e})", file=sys.stderr)
+            print(f"{path}: no metrics.jsonl and its tracking log could not be read ({e})", file=sys.stderr)
+            got = None
+        if got is not None:
+            name, rec = got
+            print(f"{path}: no metrics.jsonl; its epochs read back from its {name} log", file=sys.stderr)
+            run.history = rec["history"]
+            if not metrics:
+                run.metrics = dict(rec["summary"])
     return run
 
 

@@ -1,10 +1,10 @@
 """Experiment tracking: W&B (offline by default), metrics.csv and MLflow behind one
-``Logger`` protocol (``base``), fanned out by ``Tracker`` (``tracker``); reading offline W&B
-runs back (``wandb_logger.read_offline_run``) for ``trd-hpc compare``."""
+``Logger`` protocol (``base``), fanned out by ``Tracker`` (``tracker``); what a backend recorded, read back
+(``read_back``) for ``trd-hpc compare``."""
 
 from trd_hpc.tracking.base import Logger, _said
 from trd_hpc.tracking.csv_logger import CSV_HISTORY, CsvHistory, CsvLogger, csv_cell
-from trd_hpc.tracking.tracker import Tracker, figures_of
+from trd_hpc.tracking.tracker import Tracker, figures_of, read_back
 from trd_hpc.tracking.wandb_logger import RUN_RECORD, WandbLogger, read_offline_run, read_run_record, wandb_run_dirs
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "_said",
     "csv_cell",
     "figures_of",
+    "read_back",
     "read_offline_run",
     "read_run_record",
     "wandb_run_dirs",

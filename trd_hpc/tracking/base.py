@@ -1,7 +1,7 @@
 """What every tracking backend gives the trainer: the ``Logger`` protocol.
 
 A logger receives a run's epoch rows, its final metrics and its figures, and is finished
-once.  None may stop a training run: a backend that fails says so once on stderr and goes
+once; ``read_back`` gives what it recorded back to ``trd-hpc compare``.  None may stop a training run: a backend that fails says so once on stderr and goes
 quiet (``say_once``).  ``trd_hpc.tracking.Tracker`` hands each call to every logger the
 config turns on (W&B, CSV, MLflow).
 """
@@ -29,6 +29,12 @@ class Logger(Protocol):
         """PNG files by title."""
 
     def finish(self, exit_code: int | None = None) -> None: ...
+
+    @staticmethod
+    def read_back(run_dir: Path) -> dict | None:
+        """What this backend holds of the run in ``run_dir``, without a server:
+        ``{"history": [epoch rows], "summary": {key: value}}``, or None when it holds nothing
+        (``trd-hpc compare`` of a run whose metrics.jsonl did not come along)."""
 
 
 def say_once(msg: str, who: str) -> None:

@@ -92,3 +92,25 @@ class CsvLogger:
 
     def finish(self, exit_code: int | None = None) -> None:
         pass
+
+    @staticmethod
+    def read_back(run_dir: Path) -> dict | None:
+        """metrics.csv's rows as numbers again (``Logger.read_back``); None without the file."""
+        path = Path(run_dir) / CSV_HISTORY
+        if not path.is_file():
+            return None
+        rows = []
+        with open(path, newline="") as f:
+            for raw in csv.DictReader(f):
+                row: dict[str, Any] = {}
+                for k, cell in raw.items():
+                    if cell in ("", None):
+                        continue
+                    try:
+                        row[k] = json.loads(cell) if cell[0] in "[{" else float(cell)
+                    except ValueError:
+                        row[k] = cell
+                if "epoch" in row:
+                    row["epoch"] = int(row["epoch"])
+                    rows.append(row)
+        return {"history": rows, "summary": {}}

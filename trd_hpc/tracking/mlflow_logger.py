@@ -149,3 +149,27 @@ class MlflowLogger:
     def finish(self, exit_code: int | None = None) -> None:
         status = "FINISHED" if not exit_code else "FAILED"
         self._guard("finish", self.client.set_terminated, self.run_id, status)
+
+    @staticmethod
+    def read_back(run_dir: Path) -> dict | None:
+        """The run's metrics from its store (``Logger.read_back``): one row per step (the epoch)
+        of the keys logged per epoch, and the latest value of every key as the summary.  None
+        without mlflow_run.json or the mlflow package."""
+        record = Path(run_dir) / RUN_RECORD
+        if not record.is_file():
+            return None
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            return None
+        rec = json.loads(record.read_text())
+        client = MlflowClient(tracking_uri=rec["tracking_uri"])
+        run = client.get_run(rec["run_id"])
+        by_step: dict[int, dict] = {}
+        for key in run.data.metrics:
+            history = client.get_metric_history(rec["run_id"], key)
+            if len(history) < 2 and not key.startswith(("val.", "train.")):
+                continue  # a final metric (logged once, at the last epoch's step)
+            for m in history:
+                by_step.setdefault(int(m.step), {"epoch": int(m.step)})[key] = float(m.value)
+        return {"history": [by_step[k] for k in sorted(by_step)], "summary": dict(run.data.metrics)}

@@ -106,3 +106,15 @@ def figures_of(run_dir: Path) -> dict[str, Path]:
     if not index.is_file():
         return {}
     return {k: index.parent / v for k, v in json.loads(index.read_text()).items()}
+
+
+def read_back(run_dir: Path) -> tuple[str, dict] | None:
+    """(backend, ``{"history", "summary"}``) of the first backend that recorded the run in
+    ``run_dir`` (W&B, MLflow, then metrics.csv: the fullest record first), or None."""
+    from trd_hpc.tracking.mlflow_logger import MlflowLogger
+
+    for cls in (WandbLogger, MlflowLogger, CsvLogger):
+        rec = cls.read_back(Path(run_dir))
+        if rec is not None:
+            return cls.name, rec
+    return None

@@ -311,6 +311,14 @@ class WandbLogger:
         except Exception as e:  # noqa: BLE001
             _say_once(f"finish failed ({type(e).__name__}: {e})")
 
+    @staticmethod
+    def read_back(run_dir: Path) -> dict | None:
+        """The offline W&B run's epoch rows and summary (``Logger.read_back``), None without one."""
+        if not [d for d in wandb_run_dirs(run_dir) if d.name.startswith("offline-run-")]:
+            return None
+        w = read_offline_run(run_dir)
+        return {"history": [r for r in w["history"] if "epoch" in r], "summary": dict(w["summary"])}
+
     def __enter__(self) -> "WandbLogger":
         return self
 

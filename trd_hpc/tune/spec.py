@@ -283,8 +283,9 @@ class Sweep:
             set_dotted(data, "data.cohort", cohort)
         if threads is not None and not data.get("train", {}).get("num_threads"):
             set_dotted(data, "train.num_threads", threads)
-        if tracking_off:  # W&B, if any, is logged by the driver (a trial stopped by ASHA would lose it)
+        if tracking_off:  # W&B and MLflow are logged by the driver (trd_hpc.tune.tracking)
             set_dotted(data, "tracking.wandb", False)
+            set_dotted(data, "tracking.mlflow", False)
         return data
 
     def check_space(self) -> None:

@@ -8,6 +8,7 @@ Layout of DIR:
   sweep/                 Ray Tune's experiment (restored by the same command)
     trial_<id>/trial.json  the trial's id and sampled hyper-parameters
     trial_<id>/run/        the trainer's run dir (config.yaml, metrics.jsonl, checkpoints/)
+    trial_<id>/tracking/   the driver's W&B / MLflow logs of the trial (trd_hpc.tune.tracking)
   sweep_spec.json        the checked spec and resolved base config (a rerun must match)
   sweep_state.json       finished true/false, trial counts, wall seconds over all invocations
   best.json              the best trial: metric value, epoch, params, run dir; sweep cost
@@ -37,6 +38,7 @@ from trd_hpc.fsio import atomic_write_text
 from trd_hpc.rundir import RunDir
 from trd_hpc.train.plan import available_cpus
 from trd_hpc.tune.spec import SCORE_KEY, Sweep, dumps, load_spec, score
+from trd_hpc.tune.tracking import tracking_callbacks
 
 EXPERIMENT = "sweep"
 STATE_FILE = "sweep_state.json"
@@ -191,59 +193,6 @@ def start_ray(
         # would join (/tmp/ray/ray_current_cluster, possibly stale or another job's)
         ray.init(address="local", num_cpus=num_cpus or available_cpus(), object_store_memory=object_store_memory, **kw)
     return True
-
-
-def _non_blocking(callback_cls):
-    """Ray's W&B callback whose results go to each trial's queue without waiting for it.
-
-    The callback hands every result to a per-trial queue actor with a blocking put; a trial's
-    first put waits for that actor's process to start, 1.2-1.4 s of the driver's result
-    processing each time (Ray's "Processing trial results took ~1.2 s" warning, 24 times in a
-    36-trial sweep). The queue is unbounded, so the put cannot block for space: sending it
-    without waiting keeps the order (one caller's calls to one actor run in order) and frees
-    the driver. Falls back to Ray's class if its internals have moved."""
-    try:
-        from ray.air.integrations.wandb import _clean_log, _QueueItem
-    except ImportError:
-        return callback_cls
-
-    class NonBlockingWandb(callback_cls):
-        def log_trial_result(self, iteration, trial, result):
-            if trial not in self._trial_logging_actors:
-                self.log_trial_start(trial)
-            result = _clean_log(result, video_kwargs=self.video_kwargs, image_kwargs=self.image_kwargs)
-            self._trial_queues[trial].actor.put.remote((_QueueItem.RESULT, result))
-
-        def _signal_logging_actor_stop(self, trial):
-            self._trial_queues[trial].actor.put.remote((_QueueItem.END, None))
-
-    return NonBlockingWandb
-
-
-def _wandb_callbacks(sweep: Sweep, out_dir: Path) -> list:
-    """Ray's W&B logger in the driver when the base config asks for W&B (offline by default)."""
-    cfg_tracking = validate_experiment(dict(sweep.base_data), "base").tracking
-    if not cfg_tracking.wandb or cfg_tracking.mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
-        return []
-    try:
-        import wandb  # noqa: F401
-        from ray.air.integrations.wandb import WandbLoggerCallback
-    except ImportError:
-        return []
-    os.environ.setdefault("WANDB_MODE", cfg_tracking.mode)
-    (out_dir / "wandb").mkdir(parents=True, exist_ok=True)
-    return [
-        _non_blocking(WandbLoggerCallback)(
-            project=cfg_tracking.project,
-            group=cfg_tracking.group or out_dir.name,
-            job_type="tune",
-            tags=list(cfg_tracking.tags) or None,
-            dir=str(out_dir / "wandb"),
-            mode=os.environ["WANDB_MODE"],
-            upload_checkpoints=False,
-            log_config=True,
-        )
-    ]
 
 
 def _state_callback_class():
@@ -435,7 +384,8 @@ def _make_tuner(sweep: Sweep, out_dir: Path, cohort: str, restoring: bool, verbo
             stop={"epoch": spec.max_t},
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[_StateCallback(str(out_dir))] + _wandb_callbacks(sweep, out_dir),
+            callbacks=[_StateCallback(str(out_dir))]
+            + tracking_callbacks(sweep, out_dir, EXPERIMENT, cohort, ctx["threads"]),
             verbose=verbose,
         ),
     )
