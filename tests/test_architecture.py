@@ -1,5 +1,7 @@
-"""The layout's rules, checked: no import cycle anywhere in trd_hpc (lazy imports inside
-functions included), every module imports on its own, argparse only in the CLI package."""
+"""The layout's rules, checked: every import goes down CONTRIBUTING.md's layer table, no
+import cycle anywhere in trd_hpc (lazy imports inside functions and package __init__ execution
+included), no paper folder imports another, every module imports on its own, argparse only in
+the CLI package, small modules and functions."""
 
 from __future__ import annotations
 
@@ -245,3 +247,72 @@ def test_every_name_imported_from_the_package_exists():
     )
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+
+
+def _layer_table() -> dict[str, int]:
+    """CONTRIBUTING.md's layer table: part (trd_hpc.X) -> layer."""
+    import re
+
+    text = (REPO / "CONTRIBUTING.md").read_text()
+    section = text[text.index("## Layout: who may import whom") :]
+    section = section[: section.index("\n## ", 3)]
+    out: dict[str, int] = {}
+    for line in section.splitlines():
+        m = re.match(r"\|\s*(\d+)\s*\|([^|]*)\|", line)
+        if not m:
+            continue
+        for part in re.findall(r"`([^`]+)`", m.group(2)):
+            name = part.rstrip("/").removesuffix(".py")
+            out["trd_hpc" if name == "__init__" else f"trd_hpc.{name}"] = int(m.group(1))
+    return out
+
+
+def _part(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def upward_imports(graph: dict[str, set[str]], table: dict[str, int]) -> list[str]:
+    """Imports from one part to another that do not go to a lower layer."""
+    return [
+        f"{m} (layer {table[_part(m)]}) -> {t} (layer {table[_part(t)]})"
+        for m, targets in sorted(graph.items())
+        for t in sorted(targets)
+        if _part(t) != _part(m) and table[_part(t)] >= table[_part(m)]
+    ]
+
+
+def test_every_import_goes_down_the_layer_table():
+    """Each module's part is in CONTRIBUTING.md's table, every part there exists, and every
+    import (lazy ones and package __init__ execution included) goes to a lower layer or
+    stays inside its own part."""
+    table = _layer_table()
+    graph = import_graph()
+    assert len(table) > 25
+    parts = {_part(m) for m in graph}
+    assert not parts - set(table), f"parts missing from CONTRIBUTING.md's layer table: {sorted(parts - set(table))}"
+    assert not set(table) - parts, f"the layer table names parts that do not exist: {sorted(set(table) - parts)}"
+    upward = upward_imports(graph, table)
+    assert not upward, "imports that do not go down the layer table:\n" + "\n".join(upward)
+
+
+def test_the_layer_check_sees_an_upward_import():
+    table = _layer_table()
+    graph = import_graph()
+    graph["trd_hpc.config"] = graph["trd_hpc.config"] | {"trd_hpc.experiment"}
+    graph["trd_hpc.data.shards"] = graph["trd_hpc.data.shards"] | {"trd_hpc.eval.metrics"}  # same layer
+    assert upward_imports(graph, table) == [
+        f"trd_hpc.config (layer {table['trd_hpc.config']}) -> trd_hpc.experiment (layer {table['trd_hpc.experiment']})",
+        f"trd_hpc.data.shards (layer {table['trd_hpc.data']}) -> trd_hpc.eval.metrics (layer {table['trd_hpc.eval']})",
+    ]
+
+
+def test_no_paper_folder_imports_another():
+    """One paper, one folder: a paper's modules use the shared layers, never another paper's."""
+    graph = import_graph()
+
+    def paper(m: str) -> str | None:
+        parts = m.split(".")
+        return parts[2] if len(parts) > 3 and parts[1] == "tasks" else None
+
+    crossing = [f"{m} -> {t}" for m, ts in graph.items() for t in ts if paper(m) and paper(t) and paper(m) != paper(t)]
+    assert not crossing, crossing
