@@ -35,7 +35,7 @@ def test_derived_configs_are_validated_again(cnn3d_tiny):
 
 def test_a_run_is_labelled_by_its_task_and_by_its_model_when_that_is_not_the_tasks_own(cnn3d_tiny, emt_tiny):
     from trd_hpc.config import load_config
-    from trd_hpc.train.run import default_label
+    from trd_hpc.train.session import default_label
 
     assert default_label(cnn3d_tiny) == "cnn3d" and default_label(emt_tiny) == "emt"
     for name in ("resnet18", "single_task_severity"):
@@ -122,14 +122,14 @@ def test_a_third_task_trains_through_the_registry_alone(toy_spec, emt_tiny, emt_
         "toy",
     )
     assert type(cfg).__name__ == "ToyExperiment"
-    m = experiment.run(cfg, tmp_path / "run", progress=False)
+    m = experiment.train(cfg, tmp_path / "run", progress=False)
     assert m["epochs_run"] == 3 and 0.0 <= m["test.accuracy"] <= 1.0 and m["best_epoch"] >= 1
     run = tmp_path / "run"
     assert "Toy: TRD from clinical variables alone" in (run / "report.html").read_text()
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in history] == [1, 2, 3] and all("val.accuracy" in r for r in history)
     # it resumes like any run: a finished run resumed is left as it was
-    again = experiment.run(cfg, run, resume="auto", progress=False)
+    again = experiment.train(cfg, run, resume="auto", progress=False)
     assert again["test.accuracy"] == m["test.accuracy"]
 
 

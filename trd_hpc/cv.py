@@ -43,7 +43,7 @@ def run_fold(cfg, out: Path, k: int, progress: bool = True) -> dict | None:
     kept as it is (a rerun of the CV only trains what is missing); one finished with another config goes to
     the trainer, whose resume check names the keys that differ."""
     from trd_hpc.config import to_dict
-    from trd_hpc.experiment import fold_config, run
+    from trd_hpc.experiment import fold_config, train
 
     fcfg, run_dir = fold_config(cfg, k), RunDir(fold_dir(out, k))
     evaluated = run_dir.finished_training() and (run_dir / "report.html").is_file()  # written after metrics
@@ -51,7 +51,7 @@ def run_fold(cfg, out: Path, k: int, progress: bool = True) -> dict | None:
         if progress:
             print(f"fold {k}: finished before, kept", flush=True)
         return run_dir.metrics()
-    return run(fcfg, run_dir.path, resume="auto", progress=progress)
+    return train(fcfg, run_dir.path, resume="auto", progress=progress)
 
 
 def aggregate(out: Path, folds: int) -> dict:

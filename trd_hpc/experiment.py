@@ -2,8 +2,8 @@
 trials, cross-validation) calls.  Typed arguments, no argparse.
 
     train_run(cfg, run_dir)       one training run: its cohort (trd_hpc.cohort), then the
-                                  steps of trd_hpc.train.run.TrainingSession
-    run(cfg, run_dir)             `trd-hpc train`: train_run, then its evaluation step
+                                  steps of trd_hpc.train.session.TrainingSession
+    train(cfg, run_dir)           `trd-hpc train`: train_run, then its evaluation step
                                   (baselines + the evaluation stage) on rank 0
     derive_config(cfg, updates)   a config made from another, validated again whole
     train_baselines(cfg, run_dir) each baseline of the config, trained once, reused after
@@ -26,12 +26,12 @@ from trd_hpc.console import labelled, say, step
 from trd_hpc.locks import DirLock
 from trd_hpc.rundir import RunDir
 from trd_hpc.tasks import spec_for
-from trd_hpc.train.run import TrainingSession, default_label
+from trd_hpc.train.session import TrainingSession, default_label
 
 if TYPE_CHECKING:
     from trd_hpc.config import ExperimentConfig
 
-__all__ = ["derive_config", "evaluate", "fold_config", "run", "train_baselines", "train_run"]
+__all__ = ["derive_config", "evaluate", "fold_config", "train", "train_baselines", "train_run"]
 
 
 def derive_config(cfg: "ExperimentConfig", updates: Mapping[str, Any], source: str = "derived config"):
@@ -144,7 +144,7 @@ def train_run(
             return metrics
 
 
-def run(
+def train(
     cfg,
     run_dir: str | Path,
     resume: str | None = None,

@@ -123,7 +123,7 @@ def _attempt(cmd: list[str], kill_after: float | None, log: Path) -> tuple[bool,
             return True, time.perf_counter() - t0, p.returncode
 
 
-def run(
+def measure(
     config: str | None = None,
     overrides=(),
     kills: int = 20,

@@ -40,7 +40,7 @@ def _limit(n_subjects: int, numel: int, nbytes: int, scratch: Path) -> float:
     return dt
 
 
-def run(
+def measure(
     config: str | None = None,
     overrides=(),
     subjects: int | None = None,

@@ -20,7 +20,7 @@ import numpy as np
 from trd_hpc.fsio import atomic_write_json
 
 
-def run(
+def measure(
     spec: str | None, subjects: int = 96, workers: int = 2, scratch_dir: str | None = None, json_path: str | None = None
 ) -> int:
     import nibabel as nib

@@ -339,7 +339,7 @@ def _print_report(f: dict, cfg, batch: int, n: int, virtual: bool) -> None:
     )
 
 
-def run(
+def measure(
     config: str | None = None,
     overrides=(),
     subjects: int | None = None,

@@ -20,7 +20,7 @@ import torch
 from trd_hpc.fsio import atomic_write_json
 
 
-def run(
+def measure(
     model_run: str | None = None,
     config: str | None = None,
     overrides: list[str] | None = None,
@@ -40,7 +40,7 @@ def run(
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         if model_run is None:
-            from trd_hpc.experiment import run as train
+            from trd_hpc.experiment import train
 
             cfg = load_config(
                 config or "emt_tiny",

@@ -112,7 +112,7 @@ def _train_in_fresh_process(config: str, overrides: list[str], root: Path, steps
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run(
+def measure(
     config: str | None = None,
     overrides=(),
     subjects: int | None = None,

@@ -309,7 +309,7 @@ def _print_report(f: dict) -> None:
     )
 
 
-def run(
+def measure(
     config: str | None = None,
     overrides=(),
     subjects: int | None = None,

@@ -11,10 +11,11 @@ import argparse
 import sys
 
 from trd_hpc import __version__
-from trd_hpc.cli import bench, data, predict, run, submit, tune
+from trd_hpc.cli import bench, data, predict, submit, tune
 from trd_hpc.cli import compare as compare_cli
+from trd_hpc.cli import experiment as experiment_cli
 
-GROUPS = (data, run, predict, compare_cli, submit, tune, bench)
+GROUPS = (data, experiment_cli, predict, compare_cli, submit, tune, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

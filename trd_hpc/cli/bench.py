@@ -17,21 +17,21 @@ def _common(p, config_default: str, subjects: bool = True) -> None:
 
 
 def _generate(a) -> int:
-    from trd_hpc.bench.generate import run
+    from trd_hpc.bench.generate import measure
 
-    return run(a.config, a.overrides, subjects=a.subjects, scratch_dir=a.dir, json_path=a.json)
+    return measure(a.config, a.overrides, subjects=a.subjects, scratch_dir=a.dir, json_path=a.json)
 
 
 def _load(a) -> int:
-    from trd_hpc.bench.load import run
+    from trd_hpc.bench.load import measure
 
-    return run(a.config, a.overrides, subjects=a.subjects, scratch_dir=a.dir, json_path=a.json, virtual=a.virtual)
+    return measure(a.config, a.overrides, subjects=a.subjects, scratch_dir=a.dir, json_path=a.json, virtual=a.virtual)
 
 
 def _train(a) -> int:
-    from trd_hpc.bench.train import run
+    from trd_hpc.bench.train import measure
 
-    return run(
+    return measure(
         a.config,
         a.overrides,
         subjects=a.subjects,
@@ -44,27 +44,29 @@ def _train(a) -> int:
 
 
 def _faults(a) -> int:
-    from trd_hpc.bench.faults import run
+    from trd_hpc.bench.faults import measure
 
-    return run(a.config, a.overrides, kills=a.kills, seed=a.seed, nproc=a.nproc, scratch_dir=a.dir, json_path=a.json)
+    return measure(
+        a.config, a.overrides, kills=a.kills, seed=a.seed, nproc=a.nproc, scratch_dir=a.dir, json_path=a.json
+    )
 
 
 def _ingest(a) -> int:
-    from trd_hpc.bench.ingest import run
+    from trd_hpc.bench.ingest import measure
 
-    return run(a.spec, subjects=a.subjects, workers=a.workers, scratch_dir=a.dir, json_path=a.json)
+    return measure(a.spec, subjects=a.subjects, workers=a.workers, scratch_dir=a.dir, json_path=a.json)
 
 
 def _predict(a) -> int:
-    from trd_hpc.bench.predict import run
+    from trd_hpc.bench.predict import measure
 
-    return run(a.run, a.config, a.overrides, subjects=a.subjects, scratch_dir=a.dir, json_path=a.json)
+    return measure(a.run, a.config, a.overrides, subjects=a.subjects, scratch_dir=a.dir, json_path=a.json)
 
 
 def _scale(a) -> int:
-    from trd_hpc.bench.scale import run
+    from trd_hpc.bench.scale import measure
 
-    return run(
+    return measure(
         a.config,
         a.overrides,
         subjects=a.subjects,

@@ -12,12 +12,12 @@ Pre-emption and time limits (train and cv):
   handler*, i.e. in the middle of a training step and without saving the model.
 * So ``__call__`` keeps submitit's handler aside and installs trd's (``trd_hpc.train.signals``:
   SIGUSR2/SIGTERM only set a flag). On SIGUSR2 the trainer finishes the step, every rank agrees,
-  rank 0 writes a checkpoint and ``RUN_DIR/PREEMPTED``, and ``experiment.run()`` returns None.
+  rank 0 writes a checkpoint and ``RUN_DIR/PREEMPTED``, and ``experiment.train()`` returns None.
 * ``__call__`` on rank 0 then calls submitit's handler itself: it tells a time-out from a
   pre-emption (and counts time-outs), calls ``checkpoint()`` -- which resubmits this same callable
   (``DelayedSubmission(self)``) -- runs ``scontrol requeue`` (``--cluster local``: exit code 144,
   which makes submitit's controller restart the tasks) and exits. The requeued job keeps its id,
-  runs ``__call__`` again, and ``experiment.run(..., resume="auto")`` continues from the newest checkpoint.
+  runs ``__call__`` again, and ``experiment.train(..., resume="auto")`` continues from the newest checkpoint.
   Other ranks return; SLURM ends them when the job is requeued.
 * After SIGTERM (scancel, or pre-emption by the scheduler, which requeues by itself when its
   PreemptMode says so) the checkpoint is written the same way, but the job is not requeued by us.
@@ -156,9 +156,9 @@ class _TrdJob:
         return load_config(self.config, self.overrides)
 
     def _run_train(self, rank: int, requeue):
-        from trd_hpc.experiment import run
+        from trd_hpc.experiment import train
 
-        metrics = run(self._cfg(), self.out, resume="auto", evaluate=not self.options.get("no_eval"), progress=False)
+        metrics = train(self._cfg(), self.out, resume="auto", evaluate=not self.options.get("no_eval"), progress=False)
         if rank == 0 and metrics is None:
             return self._preempted(rank, requeue)
         return metrics

@@ -45,7 +45,7 @@ def _train(a) -> int:
 
     cfg = load_for_launch(a.config, with_generate(a))
     try:
-        metrics = experiment.run(cfg, a.out, resume=a.resume, evaluate=not a.no_eval, progress=not a.quiet)
+        metrics = experiment.train(cfg, a.out, resume=a.resume, evaluate=not a.no_eval, progress=not a.quiet)
     except KeyboardInterrupt:
         raise interrupted(Path(a.out)) from None
     if metrics is not None:
