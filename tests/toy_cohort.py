@@ -9,9 +9,9 @@ import numpy as np
 from pydantic import Field
 
 from trd_hpc.cohort_config import ThreeWaySplit
-from trd_hpc.config import Strict
 from trd_hpc.data.kinds import CohortKind, Column
 from trd_hpc.data.splits import three_way_split
+from trd_hpc.sections import Strict
 
 N_FEATURES = 4
 

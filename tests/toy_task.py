@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from trd_hpc import tasks
-from trd_hpc.config import (
+from trd_hpc.sections import (
     DataConfig,
     EarlyStoppingConfig,
     EvalConfig,

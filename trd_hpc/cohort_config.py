@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, model_validator
 
-from trd_hpc.config import Strict
+from trd_hpc.sections import Strict
 
 
 class ThreeWaySplit(Strict):

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from trd_hpc import resources
-from trd_hpc.config import TrainConfig
 from trd_hpc.errors import ConfigError
+from trd_hpc.sections import TrainConfig
 
 
 def resolve_config_path(name: str) -> Path:

@@ -33,7 +33,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from trd_hpc import resources
 from trd_hpc.config import (
     ConfigError,
-    TieBreaker,
     _read_config_file,
     _read_yaml,
     format_validation_error,
@@ -42,6 +41,7 @@ from trd_hpc.config import (
     to_dict,
     validate_experiment,
 )
+from trd_hpc.sections import TieBreaker
 
 # Keys the sweep sets itself in every trial.
 SWEEP_OWNED = ("train.max_epochs", "data.cohort")

@@ -10,7 +10,8 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 from pydantic import Discriminator, Field, Tag, model_validator
 
 from trd_hpc.cohort_config import IngestSpecBase, Resolved, cohort_kind, split_error, stratified_problem
-from trd_hpc.config import (
+from trd_hpc.config import deep_merge
+from trd_hpc.sections import (
     DataConfig,
     EarlyStoppingConfig,
     EvalConfig,
@@ -20,7 +21,6 @@ from trd_hpc.config import (
     TieBreaker,
     TrackingConfig,
     TrainConfig,
-    deep_merge,
     default_baselines,
 )
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 from pydantic import Discriminator, Field, Tag, model_validator
 
 from trd_hpc.cohort_config import IngestSpecBase, Resolved, ThreeWaySplit, cohort_kind, split_error, stratified_problem
-from trd_hpc.config import Box, DataConfig, EvalConfig, PosInt, Strict, TrackingConfig, TrainConfig, default_baselines
+from trd_hpc.sections import Box, DataConfig, EvalConfig, PosInt, Strict, TrackingConfig, TrainConfig, default_baselines
 
 BASELINES = ("late_fusion_mlp", "random_forest")
 
