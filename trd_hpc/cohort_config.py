@@ -58,6 +58,42 @@ def split_error(n: int, split: BaseModel, problem) -> str | None:
     return f"cohort.n_subjects={n} is too few to split ({fractions}): {why}{hint}"
 
 
+class BidsImages(Strict):
+    """One image per subject found by its BIDS entities in a derivatives folder (as fMRIPrep
+    writes it: ``sub-<id>/[ses-<s>/]func/sub-<id>_task-<t>_space-<sp>_desc-preproc_bold.nii.gz``),
+    instead of a path template.  Files are matched on their entities as pybids parses them;
+    a subject with none is missing, one with several is an error naming them."""
+
+    derivatives: str  # the derivatives folder, relative to the spec's folder
+    suffix: str = "bold"
+    desc: Optional[str] = "preproc"
+    space: Optional[str] = None
+    task: Optional[str] = None
+    run: Optional[int] = Field(None, ge=0)
+    session: Optional[str] = None
+    acquisition: Optional[str] = None
+
+    def entities(self) -> dict[str, Any]:
+        """The entities a file must have (those named here; suffix always)."""
+        names = ("suffix", "desc", "space", "task", "run", "session", "acquisition")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+
+class Confounds(Strict):
+    """Confound regression of each subject's fMRI with ``nilearn.signal.clean``: the columns of
+    its ``*_desc-confounds_timeseries.tsv`` (fMRIPrep's names) regressed out, with nilearn's
+    detrending, filtering and standardising."""
+
+    # a named strategy ("motion+wm+csf+global": trd_hpc.ingest.confounds.STRATEGIES) or columns
+    strategy: Union[str, list[str]] = "motion+wm+csf+global"
+    detrend: bool = True
+    standardize: Literal["zscore_sample", "zscore", "psc", False] = "zscore_sample"
+    high_pass: Optional[float] = Field(None, gt=0)  # Hz; needs the repetition time
+    low_pass: Optional[float] = Field(None, gt=0)
+    # seconds; None: RepetitionTime of the image's JSON sidecar, else its header
+    t_r: Optional[float] = Field(None, gt=0)
+
+
 class IngestSpecBase(Strict):
     table: str  # .tsv or .csv, relative to the spec's folder
     id_column: str = "participant_id"

@@ -41,20 +41,23 @@ def _ingest(a) -> int:
 def _example_data(a) -> int:
     from trd_hpc.config import ingest_spec_class, ingest_tasks
     from trd_hpc.errors import ConfigError
-    from trd_hpc.ingest.resolve import mapping_of
+    from trd_hpc.ingest.mapping import mapping_of
 
-    def example_of(task: str):
+    def examples_of(task: str) -> dict:
         cls = ingest_spec_class(task)
-        return mapping_of(cls.model_construct(task=task)).example if cls is not None else None
+        return mapping_of(cls.model_construct(task=task)).examples if cls is not None else {}
 
-    make = example_of(a.task)
-    if make is None:
-        have = [t for t in ingest_tasks() if example_of(t) is not None]
+    examples = examples_of(a.task)
+    if not examples:
+        have = [t for t in ingest_tasks() if examples_of(t)]
         raise ConfigError(f"--task {a.task}: no example folder for that task; tasks with one: {', '.join(have)}")
+    layout = a.layout or next(iter(examples))
+    if layout not in examples:
+        raise ConfigError(f"--layout {layout}: task {a.task} has the example layouts {', '.join(examples)}")
     out = Path(a.dir)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: not empty; example-data writes into a new or empty directory")
-    spec = make(out, a.subjects)
+    spec = examples[layout](out, a.subjects)
     print(f"{spec}  (ingest it: trd-hpc ingest {spec} --out COHORT_DIR)")
     return 0
 
@@ -206,6 +209,12 @@ def add_parsers(sub) -> None:
         "--task",
         default="emt",
         help="which paper's layout: emt (default) or cnn3d, or a task of your own with an example",
+    )
+    ex.add_argument(
+        "--layout",
+        default=None,
+        help="bids (default): raw images by path template; fmriprep (emt): a derivatives folder as fMRIPrep writes "
+        "it, with confounds, made from nilearn's MNI152 template",
     )
     ex.add_argument("--subjects", type=int, default=24, help="number of subjects (default 24; emt: at most 100)")
 

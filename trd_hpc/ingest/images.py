@@ -156,20 +156,30 @@ def grid_image(
     frames: int | None = None,
     temporal: str = "crop",
     normalize: bool = False,
+    mask_path: Path | None = None,
+    clean=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``to_grid`` of an image already opened: a reader of another format that yields a
-    nibabel SpatialImage (data and affine) shares every step after reading."""
+    nibabel SpatialImage (data and affine) shares every step after reading.
+
+    ``mask_path``: a brain mask of the image's own grid (a pipeline's, e.g. fMRIPrep's
+    ``desc-brain_mask``) instead of the intensity threshold.  ``clean(series, grid_mask)``:
+    applied to a 4-D series on the grid before its temporal step (confound regression)."""
     from scipy import ndimage
 
     ndim = 3 if frames is None else 4
     source_affine = header_of(img, path, subject, ndim, frames if temporal == "crop" else None).affine
     data, affine = _read(img, path, subject, ndim, frames if temporal == "crop" else None)
-    ref = data if ndim == 3 else data.mean(axis=3)
-    mask = brain_mask(ref)
+    mask = _given_mask(mask_path, data.shape[:3], affine, subject) if mask_path is not None else None
+    if mask is None:
+        mask = brain_mask(data if ndim == 3 else data.mean(axis=3))
     if not mask.any():
         raise IngestError(f"subject {subject}: {path}: the image is constant (no voxel above the background)")
     step, offset, target_affine = grid_mapping(mask, affine, grid)
     sigma = np.maximum(0.0, (step - 1.0) / 2.0)
+    grid_mask = (
+        ndimage.affine_transform(mask.astype(np.float32), step, offset=offset, output_shape=tuple(grid), order=1) > 0.5
+    )
 
     def spatial(vol: np.ndarray) -> np.ndarray:
         if sigma.any():
@@ -180,6 +190,8 @@ def grid_image(
         # Space first, frame by frame (trilinear: 8 neighbours, not the 16 of one 4-D map),
         # then time, linear between the two nearest frames.
         moved = np.stack([spatial(data[..., k]) for k in range(data.shape[3])], axis=-1)
+        if clean is not None:
+            moved = clean(moved, grid_mask)
         if temporal == "crop":
             out = moved[..., :frames]
         else:
@@ -192,17 +204,26 @@ def grid_image(
         out = spatial(data)
     out = out.astype(np.float32, copy=False)
     if normalize:
-        m = (
-            ndimage.affine_transform(mask.astype(np.float32), step, offset=offset, output_shape=tuple(grid), order=1)
-            > 0.5
-        )
-        vals = out[m]
+        vals = out[grid_mask]
         sd = float(vals.std(dtype=np.float64)) if vals.size else 0.0
         if sd <= 0:
             raise IngestError(f"subject {subject}: {path}: no intensity variation inside the brain")
         out = (out - float(vals.mean(dtype=np.float64))) / sd
-        out[~m] = 0.0
+        out[~grid_mask] = 0.0
     return out, target_affine, source_affine
+
+
+def _given_mask(path: Path, shape: tuple[int, ...], affine: np.ndarray, subject: str) -> np.ndarray:
+    """A pipeline's brain mask, reoriented as the image was; it must share the image's grid."""
+    import nibabel as nib
+
+    m = nib.as_closest_canonical(_load(path, subject))
+    if tuple(m.shape[:3]) != tuple(shape) or not np.allclose(m.affine, affine, atol=1e-3):
+        raise IngestError(
+            f"subject {subject}: {path}: the mask's grid {tuple(m.shape[:3])} is not its image's {tuple(shape)} "
+            "(same shape and affine needed)"
+        )
+    return np.asarray(m.dataobj).reshape(shape) > 0
 
 
 class NiftiReader:
@@ -218,5 +239,5 @@ class NiftiReader:
     def header(self, path: Path, subject: str, ndim: int, min_frames: int | None = None) -> Header:
         return read_header(path, subject, ndim, min_frames)
 
-    def to_grid(self, path, subject, grid, frames=None, temporal="crop", normalize=False):
-        return to_grid(path, subject, grid, frames, temporal, normalize)
+    def to_grid(self, path, subject, grid, frames=None, temporal="crop", normalize=False, mask_path=None, clean=None):
+        return grid_image(_load(path, subject), path, subject, grid, frames, temporal, normalize, mask_path, clean)

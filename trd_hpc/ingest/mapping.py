@@ -10,7 +10,7 @@ adds, how it is split and what the manifest records.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +27,9 @@ class Source:
     # cohort-wide sources (role genotypes): the resolved config's field holding the fileset's
     # fingerprint, checked each time a process reads it
     fingerprint_field: str | None = None
+    # an image found in a derivatives folder: the files beside it the paper reads
+    # ("mask": the pipeline's brain mask; "confounds": its confounds TSV, when the spec asks)
+    sidecars: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class IngestMapping:
     lacking: Callable[[Any, dict[str, np.ndarray]], dict[int, list[str]]] = lambda spec, values: {}
     # (spec, table path, values, kept rows) -> None; raises on what no policy can mend
     check: Callable[[Any, Path, dict[str, np.ndarray], np.ndarray], None] = lambda spec, tpath, values, keep: None
+    # (spec, subjects) -> None: checks of the files found beside the images (sidecars)
+    check_sources: Callable[[Any, Any], None] = lambda spec, subj: None
     # (spec, its folder, subjects, {source key: opened cohort-wide source}) -> the resolved
     # config's own fields
     resolved_fields: Callable[[Any, Path, Any, dict[str, Any]], dict] = lambda spec, root, subj, sources: {}
@@ -52,9 +57,9 @@ class IngestMapping:
     split: Callable[[np.ndarray, Any, np.ndarray | None], tuple[dict, list]] | None = None
     # (resolved cfg, subjects) -> the paper's part of the manifest's ``source`` record
     record: Callable[[Any, Any], dict] = lambda cfg, subj: {}
-    # (empty folder, number of subjects) -> the spec of an example folder to ingest
-    # (`trd-hpc example-data DIR --task T`), or None
-    example: Callable[[Path, int], Path] | None = None
+    # example folders to ingest by layout name, the first the default (`trd-hpc example-data
+    # DIR --task T [--layout L]`): (empty folder, number of subjects) -> the spec
+    examples: dict[str, Callable[[Path, int], Path]] = field(default_factory=dict)
 
     def sources(self) -> tuple[Source, ...]:
         return (self.image, *self.cohort_sources)

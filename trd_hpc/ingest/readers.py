@@ -41,9 +41,19 @@ class ImageReader(Protocol):
         the subject and the file when it is unreadable, of the wrong dimensionality or too short."""
 
     def to_grid(
-        self, path: Path, subject: str, grid, frames: int | None = None, temporal: str = "crop", normalize: bool = False
+        self,
+        path: Path,
+        subject: str,
+        grid,
+        frames: int | None = None,
+        temporal: str = "crop",
+        normalize: bool = False,
+        mask_path: Path | None = None,
+        clean=None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(image on ``grid`` [+ frames] as float32, grid -> world affine, the source's affine)."""
+        """(image on ``grid`` [+ frames] as float32, grid -> world affine, the source's affine).
+        ``mask_path`` and ``clean`` come with an image found in a derivatives folder (its
+        pipeline's brain mask; confound regression): trd_hpc.ingest.images.grid_image."""
 
 
 class GenotypeIndex(Protocol):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -41,6 +41,8 @@ class Subjects:
     rows: dict[str, np.ndarray]  # each subject's row in each cohort-wide source, by spec key ("genotypes")
     site: list[str] | None
     dropped: list[dict[str, str]]
+    # files found beside each image in a derivatives folder ("mask", "confounds"), None where absent
+    sidecars: dict[str, list[Path | None]] = field(default_factory=dict)
 
 
 def _check_formats(spec, m: IngestMapping) -> None:
@@ -131,6 +133,31 @@ def _image_path(root: Path, template: str, key: str, spec_key: str) -> Path:
     return inside(root, rel, spec_key)
 
 
+def _images(spec, m: IngestMapping, root: Path, keys: list[str]):
+    """(each subject's image path, {sidecar: paths}, problems) by the spec's template or, for
+    ``{derivatives: DIR, ...}``, by BIDS entities (trd_hpc.ingest.bids).  A path that does not
+    exist marks a missing image (named as a pipeline would have named it)."""
+    how = getattr(spec, m.image.key)
+    if isinstance(how, str):
+        return [_image_path(root, how, k, m.image.key) for k in keys], {}
+    from trd_hpc.ingest import bids
+
+    d = bids.index(str(inside(root, how.derivatives, f"{m.image.key}.derivatives")))
+    want = how.entities()
+    paths = []
+    for k in keys:
+        hit = bids.one(d, k, want, m.image.key)
+        paths.append(hit if hit is not None else d.expected(k, want))
+    sidecars: dict[str, list[Path | None]] = {}
+    if "mask" in m.image.sidecars:
+        sidecars["mask"] = [bids.one(d, k, bids.mask_entities(want), m.image.key) for k in keys]
+    if "confounds" in m.image.sidecars and getattr(spec, "confounds", None) is not None:
+        ce = bids.confounds_entities(want)
+        sidecars["confounds"] = [bids.one(d, k, ce, "confounds", extensions=(".tsv",)) for k in keys]
+        sidecars["confounds_expected"] = [d.expected(k, ce, extension=".tsv") for k in keys]
+    return paths, sidecars
+
+
 def _sites(spec, df, tpath: Path) -> list[str] | None:
     if spec.site_column is None:
         return None
@@ -187,7 +214,7 @@ def _collect(spec, root: Path, headers: bool = True) -> Subjects:
     df = _read_table(spec, tpath)
     written, keys = T.ids(df, tpath, spec.id_column)
     n = len(keys)
-    images = [_image_path(root, getattr(spec, m.image.key), k, m.image.key) for k in keys]
+    images, sidecars = _images(spec, m, root, keys)
     label_col = getattr(spec, m.label_key)
     label = (
         T.class_labels(df, tpath, label_col, spec.labels, m.n_classes, m.label_key)
@@ -197,6 +224,10 @@ def _collect(spec, root: Path, headers: bool = True) -> Subjects:
     values = m.table_values(spec, df, tpath)
     site = _sites(spec, df, tpath)
     lacks, rows = _lacking(spec, m, root, keys, images, label, label_col, values)
+    for i, p in enumerate(sidecars.get("confounds", [])):
+        if p is None:
+            lacks.setdefault(i, []).append(f"no confounds TSV ({sidecars['confounds_expected'][i]})")
+    sidecars.pop("confounds_expected", None)
 
     if lacks and spec.on_missing == "error":
         listed = "; ".join(f"{written[i]} (line {i + 2}): {', '.join(w)}" for i, w in sorted(lacks.items())[:10])
@@ -217,7 +248,7 @@ def _collect(spec, root: Path, headers: bool = True) -> Subjects:
     if headers:
         _check_headers(spec, m, images, written, keep)
     m.check(spec, tpath, values, keep)
-    return Subjects(
+    subj = Subjects(
         participant_id=[written[i] for i in keep],
         key=[keys[i] for i in keep],
         image=[images[i] for i in keep],
@@ -226,7 +257,11 @@ def _collect(spec, root: Path, headers: bool = True) -> Subjects:
         rows={k: r[keep] for k, r in rows.items()},
         site=None if site is None else [site[i] for i in keep],
         dropped=dropped,
+        sidecars={k: [v[i] for i in keep] for k, v in sidecars.items()},
     )
+    if headers:
+        m.check_sources(spec, subj)
+    return subj
 
 
 def _check_classes(tpath: Path, col: str, labels: np.ndarray, names, n_classes: int) -> None:
@@ -297,17 +332,24 @@ def subjects(cfg) -> Subjects:
 
 
 def source_stamps(cfg, first: int, stop: int) -> list[tuple[str, list[int]]]:
-    """(image, [size, mtime_ns]) of subjects [first, stop): what a shard records of its sources.
+    """(image, [size, mtime_ns, ...]) of subjects [first, stop): what a shard records of its
+    sources, the files found beside each image (a confounds TSV, a mask) after its own.
 
     Size and modification time, not a hash: re-hashing every image of a big cohort on each
     rerun would cost a full read; a replaced or rewritten image changes its mtime."""
+    s = subjects(cfg)
     out = []
-    for p in subjects(cfg).image[first:stop]:
-        try:
-            st = os.stat(p)
-            out.append((str(p), [int(st.st_size), int(st.st_mtime_ns)]))
-        except OSError:
-            out.append((str(p), [-1, -1]))
+    for i in range(first, stop):
+        stamp: list[int] = []
+        for p in [s.image[i], *(v[i] for v in s.sidecars.values())]:
+            if p is None:
+                continue
+            try:
+                st = os.stat(p)
+                stamp += [int(st.st_size), int(st.st_mtime_ns)]
+            except OSError:
+                stamp += [-1, -1]
+        out.append((str(s.image[i]), stamp))
     return out
 
 
@@ -330,6 +372,16 @@ def source_matrix(cfg, key: str) -> np.ndarray:
     return _source_matrix(_key(cfg), key)
 
 
+def _images_record(cfg, m: IngestMapping) -> dict:
+    how = getattr(cfg, m.image.key)
+    if isinstance(how, str):
+        return {"image_template": how}
+    from trd_hpc.ingest import bids
+
+    d = bids.index(str(inside(Path(cfg.resolved.root), how.derivatives, m.image.key)))
+    return {"images_from": {**how.model_dump(mode="json"), "generated_by": d.generated_by()}}
+
+
 def source_record(cfg) -> dict:
     """The manifest's ``source`` section: where the data came from and what was done to it."""
     m = mapping_of(cfg)
@@ -340,7 +392,7 @@ def source_record(cfg) -> dict:
         "table_sha256": cfg.resolved.table_sha256,
         "participants": len(s.participant_id),
         "dropped": cfg.resolved.dropped,
-        "image_template": getattr(cfg, m.image.key),
+        **_images_record(cfg, m),
         "formats": {src.key: cfg.formats.get(src.key, src.default_format) for src in m.sources()},
         "grid": list(cfg.grid),
         "images": image_reader(cfg).describe,

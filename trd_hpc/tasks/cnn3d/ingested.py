@@ -100,7 +100,7 @@ INGEST = IngestMapping(
     lacking=_lacking,
     resolved_fields=_resolved_fields,
     split=held_out_test_and_folds,
-    example=_example,
+    examples={"bids": _example},
     record=lambda cfg, s: {
         "volume_normalisation": "stored as resampled; the loader z-scores then scales to [0, 1] per volume",
         "severity_max": cfg.severity_max,

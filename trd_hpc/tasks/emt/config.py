@@ -9,7 +9,16 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
-from trd_hpc.cohort_config import IngestSpecBase, Resolved, ThreeWaySplit, cohort_kind, split_error, stratified_problem
+from trd_hpc.cohort_config import (
+    BidsImages,
+    Confounds,
+    IngestSpecBase,
+    Resolved,
+    ThreeWaySplit,
+    cohort_kind,
+    split_error,
+    stratified_problem,
+)
 from trd_hpc.sections import Box, DataConfig, EvalConfig, PosInt, Strict, TrackingConfig, TrainConfig, default_baselines
 
 BASELINES = ("late_fusion_mlp", "random_forest")
@@ -203,7 +212,9 @@ class EMTIngestSpec(IngestSpecBase):
     clinical_columns: list[str] = Field(min_length=1)
     # Missing clinical values: refuse (listing them), or impute with the training split's mean.
     clinical_missing: Literal["error", "impute"] = "error"
-    fmri: str  # path template with {id}: one 4-D image per subject
+    # one 4-D image per subject: a path template with {id}, or BIDS entities in a derivatives folder
+    fmri: Union[str, BidsImages]
+    confounds: Optional[Confounds] = None  # regressed out (nilearn); needs fmri: {derivatives: ...}
     genotypes: str  # PLINK prefix (.bed/.bim/.fam)
     snps: SNPSelection = Field(default_factory=lambda: SNPSelection(first=800))
     grid: tuple[PosInt, PosInt, PosInt] = (48, 48, 24)
@@ -219,6 +230,10 @@ class EMTIngestSpec(IngestSpecBase):
             raise ValueError("clinical_columns must be unique")
         if self.labels is not None and len(self.labels) != 2:
             raise ValueError(f"labels must name the 2 values of label_column (non-TRD first), got {self.labels}")
+        if self.confounds is not None and isinstance(self.fmri, str):
+            raise ValueError(
+                "confounds needs fmri: {derivatives: DIR, ...} (each subject's confounds TSV is found by its entities)"
+            )
         return self
 
 

@@ -52,3 +52,130 @@ def emt_folder(root: Path, n: int = 24, spec_extra: dict | None = None) -> Path:
     path = root / "spec.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+SPACE = "MNI152NLin2009aSym"  # the template nilearn ships (mni_icbm152_*_tal_nlin_sym_09a)
+TR = 2.0
+MOTION = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
+
+
+def _mni(voxel_mm: int = 8):
+    """nilearn's MNI152 2009a T1, grey- and white-matter maps at ``voxel_mm`` (block means of
+    the shipped 1 mm images), and the affine of that grid."""
+    import nibabel as nib
+    import nilearn
+    import numpy as np
+
+    data = Path(nilearn.__file__).parent / "datasets" / "data"
+    out = []
+    for name in ("t1", "gm", "wm"):
+        img = nib.load(str(data / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz"))
+        a = np.asarray(img.dataobj, dtype=np.float32) / 255.0
+        s = [d // voxel_mm for d in a.shape]
+        a = a[: s[0] * voxel_mm, : s[1] * voxel_mm, : s[2] * voxel_mm]
+        out.append(a.reshape(s[0], voxel_mm, s[1], voxel_mm, s[2], voxel_mm).mean(axis=(1, 3, 5)))
+    affine = img.affine.copy()
+    affine[:3, :3] *= voxel_mm
+    affine[:3, 3] += (voxel_mm - 1) / 2  # block centres
+    return (*out, affine)
+
+
+def fmriprep_folder(root: Path, n: int = 24, frames: int = 40, spec_extra: dict | None = None) -> Path:
+    """A study whose fMRI comes as fMRIPrep writes its derivatives, made from nilearn's MNI152
+    template: per subject ``derivatives/fmriprep/sub-<id>/func/`` holds the preprocessed BOLD
+    (``space-MNI152NLin2009aSym_desc-preproc_bold.nii.gz``, 8 mm, ``frames`` frames, TR 2 s) with
+    its JSON sidecar, the brain mask and ``desc-confounds_timeseries.tsv`` with fMRIPrep's
+    column names.  Each BOLD series carries a motion artefact (a global intensity change that
+    follows ``trans_x``) and, for the TRD subjects, a slow oscillation in one grey-matter box;
+    genotypes and the participants table as in ``emt_folder``.  Returns the spec, which
+    regresses motion, white matter, CSF and the global signal out (``confounds:``)."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    if not 1 <= n <= 100:
+        raise ValueError(f"the example genotypes hold 100 individuals; n={n}")
+    t1, gm, wm, affine = _mni()
+    brain = t1 > 0.15 * t1.max()
+    csf = brain & (gm < 0.2) & (wm < 0.2)
+    box = np.zeros(brain.shape, dtype=bool)
+    x, y, z = (d // 2 for d in brain.shape)
+    box[x - 5 : x - 1, y + 1 : y + 5, z - 2 : z + 2] = True  # left, anterior, mid-height
+    box &= gm > 0.3
+    deriv = root / "derivatives" / "fmriprep"
+    deriv.mkdir(parents=True, exist_ok=True)
+    (deriv / "dataset_description.json").write_text(
+        json.dumps(
+            {
+                "Name": "fMRIPrep-layout example (trd-hpc example-data)",
+                "BIDSVersion": "1.9.0",
+                "DatasetType": "derivative",
+                "GeneratedBy": [{"Name": "trd-hpc example-data", "Description": "laid out as fMRIPrep writes it"}],
+            },
+            indent=1,
+        )
+    )
+    t = np.arange(frames) * TR
+    rows = []
+    for i in range(n):
+        k = f"{i + 1:03d}"  # BIDS labels are alphanumeric: the .fam's IIDs are renamed to match below
+        rng = np.random.default_rng(1000 + i)
+        trd = i % 2
+        motion = {c: rng.normal(0, 0.05 if c.startswith("trans") else 0.001, frames).cumsum() for c in MOTION}
+        series = t1[..., None] * (1.0 + 0.3 * motion["trans_x"][None, None, None, :])  # the artefact
+        series = series + rng.normal(0, 0.01, series.shape).astype(np.float32) * brain[..., None]
+        if trd:
+            series[box] += 0.2 * np.sin(2 * np.pi * 0.05 * t + rng.uniform(0, 2 * np.pi))[None, :]
+        series = (series * brain[..., None] * 1000).astype(np.float32)
+        func = deriv / f"sub-{k}" / "func"
+        func.mkdir(parents=True, exist_ok=True)
+        stem = f"sub-{k}_task-rest_space-{SPACE}"
+        img = nib.Nifti1Image(series, affine)
+        img.header.set_xyzt_units("mm", "sec")
+        img.header.set_zooms((8.0, 8.0, 8.0, TR))
+        nib.save(img, str(func / f"{stem}_desc-preproc_bold.nii.gz"))
+        (func / f"{stem}_desc-preproc_bold.json").write_text(json.dumps({"RepetitionTime": TR, "TaskName": "rest"}))
+        nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), str(func / f"{stem}_desc-brain_mask.nii.gz"))
+        conf = {
+            **motion,
+            "white_matter": series[wm > 0.5].mean(axis=0),
+            "csf": series[csf].mean(axis=0),
+            "global_signal": series[brain].mean(axis=0),
+        }
+        fd = np.abs(np.diff(np.stack([motion[c] for c in MOTION]), axis=1)).sum(axis=0)
+        lines = ["\t".join([*conf, "framewise_displacement"])]
+        for f in range(frames):
+            cells = [repr(float(conf[c][f])) for c in conf] + ["n/a" if f == 0 else repr(float(fd[f - 1]))]
+            lines.append("\t".join(cells))
+        (func / f"sub-{k}_task-rest_desc-confounds_timeseries.tsv").write_text("\n".join(lines) + "\n")
+        rows.append([f"sub-{k}", "yes" if trd else "no", 20 + (i * 3) % 40, 10 + (i * 5) % 20, f"site{i % 3}"])
+    write_table(root / "participants.tsv", ["participant_id", "trd", "age", "hamd", "site"], rows)
+    gdir = root / "genotypes"
+    gdir.mkdir(exist_ok=True)
+    for ext in ("bed", "bim"):
+        shutil.copyfile(f"{PLINK}.{ext}", gdir / f"cohort.{ext}")
+    fam = []
+    for j, line in enumerate(Path(f"{PLINK}.fam").read_text().splitlines()):
+        cols = line.split()
+        cols[0] = cols[1] = f"{j + 1:03d}"  # FID and IID as the BIDS labels
+        fam.append(" ".join(cols))
+    (gdir / "cohort.fam").write_text("\n".join(fam) + "\n")
+    spec = {
+        "task": "emt",
+        "table": "participants.tsv",
+        "label_column": "trd",
+        "labels": ["no", "yes"],
+        "clinical_columns": ["age", "hamd"],
+        "fmri": {"derivatives": "derivatives/fmriprep", "task": "rest", "space": SPACE, "desc": "preproc"},
+        "confounds": {"strategy": "motion+wm+csf+global", "detrend": True, "standardize": "zscore_sample"},
+        "genotypes": "genotypes/cohort",
+        "snps": {"first": 60},
+        "grid": [12, 12, 8],
+        "frames": frames,
+        "subjects_per_shard": 8,
+        **(spec_extra or {}),
+    }
+    path = root / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path

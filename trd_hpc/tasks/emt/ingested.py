@@ -37,8 +37,9 @@ def _make_subject(cfg: IngestedEMTCohort, index: int, bulk_out: np.ndarray) -> d
 
     s = subjects(cfg)
     pid = s.participant_id[index]
+    extra = _derivative_steps(cfg, s, index, pid)
     x, affine, source = image_reader(cfg).to_grid(
-        s.image[index], pid, cfg.grid, cfg.frames, cfg.temporal, normalize=True
+        s.image[index], pid, cfg.grid, cfg.frames, cfg.temporal, normalize=True, **extra
     )
     bulk_out[...] = x
     return {
@@ -49,6 +50,41 @@ def _make_subject(cfg: IngestedEMTCohort, index: int, bulk_out: np.ndarray) -> d
         "affine": affine,
         "source_affine": source,
     }
+
+
+def _derivative_steps(cfg: IngestedEMTCohort, s, index: int, pid: str) -> dict:
+    """An image from a derivatives folder: its pipeline's brain mask, and the confound
+    regression the spec asks for (trd_hpc.ingest.confounds)."""
+    out: dict = {}
+    mask = s.sidecars.get("mask", [None] * (index + 1))[index]
+    if mask is not None:
+        out["mask_path"] = mask
+    if cfg.confounds is not None:
+        from trd_hpc.ingest import confounds as C
+
+        path = s.sidecars["confounds"][index]
+        table, _ = C.read(path, C.columns(cfg.confounds.strategy), pid)
+        t_r = cfg.confounds.t_r or C.repetition_time(s.image[index])
+
+        def clean(series, grid_mask):
+            rows = table[: series.shape[3]] if cfg.temporal == "crop" else table
+            return C.clean(series, grid_mask, rows, cfg.confounds, t_r)
+
+        out["clean"] = clean
+    return out
+
+
+def _check_sources(spec, subj) -> None:
+    if spec.confounds is None:
+        return
+    from trd_hpc.ingest import confounds as C
+
+    C.check_files(
+        subj.sidecars["confounds"],
+        subj.participant_id,
+        C.columns(spec.confounds.strategy),
+        spec.frames if spec.temporal == "crop" else None,
+    )
 
 
 def _prepare_batch(cfg: IngestedEMTCohort, out: dict, normalize: bool) -> dict:
@@ -120,7 +156,9 @@ def _record(cfg, s) -> dict:
     from trd_hpc.ingest.resolve import source_matrix
 
     clinical = s.values["clinical"]
+    rec = {"confounds": _confounds_record(cfg)} if cfg.confounds is not None else {}
     return {
+        **rec,
         "frames": cfg.frames,
         "temporal": cfg.temporal,
         "fmri_normalisation": "z-score over brain voxels and frames per subject, background 0",
@@ -149,19 +187,42 @@ def _example(root, n: int):
     return emt_folder(root, n=n)
 
 
+def _fmriprep_example(root, n: int):
+    from trd_hpc.tasks.emt.example import fmriprep_folder
+
+    return fmriprep_folder(root, n=n)
+
+
+def _confounds_record(cfg) -> dict:
+    from trd_hpc.ingest.confounds import columns
+
+    c = cfg.confounds
+    return {
+        "method": "nilearn.signal.clean on the grid, after spatial resampling, before the temporal step",
+        "columns": columns(c.strategy),
+        "strategy": c.strategy,
+        "detrend": c.detrend,
+        "standardize": c.standardize,
+        "high_pass": c.high_pass,
+        "low_pass": c.low_pass,
+        "t_r": c.t_r or "the images' JSON sidecar (RepetitionTime), else their header",
+    }
+
+
 INGEST = IngestMapping(
     kind="ingested_emt",
     label_key="label_column",
     n_classes=2,
-    image=Source("fmri", "image", "nifti"),
+    image=Source("fmri", "image", "nifti", sidecars=("mask", "confounds")),
     image_ndim=4,
     cohort_sources=(Source("genotypes", "genotypes", "plink1", fingerprint_field="genotypes_sha256"),),
     min_frames=lambda spec: spec.frames if spec.temporal == "crop" else None,
     table_values=_table_values,
     check=_check_clinical,
+    check_sources=_check_sources,
     resolved_fields=_resolved_fields,
     split=three_way,
-    example=_example,
+    examples={"bids": _example, "fmriprep": _fmriprep_example},
     record=_record,
 )
 
