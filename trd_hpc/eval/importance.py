@@ -84,6 +84,15 @@ def grad_x_input(
     return {n: a.detach().abs() for n, a in zip(names, attr)}
 
 
+def aggregate_fmri_by_named_region(attr_fmri, names: Sequence[str]) -> dict[str, float]:
+    """Mean attribution per frame of each region, for region x time fMRI: attribution [B, R, T]."""
+    a = _numpy(attr_fmri)
+    if a.ndim != 3 or a.shape[1] != len(names):
+        raise ValueError(f"region fMRI attribution must be [B, {len(names)}, T], got shape {a.shape}")
+    per_region = a.mean(axis=(0, 2))
+    return {str(n): float(v) for n, v in zip(names, per_region)}
+
+
 def aggregate_fmri_by_region(attr_fmri, regions: Mapping[str, Any]) -> dict[str, float]:
     """Mean attribution per voxel-frame inside each region box, and over all
     voxels in no box (``outside_regions``), for an attribution [B, X, Y, Z, T].

@@ -17,12 +17,24 @@ from trd_hpc.tasks.emt.config import EMTCohortConfig, EMTExperiment, EMTModelCon
 from trd_hpc.tasks.emt.model import EMT, patch_grid
 
 
+def region_summaries(fmri):
+    """``[B, R, T]`` -> ``[B, R, 3]``: each region's mean, standard deviation and lag-1
+    autocorrelation over time (z-scored region series differ in how slowly they move)."""
+    x = fmri.double() if isinstance(fmri, torch.Tensor) else torch.as_tensor(np.asarray(fmri, dtype=np.float64))
+    mean = x.mean(dim=2)
+    c = x - mean.unsqueeze(2)
+    var = (c * c).mean(dim=2)
+    ac1 = (c[:, :, 1:] * c[:, :, :-1]).mean(dim=2) / var.clamp_min(1e-12)
+    return torch.stack([mean, var.sqrt(), ac1], dim=2).float()
+
+
 class LateFusionMLP(nn.Module):
     """Late fusion: each modality is encoded on its own to ``mlp_hidden``
     features, the three are concatenated and an MLP head gives the logit.
 
     * fMRI: the mean of each spatial patch (``model.patch``) over its voxels and
-      all frames, ``[B, N_patches]`` -> Linear -> GELU;
+      all frames, ``[B, N_patches]`` -> Linear -> GELU; region x time fMRI: each region's
+      mean, standard deviation and lag-1 autocorrelation over time, ``[B, 3 R]``;
     * SNPs: one-hot genotypes ``[B, 3 * n_snps]`` -> Linear -> GELU;
     * clinical: Linear -> GELU;
     * head: Linear(3h, h) -> GELU -> Dropout(dropout) -> Linear(h, 1).
@@ -40,12 +52,14 @@ class LateFusionMLP(nn.Module):
     ):
         super().__init__()
         self.fmri_shape = tuple(int(s) for s in fmri_shape)
+        self.regions = len(self.fmri_shape) == 2
         self.patch = tuple(int(p) for p in model_cfg.patch)
-        self.grid = patch_grid(self.fmri_shape, self.patch)
+        self.grid = None if self.regions else patch_grid(self.fmri_shape, self.patch)
         self.n_snps, self.n_clinical = int(n_snps), int(n_clinical)
         self.genotype_values = int(genotype_values)
         h = model_cfg.mlp_hidden
-        self.fmri_enc = nn.Sequential(nn.Linear(math.prod(self.grid), h), nn.GELU())
+        n_fmri = 3 * self.fmri_shape[0] if self.regions else math.prod(self.grid)
+        self.fmri_enc = nn.Sequential(nn.Linear(n_fmri, h), nn.GELU())
         self.snp_enc = nn.Sequential(nn.Linear(self.genotype_values * self.n_snps, h), nn.GELU())
         self.clin_enc = nn.Sequential(nn.Linear(self.n_clinical, h), nn.GELU())
         self.head = nn.Sequential(nn.Linear(3 * h, h), nn.GELU(), nn.Dropout(model_cfg.dropout), nn.Linear(h, 1))
@@ -60,6 +74,8 @@ class LateFusionMLP(nn.Module):
         accumulated in float32 without an upcast copy of the input."""
         if tuple(fmri.shape[1:]) != self.fmri_shape:
             raise ValueError(f"fmri must be [B, {', '.join(map(str, self.fmri_shape))}], got {tuple(fmri.shape)}")
+        if self.regions:
+            return region_summaries(fmri).flatten(1)
         b, t = fmri.shape[0], fmri.shape[4]
         (nx, ny, nz), (px, py, pz) = self.grid, self.patch
         v = fmri.reshape(b, nx, px, ny, py, nz, pz, t)
@@ -93,8 +109,14 @@ def emt_summary_feature_names(cohort_cfg: EMTCohortConfig) -> list[str]:
     """Names of the columns of :func:`emt_summary_features`, in order."""
     n_pred = cohort_cfg.n_predictive_snps
     width = len(str(max(n_pred - 1, 0)))
+    named = cohort_cfg.fmri_regions
+    fmri = (
+        [f"fmri.{name}.{what}" for name in named for what in ("mean", "std", "ac1")]
+        if named is not None
+        else [f"fmri.{name}.mean" for name in cohort_cfg.region_boxes]
+    )
     return (
-        [f"fmri.{name}.mean" for name in cohort_cfg.region_boxes]
+        fmri
         + ["fmri.global.mean", "fmri.global.std"]
         + ["snp.predictive.count1", "snp.predictive.count2", "snp.other.count1", "snp.other.count2"]
         + [f"snp.{j:0{width}d}" for j in range(n_pred)]
@@ -106,7 +128,8 @@ def emt_summary_features(batch: Mapping, cohort_cfg: EMTCohortConfig) -> tuple[n
     """Per-modality summary features of a batch, ``([B, F] float32, names)``.
 
     * fMRI: the mean of each named region box (``cohort.regions``, over its voxels
-      and all frames), then the global mean and standard deviation;
+      and all frames) or, for region x time fMRI, each region's mean, standard deviation
+      and lag-1 autocorrelation; then the global mean and standard deviation;
     * SNPs: the number of genotype-1 and genotype-2 SNPs among the first
       ``snp.n_predictive`` SNPs and among the rest, then the genotype (0/1/2) of
       each of the first ``n_predictive`` SNPs (``snp.000`` ...);
@@ -118,7 +141,8 @@ def emt_summary_features(batch: Mapping, cohort_cfg: EMTCohortConfig) -> tuple[n
     """
     fmri, snp, clin = _np(batch["fmri"]), _np(batch["snp"]), _np(batch["clinical"])
     b = fmri.shape[0]
-    if fmri.ndim != 5 or tuple(fmri.shape[1:]) != tuple(cohort_cfg.fmri_shape):
+    want_ndim = 1 + len(cohort_cfg.fmri_shape)
+    if fmri.ndim != want_ndim or tuple(fmri.shape[1:]) != tuple(cohort_cfg.fmri_shape):
         raise ValueError(f"fmri must be [B, {', '.join(map(str, cohort_cfg.fmri_shape))}], got {fmri.shape}")
     if snp.shape != (b, cohort_cfg.n_snps):
         raise ValueError(f"snp must be [{b}, {cohort_cfg.n_snps}], got {snp.shape}")
@@ -126,6 +150,8 @@ def emt_summary_features(batch: Mapping, cohort_cfg: EMTCohortConfig) -> tuple[n
         raise ValueError(f"clinical must be [{b}, {len(cohort_cfg.clinical_names)}], got {clin.shape}")
 
     cols: list[np.ndarray] = []
+    if cohort_cfg.fmri_regions is not None:
+        cols += list(region_summaries(fmri).numpy().astype(np.float64).reshape(b, -1).T)
     for (x0, x1), (y0, y1), (z0, z1) in cohort_cfg.region_boxes.values():
         cols.append(fmri[:, x0:x1, y0:y1, z0:z1, :].reshape(b, -1).mean(axis=1, dtype=np.float64))
     # Global moments per subject, one subject at a time (bounded float64 temporaries).

@@ -170,6 +170,10 @@ class EMTCohortConfig(Strict):
         return {k: r.box for k, r in self.regions.items()}
 
     @property
+    def fmri_regions(self) -> list[str] | None:
+        return None  # the fMRI is a voxel grid (an ingested cohort with an atlas: region names)
+
+    @property
     def labelled(self) -> bool:
         return True
 
@@ -205,6 +209,16 @@ class SNPSelection(Strict):
         return self
 
 
+class Atlas(Strict):
+    """Region time series instead of voxels: each subject's fMRI becomes regions x frames,
+    the mean over each region's voxels (``nilearn.maskers.NiftiLabelsMasker``; a 4-D
+    probabilistic atlas: ``NiftiMapsMasker``), in the images' world space."""
+
+    image: str  # a labels image (integers, 0 = background) or a 4-D probabilistic atlas
+    # TSV with columns index and name (BIDS dseg.tsv); None: the regions are named region_<index>
+    labels: Optional[str] = None
+
+
 class EMTIngestSpec(IngestSpecBase):
     task: Literal["emt"] = "emt"
     cohort_kind: ClassVar[str] = "ingested_emt"  # what it resolves to (its IngestMapping)
@@ -215,6 +229,7 @@ class EMTIngestSpec(IngestSpecBase):
     # one 4-D image per subject: a path template with {id}, or BIDS entities in a derivatives folder
     fmri: Union[str, BidsImages]
     confounds: Optional[Confounds] = None  # regressed out (nilearn); needs fmri: {derivatives: ...}
+    atlas: Optional[Atlas] = None  # region x time series (then grid is not used)
     genotypes: str  # PLINK prefix (.bed/.bim/.fam)
     snps: SNPSelection = Field(default_factory=lambda: SNPSelection(first=800))
     grid: tuple[PosInt, PosInt, PosInt] = (48, 48, 24)
@@ -246,14 +261,24 @@ class IngestedEMTCohort(EMTIngestSpec):
     # value as 0 = the mean): fitted on the training split only.
     clinical_mean: list[float]
     clinical_sd: list[float]
+    # with an atlas: the regions in label order (resolved from its image and labels TSV), the
+    # labels' values, and the atlas files' sha256
+    region_names: list[str] = Field(default_factory=list)
+    region_labels: list[int] = Field(default_factory=list)
+    atlas_sha256: Optional[str] = None
 
     @property
     def n_subjects(self) -> int:
         return self.resolved.n_subjects
 
     @property
-    def fmri_shape(self) -> tuple[int, int, int, int]:
-        return (*self.grid, self.frames)
+    def fmri_shape(self) -> tuple[int, ...]:
+        """(X, Y, Z, frames) on the grid, or (regions, frames) with an atlas."""
+        return (len(self.region_names), self.frames) if self.atlas is not None else (*self.grid, self.frames)
+
+    @property
+    def fmri_regions(self) -> list[str] | None:
+        return list(self.region_names) if self.atlas is not None else None
 
     @property
     def n_snps(self) -> int:
@@ -273,7 +298,10 @@ class IngestedEMTCohort(EMTIngestSpec):
 
     @property
     def region_boxes(self) -> dict[str, Box]:
-        """No atlas comes with a real cohort: the 8 octants of the grid stand in for regions."""
+        """Without an atlas the 8 octants of the grid stand in for regions (with one, the
+        fMRI is per region already: fmri_regions)."""
+        if self.atlas is not None:
+            return {}
         half = [(0, g // 2, g) for g in self.grid]
         boxes = {}
         for xs, xn in (((half[0][0], half[0][1]), "left"), ((half[0][1], half[0][2]), "right")):
@@ -301,6 +329,9 @@ class EMTModelConfig(Strict):
     name: Literal["emt", "late_fusion_mlp"] = "emt"
     d_model: int = Field(256, ge=8)
     patch: tuple[PosInt, PosInt, PosInt] = (6, 6, 4)  # spatial; all frames kept in each token
+    # Region x time fMRI (an ingested cohort with an atlas): each token is one region's run of
+    # this many frames (None: its whole series, one token per region).
+    time_patch: Optional[PosInt] = None
     snp_embed_dim: int = Field(64, ge=1)
     n_layers: int = Field(4, ge=1)
     n_heads: int = Field(8, ge=1)
@@ -345,7 +376,14 @@ class EMTExperiment(Strict):
     def _patch_fits(self) -> "EMTExperiment":
         # The EMT cuts the fMRI volume into whole patches; checked here, where both
         # sections are known, instead of failing when the model is built.
-        if self.model.name == "emt":
+        if getattr(self.cohort, "fmri_regions", None) is not None:
+            frames = self.cohort.fmri_shape[1]
+            if self.model.time_patch is not None and frames % self.model.time_patch:
+                raise ValueError(
+                    f"model.time_patch {self.model.time_patch} does not divide the cohort's {frames} frames; "
+                    "change model.time_patch or the ingest spec's frames"
+                )
+        elif self.model.name == "emt":
             spatial = tuple(self.cohort.fmri_shape[:3])
             bad = [f"axis {a}: {s} % {p} = {s % p}" for a, (s, p) in enumerate(zip(spatial, self.model.patch)) if s % p]
             if bad:

@@ -56,6 +56,22 @@ def test_probabilities(rec: dict) -> np.ndarray:
     return np.asarray(rec["prob"], dtype=np.float64) if "prob" in rec else _sigmoid(rec["logit"])
 
 
+def _slices_figure(cfg, examples, d) -> dict:
+    """Slices of an example subject per class (voxel fMRI; none for region x time series)."""
+    from trd_hpc.data.kinds import kind_of
+    from trd_hpc.eval import figures as F
+
+    if cfg.cohort.fmri_regions is not None:
+        return {}
+    if kind_of(cfg.cohort).generated:
+        return {
+            "fMRI slices with regions": F.fmri_slices_with_regions(
+                examples, cfg.cohort.region_boxes, d / "fmri_slices.png"
+            )
+        }
+    return {"fMRI slices": F.fmri_slices_with_regions(examples, {}, d / "fmri_slices.png")}
+
+
 def importance(cfg: EMTExperiment, model) -> dict:
     """Gradient x input (Captum) on the first ``eval.importance_subjects`` test subjects, by region and
     clinical variable, plus the SNP attention's share on the predictive SNPs."""
@@ -68,7 +84,11 @@ def importance(cfg: EMTExperiment, model) -> dict:
     inputs = {"fmri": b["fmri"].float(), "snp": b["snp"], "clinical": b["clinical"].float()}
     attr = imp.grad_x_input(model, inputs, ["fmri", "clinical"])
     out = {
-        "fmri_regions": imp.aggregate_fmri_by_region(attr["fmri"].numpy(), cfg.cohort.region_boxes),
+        "fmri_regions": (
+            imp.aggregate_fmri_by_named_region(attr["fmri"].numpy(), cfg.cohort.fmri_regions)
+            if cfg.cohort.fmri_regions is not None
+            else imp.aggregate_fmri_by_region(attr["fmri"].numpy(), cfg.cohort.region_boxes)
+        ),
         "clinical": imp.aggregate_clinical(attr["clinical"].numpy(), cfg.cohort.clinical_names),
     }
     if hasattr(model, "snp_attention"):
@@ -247,7 +267,6 @@ def _importance_figure(cfg: EMTExperiment, imp: dict, path):
 
 
 def evaluate_emt(cfg: EMTExperiment, run, model, history: list, preds: dict, figures: bool) -> tuple[dict, dict]:
-    from trd_hpc.data.kinds import kind_of
     from trd_hpc.eval import figures as F
     from trd_hpc.eval.calibration import METHOD_LABELS, calibrate_all
     from trd_hpc.eval.metrics import binary_metrics, curves
@@ -305,15 +324,7 @@ def evaluate_emt(cfg: EMTExperiment, run, model, history: list, preds: dict, fig
                     test["label"], by_method, d / "densities.png"
                 ),
                 "Feature importance by modality": _importance_figure(cfg, imp, d / "importance.png"),
-                **(
-                    {
-                        "fMRI slices with regions": F.fmri_slices_with_regions(
-                            examples, cfg.cohort.region_boxes, d / "fmri_slices.png"
-                        )
-                    }
-                    if kind_of(cfg.cohort).generated
-                    else {"fMRI slices": F.fmri_slices_with_regions(examples, {}, d / "fmri_slices.png")}
-                ),
+                **_slices_figure(cfg, examples, d),
                 "SNP genotype frequencies by class": F.snp_allele_histograms(
                     snp, ysnp, cfg.cohort.n_predictive_snps, d / "snp_hist.png"
                 ),

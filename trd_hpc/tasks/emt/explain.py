@@ -44,7 +44,7 @@ def emt_attributions(
         internal_batch_size=max(1, fmri.shape[0]) * 4,
     )
     return {
-        "fmri": a_fmri.detach().sum(dim=4).numpy(),  # over frames: [B, X, Y, Z]
+        "fmri": a_fmri.detach().sum(dim=-1).numpy(),  # over frames: [B, X, Y, Z] (or [B, R] per region)
         "clinical": a_clin.detach().numpy(),
         "snp": a_snp.detach().sum(dim=-1).numpy(),
     }

@@ -9,6 +9,9 @@ the mean.
 
 from __future__ import annotations
 
+from functools import lru_cache
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -37,10 +40,13 @@ def _make_subject(cfg: IngestedEMTCohort, index: int, bulk_out: np.ndarray) -> d
 
     s = subjects(cfg)
     pid = s.participant_id[index]
-    extra = _derivative_steps(cfg, s, index, pid)
-    x, affine, source = image_reader(cfg).to_grid(
-        s.image[index], pid, cfg.grid, cfg.frames, cfg.temporal, normalize=True, **extra
-    )
+    if cfg.atlas is not None:
+        x, affine, source = _regions_of(cfg, s, index, pid)
+    else:
+        extra = _derivative_steps(cfg, s, index, pid)
+        x, affine, source = image_reader(cfg).to_grid(
+            s.image[index], pid, cfg.grid, cfg.frames, cfg.temporal, normalize=True, **extra
+        )
     bulk_out[...] = x
     return {
         "snp": source_matrix(cfg, "genotypes")[index],
@@ -72,6 +78,42 @@ def _derivative_steps(cfg: IngestedEMTCohort, s, index: int, pid: str) -> dict:
 
         out["clean"] = clean
     return out
+
+
+def _regions_of(cfg: IngestedEMTCohort, s, index: int, pid: str):
+    """(regions x frames, identity, the image's affine) through the atlas (trd_hpc.ingest.atlas)."""
+    from trd_hpc.ingest import atlas as A
+    from trd_hpc.ingest.resolve import image_reader, inside
+
+    root = Path(cfg.resolved.root)
+    path = inside(root, cfg.atlas.image, "atlas.image")
+    kind = "maps" if len(_atlas_shape(str(path))) == 4 and _atlas_shape(str(path))[3] > 1 else "labels"
+    table = t_r = None
+    if cfg.confounds is not None:
+        from trd_hpc.ingest import confounds as C
+
+        table, _ = C.read(s.sidecars["confounds"][index], C.columns(cfg.confounds.strategy), pid)
+        t_r = cfg.confounds.t_r or C.repetition_time(s.image[index])
+    series = A.region_series(s.image[index], pid, path, kind, cfg.region_labels, table, cfg.confounds, t_r)
+    if series.shape[1] < cfg.frames and cfg.temporal == "crop":
+        raise IngestError(f"subject {pid}: {s.image[index]}: {series.shape[1]} frames, the spec keeps {cfg.frames}")
+    if cfg.temporal == "crop":
+        series = series[:, : cfg.frames]
+    else:
+        t = np.linspace(0.0, series.shape[1] - 1, cfg.frames) if cfg.frames > 1 else np.zeros(1)
+        lo = np.floor(t).astype(np.int64)
+        hi = np.minimum(lo + 1, series.shape[1] - 1)
+        w = (t - lo).astype(np.float32)
+        series = series[:, lo] * (1 - w) + series[:, hi] * w
+    source = image_reader(cfg).header(s.image[index], pid, 4).affine
+    return series, np.eye(4), source
+
+
+@lru_cache(maxsize=4)
+def _atlas_shape(path: str) -> tuple[int, ...]:
+    import nibabel as nib
+
+    return tuple(nib.load(path).shape)
 
 
 def _check_sources(spec, subj) -> None:
@@ -149,7 +191,14 @@ def _resolved_fields(spec, root, subj, sources) -> dict:
     snp_ids = geno.select(spec.snps.first, ids_file)
     geno.check(snp_ids)
     mean, sd = _clinical_stats(spec, subj)
-    return {"snp_ids": snp_ids, "clinical_mean": mean, "clinical_sd": sd}
+    out = {"snp_ids": snp_ids, "clinical_mean": mean, "clinical_sd": sd}
+    if spec.atlas is not None:
+        from trd_hpc.ingest.atlas import describe
+
+        labels = inside(root, spec.atlas.labels, "atlas.labels") if spec.atlas.labels else None
+        _, values, names, sha = describe(inside(root, spec.atlas.image, "atlas.image"), labels)
+        out.update({"region_names": names, "region_labels": values, "atlas_sha256": sha})
+    return out
 
 
 def _record(cfg, s) -> dict:
@@ -157,6 +206,14 @@ def _record(cfg, s) -> dict:
 
     clinical = s.values["clinical"]
     rec = {"confounds": _confounds_record(cfg)} if cfg.confounds is not None else {}
+    if cfg.atlas is not None:
+        rec["atlas"] = {
+            **cfg.atlas.model_dump(mode="json"),
+            "regions": cfg.region_names,
+            "sha256": cfg.atlas_sha256,
+            "method": "nilearn.maskers NiftiLabelsMasker (NiftiMapsMasker for a 4-D atlas), the atlas resampled "
+            "onto each image; each region's series z-scored over time unless confounds: says otherwise",
+        }
     return {
         **rec,
         "frames": cfg.frames,
@@ -193,6 +250,12 @@ def _fmriprep_example(root, n: int):
     return fmriprep_folder(root, n=n)
 
 
+def _fmriprep_atlas_example(root, n: int):
+    from trd_hpc.tasks.emt.example import fmriprep_folder
+
+    return fmriprep_folder(root, n=n, atlas=True)
+
+
 def _confounds_record(cfg) -> dict:
     from trd_hpc.ingest.confounds import columns
 
@@ -222,7 +285,7 @@ INGEST = IngestMapping(
     check_sources=_check_sources,
     resolved_fields=_resolved_fields,
     split=three_way,
-    examples={"bids": _example, "fmriprep": _fmriprep_example},
+    examples={"bids": _example, "fmriprep": _fmriprep_example, "fmriprep_atlas": _fmriprep_atlas_example},
     record=_record,
 )
 

@@ -7,7 +7,9 @@ sigmoid; training uses BCE-with-logits).
 * fMRI: non-overlapping spatial patches of ``patch`` voxels keeping all T
   frames (paper: 8*8*6 = 384 tokens of 6*6*4*80 = 11520 values), each
   Linear -> LayerNorm -> GELU -> Dropout(dropout), plus a learnable positional
-  embedding ``(N_patches, d_model)``.
+  embedding ``(N_patches, d_model)``.  Region x time fMRI ``[R, T]`` (an atlas's
+  region series) has one token per region and run of ``time_patch`` frames
+  (region tokens; the whole series when ``time_patch`` is None), embedded the same way.
 * SNPs: Embedding(3, snp_embed_dim); a scalar attention score per SNP,
   softmax over SNPs; weighted embeddings flattened and Linear -> d_model.
 * clinical: Linear -> LayerNorm -> GELU -> Dropout(dropout).
@@ -67,6 +69,30 @@ def patchify(fmri: torch.Tensor, patch: Sequence[int], dtype: torch.dtype | None
     return out.copy_(v).view(b, nx * ny * nz, px * py * pz * t)
 
 
+def region_tokens(fmri: torch.Tensor, time_patch: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[B, R, T]`` -> ``[B, R * (T / time_patch), time_patch]``: region r's k-th run of frames
+    is token ``r * (T / time_patch) + k``."""
+    if fmri.dim() != 3:
+        raise ValueError(f"region fmri must be [B, R, T], got shape {tuple(fmri.shape)}")
+    b, r, t = fmri.shape
+    if t % time_patch:
+        raise ValueError(f"time_patch {time_patch} does not divide the {t} frames")
+    return fmri.reshape(b, r * (t // time_patch), time_patch).to(dtype or fmri.dtype)
+
+
+def token_layout(fmri_shape: Sequence[int], model_cfg: EMTModelConfig) -> tuple[int, int]:
+    """(number of fMRI tokens, values per token) of either input form."""
+    if len(fmri_shape) == 2:
+        r, t = (int(v) for v in fmri_shape)
+        tp = model_cfg.time_patch or t
+        if t % tp:
+            raise ValueError(f"model.time_patch {tp} does not divide the {t} frames of the region series")
+        return r * (t // tp), tp
+    if len(fmri_shape) != 4:
+        raise ValueError(f"fmri_shape must be (X, Y, Z, T) or (regions, T), got {tuple(fmri_shape)}")
+    return math.prod(patch_grid(fmri_shape, model_cfg.patch)), math.prod(model_cfg.patch) * int(fmri_shape[3])
+
+
 def patch_index_of_box(fmri_shape: Sequence[int], patch: Sequence[int], box: Box) -> list[int]:
     """Indices (into the fMRI patch tokens, 0..N_patches-1, the order of
     :func:`patchify`) of the patches that overlap the half-open voxel box
@@ -116,12 +142,11 @@ class EMT(nn.Module):
         c = model_cfg
         self.cfg = c
         self.fmri_shape = tuple(int(s) for s in fmri_shape)
-        if len(self.fmri_shape) != 4:
-            raise ValueError(f"fmri_shape must be (X, Y, Z, T), got {self.fmri_shape}")
+        self.regions = len(self.fmri_shape) == 2  # region x time (an atlas) instead of voxels
         self.patch = tuple(int(p) for p in c.patch)
-        self.grid = patch_grid(self.fmri_shape, self.patch)
-        self.n_patches = math.prod(self.grid)
-        self.patch_dim = math.prod(self.patch) * self.fmri_shape[3]
+        self.time_patch = (c.time_patch or self.fmri_shape[1]) if self.regions else None
+        self.grid = None if self.regions else patch_grid(self.fmri_shape, self.patch)
+        self.n_patches, self.patch_dim = token_layout(self.fmri_shape, c)
         self.n_snps, self.n_clinical = int(n_snps), int(n_clinical)
         d = c.d_model
 
@@ -189,7 +214,8 @@ class EMT(nn.Module):
         return torch.softmax(self._snp_scores(self.snp_embed(snp.long())), dim=-1)
 
     def encode_fmri(self, fmri: torch.Tensor) -> torch.Tensor:
-        x = patchify(fmri, self.patch, dtype=self.patch_embed.weight.dtype)
+        dt = self.patch_embed.weight.dtype
+        x = region_tokens(fmri, self.time_patch, dt) if self.regions else patchify(fmri, self.patch, dtype=dt)
         x = self.patch_drop(F.gelu(self.patch_norm(self.patch_embed(x))))
         return x + self.pos_embed
 
@@ -245,8 +271,7 @@ def emt_flops_per_sample(model_cfg: EMTModelConfig, fmri_shape: Sequence[int], n
     1x, not 2x, its forward; the x3 convention overcounts it.)
     """
     c = model_cfg
-    n = math.prod(patch_grid(fmri_shape, c.patch))
-    p = math.prod(c.patch) * int(fmri_shape[3])
+    n, p = token_layout(fmri_shape, c)
     d, e, f, h = c.d_model, c.snp_embed_dim, c.d_ff, c.head_hidden
     seq = n + 5
     fwd = (

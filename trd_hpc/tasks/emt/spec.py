@@ -137,8 +137,12 @@ def explain(bundle, model, inputs: dict) -> list[tuple[dict, dict]]:
     a = emt_attributions(model, inputs["fmri"], inputs["snp"], inputs["clinical"])
     snp_names = list(bundle.schema.get("snp_ids") or []) or [f"snp_{j:04d}" for j in range(co.n_snps)]
     out = []
+    named = co.fmri_regions
     for i in range(a["fmri"].shape[0]):
-        regions = region_scores(a["fmri"][i], co.region_boxes)
+        if named is not None:  # region x time fMRI: IG per region already
+            regions = dict(zip(named, (float(v) for v in np.abs(a["fmri"][i]))))
+        else:
+            regions = region_scores(a["fmri"][i], co.region_boxes)
         summary = {
             "top_regions": top_scores(list(regions), np.array(list(regions.values()))),
             "top_snps": top_scores(snp_names, a["snp"][i]),
@@ -147,7 +151,7 @@ def explain(bundle, model, inputs: dict) -> list[tuple[dict, dict]]:
             "ig_snp_total": float(a["snp"][i].sum()),
             "ig_clinical_total": float(a["clinical"][i].sum()),
         }
-        out.append(({"fmri_ig": a["fmri"][i]}, summary))
+        out.append(({"fmri_ig": a["fmri"][i]} if named is None else {}, summary))
     return out
 
 
