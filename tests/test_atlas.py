@@ -97,6 +97,13 @@ def test_the_emt_trains_on_region_tokens_with_importance_per_named_region(atlas_
     state = torch.load(run / "model.pt", weights_only=True)
     assert tuple(state["pos_embed"].shape)[0] == 8 * (40 // 10)  # one token per region and 10 frames
     assert tuple(state["patch_embed.weight"].shape)[1] == 10
+    # predict --explain names regions, and writes no voxel map (there is none)
+    pred = tmp_path / "pred.csv"
+    r = cli("predict", str(run), "--cohort", str(out), "--out", str(pred), "--explain", "--quiet")
+    assert "scores per region" in r.stdout, r.stdout
+    ex = pd.read_csv(tmp_path / "pred_explanations" / "explanations.csv")
+    assert all(t.split(":")[0] in REGIONS for cell in ex["top_regions"] for t in cell.split(";"))
+    assert not list((tmp_path / "pred_explanations").glob("*.nii.gz"))
 
 
 def test_a_time_patch_that_does_not_divide_the_frames_is_refused(atlas_cohort, tmp_path):

@@ -36,7 +36,8 @@ def _predict(a) -> int:
     else:
         print(f"part written: {res.parts[0]} ({res.rows} subjects{cal}); merge with --finalize once all are done")
     if res.explained:
-        print(f"explanations: {res.explained} (maps as NIfTI beside it)")
+        maps = any(p.name.endswith(".nii.gz") for p in res.explained.parent.iterdir())
+        print(f"explanations: {res.explained}" + (" (maps as NIfTI beside it)" if maps else " (scores per region)"))
     print(f"model: bundle sha256 {res.bundle_sha256} (compare with the one its author published)")
     return 0
 
