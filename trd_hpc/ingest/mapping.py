@@ -48,6 +48,12 @@ class IngestMapping:
     lacking: Callable[[Any, dict[str, np.ndarray]], dict[int, list[str]]] = lambda spec, values: {}
     # (spec, table path, values, kept rows) -> None; raises on what no policy can mend
     check: Callable[[Any, Path, dict[str, np.ndarray], np.ndarray], None] = lambda spec, tpath, values, keep: None
+    # (spec, its folder, {source key: opened cohort-wide source}, {source key: each row's place
+    # in it}, rows still kept) -> {row: [why]}: subjects a quality filter removes (always
+    # dropped and listed, whatever on_missing says: a genotype call rate below snps.mind)
+    screen: Callable[[Any, Path, dict, dict, np.ndarray], dict[int, list[str]]] = (
+        lambda spec, root, sources, rows, kept: {}
+    )
     # (spec, subjects) -> None: checks of the files found beside the images (sidecars)
     check_sources: Callable[[Any, Any], None] = lambda spec, subj: None
     # (spec, its folder, subjects, {source key: opened cohort-wide source}) -> the resolved

@@ -188,6 +188,15 @@ def _lacking(spec, m: IngestMapping, root: Path, keys, images, label, label_col,
     return lacks, rows
 
 
+def _screen(spec, m: IngestMapping, root: Path, rows: dict, n: int, lacks: dict) -> dict[int, list[str]]:
+    """The rows a quality filter of the mapping removes, among those lacking nothing."""
+    kept = np.array([i for i in range(n) if i not in lacks], dtype=np.int64)
+    if not m.cohort_sources or not len(kept):
+        return {}
+    sources = {src.key: open_source(spec, root, src) for src in m.cohort_sources}
+    return m.screen(spec, root, sources, rows, kept)
+
+
 def _check_headers(spec, m: IngestMapping, images, written, keep) -> None:
     """Headers of the kept images: a file the reader cannot read, or of the wrong kind, is an
     error whatever on_missing says (it is there, so it was meant to be used)."""
@@ -229,6 +238,7 @@ def _collect(spec, root: Path, headers: bool = True) -> Subjects:
             lacks.setdefault(i, []).append(f"no confounds TSV ({sidecars['confounds_expected'][i]})")
     sidecars.pop("confounds_expected", None)
 
+    qc_drops = _screen(spec, m, root, rows, n, lacks)
     if lacks and spec.on_missing == "error":
         listed = "; ".join(f"{written[i]} (line {i + 2}): {', '.join(w)}" for i, w in sorted(lacks.items())[:10])
         more = f"; and {len(lacks) - 10} more" if len(lacks) > 10 else ""
@@ -239,6 +249,8 @@ def _collect(spec, root: Path, headers: bool = True) -> Subjects:
     long_ids = [f"{w} (line {i + 2})" for i, w in enumerate(written) if len(w.encode()) > 64]
     if long_ids:
         raise IngestError(f"{tpath}: ids longer than 64 bytes: {', '.join(long_ids[:5])}")
+    for i, why in qc_drops.items():
+        lacks.setdefault(i, []).extend(why)
     keep = np.array([i for i in range(n) if i not in lacks], dtype=np.int64)
     dropped = [{"participant_id": written[i], "reason": ", ".join(w)} for i, w in sorted(lacks.items())]
     if not len(keep):

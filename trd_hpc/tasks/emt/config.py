@@ -197,10 +197,20 @@ class EMTCohortConfig(Strict):
 # cohort take that record as their `cohort` section (trd_hpc.cohort.resolve_cohort).
 class SNPSelection(Strict):
     """Which variants of the PLINK fileset: the first N of the .bim, or the ids listed one a
-    line in a file (in that order)."""
+    line in a file (in that order); then, optionally, PLINK 1.9's quality filters
+    (trd_hpc.ingest.genotype_qc): mind over all subjects, geno / hwe / maf on the training
+    split only."""
 
     first: Optional[int] = Field(None, ge=1)
     ids: Optional[str] = None
+    mind: Optional[float] = Field(None, ge=0, le=1)  # drop subjects missing more calls than this
+    geno: Optional[float] = Field(None, ge=0, le=1)  # drop variants missing more calls than this
+    hwe: Optional[float] = Field(None, gt=0, le=1)  # drop variants with an HWE exact p-value below this
+    maf: Optional[float] = Field(None, ge=0, le=0.5)  # drop variants with a minor-allele frequency below this
+
+    @property
+    def variant_filters(self) -> bool:
+        return any(v is not None for v in (self.geno, self.hwe, self.maf))
 
     @model_validator(mode="after")
     def _one(self) -> "SNPSelection":
@@ -266,6 +276,8 @@ class IngestedEMTCohort(EMTIngestSpec):
     region_names: list[str] = Field(default_factory=list)
     region_labels: list[int] = Field(default_factory=list)
     atlas_sha256: Optional[str] = None
+    # what snps.mind/geno/hwe/maf removed (trd_hpc.ingest.genotype_qc.filter_variants), or None
+    snp_qc: Optional[dict] = None
 
     @property
     def n_subjects(self) -> int:

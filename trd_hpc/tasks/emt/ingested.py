@@ -183,15 +183,60 @@ def _clinical_stats(spec, subj) -> tuple[list[float], list[float]]:
     return [float(v) for v in mean], [float(v) for v in sd]
 
 
+def _candidates(spec, root, geno) -> list[str]:
+    from trd_hpc.ingest.resolve import inside
+
+    ids_file = inside(root, spec.snps.ids, "snps.ids") if spec.snps.ids else None
+    return geno.select(spec.snps.first, ids_file)
+
+
+def _screen(spec, root, sources, rows, kept) -> dict[int, list[str]]:
+    """snps.mind: subjects missing more than that fraction of the candidate variants' calls."""
+    if spec.snps.mind is None:
+        return {}
+    from trd_hpc.ingest.genotype_qc import subject_missingness
+
+    geno = sources["genotypes"]
+    rate = subject_missingness(geno, rows["genotypes"][kept], _candidates(spec, root, geno))
+    return {
+        int(i): [f"genotype missingness {r:.3f} > snps.mind {spec.snps.mind:g}"]
+        for i, r in zip(kept, rate)
+        if r > spec.snps.mind
+    }
+
+
+def _variant_qc(spec, subj, geno, snp_ids: list[str]) -> tuple[list[str], dict]:
+    """snps.geno / hwe / maf on the training split's subjects (trd_hpc.ingest.genotype_qc)."""
+    from trd_hpc.ingest.genotype_qc import filter_variants
+    from trd_hpc.ingest.splits import splits_for
+
+    if spec.label_column is None:
+        raise IngestError(
+            "snps.geno / hwe / maf are fitted on the training split, and an unlabelled cohort has none: "
+            "name the model's variants with snps.ids instead (its bundle's schema.json lists them)"
+        )
+    train = np.asarray(splits_for(spec, subj.label, subj.site)[0]["train"], dtype=np.int64)
+    kept, table = filter_variants(geno, subj.rows["genotypes"][train], snp_ids, spec.snps)
+    if not kept:
+        raise IngestError(
+            f"snps: the quality filters removed all {len(snp_ids)} candidate variants ({table['removed']})"
+        )
+    table["mind"] = spec.snps.mind
+    table["fitted_on"] = "train"
+    return kept, table
+
+
 def _resolved_fields(spec, root, subj, sources) -> dict:
     from trd_hpc.ingest.resolve import inside
 
     geno = sources["genotypes"]
-    ids_file = inside(root, spec.snps.ids, "snps.ids") if spec.snps.ids else None
-    snp_ids = geno.select(spec.snps.first, ids_file)
+    snp_ids = _candidates(spec, root, geno)
     geno.check(snp_ids)
+    qc = None
+    if spec.snps.variant_filters:
+        snp_ids, qc = _variant_qc(spec, subj, geno, snp_ids)
     mean, sd = _clinical_stats(spec, subj)
-    out = {"snp_ids": snp_ids, "clinical_mean": mean, "clinical_sd": sd}
+    out = {"snp_ids": snp_ids, "clinical_mean": mean, "clinical_sd": sd, "snp_qc": qc}
     if spec.atlas is not None:
         from trd_hpc.ingest.atlas import describe
 
@@ -223,6 +268,7 @@ def _record(cfg, s) -> dict:
         "genotype_coding": "count of the A1 allele 0/1/2; 3 = missing call",
         "missing_calls": int((source_matrix(cfg, "genotypes") == 3).sum()),
         "snp_ids": cfg.snp_ids,
+        "snp_qc": cfg.snp_qc,
         "clinical": {
             "columns": cfg.clinical_columns,
             "mean": cfg.clinical_mean,
@@ -283,6 +329,7 @@ INGEST = IngestMapping(
     table_values=_table_values,
     check=_check_clinical,
     check_sources=_check_sources,
+    screen=_screen,
     resolved_fields=_resolved_fields,
     split=three_way,
     examples={"bids": _example, "fmriprep": _fmriprep_example, "fmriprep_atlas": _fmriprep_atlas_example},
