@@ -101,6 +101,9 @@ class IngestSpecBase(Strict):
     # class indices themselves (0/1 for the EMT, 0/1/2 for the CNN).
     labels: Optional[list[Union[int, str]]] = None
     site_column: Optional[str] = None  # no site in two splits (or two folds)
+    # more columns whose values keep subjects together (a family id): subjects linked through any
+    # of these or site_column form one group, and a group is never in two splits or folds
+    group_columns: list[str] = Field(default_factory=list)
     on_missing: Literal["error", "drop"] = "error"  # subjects without an image or genotypes
     seed: int = 42  # of the splits
     subjects_per_shard: int = Field(64, ge=1)

@@ -509,6 +509,7 @@ def write_cohort_manifest(cfg: CohortConfig, out: Path, shards: list[dict], forc
         "shards": shards,
         "splits": splits,
         "folds": folds,
+        "splits_sha256": mf.splits_fingerprint(splits, folds),  # checked at every load
     }
     extras = kind_of(cfg).manifest_extras
     if extras is not None:

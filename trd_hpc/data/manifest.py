@@ -147,6 +147,40 @@ def _disjoint(path: Path, parts: dict[str, np.ndarray], what: str) -> None:
                 )
 
 
+def splits_fingerprint(splits: dict, folds: list) -> str:
+    """sha256 of the splits and folds as written when the cohort was made (``splits_sha256``)."""
+    import hashlib
+
+    text = json.dumps({"splits": {k: list(v) for k, v in splits.items()}, "folds": [list(f) for f in folds]},
+                      sort_keys=True, separators=(",", ":"))  # fmt: skip
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_groups(path: Path, data: dict, parts: dict[str, np.ndarray], n: int) -> None:
+    """Every group (an ingested cohort's site, or site and family) sits in one part alone."""
+    groups = data.get("groups")
+    if groups is None:
+        return
+    if not isinstance(groups, list) or len(groups) != n or not all(_is_int(g) for g in groups):
+        raise CohortError(f"{path}: key 'groups' must be {n} integers, one per subject")
+    g = np.asarray(groups, dtype=np.int64)
+    names = data.get("group_names") or []
+    where: dict[int, list[str]] = {}
+    for part, ids in parts.items():
+        for v in np.unique(g[ids]):
+            where.setdefault(int(v), []).append(part)
+    crossing = {v: ps for v, ps in where.items() if len(ps) > 1}
+    if crossing:
+        v, ps = next(iter(crossing.items()))
+        name = names[v] if 0 <= v < len(names) else str(v)
+        ids = [int(i) for p in ps for i in parts[p][g[parts[p]] == v][:3]]
+        raise CohortError(
+            f"{path}: group {name!r} has subjects in {' and '.join(ps)} (subjects {', '.join(map(str, ids))}"
+            f"{f'; {len(crossing) - 1} more group(s) cross too' if len(crossing) > 1 else ''}): a site or family in "
+            "two parts leaks its effects into the evaluation; make the cohort again"
+        )
+
+
 def _check_structure(path: Path, data: dict, cfg: CohortConfig) -> None:
     shards = data["shards"]
     if not isinstance(shards, list) or not shards:
@@ -213,7 +247,16 @@ def _check_structure(path: Path, data: dict, cfg: CohortConfig) -> None:
     folds = data.get("folds", [])
     if not isinstance(folds, list):
         raise CohortError(f"{path}: key 'folds' must be a list of lists of subject ids")
-    _disjoint(path, {f"folds[{k}]": _id_array(path, f"folds[{k}]", f, first) for k, f in enumerate(folds)}, "the folds")
+    fold_parts = {f"folds[{k}]": _id_array(path, f"folds[{k}]", f, first) for k, f in enumerate(folds)}
+    _disjoint(path, fold_parts, "the folds")
+    fp = data.get("splits_sha256")
+    if fp is not None and fp != splits_fingerprint(splits, folds):
+        raise CohortError(
+            f"{path}: key 'splits_sha256' does not match the splits and folds: they were changed after the cohort "
+            "was made (a test split must stay the one fixed then); make the cohort again"
+        )
+    _check_groups(path, data, {k.split(".")[-1]: v for k, v in parts.items()}, first)
+    _check_groups(path, data, fold_parts, first)
 
 
 def load_manifest(root: str | Path) -> Manifest:

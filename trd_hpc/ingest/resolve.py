@@ -159,12 +159,23 @@ def _images(spec, m: IngestMapping, root: Path, keys: list[str]):
 
 
 def _sites(spec, df, tpath: Path) -> list[str] | None:
-    if spec.site_column is None:
+    """Each subject's group: its site_column value, or, with group_columns too, the set of
+    subjects linked through any of those columns (trd_hpc.ingest.splits.combine_groups)."""
+    cols = ([spec.site_column] if spec.site_column else []) + list(spec.group_columns)
+    if not cols:
         return None
-    col = T.column(df, tpath, spec.site_column, "site_column")
-    if col.isna().any():
-        raise IngestError(f"{tpath}: column '{spec.site_column}' is empty on line(s) {T.lines(col.index[col.isna()])}")
-    return [str(v).strip() for v in col]
+    values = []
+    for c in cols:
+        key = "site_column" if c == spec.site_column else "group_columns"
+        col = T.column(df, tpath, c, key)
+        if col.isna().any():
+            raise IngestError(f"{tpath}: column '{c}' is empty on line(s) {T.lines(col.index[col.isna()])}")
+        values.append([str(v).strip() for v in col])
+    if len(values) == 1:
+        return values[0]
+    from trd_hpc.ingest.splits import combine_groups
+
+    return combine_groups(values)
 
 
 def _lacking(spec, m: IngestMapping, root: Path, keys, images, label, label_col, values):

@@ -13,6 +13,29 @@ from trd_hpc.errors import IngestError
 from trd_hpc.ingest.mapping import mapping_of
 
 
+def combine_groups(columns: list[list[str]]) -> list[str]:
+    """Each subject's group when subjects sharing a value in any column belong together (a site,
+    a family): the connected components of that relation (scipy), each named by its values of
+    the first column joined with '+'."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(columns[0])
+    rows, cols = [], []
+    offset = n
+    for values in columns:  # subject -- value edges; values are extra nodes after the subjects
+        codes = np.unique(np.asarray(values), return_inverse=True)[1]
+        rows.append(np.arange(n))
+        cols.append(offset + codes)
+        offset += int(codes.max()) + 1
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(len(r)), (r, c)), shape=(offset, offset))
+    _, comp = connected_components(graph, directed=False)
+    first = np.asarray(columns[0])
+    names = {k: "+".join(sorted(set(first[comp[:n] == k]))) for k in np.unique(comp[:n])}
+    return [names[k] for k in comp[:n]]
+
+
 def site_groups(sites: list[str] | None) -> np.ndarray | None:
     """Each subject's site as an integer (sites in sorted order), or None."""
     return None if sites is None else np.unique(np.asarray(sites), return_inverse=True)[1].astype(np.int64)
@@ -27,7 +50,8 @@ def splits_for(spec, labels: np.ndarray, sites: list[str] | None):
     try:
         return mapping_of(spec).split(labels, spec, groups)
     except ValueError as e:
-        grouped = f" grouped by '{spec.site_column}'" if groups is not None else ""
+        cols = ([spec.site_column] if spec.site_column else []) + list(getattr(spec, "group_columns", []))
+        grouped = f" grouped by {', '.join(repr(c) for c in cols)}" if groups is not None else ""
         raise IngestError(
             f"the {n} subjects cannot be split{grouped} as the spec's split asks ({' '.join(str(e).split())}); "
             f"more subjects or sites, other fractions or fewer folds"
