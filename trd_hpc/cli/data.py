@@ -29,13 +29,33 @@ def _generate(a) -> int:
 
 
 def _ingest(a) -> int:
-    from trd_hpc.ingest.resolve import resolve
+    from trd_hpc.errors import ConfigError, IngestError
+    from trd_hpc.ingest import report
+    from trd_hpc.ingest.resolve import Problems, resolve
 
-    cfg = resolve(a.spec)
+    if not a.check and not a.out:
+        raise ConfigError("ingest needs --out COHORT_DIR (or --check to only look for problems)")
+    problems = Problems()
+    cfg = resolve(a.spec, problems)
+    if a.report:  # asked for: written whatever the outcome
+        js, html = report.write(report.build(Path(a.spec), problems, cfg), Path(a.report))
+        print(f"report: {html} ({js.name} beside it)")
+    if len(problems.items) == 1:
+        raise problems.error(a.spec)
+    if problems.items:  # one line each, then the count
+        for k, msg in enumerate(problems.items, 1):
+            print(f"problem {k}: {msg}", file=sys.stderr)
+        raise IngestError(f"{a.spec}: {len(problems.items)} problems (listed above); fix them and run it again")
     n, dropped = cfg.resolved.n_subjects, len(cfg.resolved.dropped)
     # the result of the checks, not progress: printed with --quiet too
     print(f"{a.spec}: {n} subjects" + (f", {dropped} dropped (listed in the manifest)" if dropped else ""))
-    return _write(cfg, Path(a.out), a)
+    if a.check:
+        print("check: no problem found (nothing written)" if not a.report else "check: no problem found")
+        return 0
+    rc = _write(cfg, Path(a.out), a)
+    if rc == 0:
+        report.write(report.build(Path(a.spec), problems, cfg), Path(a.out))
+    return rc
 
 
 def _example_data(a) -> int:
@@ -140,6 +160,37 @@ def _config_list(a) -> int:
     return 0
 
 
+def _add_ingest(sub) -> None:
+    ig = verb(
+        sub,
+        "ingest",
+        _ingest,
+        help="turn NIfTI images, PLINK genotypes and a participants table into a sharded cohort",
+        description="Read the ingest spec SPEC (YAML; its paths are relative to its own folder), check every "
+        "source it names, and write the cohort as `generate` does: shards under temporary names, checksums "
+        "in manifest.json, a rerun keeps good shards, one shard per SLURM array task (slurm/ingest.sh).\n"
+        "Then: trd-hpc cohort validate DIR; trd-hpc train configs/emt_tiny.yaml --out RUN data.cohort=DIR",
+        epilog="Spec keys: see README, 'Your own data'.",
+    )
+    ig.add_argument("spec", help="ingest spec (YAML): task, table, id_column, label_column, fmri/volume, ...")
+    ig.add_argument("--out", help="cohort directory (ingest_report.html/.json are written there too)")
+    ig.add_argument(
+        "--check",
+        action="store_true",
+        help="only look for problems: every one in one pass, exit 1 if any; writes nothing unless --report",
+    )
+    ig.add_argument(
+        "--report", metavar="DIR", help="write ingest_report.html/.json into DIR (with --check, or besides)"
+    )
+    ig.add_argument("--num-shards", type=int, help="number of shards (default: subjects / subjects_per_shard)")
+    ig.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")
+    ig.add_argument("--shard-index", type=int, help="write only this shard (one SLURM array task)")
+    ig.add_argument("--finalize", action="store_true", help="only write the manifest (all shards must exist)")
+    ig.add_argument("--no-verify", action="store_true", help="keep existing shards without re-reading their checksums")
+    ig.add_argument("--force", action="store_true", help="write over a directory holding another cohort")
+    ig.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def add_parsers(sub) -> None:
     g = verb(
         sub,
@@ -174,26 +225,7 @@ def add_parsers(sub) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     add_overrides(g)
 
-    ig = verb(
-        sub,
-        "ingest",
-        _ingest,
-        help="turn NIfTI images, PLINK genotypes and a participants table into a sharded cohort",
-        description="Read the ingest spec SPEC (YAML; its paths are relative to its own folder), check every "
-        "source it names, and write the cohort as `generate` does: shards under temporary names, checksums "
-        "in manifest.json, a rerun keeps good shards, one shard per SLURM array task (slurm/ingest.sh).\n"
-        "Then: trd-hpc cohort validate DIR; trd-hpc train configs/emt_tiny.yaml --out RUN data.cohort=DIR",
-        epilog="Spec keys: see README, 'Your own data'.",
-    )
-    ig.add_argument("spec", help="ingest spec (YAML): task, table, id_column, label_column, fmri/volume, ...")
-    ig.add_argument("--out", required=True, help="cohort directory")
-    ig.add_argument("--num-shards", type=int, help="number of shards (default: subjects / subjects_per_shard)")
-    ig.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")
-    ig.add_argument("--shard-index", type=int, help="write only this shard (one SLURM array task)")
-    ig.add_argument("--finalize", action="store_true", help="only write the manifest (all shards must exist)")
-    ig.add_argument("--no-verify", action="store_true", help="keep existing shards without re-reading their checksums")
-    ig.add_argument("--force", action="store_true", help="write over a directory holding another cohort")
-    ig.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_ingest(sub)
 
     ex = verb(
         sub,

@@ -42,6 +42,7 @@ ROBUST_PERCENTILE = 98.0
 class Header:
     shape: tuple[int, ...]
     affine: np.ndarray
+    zooms: tuple[float, ...] = ()  # the header's voxel sizes (and, 4-D, its time step)
 
 
 def _load(path: Path, subject: str):
@@ -87,7 +88,11 @@ def header_of(img, path: Path, subject: str, ndim: int, min_frames: int | None =
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise IngestError(f"subject {subject}: {path}: its affine is singular or not finite")
-    return Header(shape, affine)
+    try:
+        zooms = tuple(float(z) for z in img.header.get_zooms())
+    except Exception:  # noqa: BLE001  (a header without zooms: the report shows none)
+        zooms = ()
+    return Header(shape, affine, zooms)
 
 
 def _read(img, path: Path, subject: str, ndim: int, frames: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -54,6 +54,9 @@ class IngestMapping:
     screen: Callable[[Any, Path, dict, dict, np.ndarray], dict[int, list[str]]] = (
         lambda spec, root, sources, rows, kept: {}
     )
+    # (spec, its folder, {source key: opened cohort-wide source}) -> None: checks of what the
+    # spec selects from them (the variants of snps:), run even when other sources fail
+    check_selection: Callable[[Any, Path, dict], None] = lambda spec, root, sources: None
     # (spec, subjects) -> None: checks of the files found beside the images (sidecars)
     check_sources: Callable[[Any, Any], None] = lambda spec, subj: None
     # (spec, its folder, subjects, {source key: opened cohort-wide source}) -> the resolved

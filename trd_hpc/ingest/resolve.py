@@ -75,6 +75,36 @@ def _read_table(spec, tpath: Path):
     return readers.reader("table", fmt, "table").read(tpath)
 
 
+class Problems:
+    """Every problem one pass over a spec's sources finds (``trd-hpc ingest --check``): each
+    step that fails is recorded and the next one runs on what is known, so a folder with
+    several faults is fixed in one go."""
+
+    def __init__(self):
+        self.items: list[str] = []
+        # what the pass learnt on the way, for the ingest report: availability of each
+        # source, dropped subjects, each kept image's geometry
+        self.facts: dict = {}
+
+    def attempt(self, fn, *args, default=None, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except IngestError as e:
+            self.items.append(str(e))
+            return default
+
+    def add(self, message: str) -> None:
+        self.items.append(message)
+
+    def error(self, spec_path) -> IngestError | None:
+        if not self.items:
+            return None
+        if len(self.items) == 1:
+            return IngestError(self.items[0])
+        listed = "; ".join(f"({k}) {msg}" for k, msg in enumerate(self.items, 1))
+        return IngestError(f"{spec_path}: {len(self.items)} problems: {listed}")
+
+
 def load_spec(path: str | Path):
     """The validated spec of ``path`` (ConfigError naming the key)."""
     path = Path(path)
@@ -208,26 +238,56 @@ def _screen(spec, m: IngestMapping, root: Path, rows: dict, n: int, lacks: dict)
     return m.screen(spec, root, sources, rows, kept)
 
 
-def _check_headers(spec, m: IngestMapping, images, written, keep) -> None:
+def _check_headers(spec, m: IngestMapping, images, written, keep, geometry: dict | None = None) -> None:
     """Headers of the kept images: a file the reader cannot read, or of the wrong kind, is an
-    error whatever on_missing says (it is there, so it was meant to be used)."""
+    error whatever on_missing says (it is there, so it was meant to be used).  ``geometry``
+    receives each readable one's shape, voxel size, orientation and time step."""
     reader = _reader(spec, m.image)
     problems = []
     for i in keep:
         try:
-            reader.header(images[i], written[i], m.image_ndim, m.min_frames(spec))
+            h = reader.header(images[i], written[i], m.image_ndim, m.min_frames(spec))
         except IngestError as e:
             problems.append(str(e))
+            continue
+        if geometry is not None:
+            geometry[written[i]] = _geometry(h)
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise IngestError("; ".join(problems[:5]) + more)
 
 
-def _collect(spec, root: Path, headers: bool = True) -> Subjects:
-    """Every row of the table with its sources; raises on what no policy can mend.
+def _availability(m: IngestMapping, images, rows, sidecars, n: int) -> dict:
+    """How many of the table's subjects have each source."""
+    out = {m.image.key: int(sum(1 for p in images if p.is_file()))}
+    for key, r in (rows or {}).items():
+        out[key] = int((r >= 0).sum())
+    for key, paths in sidecars.items():
+        if key != "confounds_expected":
+            out[key] = int(sum(1 for p in paths if p is not None))
+    return {"of": n, **out}
+
+
+def _geometry(h) -> dict:
+    import nibabel as nib
+
+    zooms = [round(float(z), 4) for z in h.zooms]
+    return {
+        "shape": list(h.shape),
+        "voxel_mm": zooms[:3],
+        "orientation": "".join(nib.aff2axcodes(h.affine)),
+        "t_r": zooms[3] if len(zooms) > 3 else None,
+    }
+
+
+def _collect(spec, root: Path, headers: bool = True, problems: Problems | None = None) -> Subjects | None:
+    """Every row of the table with its sources.  Problems no policy can mend are recorded in
+    ``problems`` (None: raised together at the end); the table and its ids must read.
 
     ``headers``: read every kept image's header too (``resolve``; a worker that rebuilds
     the list skips it: each image it writes is read whole anyway, and errors name it)."""
+    own = problems is None
+    problems = Problems() if own else problems
     m = mapping_of(spec)
     _check_formats(spec, m)
     tpath = inside(root, spec.table, "table")
@@ -236,54 +296,68 @@ def _collect(spec, root: Path, headers: bool = True) -> Subjects:
     n = len(keys)
     images, sidecars = _images(spec, m, root, keys)
     label_col = getattr(spec, m.label_key)
-    label = (
-        T.class_labels(df, tpath, label_col, spec.labels, m.n_classes, m.label_key)
-        if label_col is not None
-        else np.full(n, -1, dtype=np.int64)
+    unlabelled = np.full(n, -1, dtype=np.int64)
+    label = unlabelled
+    if label_col is not None:
+        label = problems.attempt(T.class_labels, df, tpath, label_col, spec.labels, m.n_classes, m.label_key)
+    labels_ok = label is not None
+    label = label if labels_ok else unlabelled
+    values = problems.attempt(m.table_values, spec, df, tpath)
+    site = problems.attempt(_sites, spec, df, tpath)
+    lacks, rows = problems.attempt(
+        _lacking, spec, m, root, keys, images, label, label_col if labels_ok else None, values or {}, default=({}, None)
     )
-    values = m.table_values(spec, df, tpath)
-    site = _sites(spec, df, tpath)
-    lacks, rows = _lacking(spec, m, root, keys, images, label, label_col, values)
     for i, p in enumerate(sidecars.get("confounds", [])):
         if p is None:
             lacks.setdefault(i, []).append(f"no confounds TSV ({sidecars['confounds_expected'][i]})")
     sidecars.pop("confounds_expected", None)
-
-    qc_drops = _screen(spec, m, root, rows, n, lacks)
+    qc_drops = problems.attempt(_screen, spec, m, root, rows, n, lacks, default={}) if rows is not None else {}
+    problems.facts["availability"] = _availability(m, images, rows, sidecars, n)
+    if rows is not None and m.cohort_sources:
+        sources = {src.key: open_source(spec, root, src) for src in m.cohort_sources}
+        problems.attempt(m.check_selection, spec, root, sources)
     if lacks and spec.on_missing == "error":
         listed = "; ".join(f"{written[i]} (line {i + 2}): {', '.join(w)}" for i, w in sorted(lacks.items())[:10])
         more = f"; and {len(lacks) - 10} more" if len(lacks) > 10 else ""
-        raise IngestError(
+        problems.add(
             f"{tpath}: {len(lacks)} subject(s) lack a source: {listed}{more}. Fix them, or set on_missing: drop "
             f"in the spec to leave them out (they are then listed in the manifest)"
         )
     long_ids = [f"{w} (line {i + 2})" for i, w in enumerate(written) if len(w.encode()) > 64]
     if long_ids:
-        raise IngestError(f"{tpath}: ids longer than 64 bytes: {', '.join(long_ids[:5])}")
+        problems.add(f"{tpath}: ids longer than 64 bytes: {', '.join(long_ids[:5])}")
     for i, why in qc_drops.items():
         lacks.setdefault(i, []).extend(why)
     keep = np.array([i for i in range(n) if i not in lacks], dtype=np.int64)
     dropped = [{"participant_id": written[i], "reason": ", ".join(w)} for i, w in sorted(lacks.items())]
+    problems.facts.update({"table_rows": n, "kept": int(len(keep)), "dropped": dropped})
     if not len(keep):
-        raise IngestError(f"{tpath}: no subject has every source the spec names")
-    if label_col is not None:
-        _check_classes(tpath, label_col, label[keep], spec.labels, m.n_classes)
-    if headers:
-        _check_headers(spec, m, images, written, keep)
-    m.check(spec, tpath, values, keep)
-    subj = Subjects(
-        participant_id=[written[i] for i in keep],
-        key=[keys[i] for i in keep],
-        image=[images[i] for i in keep],
-        label=label[keep],
-        values={k: v[keep] for k, v in values.items()},
-        rows={k: r[keep] for k, r in rows.items()},
-        site=None if site is None else [site[i] for i in keep],
-        dropped=dropped,
-        sidecars={k: [v[i] for i in keep] for k, v in sidecars.items()},
-    )
-    if headers:
-        m.check_sources(spec, subj)
+        problems.add(f"{tpath}: no subject has every source the spec names")
+    else:
+        if label_col is not None and labels_ok:
+            problems.attempt(_check_classes, tpath, label_col, label[keep], spec.labels, m.n_classes)
+        if headers:
+            problems.facts["geometry"] = {}
+            problems.attempt(_check_headers, spec, m, images, written, keep, problems.facts["geometry"])
+        if values is not None:
+            problems.attempt(m.check, spec, tpath, values, keep)
+    subj = None
+    if len(keep) and values is not None and rows is not None:
+        subj = Subjects(
+            participant_id=[written[i] for i in keep],
+            key=[keys[i] for i in keep],
+            image=[images[i] for i in keep],
+            label=label[keep],
+            values={k: v[keep] for k, v in values.items()},
+            rows={k: r[keep] for k, r in rows.items()},
+            site=None if site is None else [site[i] for i in keep],
+            dropped=dropped,
+            sidecars={k: [v[i] for i in keep] for k, v in sidecars.items()},
+        )
+        if headers:
+            problems.attempt(m.check_sources, spec, subj)
+    if own and problems.error(tpath) is not None:
+        raise problems.error(tpath)
     return subj
 
 
@@ -301,13 +375,30 @@ def _check_classes(tpath: Path, col: str, labels: np.ndarray, names, n_classes: 
         )
 
 
-def resolve(path: str | Path):
-    """The cohort config of the spec at ``path`` (the kind its mapping names)."""
+def resolve(path: str | Path, problems: Problems | None = None):
+    """The cohort config of the spec at ``path`` (the kind its mapping names).  Every problem
+    found is raised together at the end; with ``problems`` they are recorded there instead and
+    the result is None when there were any (``trd-hpc ingest --check``)."""
     path = Path(path).resolve()
+    own = problems is None
+    problems = Problems() if own else problems
     spec = load_spec(path)
     root = path.parent
     m = mapping_of(spec)
-    subj = _collect(spec, root)
+    subj = _collect(spec, root, problems=problems)
+    cfg = None
+    if subj is not None and not problems.items:
+        cfg = problems.attempt(_resolved_config, spec, path, m, subj)
+    if own and problems.error(path) is not None:
+        raise problems.error(path)
+    if problems.items:
+        return None
+    _cache_put(cfg, subj)
+    return cfg
+
+
+def _resolved_config(spec, path: Path, m: IngestMapping, subj: Subjects):
+    root = path.parent
     resolved = Resolved(
         root=str(root),
         table_sha256=_sha256(inside(root, spec.table, "table")),
@@ -320,9 +411,7 @@ def resolve(path: str | Path):
         if src.fingerprint_field is not None:
             fields[src.fingerprint_field] = sources[src.key].fingerprint()
     d = spec.model_dump(mode="json")
-    cfg = validate_cohort({**d, "kind": m.kind, "resolved": resolved.model_dump(), **fields}, str(path))
-    _cache_put(cfg, subj)
-    return cfg
+    return validate_cohort({**d, "kind": m.kind, "resolved": resolved.model_dump(), **fields}, str(path))
 
 
 # ---------------------------------------------------------------- per process

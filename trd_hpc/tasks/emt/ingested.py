@@ -190,6 +190,12 @@ def _candidates(spec, root, geno) -> list[str]:
     return geno.select(spec.snps.first, ids_file)
 
 
+def _check_selection(spec, root, sources) -> None:
+    """The variants snps: names exist in the fileset (read before anything else fails)."""
+    geno = sources["genotypes"]
+    geno.check(_candidates(spec, root, geno))
+
+
 def _screen(spec, root, sources, rows, kept) -> dict[int, list[str]]:
     """snps.mind: subjects missing more than that fraction of the candidate variants' calls."""
     if spec.snps.mind is None:
@@ -330,6 +336,7 @@ INGEST = IngestMapping(
     check=_check_clinical,
     check_sources=_check_sources,
     screen=_screen,
+    check_selection=_check_selection,
     resolved_fields=_resolved_fields,
     split=three_way,
     examples={"bids": _example, "fmriprep": _fmriprep_example, "fmriprep_atlas": _fmriprep_atlas_example},
