@@ -74,9 +74,10 @@ def test_the_trd_oscillation_shows_in_its_region_alone(atlas_cohort):
     assert np.abs(np.delete(gap, j)).max() < 0.15, gap
 
 
-def test_the_emt_trains_on_region_tokens_with_importance_per_named_region(atlas_cohort, tmp_path):
+@pytest.fixture(scope="module")
+def atlas_run(atlas_cohort, tmp_path_factory):
     _, out = atlas_cohort
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("atlas_run") / "run"
     cli(
         "train",
         str(CONFIGS / "emt_tiny.yaml"),
@@ -89,6 +90,12 @@ def test_the_emt_trains_on_region_tokens_with_importance_per_named_region(atlas_
         "eval.baselines=[late_fusion_mlp,random_forest]",
         "tracking.wandb=false",
     )
+    return run
+
+
+def test_the_emt_trains_on_region_tokens_with_importance_per_named_region(atlas_cohort, atlas_run, tmp_path):
+    _, out = atlas_cohort
+    run = atlas_run
     metrics = json.loads((run / "metrics.json").read_text())
     assert {f"importance.fmri.{r}" for r in REGIONS} <= set(metrics)
     assert "left_anterior_superior" in (run / "report.html").read_text()
@@ -139,3 +146,36 @@ def test_an_unnamed_label_and_a_region_outside_the_images_are_named(atlas_cohort
     spec.write_text(yaml.safe_dump(d))
     r = cli("ingest", str(spec), "--out", str(tmp_path / "o2"), check=False)
     assert r.returncode != 0 and "atlas region(s) 9 have no voxel" in r.stderr, r.stderr[-2000:]
+
+
+def test_predict_from_a_subject_folder_equals_ingest_then_predict(atlas_cohort, atlas_run, tmp_path):
+    """`predict --bids` prepares a new subject as the bundle says (its atlas, confounds, variants,
+    clinical scaling) and gets the probabilities that ingest + predict of that subject give."""
+    spec, _ = atlas_cohort
+    src = spec.parent
+    assert (atlas_run / "bundle" / "atlas.nii.gz").is_file()  # the bundle carries the atlas
+    out = tmp_path / "derivatives" / "participants_predictions.tsv"
+    r = cli("predict", str(atlas_run), "--bids", str(src), "--participant-label", "004", "--out", str(out), "--quiet")
+    assert "1 subjects" in r.stdout, r.stdout
+    got = pd.read_csv(out, sep="\t")
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["bundle_sha256"] in r.stdout and side["subjects"] == 1 and "calibrator" in side
+    # the same subject by hand: an unlabelled spec of that one subject, ingest, predict
+    one = tmp_path / "one"
+    shutil.copytree(src, one, symlinks=True)
+    table = pd.read_csv(one / "participants.tsv", sep="\t", dtype=str)
+    table[table["participant_id"] == "sub-004"].drop(columns=["trd"]).to_csv(
+        one / "participants.tsv", sep="\t", index=False
+    )
+    d = yaml.safe_load((one / "spec.yaml").read_text())
+    d.pop("label_column")
+    d.pop("labels")
+    (one / "spec.yaml").write_text(yaml.safe_dump(d))
+    cli("ingest", str(one / "spec.yaml"), "--out", str(tmp_path / "one_cohort"), "--quiet")
+    cli(
+        "predict", str(atlas_run), "--cohort", str(tmp_path / "one_cohort"), "--out", str(tmp_path / "p.csv"), "--quiet"
+    )
+    want = pd.read_csv(tmp_path / "p.csv")
+    assert got["participant_id"].tolist() == want["participant_id"].tolist() == ["sub-004"]
+    assert got["p_trd_raw"].tolist() == want["p_trd_raw"].tolist()  # the same bits
+    assert not (src / "derivatives" / "trd-hpc").exists()  # --out was given: nothing in the study folder

@@ -332,6 +332,32 @@ def _model_card(cfg, run, metrics: dict, calibrators: dict, ci: dict) -> tuple[d
     return card, "\n".join(lines) + "\n"
 
 
+def _copy_atlas(cfg, tmp: Path) -> list[str]:
+    """An atlas-read cohort's atlas image and labels, copied into the bundle (predicting a new
+    subject folder needs them: trd_hpc.predict_folder); refused when changed since ingest."""
+    co = cfg.cohort
+    atlas = getattr(co, "atlas", None)
+    if atlas is None:
+        return []
+    import hashlib
+
+    root = Path(co.resolved.root)
+    image = root / atlas.image
+    labels = root / atlas.labels if atlas.labels else None
+    h = hashlib.sha256(image.read_bytes())
+    if labels is not None:
+        h.update(labels.read_bytes())
+    if h.hexdigest() != co.atlas_sha256:
+        raise RunDirError(f"{image}: the atlas changed since the cohort was ingested; ingest it again")
+    name = "atlas.nii.gz" if image.name.endswith(".gz") else "atlas.nii"
+    shutil.copyfile(image, tmp / name)
+    out = [name]
+    if labels is not None:
+        shutil.copyfile(labels, tmp / "atlas_labels.tsv")
+        out.append("atlas_labels.tsv")
+    return out
+
+
 def write_bundle(run_dir: str | Path) -> Path:
     """(Re)write ``RUN_DIR/bundle/`` from the finished run; returns its path."""
     from trd_hpc.config import to_yaml
@@ -361,6 +387,7 @@ def write_bundle(run_dir: str | Path) -> Path:
         ] + (["calibrators.json"] if cal else [])
         if cal:
             atomic_write_json(tmp / "calibrators.json", cal)
+        files += _copy_atlas(cfg, tmp)
         atomic_write_json(tmp / "preprocessing.json", _preprocessing(shared))
         atomic_write_json(tmp / "schema.json", _schema(shared))
         atomic_write_json(tmp / "metrics.json", shareable_metrics(metrics))
@@ -395,7 +422,7 @@ def write_bundle(run_dir: str | Path) -> Path:
 # ---------------------------------------------------------------- reading
 # Every file a loader reads; each must be listed in bundle.json with its sha256.
 REQUIRED = ("config.yaml", "model.pt", "preprocessing.json", "schema.json", "metrics.json")
-OPTIONAL = ("calibrators.json", "model_card.md", "model_card.json")
+OPTIONAL = ("calibrators.json", "model_card.md", "model_card.json", "atlas.nii.gz", "atlas.nii", "atlas_labels.tsv")
 
 
 def _sha256(data: bytes) -> str:

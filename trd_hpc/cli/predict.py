@@ -12,6 +12,8 @@ def _predict(a) -> int:
         path = merge_parts(a.out)
         print(f"predictions: {path}")
         return 0
+    if a.bids:
+        return _predict_folder(a)
     if not a.model or not a.cohort:
         from trd_hpc.errors import ConfigError
 
@@ -39,6 +41,19 @@ def _predict(a) -> int:
         maps = any(p.name.endswith(".nii.gz") for p in res.explained.parent.iterdir())
         print(f"explanations: {res.explained}" + (" (maps as NIfTI beside it)" if maps else " (scores per region)"))
     print(f"model: bundle sha256 {res.bundle_sha256} (compare with the one its author published)")
+    return 0
+
+
+def _predict_folder(a) -> int:
+    from trd_hpc.errors import ConfigError
+    from trd_hpc.predict_folder import predict_folder
+
+    if a.cohort or not a.model:
+        raise ConfigError("predict MODEL --bids DIR: a model, and the folder instead of --cohort")
+    out = None if a.out == "predictions.csv" else a.out  # the default: DIR/derivatives/trd-hpc/
+    res = predict_folder(a.model, a.bids, out=out, labels=a.participant_label, progress=not a.quiet, device=a.device)
+    print(f"predictions: {res['out']} ({res['rows']} subjects; {res['sidecar'].name} beside it)")
+    print(f"model: bundle sha256 {res['bundle_sha256']} (compare with the one its author published)")
     return 0
 
 
@@ -80,6 +95,16 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("model", nargs="?", help="run directory (its bundle/) or bundle folder (not with --finalize)")
     p.add_argument("--cohort", help="cohort directory (synthetic or ingested; labels not needed)")
+    p.add_argument(
+        "--bids",
+        metavar="DIR",
+        help="instead of --cohort: a study folder laid out as the training study was (table, images or "
+        "derivatives, genotypes); prepared as the model's bundle says, no ingest needed; writes "
+        "DIR/derivatives/trd-hpc/participants_predictions.tsv (or --out FILE.tsv) and a JSON sidecar",
+    )
+    p.add_argument(
+        "--participant-label", nargs="+", metavar="LABEL", help="with --bids: only these subjects (01 02 ...)"
+    )
     p.add_argument("--split", default="test", help="subjects to predict: test (default) | val | train | all | fold:K")
     p.add_argument("--out", default="predictions.csv", help="output file, .csv (default predictions.csv) or .parquet")
     p.add_argument("--batch-size", type=int, default=None, help="subjects per batch (default: the run's batch size)")

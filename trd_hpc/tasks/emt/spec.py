@@ -182,6 +182,9 @@ def cohort_mismatch(bundle, co) -> list[str]:
             f"SNP ids differ from the model's from position {diff} "
             f"({ids[diff] if diff < len(ids) else 'none'} vs {want[diff] if diff < len(want) else 'none'})"
         )
+    regions, want_regions = getattr(co, "fmri_regions", None), getattr(bundle.cfg.cohort, "fmri_regions", None)
+    if regions != want_regions:
+        out.append(f"fMRI regions {regions} differ from the model's {want_regions}")
     if getattr(co, "genotype_values", 3) > bundle.schema["genotype_values"]:
         out.append("genotypes have missing calls (coded 3); the model was trained on 0/1/2 only")
     return out
