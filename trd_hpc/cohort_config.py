@@ -104,7 +104,10 @@ class IngestSpecBase(Strict):
     # more columns whose values keep subjects together (a family id): subjects linked through any
     # of these or site_column form one group, and a group is never in two splits or folds
     group_columns: list[str] = Field(default_factory=list)
-    on_missing: Literal["error", "drop"] = "error"  # subjects without an image or genotypes
+    # subjects without an image or genotypes: refuse (listing them), drop them (listed in the
+    # manifest), or keep them with that modality marked absent (a model with a learned
+    # "missing" token per modality: the EMT)
+    on_missing: Literal["error", "drop", "keep"] = "error"
     seed: int = 42  # of the splits
     subjects_per_shard: int = Field(64, ge=1)
     # Each source's file format, by the spec key naming it ({fmri: nifti, genotypes: plink1,

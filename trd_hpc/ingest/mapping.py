@@ -66,6 +66,9 @@ class IngestMapping:
     split: Callable[[np.ndarray, Any, np.ndarray | None], tuple[dict, list]] | None = None
     # (resolved cfg, subjects) -> the paper's part of the manifest's ``source`` record
     record: Callable[[Any, Any], dict] = lambda cfg, subj: {}
+    # the modalities a subject may lack under on_missing: keep, by spec key, in the order of the
+    # shards' ``present`` column (the EMT: fmri, genotypes, clinical); () : keep is refused
+    modalities: tuple[str, ...] = ()
     # example folders to ingest by layout name, the first the default (`trd-hpc example-data
     # DIR --task T [--layout L]`): (empty folder, number of subjects) -> the spec
     examples: dict[str, Callable[[Path, int], Path]] = field(default_factory=dict)

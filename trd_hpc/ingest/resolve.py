@@ -43,6 +43,8 @@ class Subjects:
     dropped: list[dict[str, str]]
     # files found beside each image in a derivatives folder ("mask", "confounds"), None where absent
     sidecars: dict[str, list[Path | None]] = field(default_factory=dict)
+    # on_missing: keep: [n, modalities] 1 where the subject has that modality (IngestMapping.modalities)
+    present: np.ndarray | None = None
 
 
 def _check_formats(spec, m: IngestMapping) -> None:
@@ -208,19 +210,28 @@ def _sites(spec, df, tpath: Path) -> list[str] | None:
     return combine_groups(values)
 
 
-def _lacking(spec, m: IngestMapping, root: Path, keys, images, label, label_col, values):
+def _lacking(spec, m: IngestMapping, root: Path, keys, images, label, label_col, values, absent=None):
     """({row: what the subject lacks}, {source key: rows}): only a missing source may be
-    dropped (on_missing: drop)."""
+    dropped (on_missing: drop).  Under on_missing: keep, a missing modality goes to
+    ``absent`` ({row: {spec key}}) instead of ``lacks``."""
     lacks: dict[int, list[str]] = {}
+    keep = spec.on_missing == "keep"
+
+    def lack(i: int, key: str, why: str) -> None:
+        if keep and key in m.modalities:
+            absent.setdefault(int(i), set()).add(key)
+        else:
+            lacks.setdefault(int(i), []).append(why)
+
     rows = {}
     for src in m.cohort_sources:
         index = open_source(spec, root, src)
         rows[src.key] = np.array([index.row.get(k, -1) for k in keys], dtype=np.int64)
         for i in np.flatnonzero(rows[src.key] < 0):
-            lacks.setdefault(int(i), []).append(f"no {src.key} (IID not in {index.index_name})")
+            lack(i, src.key, f"no {src.key} (IID not in {index.index_name})")
     for i, p in enumerate(images):
         if not p.is_file():
-            lacks.setdefault(i, []).append(f"no {m.image.key} image ({p})")
+            lack(i, m.image.key, f"no {m.image.key} image ({p})")
     if label_col is not None:
         for i in np.flatnonzero(label < 0):
             lacks.setdefault(int(i), []).append(f"no value in '{label_col}'")
@@ -255,6 +266,16 @@ def _check_headers(spec, m: IngestMapping, images, written, keep, geometry: dict
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise IngestError("; ".join(problems[:5]) + more)
+
+
+def _present(m: IngestMapping, keep: np.ndarray, absent: dict) -> np.ndarray:
+    """[kept, modalities] uint8: 1 where the subject has the modality."""
+    out = np.ones((len(keep), len(m.modalities)), dtype=np.uint8)
+    for r, i in enumerate(keep):
+        for j, key in enumerate(m.modalities):
+            if key in absent.get(int(i), ()):
+                out[r, j] = 0
+    return out
 
 
 def _availability(m: IngestMapping, images, rows, sidecars, n: int) -> dict:
@@ -304,8 +325,21 @@ def _collect(spec, root: Path, headers: bool = True, problems: Problems | None =
     label = label if labels_ok else unlabelled
     values = problems.attempt(m.table_values, spec, df, tpath)
     site = problems.attempt(_sites, spec, df, tpath)
+    if spec.on_missing == "keep" and not m.modalities:
+        problems.add(f"spec key 'on_missing': keep needs a model of several modalities; task {spec.task} has one")
+    absent: dict[int, set[str]] = {}
     lacks, rows = problems.attempt(
-        _lacking, spec, m, root, keys, images, label, label_col if labels_ok else None, values or {}, default=({}, None)
+        _lacking,
+        spec,
+        m,
+        root,
+        keys,
+        images,
+        label,
+        label_col if labels_ok else None,
+        values or {},
+        absent,
+        default=({}, None),
     )
     for i, p in enumerate(sidecars.get("confounds", [])):
         if p is None:
@@ -338,7 +372,8 @@ def _collect(spec, root: Path, headers: bool = True, problems: Problems | None =
             problems.attempt(_check_classes, tpath, label_col, label[keep], spec.labels, m.n_classes)
         if headers:
             problems.facts["geometry"] = {}
-            problems.attempt(_check_headers, spec, m, images, written, keep, problems.facts["geometry"])
+            with_image = np.array([i for i in keep if m.image.key not in absent.get(int(i), ())], dtype=np.int64)
+            problems.attempt(_check_headers, spec, m, images, written, with_image, problems.facts["geometry"])
         if values is not None:
             problems.attempt(m.check, spec, tpath, values, keep)
     subj = None
@@ -353,7 +388,12 @@ def _collect(spec, root: Path, headers: bool = True, problems: Problems | None =
             site=None if site is None else [site[i] for i in keep],
             dropped=dropped,
             sidecars={k: [v[i] for i in keep] for k, v in sidecars.items()},
+            present=_present(m, keep, absent) if spec.on_missing == "keep" else None,
         )
+        problems.facts["absent"] = {
+            f"{'+'.join(sorted(gone))}": sum(1 for i in keep if absent.get(int(i)) == gone)
+            for gone in {frozenset(g) for g in absent.values()}
+        }
         if headers:
             problems.attempt(m.check_sources, spec, subj)
     if own and problems.error(tpath) is not None:
@@ -477,7 +517,12 @@ def _source_matrix(cfg_key: str, key: str) -> np.ndarray:
             f"{index.index_name} ({getattr(cfg, key)}): the {key} files changed since this cohort was resolved; "
             "ingest it again"
         )
-    return index.read(subjects(cfg).rows[key], cfg.snp_ids)
+    rows = subjects(cfg).rows[key]
+    have = rows >= 0  # a subject kept without this source (on_missing: keep) reads as 0, marked absent
+    out = np.zeros((len(rows), len(cfg.snp_ids)), dtype=np.uint8)
+    if have.any():
+        out[have] = index.read(rows[have], cfg.snp_ids)
+    return out
 
 
 def source_matrix(cfg, key: str) -> np.ndarray:

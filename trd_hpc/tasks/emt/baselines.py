@@ -49,6 +49,7 @@ class LateFusionMLP(nn.Module):
         n_snps: int,
         n_clinical: int,
         genotype_values: int = 3,
+        missing_tokens: bool = False,
     ):
         super().__init__()
         self.fmri_shape = tuple(int(s) for s in fmri_shape)
@@ -63,11 +64,16 @@ class LateFusionMLP(nn.Module):
         self.snp_enc = nn.Sequential(nn.Linear(self.genotype_values * self.n_snps, h), nn.GELU())
         self.clin_enc = nn.Sequential(nn.Linear(self.n_clinical, h), nn.GELU())
         self.head = nn.Sequential(nn.Linear(3 * h, h), nn.GELU(), nn.Dropout(model_cfg.dropout), nn.Linear(h, 1))
+        # an absent modality's encoding replaced by a learned one (as the EMT's missing tokens)
+        self.missing = nn.Parameter(torch.zeros(3, h)) if missing_tokens else None
 
     @classmethod
     def from_config(cls, exp: EMTExperiment) -> "LateFusionMLP":
         co = exp.cohort
-        return cls(exp.model, co.fmri_shape, co.n_snps, len(co.clinical_names), co.genotype_values)
+        return cls(
+            exp.model, co.fmri_shape, co.n_snps, len(co.clinical_names), co.genotype_values,
+            missing_tokens=getattr(co, "modality_mask", False),
+        )  # fmt: skip
 
     def patch_means(self, fmri: torch.Tensor) -> torch.Tensor:
         """``[B, X, Y, Z, T]`` -> per-patch means ``[B, N_patches]`` (patchify order),
@@ -82,11 +88,16 @@ class LateFusionMLP(nn.Module):
         acc = torch.float64 if fmri.dtype == torch.float64 else torch.float32
         return v.mean(dim=(2, 4, 6, 7), dtype=acc).reshape(b, nx * ny * nz)
 
-    def forward(self, fmri: torch.Tensor, snp: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, fmri: torch.Tensor, snp: torch.Tensor, clinical: torch.Tensor, present: torch.Tensor | None = None
+    ) -> torch.Tensor:
         dt = self.head[0].weight.dtype
         f = self.fmri_enc(self.patch_means(fmri).to(dt))
         s = self.snp_enc(F.one_hot(snp.long(), self.genotype_values).flatten(1).to(dt))
         c = self.clin_enc(clinical.to(dt))
+        if present is not None and self.missing is not None:
+            has = present.to(torch.bool)
+            f, s, c = (torch.where(has[:, k, None], e, self.missing[k].to(dt)) for k, e in enumerate((f, s, c)))
         return self.head(torch.cat([f, s, c], dim=1)).squeeze(-1)
 
 

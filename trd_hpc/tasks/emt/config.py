@@ -174,6 +174,10 @@ class EMTCohortConfig(Strict):
         return None  # the fMRI is a voxel grid (an ingested cohort with an atlas: region names)
 
     @property
+    def modality_mask(self) -> bool:
+        return False  # every subject has every modality (an ingested cohort may say otherwise)
+
+    @property
     def labelled(self) -> bool:
         return True
 
@@ -291,6 +295,11 @@ class IngestedEMTCohort(EMTIngestSpec):
     @property
     def fmri_regions(self) -> list[str] | None:
         return list(self.region_names) if self.atlas is not None else None
+
+    @property
+    def modality_mask(self) -> bool:
+        """Subjects may lack a modality (on_missing: keep): shards hold ``present`` [fmri, genotypes, clinical]."""
+        return self.on_missing == "keep"
 
     @property
     def n_snps(self) -> int:

@@ -82,6 +82,8 @@ def importance(cfg: EMTExperiment, model) -> dict:
     n = min(len(ds), cfg.eval.importance_subjects)
     b = ds.__getitems__(list(range(n)))
     inputs = {"fmri": b["fmri"].float(), "snp": b["snp"], "clinical": b["clinical"].float()}
+    if "present" in b:
+        inputs["present"] = b["present"]
     attr = imp.grad_x_input(model, inputs, ["fmri", "clinical"])
     out = {
         "fmri_regions": (
@@ -266,6 +268,36 @@ def _importance_figure(cfg: EMTExperiment, imp: dict, path):
     return F.feature_importance_plot(panels, path, units=units, references=refs, highlight=highlight)
 
 
+MIN_PATTERN_SUBJECTS = 10  # fewer, or one class only: the AUC of that pattern is not reported
+
+
+def pattern_name(code: int) -> str:
+    """The modalities of a ``present`` code (fMRI 4, genotypes 2, clinical 1), e.g. ``fmri+clinical``."""
+    parts = [n for n, bit in (("fmri", 4), ("genotypes", 2), ("clinical", 1)) if int(code) & bit]
+    return "+".join(parts) or "none"
+
+
+def by_modality_pattern(test: dict, prob) -> dict:
+    """Test AUC and subject count per available-modality pattern (a cohort ingested with
+    on_missing: keep); a pattern with too few subjects or one class says so (``.too_few``)."""
+    from trd_hpc.eval.metrics import rank_auc
+
+    if "present" not in test:
+        return {}
+    out: dict = {}
+    codes, y, p = np.asarray(test["present"]), np.asarray(test["label"]), np.asarray(prob)
+    for code in np.unique(codes):
+        sel = codes == code
+        key = f"test.by_modality.{pattern_name(code)}"
+        ys = y[sel]
+        ok = sel.sum() >= MIN_PATTERN_SUBJECTS and 0 < ys.sum() < len(ys)
+        out[f"{key}.n"] = int(sel.sum())
+        out[f"{key}.auc"] = float(rank_auc(ys, p[sel])) if ok else float("nan")
+        if not ok:
+            out[f"{key}.too_few"] = 1
+    return out
+
+
 def evaluate_emt(cfg: EMTExperiment, run, model, history: list, preds: dict, figures: bool) -> tuple[dict, dict]:
     from trd_hpc.eval import figures as F
     from trd_hpc.eval.calibration import METHOD_LABELS, calibrate_all
@@ -274,6 +306,7 @@ def evaluate_emt(cfg: EMTExperiment, run, model, history: list, preds: dict, fig
     val, test = preds["val"], preds["test"]
     prob = _sigmoid(test["logit"])
     m = {f"test.{k}": v for k, v in binary_metrics(test["label"], prob, n_bins=cfg.eval.ece_bins).items()}
+    m.update(by_modality_pattern(test, prob))
     run.write_json("curves.json", curves(test["label"], prob), indent=None)
     with step(f"calibration ({', '.join(cfg.eval.calibration)})"):
         cal, probs = calibrate_all(

@@ -20,26 +20,33 @@ IG_STEPS = 32
 
 
 def emt_attributions(
-    model: nn.Module, fmri: torch.Tensor, snp: torch.Tensor, clinical: torch.Tensor, steps: int = IG_STEPS
+    model: nn.Module,
+    fmri: torch.Tensor,
+    snp: torch.Tensor,
+    clinical: torch.Tensor,
+    steps: int = IG_STEPS,
+    present: torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
-    """Integrated Gradients of the EMT's logit: fmri [B,X,Y,Z,T], snp [B,S], clinical [B,C]."""
+    """Integrated Gradients of the EMT's logit: fmri [B,X,Y,Z,T], snp [B,S], clinical [B,C]
+    (``present`` [B, 3]: which modalities each subject has, passed through to the model)."""
     from captum.attr import IntegratedGradients, LayerIntegratedGradients
 
     model.eval()
     fmri, clinical = fmri.float(), clinical.float()
-    ig = IntegratedGradients(lambda f, c, s: model(f, s, c))
+    extra = () if present is None else (present,)
+    ig = IntegratedGradients(lambda f, c, s, *p: model(f, s, c, *p))
     a_fmri, a_clin = ig.attribute(
         (fmri, clinical),
         baselines=(torch.zeros_like(fmri), torch.zeros_like(clinical)),
-        additional_forward_args=(snp,),
+        additional_forward_args=(snp, *extra),
         n_steps=steps,
         internal_batch_size=max(1, fmri.shape[0]) * 4,
     )
-    lig = LayerIntegratedGradients(lambda s, f, c: model(f, s, c), model.snp_embed)
+    lig = LayerIntegratedGradients(lambda s, f, c, *p: model(f, s, c, *p), model.snp_embed)
     a_snp = lig.attribute(
         snp,
         baselines=torch.zeros_like(snp),
-        additional_forward_args=(fmri, clinical),
+        additional_forward_args=(fmri, clinical, *extra),
         n_steps=steps,
         internal_batch_size=max(1, fmri.shape[0]) * 4,
     )

@@ -31,8 +31,12 @@ def _schema(cfg: IngestedEMTCohort) -> list[Column]:
         Column("clinical", (len(cfg.clinical_columns),), "float32", True),
         Column("label", (), "int64", False),
         Column("subject_id", (), "int64", False),
+        *([Column("present", (len(MODALITIES),), "uint8", True)] if cfg.on_missing == "keep" else []),
         *trace_columns(),
     ]
+
+
+MODALITIES = ("fmri", "genotypes", "clinical")  # the order of the shards' `present` column
 
 
 def _make_subject(cfg: IngestedEMTCohort, index: int, bulk_out: np.ndarray) -> dict:
@@ -40,7 +44,10 @@ def _make_subject(cfg: IngestedEMTCohort, index: int, bulk_out: np.ndarray) -> d
 
     s = subjects(cfg)
     pid = s.participant_id[index]
-    if cfg.atlas is not None:
+    present = s.present[index] if s.present is not None else None
+    if present is not None and not present[0]:  # kept without its fMRI: zeros, marked absent
+        x, affine, source = np.zeros(cfg.fmri_shape, dtype=np.float32), np.eye(4), np.eye(4)
+    elif cfg.atlas is not None:
         x, affine, source = _regions_of(cfg, s, index, pid)
     else:
         extra = _derivative_steps(cfg, s, index, pid)
@@ -51,6 +58,7 @@ def _make_subject(cfg: IngestedEMTCohort, index: int, bulk_out: np.ndarray) -> d
     return {
         "snp": source_matrix(cfg, "genotypes")[index],
         "clinical": s.values["clinical"][index],
+        **({"present": present} if present is not None else {}),
         "label": np.int64(s.label[index]),
         "participant_id": np.bytes_(pid.encode()),
         "affine": affine,
@@ -203,6 +211,7 @@ def _screen(spec, root, sources, rows, kept) -> dict[int, list[str]]:
     from trd_hpc.ingest.genotype_qc import subject_missingness
 
     geno = sources["genotypes"]
+    kept = kept[rows["genotypes"][kept] >= 0]  # those without genotypes (on_missing: keep) have no call rate
     rate = subject_missingness(geno, rows["genotypes"][kept], _candidates(spec, root, geno))
     return {
         int(i): [f"genotype missingness {r:.3f} > snps.mind {spec.snps.mind:g}"]
@@ -222,7 +231,8 @@ def _variant_qc(spec, subj, geno, snp_ids: list[str]) -> tuple[list[str], dict]:
             "name the model's variants with snps.ids instead (its bundle's schema.json lists them)"
         )
     train = np.asarray(splits_for(spec, subj.label, subj.site)[0]["train"], dtype=np.int64)
-    kept, table = filter_variants(geno, subj.rows["genotypes"][train], snp_ids, spec.snps)
+    rows = subj.rows["genotypes"][train]
+    kept, table = filter_variants(geno, rows[rows >= 0], snp_ids, spec.snps)
     if not kept:
         raise IngestError(
             f"snps: the quality filters removed all {len(snp_ids)} candidate variants ({table['removed']})"
@@ -329,6 +339,7 @@ INGEST = IngestMapping(
     label_key="label_column",
     n_classes=2,
     image=Source("fmri", "image", "nifti", sidecars=("mask", "confounds")),
+    modalities=MODALITIES,
     image_ndim=4,
     cohort_sources=(Source("genotypes", "genotypes", "plink1", fingerprint_field="genotypes_sha256"),),
     min_frames=lambda spec: spec.frames if spec.temporal == "crop" else None,

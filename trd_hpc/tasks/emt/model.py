@@ -137,6 +137,7 @@ class EMT(nn.Module):
         *,
         genotype_values: int = 3,
         attn_dropout: float = 0.0,
+        missing_tokens: bool = False,
     ):
         super().__init__()
         c = model_cfg
@@ -185,13 +186,26 @@ class EMT(nn.Module):
             FastDropout(c.dropout),
             nn.Linear(c.head_hidden, 1),
         )
+        # A subject without a modality (a cohort ingested with on_missing: keep): that modality's
+        # tokens are replaced by one learned embedding per modality (fMRI, SNPs, clinical), the
+        # sequence keeping its length, so the fusion learns what "absent" means.
+        self.missing = nn.Parameter(torch.zeros(3, d)) if missing_tokens else None
         for p in (self.pos_embed, self.tok_fmri, self.tok_snp, self.tok_clin):
             nn.init.trunc_normal_(p, std=0.02)
+        if self.missing is not None:
+            nn.init.trunc_normal_(self.missing, std=0.02)
 
     @classmethod
     def from_config(cls, exp: EMTExperiment) -> "EMT":
         co = exp.cohort
-        return cls(exp.model, co.fmri_shape, co.n_snps, len(co.clinical_names), genotype_values=co.genotype_values)
+        return cls(
+            exp.model,
+            co.fmri_shape,
+            co.n_snps,
+            len(co.clinical_names),
+            genotype_values=co.genotype_values,
+            missing_tokens=getattr(co, "modality_mask", False),
+        )
 
     @property
     def seq_len(self) -> int:
@@ -228,23 +242,35 @@ class EMT(nn.Module):
         x = clinical.to(self.clin_proj.weight.dtype)
         return self.clin_drop(F.gelu(self.clin_norm(self.clin_proj(x))))
 
-    def tokens(self, fmri: torch.Tensor, snp: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
-        """The encoder's input sequence ``[B, N_patches + 5, d_model]``."""
+    def tokens(
+        self, fmri: torch.Tensor, snp: torch.Tensor, clinical: torch.Tensor, present: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The encoder's input sequence ``[B, N_patches + 5, d_model]``; ``present`` [B, 3]
+        (fMRI, SNPs, clinical; 0 = absent) swaps an absent modality's tokens for its learned one."""
         self._check(fmri, snp, clinical)
         patches = self.encode_fmri(fmri)
         b, dt = patches.shape[0], patches.dtype
+        snp_vec, clin_vec = self.encode_snp(snp).unsqueeze(1), self.encode_clinical(clinical).unsqueeze(1)
+        if present is not None and self.missing is not None:
+            has = present.to(torch.bool)
+            miss = self.missing.to(dt)
+            patches = torch.where(has[:, 0, None, None], patches, miss[0])
+            snp_vec = torch.where(has[:, 1, None, None], snp_vec.to(dt), miss[1])
+            clin_vec = torch.where(has[:, 2, None, None], clin_vec.to(dt), miss[2])
         parts = [
             self.tok_fmri.expand(b, -1, -1),
             patches,
             self.tok_snp.expand(b, -1, -1),
-            self.encode_snp(snp).unsqueeze(1),
+            snp_vec,
             self.tok_clin.expand(b, -1, -1),
-            self.encode_clinical(clinical).unsqueeze(1),
+            clin_vec,
         ]
         return torch.cat([t.to(dt) for t in parts], dim=1)
 
-    def forward(self, fmri: torch.Tensor, snp: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(self.tokens(fmri, snp, clinical))
+    def forward(
+        self, fmri: torch.Tensor, snp: torch.Tensor, clinical: torch.Tensor, present: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = self.encoder(self.tokens(fmri, snp, clinical, present))
         return self.head(h[:, 0]).squeeze(-1)
 
 

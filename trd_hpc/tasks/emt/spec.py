@@ -21,6 +21,8 @@ class EMTTask:
     def __init__(self, cfg: EMTExperiment, cohort_root: str = ""):
         self.cfg = cfg
         self.root = cohort_root
+        if getattr(cfg.cohort, "modality_mask", False):  # subjects may lack a modality
+            self.input_names = (*EMTTask.input_names, "present")
 
     def build_model(self) -> nn.Module:
         from trd_hpc.tasks.emt.baselines import build_emt_model
@@ -40,19 +42,25 @@ class EMTTask:
         clinical = batch["clinical"].to(device, non_blocking=True).to(dtype)
         check_finite("fmri", fmri, batch, self.root)
         check_finite("clinical", clinical, batch, self.root)
-        return {"fmri": fmri, "snp": batch["snp"].to(device, non_blocking=True), "clinical": clinical}
+        out = {"fmri": fmri, "snp": batch["snp"].to(device, non_blocking=True), "clinical": clinical}
+        if "present" in batch:
+            out["present"] = batch["present"].to(device, non_blocking=True)
+        return out
 
     def loss(self, out: torch.Tensor, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
         y = batch["label"].to(device).float()
         return F.binary_cross_entropy_with_logits(out.float(), y), {}
 
     def records(self, out: torch.Tensor, batch: dict) -> dict[str, np.ndarray]:
-        return {
+        rec = {
             "subject_id": batch["subject_id"].numpy(),
             "is_pad": batch["is_pad"].numpy(),
             "logit": out.detach().float().cpu().numpy(),
             "label": batch["label"].numpy(),
         }
+        if "present" in batch:  # which modalities each subject had (metrics per pattern)
+            rec["present"] = batch["present"].numpy().astype(np.int64) @ np.array([4, 2, 1])
+        return rec
 
     def metrics(self, rec: dict[str, np.ndarray]) -> dict[str, float]:
         from trd_hpc.eval.metrics import binary_metrics
@@ -134,7 +142,7 @@ def explain(bundle, model, inputs: dict) -> list[tuple[dict, dict]]:
     from trd_hpc.tasks.emt.explain import emt_attributions
 
     co = bundle.cfg.cohort
-    a = emt_attributions(model, inputs["fmri"], inputs["snp"], inputs["clinical"])
+    a = emt_attributions(model, inputs["fmri"], inputs["snp"], inputs["clinical"], present=inputs.get("present"))
     snp_names = list(bundle.schema.get("snp_ids") or []) or [f"snp_{j:04d}" for j in range(co.n_snps)]
     out = []
     named = co.fmri_regions
