@@ -67,3 +67,12 @@ def test_a_good_folder_checks_clean_writes_nothing_and_ingests_with_its_report(t
     assert len(g["shape"]) == 4 and len(g["voxel_mm"]) == 3 and len(g["orientation"]) == 3
     r = cli("cohort", "validate", str(out))
     assert "OK" in r.stdout
+
+
+def test_bench_ingest_times_the_index_against_reading_the_headers(tmp_path):
+    js = tmp_path / "bench.json"
+    r = cli("bench", "ingest", "--subjects", "16", "--workers", "1", "--index-subjects", "300", "--json", str(js))
+    res = json.loads(js.read_text())
+    assert res["index_subjects"] == 300 and res["index_s"] > 0 and res["nibabel_headers_alone_s"] > 0
+    assert res["ratio_index_vs_headers"] == res["nibabel_headers_alone_s"] / res["index_s"]
+    assert "index of 300 subjects" in r.stdout and "target" in r.stdout

@@ -19,9 +19,76 @@ import numpy as np
 
 from trd_hpc.fsio import atomic_write_json
 
+INDEX_TARGET_S = 60.0  # the index of 40,000 subjects (issue: real cohorts as they come)
+
+
+def index_folder(root: Path, n: int) -> Path:
+    """A study of ``n`` subjects for the index benchmark: a participants table and one symbolic
+    link per subject to one of nibabel's example T1 images (the paper-001 layout)."""
+    import os
+
+    import yaml
+
+    from trd_hpc.ingest.example import ANATOMICAL
+
+    root.mkdir(parents=True, exist_ok=True)
+    rows = ["participant_id,outcome,madrs"]
+    for i in range(n):
+        k = f"{i:06d}"
+        d = root / f"sub-{k}" / "anat"
+        d.mkdir(parents=True, exist_ok=True)
+        os.symlink(ANATOMICAL[i % 2], d / f"sub-{k}_T1w.nii")
+        rows.append(f"sub-{k},{i % 3},{20 + i % 60}")
+    (root / "participants.csv").write_text("\n".join(rows) + "\n")
+    spec = {
+        "task": "cnn3d",
+        "table": "participants.csv",
+        "response_column": "outcome",
+        "severity_column": "madrs",
+        "severity_max": 100,
+        "volume": "sub-{id}/anat/sub-{id}_T1w.nii",
+    }
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return root / "spec.yaml"
+
+
+def measure_index(n: int, scratch: Path) -> dict:
+    """Seconds of ingest's index (table, file listing, every header, the splits: one
+    Problems pass) of ``n`` subjects, against reading the same headers with nibabel alone, in
+    one run, warm page cache."""
+    import nibabel as nib
+
+    from trd_hpc.ingest.resolve import Problems, resolve, subjects
+
+    spec = index_folder(scratch / "index", n)
+    resolve(spec, Problems())  # warm: imports, the page cache of table and images
+    t = time.perf_counter()
+    problems = Problems()
+    cfg = resolve(spec, problems)
+    t_index = time.perf_counter() - t
+    if problems.items:
+        raise RuntimeError("; ".join(problems.items[:3]))
+    paths = subjects(cfg).image
+    t = time.perf_counter()
+    for p in paths:
+        nib.load(str(p)).header.get_data_shape()
+    t_headers = time.perf_counter() - t
+    return {
+        "index_subjects": n,
+        "index_s": t_index,
+        "index_target_s": INDEX_TARGET_S,
+        "nibabel_headers_alone_s": t_headers,
+        "ratio_index_vs_headers": t_headers / t_index,
+    }
+
 
 def measure(
-    spec: str | None, subjects: int = 96, workers: int = 2, scratch_dir: str | None = None, json_path: str | None = None
+    spec: str | None,
+    subjects: int = 96,
+    workers: int = 2,
+    scratch_dir: str | None = None,
+    json_path: str | None = None,
+    index_subjects: int = 0,
 ) -> int:
     import nibabel as nib
 
@@ -82,6 +149,14 @@ def measure(
             f"  ingest, {workers} workers               {n / times[workers]:8.1f} subjects/s   "
             f"{res[f'speedup_{workers}_workers_vs_1']:.2f} x one worker"
         )
+        if index_subjects:
+            res.update(measure_index(index_subjects, scratch))
+            verdict = "under" if res["index_s"] < INDEX_TARGET_S else "OVER"
+            print(
+                f"  index of {index_subjects} subjects     {res['index_s']:8.1f} s   ({verdict} the "
+                f"{INDEX_TARGET_S:.0f} s target; nibabel headers alone {res['nibabel_headers_alone_s']:.1f} s, "
+                f"{res['ratio_index_vs_headers']:.2f} x)"
+            )
         if json_path:
             atomic_write_json(json_path, res)
         return 0

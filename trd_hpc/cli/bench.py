@@ -54,7 +54,10 @@ def _faults(a) -> int:
 def _ingest(a) -> int:
     from trd_hpc.bench.ingest import measure
 
-    return measure(a.spec, subjects=a.subjects, workers=a.workers, scratch_dir=a.dir, json_path=a.json)
+    return measure(
+        a.spec, subjects=a.subjects, workers=a.workers, scratch_dir=a.dir, json_path=a.json,
+        index_subjects=a.index_subjects,
+    )  # fmt: skip
 
 
 def _predict(a) -> int:
@@ -166,6 +169,13 @@ def _add_ingest(bsub) -> None:
     ig.add_argument("spec", nargs="?", default=None, help="ingest spec (default: the example EMT folder)")
     ig.add_argument("--subjects", type=int, default=96, help="subjects of the example folder (default 96, at most 100)")
     ig.add_argument("--workers", type=int, default=2, help="workers of the second ingest (default 2)")
+    ig.add_argument(
+        "--index-subjects",
+        type=int,
+        default=0,
+        help="also time ingest's index (table, file listing, every header, splits) of this many subjects, "
+        "symbolic links to nibabel's example images, against reading their headers alone (e.g. 40000)",
+    )
     ig.add_argument("--dir", default=None, help="scratch directory (default: a temporary one, removed)")
     ig.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
