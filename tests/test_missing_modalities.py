@@ -91,6 +91,11 @@ def test_a_cohort_with_30_percent_of_genotypes_missing_trains_and_reports_per_pa
     # predict reads `present` too
     r = cli("predict", str(run), "--cohort", str(out), "--out", str(tmp_path / "p.csv"), "--explain", "--quiet")
     assert np.isfinite(pd.read_csv(tmp_path / "p.csv")["p_trd_raw"]).all(), r.stdout
+    # and the exported model takes `present` as its fourth input (checked against PyTorch by export)
+    schema = json.loads((run / "bundle" / "schema.json").read_text())
+    assert schema["inputs"][-1] == {"name": "present", "shape": [3], "dtype": "uint8", "high": 2}
+    r = cli("export", str(run), "--format", "torchscript", "--out", str(tmp_path / "m.pt"))
+    assert "outputs equal PyTorch's" in r.stdout, r.stdout
 
 
 def test_keep_is_refused_for_a_model_of_one_modality(tmp_path):

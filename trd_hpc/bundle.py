@@ -128,7 +128,14 @@ def _schema(cfg) -> dict:
     cols = {c.name: c for c in kind_of(co).schema(co)}
     out = {
         "inputs": [
-            {"name": n, "shape": list(cols[n].shape), "dtype": cols[n].dtype} for n in task.input_names if n in cols
+            {
+                "name": n,
+                "shape": list(cols[n].shape),
+                "dtype": cols[n].dtype,
+                **({"high": cols[n].high} if cols[n].high is not None else {}),
+            }
+            for n in task.input_names
+            if n in cols
         ],
         "class_names": class_names(co),
     }

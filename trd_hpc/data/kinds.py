@@ -27,6 +27,7 @@ class Column:
     dtype: str
     chunked: bool  # one subject per chunk (the per-subject arrays)
     load: bool = True  # False: kept for tracing (ids, affines), not read by the loader
+    high: int | None = None  # integer columns: values lie in 0..high-1 (flags: 2), when not genotypes
 
 
 @dataclass(frozen=True)

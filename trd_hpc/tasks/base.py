@@ -134,13 +134,13 @@ def param_flops_estimate(model: nn.Module) -> int:
 
 
 def example_inputs(schema: dict, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """Inputs of a bundle's schema: uint8 columns (genotypes, as a cohort stores them) drawn
-    below ``genotype_values``, float columns standard normal."""
+    """Inputs of a bundle's schema: uint8 columns drawn below their ``high`` (flags), else below
+    ``genotype_values`` (genotypes, as a cohort stores them); float columns standard normal."""
     out = {}
     for col in schema["inputs"]:
         shape = (batch, *col["shape"])
         if col["dtype"] == "uint8":
-            hi = int(schema.get("genotype_values", 3))
+            hi = int(col.get("high") or schema.get("genotype_values", 3))
             out[col["name"]] = torch.randint(0, hi, shape, generator=g, dtype=torch.uint8)
         else:
             out[col["name"]] = torch.randn(shape, generator=g)

@@ -31,7 +31,7 @@ def _schema(cfg: IngestedEMTCohort) -> list[Column]:
         Column("clinical", (len(cfg.clinical_columns),), "float32", True),
         Column("label", (), "int64", False),
         Column("subject_id", (), "int64", False),
-        *([Column("present", (len(MODALITIES),), "uint8", True)] if cfg.on_missing == "keep" else []),
+        *([Column("present", (len(MODALITIES),), "uint8", True, high=2)] if cfg.on_missing == "keep" else []),
         *trace_columns(),
     ]
 
