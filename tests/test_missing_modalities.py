@@ -104,3 +104,37 @@ def test_keep_is_refused_for_a_model_of_one_modality(tmp_path):
     spec = cnn3d_folder(tmp_path / "src", n=30, spec_extra={"on_missing": "keep"})
     r = cli("ingest", str(spec), "--out", str(tmp_path / "out"), check=False)
     assert r.returncode != 0 and "keep needs a model of several modalities" in r.stderr, r.stderr
+
+
+def test_a_synthetic_missing_rate_hides_modalities_of_the_complete_cohort(tmp_path):
+    """cohort.missing.snp=0.3: about 30 % of subjects without genotypes, every other value the
+    complete cohort's (its own random stream); the EMT trains on it with its missing tokens."""
+    common = ["cohort.n_subjects=120", "cohort.subjects_per_shard=40"]
+    cli("generate", str(CONFIGS / "emt_tiny.yaml"), "--out", str(tmp_path / "full"), "--quiet", *common)
+    cli(
+        "generate", str(CONFIGS / "emt_tiny.yaml"), "--out", str(tmp_path / "miss"), "--quiet", *common,
+        "cohort.missing.snp=0.3",
+    )  # fmt: skip
+
+    def arrays(root):
+        got: dict = {}
+        for p in sorted(root.glob("shard-*.h5")):
+            with h5py.File(p, "r") as f:
+                for k in f:
+                    got.setdefault(k, []).append(f[k][...])
+        return {k: np.concatenate(v) for k, v in got.items()}
+
+    full, miss = arrays(tmp_path / "full"), arrays(tmp_path / "miss")
+    assert "present" not in full
+    absent = miss["present"][:, 1] == 0
+    assert 0.2 < absent.mean() < 0.4 and (miss["present"][:, [0, 2]] == 1).all()
+    assert not miss["snp"][absent].any() and np.array_equal(miss["snp"][~absent], full["snp"][~absent])
+    for k in ("fmri", "clinical", "label"):
+        assert np.array_equal(miss[k], full[k]), k
+    run = tmp_path / "run"
+    cli(
+        "train", str(CONFIGS / "emt_tiny.yaml"), "--out", str(run), "--quiet", f"data.cohort={tmp_path / 'miss'}",
+        *common, "cohort.missing.snp=0.3", "train.max_epochs=1", "eval.baselines=[]", "tracking.wandb=false",
+    )  # fmt: skip
+    m = json.loads((run / "metrics.json").read_text())
+    assert "test.by_modality.fmri+clinical.n" in m and "test.by_modality.fmri+genotypes+clinical.n" in m

@@ -77,12 +77,33 @@ def _schema(cfg: EMTCohortConfig) -> list[Column]:
         Column("clinical", (len(cfg.clinical.names),), "float32", True),
         Column("label", (), "int64", False),
         Column("subject_id", (), "int64", False),
+        *([Column("present", (3,), "uint8", True, high=2)] if cfg.missing.any else []),
     ]
+
+
+MISSING_STREAM = 0x6D697373  # "miss": the missing-modality draws, apart from the data's streams
+
+
+def present_of(cfg: EMTCohortConfig, index: int) -> np.ndarray:
+    """[fMRI, SNPs, clinical] 1 where subject ``index`` has the modality (``cohort.missing``)."""
+    u = np.random.default_rng([cfg.seed, MISSING_STREAM, index]).random(3)
+    rates = np.array([cfg.missing.fmri, cfg.missing.snp, cfg.missing.clinical])
+    return (u >= rates).astype(np.uint8)
 
 
 def _make_subject(cfg: EMTCohortConfig, index: int, bulk_out: np.ndarray) -> dict:
     r = make_emt_subject(cfg, index, bulk_out)
-    return {"snp": r["snp"], "clinical": r["clinical"], "label": r["label"]}
+    out = {"snp": r["snp"], "clinical": r["clinical"], "label": r["label"]}
+    if cfg.missing.any:  # the complete subject's data, then what is absent zeroed
+        present = present_of(cfg, index)
+        if not present[0]:
+            bulk_out[...] = 0
+        if not present[1]:
+            out["snp"] = np.zeros_like(out["snp"])
+        if not present[2]:
+            out["clinical"] = np.zeros_like(out["clinical"])
+        out["present"] = present
+    return out
 
 
 def _class_count_problem(cfg: EMTCohortConfig, counts: np.ndarray) -> str | None:

@@ -132,6 +132,20 @@ def emt_split_problem(n: int, split: "ThreeWaySplit") -> str | None:
     return why
 
 
+class MissingRates(Strict):
+    """Fraction of subjects generated without each modality (its values zero, ``present`` 0):
+    a cohort to measure what the EMT's missing tokens recover.  Drawn from a stream of its own
+    (seed, subject), so every subject's data are those of the complete cohort."""
+
+    fmri: float = Field(0.0, ge=0, lt=1)
+    snp: float = Field(0.0, ge=0, lt=1)
+    clinical: float = Field(0.0, ge=0, lt=1)
+
+    @property
+    def any(self) -> bool:
+        return self.fmri > 0 or self.snp > 0 or self.clinical > 0
+
+
 class EMTCohortConfig(Strict):
     kind: Literal["emt"] = "emt"
     n_subjects: int = Field(1000, ge=4)
@@ -142,6 +156,7 @@ class EMTCohortConfig(Strict):
     snp: SNPConfig = Field(default_factory=SNPConfig)
     clinical: ClinicalConfig = Field(default_factory=ClinicalConfig)
     split: ThreeWaySplit = Field(default_factory=ThreeWaySplit)
+    missing: MissingRates = Field(default_factory=MissingRates)
 
     # What the models and the evaluation read of an EMT cohort, synthetic or ingested
     # (IngestedEMTCohort has the same properties): input shapes, names, region boxes.
@@ -175,7 +190,8 @@ class EMTCohortConfig(Strict):
 
     @property
     def modality_mask(self) -> bool:
-        return False  # every subject has every modality (an ingested cohort may say otherwise)
+        """Subjects may lack a modality (``missing`` rates): shards hold ``present`` [fmri, snp, clinical]."""
+        return self.missing.any
 
     @property
     def labelled(self) -> bool:
