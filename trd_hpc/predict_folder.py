@@ -50,9 +50,11 @@ def _spec_for(b, folder: Path, work: Path, labels: list[str] | None) -> Path:
     d["group_columns"] = []
     (work / STUDY).symlink_to(folder.resolve(), target_is_directory=True)
     # the table: DIR's, the chosen participants only
-    table = T.read_table(folder / co.table)
+    tpath = folder / co.table
+    table = T.read_table(tpath)
+    ids = T.column(table, tpath, co.id_column, "id_column")
     if labels:
-        keys = table[co.id_column].astype(str).map(T.subject_key)
+        keys = ids.astype(str).map(T.subject_key)
         unknown = sorted(set(labels) - set(keys))
         if unknown:
             raise IngestError(f"--participant-label: {', '.join(unknown)} not in {folder / co.table}")
