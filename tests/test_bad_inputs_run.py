@@ -139,6 +139,10 @@ def test_checkpoint_trained_on_another_cohort_is_refused(finished, tmp_path, emt
     s = man["splits"]
     s["train"][0], s["val"][0] = s["val"][0], s["train"][0]
     s["train"].sort(), s["val"].sort()
+    from trd_hpc.data.manifest import splits_fingerprint
+
+    # as if made with these splits (an edited manifest is refused by its fingerprint before this)
+    man["splits_sha256"] = splits_fingerprint(s, man.get("folds", []))
     (cohort / "manifest.json").write_text(json.dumps(man))
     run = tmp_path / "run"
     shutil.copytree(finished, run)
