@@ -153,6 +153,19 @@ def to_grid(
     return grid_image(_load(path, subject), path, subject, grid, frames, temporal, normalize)
 
 
+def to_frames(series: np.ndarray, frames: int, temporal: str) -> np.ndarray:
+    """A series (time on the last axis) as ``frames`` frames: its first ones (``crop``), or linear
+    in time between the two nearest source frames (``resample``)."""
+    if temporal == "crop":
+        return series[..., :frames]
+    n = series.shape[-1]
+    t = np.linspace(0.0, n - 1, frames) if frames > 1 else np.zeros(1)
+    lo = np.floor(t).astype(np.int64)
+    hi = np.minimum(lo + 1, n - 1)
+    w = (t - lo).astype(np.float32)
+    return series[..., lo] * (1 - w) + series[..., hi] * w
+
+
 def grid_image(
     img,
     path: Path,
@@ -197,14 +210,7 @@ def grid_image(
         moved = np.stack([spatial(data[..., k]) for k in range(data.shape[3])], axis=-1)
         if clean is not None:
             moved = clean(moved, grid_mask)
-        if temporal == "crop":
-            out = moved[..., :frames]
-        else:
-            t = np.linspace(0.0, moved.shape[3] - 1, frames) if frames > 1 else np.zeros(1)
-            lo = np.floor(t).astype(np.int64)
-            hi = np.minimum(lo + 1, moved.shape[3] - 1)
-            w = (t - lo).astype(np.float32)
-            out = moved[..., lo] * (1 - w) + moved[..., hi] * w
+        out = to_frames(moved, frames, temporal)
     else:
         out = spatial(data)
     out = out.astype(np.float32, copy=False)

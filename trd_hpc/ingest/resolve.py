@@ -87,6 +87,7 @@ class Problems:
         # what the pass learnt on the way, for the ingest report: availability of each
         # source, dropped subjects, each kept image's geometry
         self.facts: dict = {}
+        self.sources: dict = {}  # the cohort-wide sources (genotype filesets), opened once a pass
 
     def attempt(self, fn, *args, default=None, **kwargs):
         try:
@@ -210,7 +211,7 @@ def _sites(spec, df, tpath: Path) -> list[str] | None:
     return combine_groups(values)
 
 
-def _lacking(spec, m: IngestMapping, root: Path, keys, images, label, label_col, values, absent=None):
+def _lacking(spec, m: IngestMapping, sources: dict, keys, images, label, label_col, values, absent=None):
     """({row: what the subject lacks}, {source key: rows}): only a missing source may be
     dropped (on_missing: drop).  Under on_missing: keep, a missing modality goes to
     ``absent`` ({row: {spec key}}) instead of ``lacks``."""
@@ -225,7 +226,7 @@ def _lacking(spec, m: IngestMapping, root: Path, keys, images, label, label_col,
 
     rows = {}
     for src in m.cohort_sources:
-        index = open_source(spec, root, src)
+        index = sources[src.key]
         rows[src.key] = np.array([index.row.get(k, -1) for k in keys], dtype=np.int64)
         for i in np.flatnonzero(rows[src.key] < 0):
             lack(i, src.key, f"no {src.key} (IID not in {index.index_name})")
@@ -240,13 +241,16 @@ def _lacking(spec, m: IngestMapping, root: Path, keys, images, label, label_col,
     return lacks, rows
 
 
-def _screen(spec, m: IngestMapping, root: Path, rows: dict, n: int, lacks: dict) -> dict[int, list[str]]:
-    """The rows a quality filter of the mapping removes, among those lacking nothing."""
+def _screen(spec, m: IngestMapping, root: Path, sources: dict, rows: dict, n: int, lacks: dict):
+    """The rows a quality filter of the mapping removes ({row: [why]}), among those lacking nothing."""
     kept = np.array([i for i in range(n) if i not in lacks], dtype=np.int64)
     if not m.cohort_sources or not len(kept):
         return {}
-    sources = {src.key: open_source(spec, root, src) for src in m.cohort_sources}
     return m.screen(spec, root, sources, rows, kept)
+
+
+def _open_sources(spec, m: IngestMapping, root: Path) -> dict:
+    return {src.key: open_source(spec, root, src) for src in m.cohort_sources}
 
 
 def _check_headers(spec, m: IngestMapping, images, written, keep, geometry: dict | None = None) -> None:
@@ -301,6 +305,15 @@ def _geometry(h) -> dict:
     }
 
 
+def _sources_and_lacks(spec, m: IngestMapping, root: Path, problems: Problems, *lacking_args):
+    """The cohort-wide sources opened once for the pass (problems.sources), then ``_lacking``;
+    a fileset that cannot be opened is recorded and the rest of the pass goes on (rows None)."""
+    problems.sources = problems.attempt(_open_sources, spec, m, root, default=None)
+    if problems.sources is None:
+        return {}, None
+    return problems.attempt(_lacking, spec, m, problems.sources, *lacking_args, default=({}, None))
+
+
 def _collect(spec, root: Path, headers: bool = True, problems: Problems | None = None) -> Subjects | None:
     """Every row of the table with its sources.  Problems no policy can mend are recorded in
     ``problems`` (None: raised together at the end); the table and its ids must read.
@@ -328,28 +341,19 @@ def _collect(spec, root: Path, headers: bool = True, problems: Problems | None =
     if spec.on_missing == "keep" and not m.modalities:
         problems.add(f"spec key 'on_missing': keep needs a model of several modalities; task {spec.task} has one")
     absent: dict[int, set[str]] = {}
-    lacks, rows = problems.attempt(
-        _lacking,
-        spec,
-        m,
-        root,
-        keys,
-        images,
-        label,
-        label_col if labels_ok else None,
-        values or {},
-        absent,
-        default=({}, None),
+    lacks, rows = _sources_and_lacks(
+        spec, m, root, problems, keys, images, label, label_col if labels_ok else None, values or {}, absent
     )
     for i, p in enumerate(sidecars.get("confounds", [])):
         if p is None:
             lacks.setdefault(i, []).append(f"no confounds TSV ({sidecars['confounds_expected'][i]})")
     sidecars.pop("confounds_expected", None)
-    qc_drops = problems.attempt(_screen, spec, m, root, rows, n, lacks, default={}) if rows is not None else {}
+    qc_drops = {}
+    if rows is not None:
+        qc_drops = problems.attempt(_screen, spec, m, root, problems.sources, rows, n, lacks, default={})
     problems.facts["availability"] = _availability(m, images, rows, sidecars, n)
     if rows is not None and m.cohort_sources:
-        sources = {src.key: open_source(spec, root, src) for src in m.cohort_sources}
-        problems.attempt(m.check_selection, spec, root, sources)
+        problems.attempt(m.check_selection, spec, root, problems.sources)
     if lacks and spec.on_missing == "error":
         listed = "; ".join(f"{written[i]} (line {i + 2}): {', '.join(w)}" for i, w in sorted(lacks.items())[:10])
         more = f"; and {len(lacks) - 10} more" if len(lacks) > 10 else ""
@@ -428,7 +432,7 @@ def resolve(path: str | Path, problems: Problems | None = None):
     subj = _collect(spec, root, problems=problems)
     cfg = None
     if subj is not None and not problems.items:
-        cfg = problems.attempt(_resolved_config, spec, path, m, subj)
+        cfg = problems.attempt(_resolved_config, spec, path, m, subj, problems.sources)
     if own and problems.error(path) is not None:
         raise problems.error(path)
     if problems.items:
@@ -437,7 +441,7 @@ def resolve(path: str | Path, problems: Problems | None = None):
     return cfg
 
 
-def _resolved_config(spec, path: Path, m: IngestMapping, subj: Subjects):
+def _resolved_config(spec, path: Path, m: IngestMapping, subj: Subjects, sources: dict):
     root = path.parent
     resolved = Resolved(
         root=str(root),
@@ -445,7 +449,6 @@ def _resolved_config(spec, path: Path, m: IngestMapping, subj: Subjects):
         n_subjects=len(subj.key),
         dropped=subj.dropped,
     )
-    sources = {src.key: open_source(spec, root, src) for src in m.cohort_sources}
     fields = m.resolved_fields(spec, root, subj, sources)
     for src in m.cohort_sources:
         if src.fingerprint_field is not None:

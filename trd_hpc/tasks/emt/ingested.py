@@ -91,6 +91,7 @@ def _derivative_steps(cfg: IngestedEMTCohort, s, index: int, pid: str) -> dict:
 def _regions_of(cfg: IngestedEMTCohort, s, index: int, pid: str):
     """(regions x frames, identity, the image's affine) through the atlas (trd_hpc.ingest.atlas)."""
     from trd_hpc.ingest import atlas as A
+    from trd_hpc.ingest.images import to_frames
     from trd_hpc.ingest.resolve import image_reader, inside
 
     root = Path(cfg.resolved.root)
@@ -105,14 +106,7 @@ def _regions_of(cfg: IngestedEMTCohort, s, index: int, pid: str):
     series = A.region_series(s.image[index], pid, path, kind, cfg.region_labels, table, cfg.confounds, t_r)
     if series.shape[1] < cfg.frames and cfg.temporal == "crop":
         raise IngestError(f"subject {pid}: {s.image[index]}: {series.shape[1]} frames, the spec keeps {cfg.frames}")
-    if cfg.temporal == "crop":
-        series = series[:, : cfg.frames]
-    else:
-        t = np.linspace(0.0, series.shape[1] - 1, cfg.frames) if cfg.frames > 1 else np.zeros(1)
-        lo = np.floor(t).astype(np.int64)
-        hi = np.minimum(lo + 1, series.shape[1] - 1)
-        w = (t - lo).astype(np.float32)
-        series = series[:, lo] * (1 - w) + series[:, hi] * w
+    series = to_frames(series, cfg.frames, cfg.temporal)
     source = image_reader(cfg).header(s.image[index], pid, 4).affine
     return series, np.eye(4), source
 
