@@ -92,8 +92,12 @@ def init(strategy: str, device_kind: str = "auto", timeout_s: int = 1800, standa
     return info
 
 
-def shutdown(info: DistInfo) -> None:
+def shutdown(info: DistInfo, synchronize: bool = False) -> None:
+    """Destroy the process group; with ``synchronize`` (a clean exit, every rank here) after
+    a barrier, so no rank closes its connections while another is still in a collective."""
     if info.distributed and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

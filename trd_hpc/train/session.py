@@ -6,6 +6,7 @@ in ``trd_hpc.rundir``; which cohort it reads (``trd_hpc.cohort``) and what comes
 
 from __future__ import annotations
 
+import gc
 import socket
 import time
 from pathlib import Path
@@ -154,9 +155,16 @@ class TrainingSession:
     def __enter__(self) -> "TrainingSession":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         try:
-            D.shutdown(self.info)
+            # DDP's reducer holds the process group: destroy_process_group only drops the
+            # registry's reference, and a group freed later, during interpreter shutdown,
+            # can abort the process (gloo: "terminate called without an active exception").
+            # So the trainer goes first, and on a clean exit every rank is past its last
+            # collective before any rank tears its group down.
+            self.trainer = None
+            gc.collect()
+            D.shutdown(self.info, synchronize=exc_type is None)
         finally:
             if self.tracker is not None:
                 self.tracker.finish()
