@@ -1,11 +1,19 @@
 """``trd-hpc bench ingest``: ingest against reading the same NIfTI files with nibabel alone.
 
-Default input: the example folder of ``trd-hpc example-data`` (nibabel's example images)
-ingested onto paper 000's grid (48 x 48 x 24, 80 frames).  In one run, warm page cache: (1) every subject's image read with nibabel into float32
+Default input (``--folder fmriprep``): fMRIPrep-layout derivatives made from nilearn's MNI152
+template at 3 mm (65 x 77 x 63 voxels, 80 frames, gzip), each with its brain mask and
+confounds, ingested onto paper 000's grid (48 x 48 x 24, 80 frames) with motion, white matter
+and CSF regressed out: a series the size a real preprocessed one has.  ``--folder example``:
+``trd-hpc example-data``'s folder of nibabel's small images (at most 128 x 96 x 24 x 2),
+upsampled onto a grid up to 200 times their size, so its cost is the output's (the ratio
+there says what writing 4.4 M voxels per subject costs against reading a few thousand).
+
+In one run, warm page cache: (1) every subject's image read with nibabel into float32
 (``np.asarray(img.dataobj)``: the least any ingest must do); (2) ``ingest`` with one
 worker; (3) with ``--workers`` workers (each a spawned process that imports torch and
-re-checks the spec: part of the cost, which a small cohort does not amortise).  The ratios say what reorientation, resampling,
-genotypes, checksums and the HDF5 writes cost on top of reading, and what workers buy.
+re-checks the spec: part of the cost, which a small cohort does not amortise).  The ratios say
+what reorientation, resampling, confound regression, genotypes, checksums and the HDF5 writes
+cost on top of reading, and what workers buy.
 """
 
 from __future__ import annotations
@@ -82,6 +90,19 @@ def measure_index(n: int, scratch: Path) -> dict:
     }
 
 
+def _made_folder(folder: str, scratch: Path, subjects: int) -> Path:
+    """The spec of the folder ``--folder`` names, onto paper 000's grid and frames (48 x 48 x 24
+    x 80), so the per-subject work is the real job's."""
+    from trd_hpc.tasks.emt.example import emt_folder, fmriprep_folder
+
+    paper = {"grid": [48, 48, 24], "frames": 80}
+    if folder == "fmriprep":  # as many frames as are kept: both sides read every voxel
+        return fmriprep_folder(scratch / "fmriprep", n=subjects, frames=80, voxel_mm=3, spec_extra=paper)
+    if folder == "example":
+        return emt_folder(scratch / "example", n=subjects, spec_extra=paper)
+    raise ValueError(f"--folder must be fmriprep or example, not {folder!r}")
+
+
 def measure(
     spec: str | None,
     subjects: int = 96,
@@ -89,6 +110,7 @@ def measure(
     scratch_dir: str | None = None,
     json_path: str | None = None,
     index_subjects: int = 0,
+    folder: str = "fmriprep",
 ) -> int:
     import nibabel as nib
 
@@ -100,10 +122,7 @@ def measure(
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         if spec is None:
-            from trd_hpc.tasks.emt.example import emt_folder
-
-            # paper 000's grid and frames (48 x 48 x 24 x 80), so the per-subject work is the real job's
-            spec = str(emt_folder(scratch / "example", n=subjects, spec_extra={"grid": [48, 48, 24], "frames": 80}))
+            spec = str(_made_folder(folder, scratch, subjects))
         t0 = time.perf_counter()
         cfg = resolve(spec)
         t_resolve = time.perf_counter() - t0

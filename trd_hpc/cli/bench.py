@@ -56,7 +56,7 @@ def _ingest(a) -> int:
 
     return measure(
         a.spec, subjects=a.subjects, workers=a.workers, scratch_dir=a.dir, json_path=a.json,
-        index_subjects=a.index_subjects,
+        index_subjects=a.index_subjects, folder=a.folder,
     )  # fmt: skip
 
 
@@ -162,12 +162,20 @@ def _add_ingest(bsub) -> None:
         "ingest",
         _ingest,
         help="ingest against reading the same NIfTI files with nibabel alone, 1 and N workers",
-        description="Ingest SPEC (default: the example folder of `trd-hpc example-data`, made in the scratch "
-        "directory, onto paper 000's 48x48x24 grid and 80 frames) with 1 and --workers workers and compare with "
-        "reading its images with nibabel alone.",
+        description="Ingest SPEC (default: a folder made in the scratch directory, see --folder) onto paper 000's "
+        "48x48x24 grid and 80 frames with 1 and --workers workers, and compare with reading its images with nibabel "
+        "alone.",
     )
-    ig.add_argument("spec", nargs="?", default=None, help="ingest spec (default: the example EMT folder)")
-    ig.add_argument("--subjects", type=int, default=96, help="subjects of the example folder (default 96, at most 100)")
+    ig.add_argument("spec", nargs="?", default=None, help="ingest spec (default: the folder --folder names)")
+    ig.add_argument(
+        "--folder",
+        choices=("fmriprep", "example"),
+        default="fmriprep",
+        help="fmriprep (default): fMRIPrep derivatives at 3 mm MNI (65x77x63, 80 frames, mask and confounds "
+        "regressed), the size of a real preprocessed series; example: `trd-hpc example-data`'s folder of "
+        "nibabel's small images (at most 128x96x24x2), upsampled onto a grid larger than they are",
+    )
+    ig.add_argument("--subjects", type=int, default=12, help="subjects of the made folder (default 12, at most 100)")
     ig.add_argument("--workers", type=int, default=2, help="workers of the second ingest (default 2)")
     ig.add_argument(
         "--index-subjects",

@@ -12,8 +12,11 @@ Each image is
    box's longest side in mm over its number of voxels), centred, so anatomy keeps its
    proportions and the rest of the grid is zero; linear interpolation
    (``scipy.ndimage.affine_transform``) after a Gaussian pre-filter of sigma (f - 1) / 2
-   source voxels along any axis shrunk by a factor f > 1, against aliasing.  scipy and not
-   nilearn: the whole step is one affine map per image, and scipy is already a dependency;
+   source voxels along any axis shrunk by a factor f > 1, against aliasing.  The map is a
+   scale and a shift per axis, so filter and interpolation are separable: each axis is one
+   small matrix (scipy's own filter and interpolation applied to unit vectors, so edges
+   behave exactly as ``scipy.ndimage`` treats them) and a whole 4-D series is resampled by
+   three matrix products, not frame by frame (``bench ingest``: 9x faster on a 3 mm series);
 5. in time (fMRI): the first ``frames`` frames (``crop``), or linear interpolation of the
    series onto ``frames`` points (``resample``);
 6. normalised (fMRI): z-scored with the mean and standard deviation over brain voxels and
@@ -141,6 +144,48 @@ def grid_mapping(mask: np.ndarray, affine: np.ndarray, grid) -> tuple[np.ndarray
     return step, offset, affine @ vox
 
 
+def axis_operator(n_src: int, n_out: int, step: float, offset: float, sigma: float) -> np.ndarray:
+    """The ``(n_out, n_src)`` matrix of one axis: a Gaussian of ``sigma`` source voxels
+    (``mode="nearest"``) then linear interpolation at ``offset + step * i``, zero outside
+    ``[0, n_src - 1]`` -- ``scipy.ndimage.gaussian_filter1d`` and ``affine_transform``
+    (``order=1, mode="constant"``) as they act on each unit vector."""
+    from scipy import ndimage
+
+    m = np.eye(n_src)
+    if sigma > 0:
+        m = ndimage.gaussian_filter1d(m, sigma, axis=0, mode="nearest")
+    pos = offset + step * np.arange(n_out)
+    inside = (pos >= 0) & (pos <= n_src - 1)
+    lo = np.clip(np.floor(pos).astype(np.int64), 0, n_src - 1)
+    hi = np.minimum(lo + 1, n_src - 1)
+    w = (pos - lo)[:, None]
+    return np.where(inside[:, None], m[lo] * (1 - w) + m[hi] * w, 0.0).astype(np.float32)
+
+
+def resample_space(data: np.ndarray, grid, step, offset, sigma) -> np.ndarray:
+    """``data`` [X, Y, Z(, T)] on ``grid`` [x, y, z(, T)]: the three axis operators applied as
+    matrix products over every frame at once, z (the axis that shrinks most in fMRI) first.
+
+    nibabel returns column-major arrays, and the result goes into row-major shards: the one
+    reordering pass is made on the smaller side, so an image larger than the grid is worked
+    on as its transpose [T, Z, Y, X] (read without a copy; the result comes back column-major)
+    and a smaller one is made row-major first."""
+    X, Y, Z = data.shape[:3]
+    T = data.shape[3] if data.ndim == 4 else 1
+    gx, gy, gz = (int(g) for g in grid)
+    ax, ay, az = (axis_operator(n, g, st, o, sg) for n, g, st, o, sg in zip((X, Y, Z), grid, step, offset, sigma))
+    if data.size <= gx * gy * gz * T:
+        r = np.matmul(az, np.ascontiguousarray(data).reshape(X * Y, Z, T))  # [X*Y, gz, T]
+        r = np.matmul(ay, r.reshape(X, Y, gz * T))  # [X, gy, gz*T]
+        r = (ax @ r.reshape(X, gy * gz * T)).reshape(gx, gy, gz, T)
+    else:
+        d = np.ascontiguousarray(data.T).reshape(T, Z, Y * X)
+        r = np.matmul(az, d)  # [T, gz, Y*X]
+        r = np.matmul(ay, r.reshape(T * gz, Y, X))  # [T*gz, gy, X]
+        r = (r.reshape(-1, X) @ ax.T).reshape(T, gz, gy, gx).T  # [gx, gy, gz, T]
+    return r if data.ndim == 4 else r[..., 0]
+
+
 def to_grid(
     path: Path,
     subject: str,
@@ -155,15 +200,31 @@ def to_grid(
 
 def to_frames(series: np.ndarray, frames: int, temporal: str) -> np.ndarray:
     """A series (time on the last axis) as ``frames`` frames: its first ones (``crop``), or linear
-    in time between the two nearest source frames (``resample``)."""
+    in time between the two nearest source frames (``resample``: one matrix product with the
+    interpolation weights, in the series' own memory order)."""
     if temporal == "crop":
         return series[..., :frames]
     n = series.shape[-1]
     t = np.linspace(0.0, n - 1, frames) if frames > 1 else np.zeros(1)
     lo = np.floor(t).astype(np.int64)
     hi = np.minimum(lo + 1, n - 1)
-    w = (t - lo).astype(np.float32)
-    return series[..., lo] * (1 - w) + series[..., hi] * w
+    w = t - lo
+    weights = np.zeros((frames, n))
+    np.add.at(weights, (np.arange(frames), lo), 1 - w)
+    np.add.at(weights, (np.arange(frames), hi), w)
+    weights = weights.astype(np.float32)
+    if series.flags.c_contiguous:
+        return (series.reshape(-1, n) @ weights.T).reshape(series.shape[:-1] + (frames,))
+    flat = np.ascontiguousarray(series.T).reshape(n, -1)
+    return (weights @ flat).reshape((frames,) + series.shape[-2::-1]).T
+
+
+def fill(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src`` (e.g. float32 into a float16 shard buffer, any memory order) through
+    torch's copy, which converts with the same rounding as numpy and several times faster."""
+    import torch
+
+    torch.from_numpy(dst).copy_(torch.from_numpy(src))
 
 
 def grid_image(
@@ -199,27 +260,19 @@ def grid_image(
         ndimage.affine_transform(mask.astype(np.float32), step, offset=offset, output_shape=tuple(grid), order=1) > 0.5
     )
 
-    def spatial(vol: np.ndarray) -> np.ndarray:
-        if sigma.any():
-            vol = ndimage.gaussian_filter(vol, sigma, mode="nearest")
-        return ndimage.affine_transform(vol, step, offset=offset, output_shape=tuple(grid), order=1, mode="constant")
-
+    out = resample_space(data, grid, step, offset, sigma)  # space first, every frame at once
     if ndim == 4:
-        # Space first, frame by frame (trilinear: 8 neighbours, not the 16 of one 4-D map),
-        # then time, linear between the two nearest frames.
-        moved = np.stack([spatial(data[..., k]) for k in range(data.shape[3])], axis=-1)
         if clean is not None:
-            moved = clean(moved, grid_mask)
-        out = to_frames(moved, frames, temporal)
-    else:
-        out = spatial(data)
+            out = clean(out, grid_mask)
+        out = to_frames(out, frames, temporal)  # then time, linear between the two nearest frames
     out = out.astype(np.float32, copy=False)
     if normalize:
         vals = out[grid_mask]
         sd = float(vals.std(dtype=np.float64)) if vals.size else 0.0
         if sd <= 0:
             raise IngestError(f"subject {subject}: {path}: no intensity variation inside the brain")
-        out = (out - float(vals.mean(dtype=np.float64))) / sd
+        out -= float(vals.mean(dtype=np.float64))  # in place: every array here is this call's own
+        out /= sd
         out[~grid_mask] = 0.0
     return out, target_affine, source_affine
 

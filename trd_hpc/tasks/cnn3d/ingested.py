@@ -12,6 +12,7 @@ import numpy as np
 from trd_hpc.data.kinds import CohortKind, Column
 from trd_hpc.errors import IngestError
 from trd_hpc.ingest import table as T
+from trd_hpc.ingest.images import fill
 from trd_hpc.ingest.kinds import labels_of, manifest_source, splits_of, trace_columns
 from trd_hpc.ingest.mapping import IngestMapping, Source
 from trd_hpc.ingest.splits import held_out_test_and_folds
@@ -35,7 +36,7 @@ def _make_subject(cfg: IngestedVolumeCohort, index: int, bulk_out: np.ndarray) -
     s = subjects(cfg)
     pid = s.participant_id[index]
     x, affine, source = image_reader(cfg).to_grid(s.image[index], pid, cfg.grid)
-    bulk_out[...] = x
+    fill(bulk_out, x)
     severity = s.values["severity"][index] if "severity" in s.values else np.nan
     return {
         "response": np.int64(s.label[index]),

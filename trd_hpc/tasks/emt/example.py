@@ -81,11 +81,16 @@ def _mni(voxel_mm: int = 8):
 
 
 def fmriprep_folder(
-    root: Path, n: int = 24, frames: int = 40, spec_extra: dict | None = None, atlas: bool = False
+    root: Path,
+    n: int = 24,
+    frames: int = 40,
+    spec_extra: dict | None = None,
+    atlas: bool = False,
+    voxel_mm: int = 8,
 ) -> Path:
     """A study whose fMRI comes as fMRIPrep writes its derivatives, made from nilearn's MNI152
     template: per subject ``derivatives/fmriprep/sub-<id>/func/`` holds the preprocessed BOLD
-    (``space-MNI152NLin2009aSym_desc-preproc_bold.nii.gz``, 8 mm, ``frames`` frames, TR 2 s) with
+    (``space-MNI152NLin2009aSym_desc-preproc_bold.nii.gz``, ``voxel_mm`` mm, ``frames`` frames, TR 2 s) with
     its JSON sidecar, the brain mask and ``desc-confounds_timeseries.tsv`` with fMRIPrep's
     column names.  Each BOLD series carries a motion artefact (a global intensity change that
     follows ``trans_x``) and, for the TRD subjects, a slow oscillation in one grey-matter box;
@@ -101,12 +106,15 @@ def fmriprep_folder(
 
     if not 1 <= n <= 100:
         raise ValueError(f"the example genotypes hold 100 individuals; n={n}")
-    t1, gm, wm, affine = _mni()
+    t1, gm, wm, affine = _mni(voxel_mm)
     brain = t1 > 0.15 * t1.max()
     csf = brain & (gm < 0.2) & (wm < 0.2)
     box = np.zeros(brain.shape, dtype=bool)
     x, y, z = (d // 2 for d in brain.shape)
-    box[x - 5 : x - 1, y + 1 : y + 5, z : z + 3] = True  # left, anterior, superior
+    r = 8 / voxel_mm  # the box's size in 8 mm voxels
+    box[x - round(5 * r) : x - round(r), y + round(r) : y + round(5 * r), z : z + round(3 * r)] = (
+        True  # left, anterior, superior
+    )
     box &= gm > 0.3
     deriv = root / "derivatives" / "fmriprep"
     deriv.mkdir(parents=True, exist_ok=True)
@@ -125,7 +133,7 @@ def fmriprep_folder(
     rows = []
     for i in range(n):
         k = f"{i + 1:03d}"  # BIDS labels are alphanumeric: the .fam's IIDs are renamed to match below
-        _fmriprep_subject(deriv / f"sub-{k}" / "func", f"sub-{k}", i, t1, masks, affine, frames)
+        _fmriprep_subject(deriv / f"sub-{k}" / "func", f"sub-{k}", i, t1, masks, affine, frames, voxel_mm)
         rows.append([f"sub-{k}", "yes" if i % 2 else "no", 20 + (i * 3) % 40, 10 + (i * 5) % 20, f"site{i % 3}"])
     write_table(root / "participants.tsv", ["participant_id", "trd", "age", "hamd", "site"], rows)
     _octant_atlas(root / "atlas", brain, affine)
@@ -153,7 +161,7 @@ def fmriprep_folder(
     return path
 
 
-def _fmriprep_subject(func: Path, sub: str, i: int, t1, masks: dict, affine, frames: int) -> None:
+def _fmriprep_subject(func: Path, sub: str, i: int, t1, masks: dict, affine, frames: int, voxel_mm: int = 8) -> None:
     """One subject's preprocessed BOLD, JSON sidecar, brain mask and confounds TSV."""
     import json
 
@@ -173,7 +181,7 @@ def _fmriprep_subject(func: Path, sub: str, i: int, t1, masks: dict, affine, fra
     stem = f"{sub}_task-rest_space-{SPACE}"
     img = nib.Nifti1Image(series, affine)
     img.header.set_xyzt_units("mm", "sec")
-    img.header.set_zooms((8.0, 8.0, 8.0, TR))
+    img.header.set_zooms((float(voxel_mm),) * 3 + (TR,))
     nib.save(img, str(func / f"{stem}_desc-preproc_bold.nii.gz"))
     (func / f"{stem}_desc-preproc_bold.json").write_text(json.dumps({"RepetitionTime": TR, "TaskName": "rest"}))
     nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), str(func / f"{stem}_desc-brain_mask.nii.gz"))

@@ -18,6 +18,7 @@ import torch
 from trd_hpc.data.kinds import CohortKind, Column
 from trd_hpc.errors import IngestError
 from trd_hpc.ingest import table as T
+from trd_hpc.ingest.images import fill
 from trd_hpc.ingest.kinds import labels_of, manifest_source, splits_of, trace_columns
 from trd_hpc.ingest.mapping import IngestMapping, Source
 from trd_hpc.ingest.splits import three_way
@@ -54,7 +55,7 @@ def _make_subject(cfg: IngestedEMTCohort, index: int, bulk_out: np.ndarray) -> d
         x, affine, source = image_reader(cfg).to_grid(
             s.image[index], pid, cfg.grid, cfg.frames, cfg.temporal, normalize=True, **extra
         )
-    bulk_out[...] = x
+    fill(bulk_out, x)
     return {
         "snp": source_matrix(cfg, "genotypes")[index],
         "clinical": s.values["clinical"][index],
