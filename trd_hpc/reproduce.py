@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 from trd_hpc.fsio import atomic_write_json, atomic_write_text
-from trd_hpc.recipe import Recipe, ReproduceError, Sources
+from trd_hpc.recipe import Recipe, ReproduceError, Sources, run_stages
 from trd_hpc.rundir import read_json
 from trd_hpc.train.plan import available_cpus
 
@@ -65,51 +62,7 @@ def reproduce(paper: str, out: str | Path, scale: str = "tiny", progress: bool =
     state_path = out / STATE
     state = read_json(state_path, "reproduction state") if state_path.exists() else {"paper": paper, "scale": scale}
     _check_state(state, paper, scale, state_path)
-    state.setdefault("stages", {})
-    for i, stage in enumerate(recipe.stages, 1):
-        rec = state["stages"].get(stage.name)
-        where = f"stage {i}/{len(recipe.stages)} {stage.name}"
-        if rec and rec.get("finished") and rec.get("command") == stage.command() and stage.done(out):
-            _say(f"{where}: finished before ({rec['seconds']:.0f} s), skipped")
-            continue
-        _say(f"{where}: {stage.command()}")
-        # Marked as running before it starts: a stage found still "running" on the next call
-        # was killed without saving its time, and the table says so instead of under-counting.
-        interrupted = (rec or {}).get("interrupted", 0) + int(bool(rec and rec.get("running")))
-        entry = {"command": stage.command(), "finished": False, "interrupted": interrupted}
-        prior = (rec or {}).get("seconds_before", 0.0)
-        state["stages"][stage.name] = {**entry, "running": True, "seconds_before": prior}
-        atomic_write_json(state_path, state)
-        t0 = time.monotonic()
-        cmd = [sys.executable, "-m", "trd_hpc.cli", *stage.args]
-        log = out / "logs" / f"{stage.name}.log"
-        if progress:
-            rc = subprocess.run(cmd).returncode
-        else:  # --quiet: each stage's output goes to DIR/logs/STAGE.log
-            log.parent.mkdir(exist_ok=True)
-            with open(log, "ab") as f:
-                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
-        seconds = time.monotonic() - t0 + prior
-        if rc != 0 or not stage.done(out):
-            # failed, or pre-empted (SIGUSR2/SIGTERM saved a checkpoint and exited 0): its time is
-            # known and counted when a later call finishes the stage
-            state["stages"][stage.name] = {**entry, "seconds_before": seconds}
-            atomic_write_json(state_path, state)
-        if rc != 0:
-            if not progress:
-                sys.stderr.write(_tail(log))
-            raise ReproduceError(
-                f"{where} failed (exit {rc}): {stage.command()}"
-                + ("" if progress else f" (its output: {log})")
-                + "; fix the cause and rerun the same `trd-hpc reproduce` to continue from this stage"
-            )
-        if not stage.done(out):
-            raise ReproduceError(
-                f"{where} stopped before writing {', '.join(stage.outputs)}; rerun the same `trd-hpc reproduce` to continue"
-            )
-        state["stages"][stage.name] = {**entry, "finished": True, "seconds": seconds}
-        atomic_write_json(state_path, state)
-        _say(f"{where}: done in {seconds:.0f} s")
+    run_stages(recipe.stages, out, state, state_path, progress, again="trd-hpc reproduce", say=_say)
     md = write_reproduction(recipe, out, scale, state)
     _say(f"table: {md}")
     return md
@@ -169,8 +122,3 @@ def _wall(rec: dict) -> str:
     if n:
         cell += f" + {n} killed attempt{'s' if n > 1 else ''} not counted"
     return cell
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    text = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
-    return "".join(f"  {ln}\n" for ln in text)

@@ -48,10 +48,20 @@ class DataConfig(Strict):
     # Train on cross-validation fold K of the cohort (test = fold K, train/val from the
     # other folds) instead of its train/val/test split.  Set by `trd-hpc cv`.
     fold: Optional[int] = Field(None, ge=0)
+    # Complete-case training: leave out of the train and val splits every subject that lacks
+    # one of these modalities (its `present` flag 0; the EMT's: fmri, genotypes, clinical), e.g.
+    # [genotypes]. The test split is never filtered, so a run with and one without it are
+    # scored on the same subjects ([]: keep them all, an absent modality as its missing token).
+    complete_cases: list[str] = Field(default_factory=list)
 
     def split(self, role: str) -> str:
         """The cohort split that plays ``role`` (train | val | test) for this run."""
         return role if self.fold is None else f"fold:{self.fold}:{role}"
+
+    def complete(self, role: str) -> tuple[str, ...]:
+        """The modalities a subject of ``role``'s split must have to be read (complete_cases:
+        train and val only)."""
+        return tuple(self.complete_cases) if role in ("train", "val") else ()
 
 
 # --------------------------------------------------------------------------- training

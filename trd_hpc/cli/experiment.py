@@ -101,6 +101,20 @@ def _reproduce(a) -> int:
     return 0
 
 
+def _study(a) -> int:
+    from trd_hpc.study import missing_genotypes
+
+    try:
+        rates = [float(r) for r in a.rates.split(",")]
+    except ValueError:
+        from trd_hpc.errors import ConfigError
+
+        raise ConfigError(f"--rates {a.rates!r}: comma-separated fractions, e.g. 0,0.3,0.6") from None
+    _, md = missing_genotypes(a.out, config=a.config, rates=rates, overrides=a.overrides or [], progress=not a.quiet)
+    print(md)
+    return 0
+
+
 def add_parsers(sub) -> None:
     t = verb(
         sub,
@@ -186,3 +200,31 @@ def add_parsers(sub) -> None:
     rep.add_argument("--out", required=True, help="directory of the whole reproduction (cohort, runs, table)")
     rep.add_argument("--scale", choices=["tiny", "paper"], default="tiny", help="tiny (default, minutes) or paper")
     rep.add_argument("--quiet", action="store_true", help="only the stage lines, not each command's output")
+    _add_study(sub)
+
+
+def _add_study(sub) -> None:
+    st = verb(
+        sub,
+        "study",
+        _study,
+        help="a question answered by training: missing-genotypes (keep the subjects vs drop them, per rate)",
+        description="missing-genotypes: for each rate of --rates, a synthetic EMT cohort with that fraction of "
+        "subjects' genotypes hidden (cohort.missing.snp), and two runs on it: keep (every subject, absent "
+        "genotypes as the missing token) and drop (data.complete_cases=[genotypes]: those subjects left out of "
+        "train and val). The test split is never filtered and is the same in every cell. Prints the table of "
+        "test AUC (overall, and for test subjects with and without genotypes, each with its number of "
+        "subjects) and writes it to OUT/missing_genotypes.md and .json. A rerun skips finished runs.",
+        epilog=EPILOG,
+    )
+    st.add_argument("name", choices=["missing-genotypes"], help="the study")
+    st.add_argument("--out", required=True, help="directory of the study (cohorts, runs, table)")
+    st.add_argument(
+        "--config",
+        default="emt_missing_genotypes",
+        help="EMT config of the cohort and the runs (default: the packaged emt_missing_genotypes, whose SNPs "
+        "carry most of the signal)",
+    )
+    st.add_argument("--rates", default="0,0.3,0.6", help="fractions of subjects without genotypes (default 0,0.3,0.6)")
+    st.add_argument("--quiet", action="store_true", help="each run's output to OUT/logs/STAGE.log")
+    add_overrides(st, "dotted overrides of the config, for every cohort and run (train.max_epochs=5)")

@@ -114,12 +114,14 @@ class CohortDataset(Dataset):
         check_files: bool = True,
         verify: bool = True,
         prepare_with=None,
+        complete: tuple[str, ...] = (),
     ):
         """``verify``: check the rows of this split against their checksums when a
         shard is first opened (see the module docstring); off only to measure its cost.
         ``prepare_with``: prepare batches as for that cohort config instead of this cohort's
         own (a model applied to new subjects standardises them with its training cohort's
-        statistics: ``trd-hpc predict``)."""
+        statistics: ``trd-hpc predict``).  ``complete``: only the split's subjects that have
+        every modality named (``data.complete_cases``); the others' ids are ``left_out``."""
         self.root = Path(root)
         self.manifest: Manifest = load_manifest(self.root)
         self.split = split
@@ -147,6 +149,36 @@ class CohortDataset(Dataset):
         self._layouts: dict[int, ShardLayout] = {}
         self._pool = BufferPool()
         self._read_lock = threading.Lock()
+        self.left_out = np.zeros(0, dtype=np.int64)
+        if complete:
+            self._keep_complete(tuple(complete))
+
+    def _keep_complete(self, names: tuple[str, ...]) -> None:
+        """Leave out the subjects whose ``present`` flag of any modality in ``names`` is 0
+        (read through the verified readers, so a flag is checked before it decides)."""
+        known = kind_of(self.manifest.config).modalities
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise CohortError(
+                f"data.complete_cases: {', '.join(unknown)} is not a modality of the {self.manifest.kind} cohort "
+                f"{self.root} (its modalities: {', '.join(known) or 'none'})"
+            )
+        if not any(c.name == "present" for c in self.cols):
+            return  # no subject of this cohort lacks a modality
+        want = [known.index(n) for n in names]
+        flags = np.empty(len(known), dtype=np.uint8)
+        keep = np.ones(len(self.ids), dtype=bool)
+        with self._read_lock:
+            for p in np.lexsort((self._row, self._shard_pos)):
+                self._reader(int(self._shard_pos[p])).read("present", int(self._row[p]), flags)
+                keep[p] = bool(flags[want].all())
+        if len(keep) and not keep.any():
+            raise CohortError(
+                f"data.complete_cases [{', '.join(names)}]: every one of the {len(keep)} subjects of split "
+                f"'{self.split}' of {self.root} lacks one of them; nothing is left to train on"
+            )
+        self.left_out = self.ids[~keep]
+        self.ids, self._shard_pos, self._row = self.ids[keep], self._shard_pos[keep], self._row[keep]
 
     def _check_files(self) -> None:
         if self.virtual:

@@ -59,6 +59,9 @@ class CohortKind:
     generator: str | None = None
     # an ingested kind: what its ingest spec means (trd_hpc.ingest.mapping.IngestMapping)
     ingest: Any = None
+    # a kind whose subjects may lack a modality: the names of its ``present`` column's flags, in
+    # order (the EMT: fmri, genotypes, clinical); what ``data.complete_cases`` names
+    modalities: tuple[str, ...] = ()
 
 
 BUILTIN = tuple(f"trd_hpc.tasks.{name}.{mod}" for name in BUILTIN_TASKS for mod in ("cohort", "ingested"))

@@ -122,6 +122,10 @@ def final_metrics(trainer: Trainer, val_m: dict, test_m: dict, seconds: float, h
             "flops_per_sample": trainer.flops_per_sample,
         }
     )
+    for role in ("train", "val"):  # the subjects read (data.complete_cases leaves some out)
+        out[f"{role}.subjects"] = len(trainer.datasets[role])
+        if trainer.cfg.data.complete_cases:
+            out[f"{role}.left_out"] = len(trainer.datasets[role].left_out)
     if st.history:
         out["train.samples_per_s"] = float(np.mean([r.get("train.samples_per_s", np.nan) for r in st.history]))
         out["train.mfu"] = float(np.mean([r.get("train.mfu", np.nan) for r in st.history]))

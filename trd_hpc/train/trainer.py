@@ -205,7 +205,10 @@ class Trainer:
 
         self.datasets = {
             role: CohortDataset(
-                self.cohort_root, self.cfg.data.split(role), normalize_volumes=self.cfg.data.normalize_volumes
+                self.cohort_root,
+                self.cfg.data.split(role),
+                normalize_volumes=self.cfg.data.normalize_volumes,
+                complete=self.cfg.data.complete(role),
             )
             for role in ("train", "val", "test")
         }

@@ -13,7 +13,7 @@ import torch
 from trd_hpc.data.kinds import CohortKind, Column
 from trd_hpc.data.rng import subject_streams
 from trd_hpc.data.splits import three_way_split
-from trd_hpc.tasks.emt.config import EMTCohortConfig
+from trd_hpc.tasks.emt.config import MODALITIES, EMTCohortConfig
 
 CLASS_NAMES = ("non_trd", "trd")
 
@@ -128,4 +128,5 @@ KIND = CohortKind(
     ),
     class_count_problem=_class_count_problem,
     generator="paper 000",
+    modalities=MODALITIES,  # the order of `present`
 )

@@ -22,6 +22,8 @@ from trd_hpc.cohort_config import (
 from trd_hpc.sections import Box, DataConfig, EvalConfig, PosInt, Strict, TrackingConfig, TrainConfig, default_baselines
 
 BASELINES = ("late_fusion_mlp", "random_forest")
+# the flags of the shards' `present` column, in order (what data.complete_cases may name)
+MODALITIES = ("fmri", "genotypes", "clinical")
 
 
 # --------------------------------------------------------------------------- EMT cohort
@@ -408,6 +410,15 @@ class EMTExperiment(Strict):
     @classmethod
     def _baselines(cls, data: Any) -> Any:
         return default_baselines(data, list(BASELINES))
+
+    @model_validator(mode="after")
+    def _complete_cases(self) -> "EMTExperiment":
+        unknown = [n for n in self.data.complete_cases if n not in MODALITIES]
+        if unknown:
+            raise ValueError(
+                f"data.complete_cases: {', '.join(unknown)} is not a modality of the EMT; one of {', '.join(MODALITIES)}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _patch_fits(self) -> "EMTExperiment":

@@ -118,7 +118,7 @@ def _examples(cfg: EMTExperiment):
     ds.close()
     who = subject_labels(cfg.data.cohort, [sid for _, sid, _ in picked])
     examples = {f"{name} ({who[sid]})": vol for name, sid, vol in picked}
-    tr = CohortDataset(cfg.data.cohort, cfg.data.split("train"))
+    tr = CohortDataset(cfg.data.cohort, cfg.data.split("train"), complete=cfg.data.complete("train"))
     k = min(len(tr), 400)
     b = tr.__getitems__(list(range(k)))
     snp, y = b["snp"].numpy().copy(), b["label"].numpy().copy()

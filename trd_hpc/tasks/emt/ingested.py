@@ -22,7 +22,7 @@ from trd_hpc.ingest.images import fill
 from trd_hpc.ingest.kinds import labels_of, manifest_source, splits_of, trace_columns
 from trd_hpc.ingest.mapping import IngestMapping, Source
 from trd_hpc.ingest.splits import three_way
-from trd_hpc.tasks.emt.config import IngestedEMTCohort
+from trd_hpc.tasks.emt.config import MODALITIES, IngestedEMTCohort
 
 
 def _schema(cfg: IngestedEMTCohort) -> list[Column]:
@@ -35,9 +35,6 @@ def _schema(cfg: IngestedEMTCohort) -> list[Column]:
         *([Column("present", (len(MODALITIES),), "uint8", True, high=2)] if cfg.on_missing == "keep" else []),
         *trace_columns(),
     ]
-
-
-MODALITIES = ("fmri", "genotypes", "clinical")  # the order of the shards' `present` column
 
 
 def _make_subject(cfg: IngestedEMTCohort, index: int, bulk_out: np.ndarray) -> dict:
@@ -365,4 +362,5 @@ KIND = CohortKind(
     source_stamp=lambda cfg, first, stop: _source_stamps(cfg, first, stop),
     prepare_batch=_prepare_batch,
     ingest=INGEST,
+    modalities=MODALITIES,
 )

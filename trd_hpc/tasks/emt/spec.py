@@ -85,7 +85,7 @@ def fit_random_forest(cfg: EMTExperiment, out_dir: Path) -> dict:
     from trd_hpc.tasks.emt.baselines import fit_random_forest as fit
 
     def features(split: str):
-        ds = CohortDataset(cfg.data.cohort, cfg.data.split(split))
+        ds = CohortDataset(cfg.data.cohort, cfg.data.split(split), complete=cfg.data.complete(split))
         xs, ys, ids = [], [], []
         for lo in range(0, len(ds), 32):
             b = ds.__getitems__(list(range(lo, min(lo + 32, len(ds)))))
