@@ -496,7 +496,7 @@ class Trainer:
                 mfu = self.flops_per_sample * sps / (peak * info.world_size)
                 bar.update(1)
                 if self.state.step % tc.log_every_steps == 0 or bar.n == bar.total:
-                    extra = {"mfu": f"{100 * mfu:.1f}%"} if self.show_mfu else {}
+                    extra = {"mfu": f"{100 * mfu:.1f}%"} if self.show_mfu and mfu <= 1 else {}
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_s=f"{sps:.1f}", **extra)
             saved = None
             # Not after the epoch's last step: the epoch-end checkpoint follows at once.
@@ -519,7 +519,13 @@ class Trainer:
         self.state.epoch_records, self.state.epoch_seconds = [], 0.0
         sps = samples * info.world_size / dt
         m["samples_per_s"] = sps
-        m["mfu"] = self.flops_per_sample * sps / (peak * info.world_size)
+        mfu = self.flops_per_sample * sps / (peak * info.world_size)
+        if mfu > 1:  # the peak was measured at a busier moment: measure it again, keep the higher
+            from trd_hpc.train.perf import remeasure
+
+            self._peak = remeasure(self.device, self.precision)
+            mfu = self.flops_per_sample * sps / (self._peak * info.world_size)
+        m["mfu"] = mfu if mfu <= 1 else math.nan  # never a figure above the peak: none
         return m
 
     def fit(self, on_step=None, on_epoch=None) -> TrainState:
@@ -578,5 +584,6 @@ class Trainer:
         parts += [f"{k} {row[k]:.4f}" for k in keys]
         parts += [f"lr {row['lr']:.2e}", f"{row.get('train.samples_per_s', 0):.1f} samples/s"]
         if self.show_mfu:
-            parts.append(f"MFU {100 * row.get('train.mfu', 0):.1f}%")
+            mfu = row.get("train.mfu", math.nan)
+            parts.append(f"MFU {100 * mfu:.1f}%" if mfu == mfu else "MFU n/a (above this process's measured peak)")
         say("  ".join(parts))
