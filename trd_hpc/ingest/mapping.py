@@ -39,7 +39,9 @@ class IngestMapping:
     n_classes: int
     image: Source  # one image per subject, by path template with {id}
     image_ndim: int  # 3 (a volume) or 4 (x, y, z, time)
-    cohort_sources: tuple[Source, ...] = ()  # one fileset for every subject, by id
+    # one fileset for every subject, by id; one whose spec key is left out (None) is not read, and
+    # under on_missing: keep its modality is absent for every subject
+    cohort_sources: tuple[Source, ...] = ()
     # spec -> the frames an image needs at least (4-D), or None
     min_frames: Callable[[Any], int | None] = lambda spec: None
     # (spec, table, table path) -> more per-subject arrays read from the table ({"severity": ...})

@@ -226,6 +226,11 @@ def _lacking(spec, m: IngestMapping, sources: dict, keys, images, label, label_c
 
     rows = {}
     for src in m.cohort_sources:
+        if src.key not in sources:  # the spec names none (a cohort without genotypes)
+            if keep and src.key in m.modalities:
+                for i in range(len(keys)):
+                    absent.setdefault(i, set()).add(src.key)
+            continue
         index = sources[src.key]
         rows[src.key] = np.array([index.row.get(k, -1) for k in keys], dtype=np.int64)
         for i in np.flatnonzero(rows[src.key] < 0):
@@ -249,8 +254,13 @@ def _screen(spec, m: IngestMapping, root: Path, sources: dict, rows: dict, n: in
     return m.screen(spec, root, sources, rows, kept)
 
 
+def named_sources(spec, m: IngestMapping) -> tuple[Source, ...]:
+    """The cohort-wide sources the spec names (one left out, ``genotypes: null``, is not read)."""
+    return tuple(src for src in m.cohort_sources if getattr(spec, src.key, None) is not None)
+
+
 def _open_sources(spec, m: IngestMapping, root: Path) -> dict:
-    return {src.key: open_source(spec, root, src) for src in m.cohort_sources}
+    return {src.key: open_source(spec, root, src) for src in named_sources(spec, m)}
 
 
 def _check_headers(spec, m: IngestMapping, images, written, keep, geometry: dict | None = None) -> None:
@@ -450,7 +460,7 @@ def _resolved_config(spec, path: Path, m: IngestMapping, subj: Subjects, sources
         dropped=subj.dropped,
     )
     fields = m.resolved_fields(spec, root, subj, sources)
-    for src in m.cohort_sources:
+    for src in named_sources(spec, m):
         if src.fingerprint_field is not None:
             fields[src.fingerprint_field] = sources[src.key].fingerprint()
     d = spec.model_dump(mode="json")
@@ -553,7 +563,7 @@ def source_record(cfg) -> dict:
         "participants": len(s.participant_id),
         "dropped": cfg.resolved.dropped,
         **_images_record(cfg, m),
-        "formats": {src.key: cfg.formats.get(src.key, src.default_format) for src in m.sources()},
+        "formats": {src.key: cfg.formats.get(src.key, src.default_format) for src in (m.image, *named_sources(cfg, m))},
         "grid": list(cfg.grid),
         "images": image_reader(cfg).describe,
         **m.record(cfg, s),

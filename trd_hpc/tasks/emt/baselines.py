@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trd_hpc.tasks.emt.config import EMTCohortConfig, EMTExperiment, EMTModelConfig
-from trd_hpc.tasks.emt.model import EMT, patch_grid
+from trd_hpc.tasks.emt.model import EMT, WithoutGenotypes, patch_grid
 
 
 def region_summaries(fmri):
@@ -39,7 +39,8 @@ class LateFusionMLP(nn.Module):
     * clinical: Linear -> GELU;
     * head: Linear(3h, h) -> GELU -> Dropout(dropout) -> Linear(h, 1).
 
-    ``forward(fmri, snp, clinical) -> logit [B]``, the EMT's interface.
+    ``forward(fmri, snp, clinical) -> logit [B]``, the EMT's interface.  Without genotypes
+    (``n_snps`` 0) there is no SNP encoder, the head reads 2h features and ``snp`` is None.
     """
 
     def __init__(
@@ -61,9 +62,12 @@ class LateFusionMLP(nn.Module):
         h = model_cfg.mlp_hidden
         n_fmri = 3 * self.fmri_shape[0] if self.regions else math.prod(self.grid)
         self.fmri_enc = nn.Sequential(nn.Linear(n_fmri, h), nn.GELU())
-        self.snp_enc = nn.Sequential(nn.Linear(self.genotype_values * self.n_snps, h), nn.GELU())
+        self.genotyped = self.n_snps > 0
+        if self.genotyped:
+            self.snp_enc = nn.Sequential(nn.Linear(self.genotype_values * self.n_snps, h), nn.GELU())
         self.clin_enc = nn.Sequential(nn.Linear(self.n_clinical, h), nn.GELU())
-        self.head = nn.Sequential(nn.Linear(3 * h, h), nn.GELU(), nn.Dropout(model_cfg.dropout), nn.Linear(h, 1))
+        width = (3 if self.genotyped else 2) * h
+        self.head = nn.Sequential(nn.Linear(width, h), nn.GELU(), nn.Dropout(model_cfg.dropout), nn.Linear(h, 1))
         # an absent modality's encoding replaced by a learned one (as the EMT's missing tokens)
         self.missing = nn.Parameter(torch.zeros(3, h)) if missing_tokens else None
 
@@ -89,24 +93,29 @@ class LateFusionMLP(nn.Module):
         return v.mean(dim=(2, 4, 6, 7), dtype=acc).reshape(b, nx * ny * nz)
 
     def forward(
-        self, fmri: torch.Tensor, snp: torch.Tensor, clinical: torch.Tensor, present: torch.Tensor | None = None
+        self, fmri: torch.Tensor, snp: torch.Tensor | None, clinical: torch.Tensor, present: torch.Tensor | None = None
     ) -> torch.Tensor:
         dt = self.head[0].weight.dtype
         f = self.fmri_enc(self.patch_means(fmri).to(dt))
-        s = self.snp_enc(F.one_hot(snp.long(), self.genotype_values).flatten(1).to(dt))
         c = self.clin_enc(clinical.to(dt))
+        # (modality index in `present`, encoding): the SNPs' only for a cohort with genotypes
+        parts = [(0, f), (2, c)]
+        if self.genotyped:
+            parts.insert(1, (1, self.snp_enc(F.one_hot(snp.long(), self.genotype_values).flatten(1).to(dt))))
         if present is not None and self.missing is not None:
             has = present.to(torch.bool)
-            f, s, c = (torch.where(has[:, k, None], e, self.missing[k].to(dt)) for k, e in enumerate((f, s, c)))
-        return self.head(torch.cat([f, s, c], dim=1)).squeeze(-1)
+            parts = [(k, torch.where(has[:, k, None], e, self.missing[k].to(dt))) for k, e in parts]
+        return self.head(torch.cat([e for _, e in parts], dim=1)).squeeze(-1)
 
 
 def build_emt_model(exp: EMTExperiment) -> nn.Module:
-    """The network named by ``exp.model.name`` ("emt" or "late_fusion_mlp")."""
+    """The network named by ``exp.model.name`` ("emt" or "late_fusion_mlp"); for a cohort
+    without genotypes, built without its SNP branch and called without them (WithoutGenotypes)."""
     builders = {"emt": EMT, "late_fusion_mlp": LateFusionMLP}
     if exp.model.name not in builders:
         raise ValueError(f"model.name {exp.model.name!r} is not an EMT-task network; choose one of {sorted(builders)}")
-    return builders[exp.model.name].from_config(exp)
+    net = builders[exp.model.name].from_config(exp)
+    return net if exp.cohort.n_snps else WithoutGenotypes(net)
 
 
 # --------------------------------------------------------------------------- random forest
@@ -126,10 +135,11 @@ def emt_summary_feature_names(cohort_cfg: EMTCohortConfig) -> list[str]:
         if named is not None
         else [f"fmri.{name}.mean" for name in cohort_cfg.region_boxes]
     )
+    counts = ["snp.predictive.count1", "snp.predictive.count2", "snp.other.count1", "snp.other.count2"]
     return (
         fmri
         + ["fmri.global.mean", "fmri.global.std"]
-        + ["snp.predictive.count1", "snp.predictive.count2", "snp.other.count1", "snp.other.count2"]
+        + (counts if cohort_cfg.n_snps else [])  # no genotypes: no SNP features
         + [f"snp.{j:0{width}d}" for j in range(n_pred)]
         + [f"clinical.{name}" for name in cohort_cfg.clinical_names]
     )
@@ -143,15 +153,16 @@ def emt_summary_features(batch: Mapping, cohort_cfg: EMTCohortConfig) -> tuple[n
       and lag-1 autocorrelation; then the global mean and standard deviation;
     * SNPs: the number of genotype-1 and genotype-2 SNPs among the first
       ``snp.n_predictive`` SNPs and among the rest, then the genotype (0/1/2) of
-      each of the first ``n_predictive`` SNPs (``snp.000`` ...);
+      each of the first ``n_predictive`` SNPs (``snp.000`` ...); none for a cohort without genotypes;
     * clinical: the values, by ``clinical.names``.
 
     ``batch`` holds ``fmri [B, X, Y, Z, T]``, ``snp [B, n_snps]`` and
     ``clinical [B, n_clinical]`` as numpy arrays or tensors (float16 is fine: sums
     are accumulated in float64).
     """
-    fmri, snp, clin = _np(batch["fmri"]), _np(batch["snp"]), _np(batch["clinical"])
+    fmri, clin = _np(batch["fmri"]), _np(batch["clinical"])
     b = fmri.shape[0]
+    snp = _np(batch["snp"]) if cohort_cfg.n_snps else np.zeros((b, 0), dtype=np.uint8)  # a cohort without genotypes
     want_ndim = 1 + len(cohort_cfg.fmri_shape)
     if fmri.ndim != want_ndim or tuple(fmri.shape[1:]) != tuple(cohort_cfg.fmri_shape):
         raise ValueError(f"fmri must be [B, {', '.join(map(str, cohort_cfg.fmri_shape))}], got {fmri.shape}")
@@ -174,7 +185,8 @@ def emt_summary_features(batch: Mapping, cohort_cfg: EMTCohortConfig) -> tuple[n
     n_pred = cohort_cfg.n_predictive_snps
     g = snp.astype(np.int64)
     pred, other = g[:, :n_pred], g[:, n_pred:]
-    cols += [(pred == 1).sum(1), (pred == 2).sum(1), (other == 1).sum(1), (other == 2).sum(1)]
+    if cohort_cfg.n_snps:
+        cols += [(pred == 1).sum(1), (pred == 2).sum(1), (other == 1).sum(1), (other == 2).sum(1)]
     X = np.concatenate(
         [np.stack(cols, axis=1).astype(np.float64), pred.astype(np.float64), clin.astype(np.float64)], axis=1
     ).astype(np.float32)

@@ -73,7 +73,7 @@ def make_emt_subject(cfg: EMTCohortConfig, index: int, fmri_out: np.ndarray) -> 
 def _schema(cfg: EMTCohortConfig) -> list[Column]:
     return [
         Column("fmri", tuple(cfg.fmri.shape), cfg.fmri.dtype, True),
-        Column("snp", (cfg.snp.n_snps,), "uint8", True),
+        *([Column("snp", (cfg.snp.n_snps,), "uint8", True)] if cfg.snp.n_snps else []),  # 0: no genotypes
         Column("clinical", (len(cfg.clinical.names),), "float32", True),
         Column("label", (), "int64", False),
         Column("subject_id", (), "int64", False),
@@ -88,17 +88,21 @@ def present_of(cfg: EMTCohortConfig, index: int) -> np.ndarray:
     """[fMRI, SNPs, clinical] 1 where subject ``index`` has the modality (``cohort.missing``)."""
     u = np.random.default_rng([cfg.seed, MISSING_STREAM, index]).random(3)
     rates = np.array([cfg.missing.fmri, cfg.missing.snp, cfg.missing.clinical])
-    return (u >= rates).astype(np.uint8)
+    out = (u >= rates).astype(np.uint8)
+    out[1] &= cfg.snp.n_snps > 0  # a cohort without genotypes: absent for everyone
+    return out
 
 
 def _make_subject(cfg: EMTCohortConfig, index: int, bulk_out: np.ndarray) -> dict:
     r = make_emt_subject(cfg, index, bulk_out)
     out = {"snp": r["snp"], "clinical": r["clinical"], "label": r["label"]}
+    if not cfg.snp.n_snps:
+        del out["snp"]  # no genotypes: no column
     if cfg.missing.any:  # the complete subject's data, then what is absent zeroed
         present = present_of(cfg, index)
         if not present[0]:
             bulk_out[...] = 0
-        if not present[1]:
+        if not present[1] and "snp" in out:
             out["snp"] = np.zeros_like(out["snp"])
         if not present[2]:
             out["clinical"] = np.zeros_like(out["clinical"])

@@ -62,7 +62,8 @@ class FMRIConfig(Strict):
 
 
 class SNPConfig(Strict):
-    n_snps: int = Field(800, ge=1)
+    # 0: a cohort without genotypes (the EMT and the late-fusion MLP are built without a SNP branch)
+    n_snps: int = Field(800, ge=0)
     n_predictive: int = Field(100, ge=0)
     probs_trd: tuple[float, float, float] = (0.40, 0.35, 0.25)
     probs_non_trd: tuple[float, float, float] = (0.80, 0.15, 0.05)
@@ -209,6 +210,8 @@ class EMTCohortConfig(Strict):
         err = split_error(self.n_subjects, self.split, emt_split_problem)
         if err:
             raise ValueError(err)
+        if self.missing.snp > 0 and not self.snp.n_snps:
+            raise ValueError("missing.snp hides genotypes, and snp.n_snps is 0: this cohort has none to hide")
         return self
 
 
@@ -262,7 +265,9 @@ class EMTIngestSpec(IngestSpecBase):
     fmri: Union[str, BidsImages]
     confounds: Optional[Confounds] = None  # regressed out (nilearn); needs fmri: {derivatives: ...}
     atlas: Optional[Atlas] = None  # region x time series (then grid is not used)
-    genotypes: str  # PLINK prefix (.bed/.bim/.fam)
+    # PLINK prefix (.bed/.bim/.fam); None (left out): a cohort without genotypes, whose EMT is
+    # built without a SNP branch (then snps: does not apply)
+    genotypes: Optional[str] = None
     snps: SNPSelection = Field(default_factory=lambda: SNPSelection(first=800))
     grid: tuple[PosInt, PosInt, PosInt] = (48, 48, 24)
     frames: int = Field(80, ge=1)
@@ -281,14 +286,16 @@ class EMTIngestSpec(IngestSpecBase):
             raise ValueError(
                 "confounds needs fmri: {derivatives: DIR, ...} (each subject's confounds TSV is found by its entities)"
             )
+        if self.genotypes is None and self.snps != SNPSelection(first=800):
+            raise ValueError("snps selects variants of genotypes:, which the spec does not name (no genotypes)")
         return self
 
 
 class IngestedEMTCohort(EMTIngestSpec):
     kind: Literal["ingested_emt"] = "ingested_emt"
     resolved: Resolved
-    snp_ids: list[str] = Field(min_length=1)
-    genotypes_sha256: str  # of the .fam and .bim (which individuals, which variants)
+    snp_ids: list[str] = Field(default_factory=list)  # empty only without genotypes
+    genotypes_sha256: Optional[str] = None  # of the .fam and .bim (which individuals, which variants)
     # Standardisation of the clinical columns (the model sees (x - mean) / sd, a missing
     # value as 0 = the mean): fitted on the training split only.
     clinical_mean: list[float]
@@ -300,6 +307,12 @@ class IngestedEMTCohort(EMTIngestSpec):
     atlas_sha256: Optional[str] = None
     # what snps.mind/geno/hwe/maf removed (trd_hpc.ingest.genotype_qc.filter_variants), or None
     snp_qc: Optional[dict] = None
+
+    @model_validator(mode="after")
+    def _variants(self) -> "IngestedEMTCohort":
+        if self.genotypes is not None and (not self.snp_ids or self.genotypes_sha256 is None):
+            raise ValueError("a cohort with genotypes records its snp_ids (at least one) and genotypes_sha256")
+        return self
 
     @property
     def n_subjects(self) -> int:

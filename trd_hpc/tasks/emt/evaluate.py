@@ -81,9 +81,10 @@ def importance(cfg: EMTExperiment, model) -> dict:
     ds = CohortDataset(cfg.data.cohort, cfg.data.split("test"))
     n = min(len(ds), cfg.eval.importance_subjects)
     b = ds.__getitems__(list(range(n)))
-    inputs = {"fmri": b["fmri"].float(), "snp": b["snp"], "clinical": b["clinical"].float()}
-    if "present" in b:
-        inputs["present"] = b["present"]
+    inputs = {"fmri": b["fmri"].float(), "clinical": b["clinical"].float()}
+    for k in ("snp", "present"):  # no snp: a cohort without genotypes
+        if k in b:
+            inputs[k] = b[k]
     attr = imp.grad_x_input(model, inputs, ["fmri", "clinical"])
     out = {
         "fmri_regions": (
@@ -93,7 +94,7 @@ def importance(cfg: EMTExperiment, model) -> dict:
         ),
         "clinical": imp.aggregate_clinical(attr["clinical"].numpy(), cfg.cohort.clinical_names),
     }
-    if hasattr(model, "snp_attention"):
+    if "snp" in inputs and hasattr(model, "snp_attention"):
         with torch.no_grad():
             w = model.snp_attention(inputs["snp"])
         out["snp"] = imp.snp_importance(w.numpy(), cfg.cohort.n_predictive_snps)
@@ -121,7 +122,8 @@ def _examples(cfg: EMTExperiment):
     tr = CohortDataset(cfg.data.cohort, cfg.data.split("train"), complete=cfg.data.complete("train"))
     k = min(len(tr), 400)
     b = tr.__getitems__(list(range(k)))
-    snp, y = b["snp"].numpy().copy(), b["label"].numpy().copy()
+    snp = b["snp"].numpy().copy() if "snp" in b else None  # None: a cohort without genotypes
+    y = b["label"].numpy().copy()
     tr.close()
     return examples, snp, y
 
@@ -243,6 +245,7 @@ def report_parts(cfg: EMTExperiment, run, metrics: dict):
         Section("Feature importance", figures=["Feature importance by modality"]),
         Section(
             "Data",
+            text="" if cfg.cohort.n_snps else f"Genotypes {NO_GENOTYPES}.",
             figures=["fMRI slices with regions" if synthetic else "fMRI slices", "SNP genotype frequencies by class"],
         ),
     ]
@@ -268,6 +271,7 @@ def _importance_figure(cfg: EMTExperiment, imp: dict, path):
     return F.feature_importance_plot(panels, path, units=units, references=refs, highlight=highlight)
 
 
+NO_GENOTYPES = "absent: the cohort has no genotypes; the model has no SNP branch"
 MIN_PATTERN_SUBJECTS = 10  # fewer, or one class only: the AUC of that pattern is not reported
 
 
@@ -307,6 +311,8 @@ def evaluate_emt(cfg: EMTExperiment, run, model, history: list, preds: dict, fig
     prob = _sigmoid(test["logit"])
     m = {f"test.{k}": v for k, v in binary_metrics(test["label"], prob, n_bins=cfg.eval.ece_bins).items()}
     m.update(by_modality_pattern(test, prob))
+    if not cfg.cohort.n_snps:
+        m["genotypes"] = NO_GENOTYPES
     run.write_json("curves.json", curves(test["label"], prob), indent=None)
     with step(f"calibration ({', '.join(cfg.eval.calibration)})"):
         cal, probs = calibrate_all(
@@ -358,8 +364,14 @@ def evaluate_emt(cfg: EMTExperiment, run, model, history: list, preds: dict, fig
                 ),
                 "Feature importance by modality": _importance_figure(cfg, imp, d / "importance.png"),
                 **_slices_figure(cfg, examples, d),
-                "SNP genotype frequencies by class": F.snp_allele_histograms(
-                    snp, ysnp, cfg.cohort.n_predictive_snps, d / "snp_hist.png"
+                **(
+                    {
+                        "SNP genotype frequencies by class": F.snp_allele_histograms(
+                            snp, ysnp, cfg.cohort.n_predictive_snps, d / "snp_hist.png"
+                        )
+                    }
+                    if snp is not None
+                    else {}
                 ),
                 "Confidence by class": F.confidence_violins(test["label"], by_method, d / "violins.png"),
             }

@@ -22,18 +22,35 @@ IG_STEPS = 32
 def emt_attributions(
     model: nn.Module,
     fmri: torch.Tensor,
-    snp: torch.Tensor,
+    snp: torch.Tensor | None,
     clinical: torch.Tensor,
     steps: int = IG_STEPS,
     present: torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
     """Integrated Gradients of the EMT's logit: fmri [B,X,Y,Z,T], snp [B,S], clinical [B,C]
-    (``present`` [B, 3]: which modalities each subject has, passed through to the model)."""
+    (``present`` [B, 3]: which modalities each subject has, passed through to the model).  snp
+    None: a model of a cohort without genotypes (``forward(fmri, clinical[, present])``), whose
+    SNP attributions are [B, 0]."""
     from captum.attr import IntegratedGradients, LayerIntegratedGradients
 
     model.eval()
     fmri, clinical = fmri.float(), clinical.float()
     extra = () if present is None else (present,)
+    if snp is None:
+        ig = IntegratedGradients(lambda f, c, *p: model(f, c, *p))
+        a_fmri, a_clin = ig.attribute(
+            (fmri, clinical),
+            baselines=(torch.zeros_like(fmri), torch.zeros_like(clinical)),
+            additional_forward_args=extra or None,
+            n_steps=steps,
+            internal_batch_size=max(1, fmri.shape[0]) * 4,
+        )
+        b = fmri.shape[0]
+        return {
+            "fmri": a_fmri.detach().sum(dim=-1).numpy(),
+            "clinical": a_clin.detach().numpy(),
+            "snp": np.zeros((b, 0)),
+        }
     ig = IntegratedGradients(lambda f, c, s, *p: model(f, s, c, *p))
     a_fmri, a_clin = ig.attribute(
         (fmri, clinical),

@@ -28,7 +28,7 @@ from trd_hpc.tasks.emt.config import MODALITIES, IngestedEMTCohort
 def _schema(cfg: IngestedEMTCohort) -> list[Column]:
     return [
         Column("fmri", cfg.fmri_shape, cfg.fmri_dtype, True),
-        Column("snp", (cfg.n_snps,), "uint8", True),
+        *([Column("snp", (cfg.n_snps,), "uint8", True)] if cfg.genotypes is not None else []),  # none: no column
         Column("clinical", (len(cfg.clinical_columns),), "float32", True),
         Column("label", (), "int64", False),
         Column("subject_id", (), "int64", False),
@@ -54,7 +54,7 @@ def _make_subject(cfg: IngestedEMTCohort, index: int, bulk_out: np.ndarray) -> d
         )
     fill(bulk_out, x)
     return {
-        "snp": source_matrix(cfg, "genotypes")[index],
+        **({"snp": source_matrix(cfg, "genotypes")[index]} if cfg.genotypes is not None else {}),
         "clinical": s.values["clinical"][index],
         **({"present": present} if present is not None else {}),
         "label": np.int64(s.label[index]),
@@ -192,13 +192,15 @@ def _candidates(spec, root, geno) -> list[str]:
 
 def _check_selection(spec, root, sources) -> None:
     """The variants snps: names exist in the fileset (read before anything else fails)."""
+    if spec.genotypes is None:
+        return
     geno = sources["genotypes"]
     geno.check(_candidates(spec, root, geno))
 
 
 def _screen(spec, root, sources, rows, kept) -> dict[int, list[str]]:
     """snps.mind: subjects missing more than that fraction of the candidate variants' calls."""
-    if spec.snps.mind is None:
+    if spec.snps.mind is None or spec.genotypes is None:
         return {}
     from trd_hpc.ingest.genotype_qc import subject_missingness
 
@@ -237,12 +239,13 @@ def _variant_qc(spec, subj, geno, snp_ids: list[str]) -> tuple[list[str], dict]:
 def _resolved_fields(spec, root, subj, sources) -> dict:
     from trd_hpc.ingest.resolve import inside
 
-    geno = sources["genotypes"]
-    snp_ids = _candidates(spec, root, geno)
-    geno.check(snp_ids)
-    qc = None
-    if spec.snps.variant_filters:
-        snp_ids, qc = _variant_qc(spec, subj, geno, snp_ids)
+    snp_ids, qc = [], None  # a spec without genotypes: no variants
+    if spec.genotypes is not None:
+        geno = sources["genotypes"]
+        snp_ids = _candidates(spec, root, geno)
+        geno.check(snp_ids)
+        if spec.snps.variant_filters:
+            snp_ids, qc = _variant_qc(spec, subj, geno, snp_ids)
     mean, sd = _clinical_stats(spec, subj)
     out = {"snp_ids": snp_ids, "clinical_mean": mean, "clinical_sd": sd, "snp_qc": qc}
     if spec.atlas is not None:
@@ -255,8 +258,6 @@ def _resolved_fields(spec, root, subj, sources) -> dict:
 
 
 def _record(cfg, s) -> dict:
-    from trd_hpc.ingest.resolve import source_matrix
-
     clinical = s.values["clinical"]
     rec = {"confounds": _confounds_record(cfg)} if cfg.confounds is not None else {}
     if cfg.atlas is not None:
@@ -272,11 +273,7 @@ def _record(cfg, s) -> dict:
         "frames": cfg.frames,
         "temporal": cfg.temporal,
         "fmri_normalisation": "z-score over brain voxels and frames per subject, background 0",
-        "genotypes": cfg.genotypes,
-        "genotype_coding": "count of the A1 allele 0/1/2; 3 = missing call",
-        "missing_calls": int((source_matrix(cfg, "genotypes") == 3).sum()),
-        "snp_ids": cfg.snp_ids,
-        "snp_qc": cfg.snp_qc,
+        **_genotypes_record(cfg),
         "clinical": {
             "columns": cfg.clinical_columns,
             "mean": cfg.clinical_mean,
@@ -289,6 +286,20 @@ def _record(cfg, s) -> dict:
                 if np.isnan(clinical[:, j]).any()
             },
         },
+    }
+
+
+def _genotypes_record(cfg) -> dict:
+    if cfg.genotypes is None:
+        return {"genotypes": "absent: the spec names none; the model has no SNP branch", "snp_ids": []}
+    from trd_hpc.ingest.resolve import source_matrix
+
+    return {
+        "genotypes": cfg.genotypes,
+        "genotype_coding": "count of the A1 allele 0/1/2; 3 = missing call",
+        "missing_calls": int((source_matrix(cfg, "genotypes") == 3).sum()),
+        "snp_ids": cfg.snp_ids,
+        "snp_qc": cfg.snp_qc,
     }
 
 

@@ -156,18 +156,25 @@ class EMT(nn.Module):
         self.patch_drop = FastDropout(c.dropout)
         self.pos_embed = nn.Parameter(torch.zeros(self.n_patches, d))
 
-        # 0/1/2 copies of an allele; an ingested cohort adds 3, a missing call, learned like the others
-        self.snp_embed = nn.Embedding(int(genotype_values), c.snp_embed_dim)
-        self.snp_score = nn.Linear(c.snp_embed_dim, 1, bias=False)  # a bias would cancel in the softmax
-        self.snp_bias = nn.Parameter(torch.zeros(self.n_snps))
-        self.snp_proj = nn.Linear(self.n_snps * c.snp_embed_dim, d)
+        # 0/1/2 copies of an allele; an ingested cohort adds 3, a missing call, learned like the others.
+        # A cohort without genotypes (n_snps 0) has no SNP branch and no SNP tokens at all, rather
+        # than the missing token for everyone: that token would be one constant carrying nothing,
+        # "absent" would no longer single out some subjects against others, and the model, its
+        # bundle and its exports would still take an empty genotype input (WithoutGenotypes).
+        self.genotyped = self.n_snps > 0
+        if self.genotyped:
+            self.snp_embed = nn.Embedding(int(genotype_values), c.snp_embed_dim)
+            self.snp_score = nn.Linear(c.snp_embed_dim, 1, bias=False)  # a bias would cancel in the softmax
+            self.snp_bias = nn.Parameter(torch.zeros(self.n_snps))
+            self.snp_proj = nn.Linear(self.n_snps * c.snp_embed_dim, d)
 
         self.clin_proj = nn.Linear(self.n_clinical, d)
         self.clin_norm = nn.LayerNorm(d)
         self.clin_drop = FastDropout(c.dropout)
 
         self.tok_fmri = nn.Parameter(torch.zeros(1, 1, d))
-        self.tok_snp = nn.Parameter(torch.zeros(1, 1, d))
+        if self.genotyped:
+            self.tok_snp = nn.Parameter(torch.zeros(1, 1, d))
         self.tok_clin = nn.Parameter(torch.zeros(1, 1, d))
 
         self.encoder = Encoder(
@@ -190,7 +197,7 @@ class EMT(nn.Module):
         # tokens are replaced by one learned embedding per modality (fMRI, SNPs, clinical), the
         # sequence keeping its length, so the fusion learns what "absent" means.
         self.missing = nn.Parameter(torch.zeros(3, d)) if missing_tokens else None
-        for p in (self.pos_embed, self.tok_fmri, self.tok_snp, self.tok_clin):
+        for p in (self.pos_embed, self.tok_fmri, *([self.tok_snp] if self.genotyped else []), self.tok_clin):
             nn.init.trunc_normal_(p, std=0.02)
         if self.missing is not None:
             nn.init.trunc_normal_(self.missing, std=0.02)
@@ -209,13 +216,17 @@ class EMT(nn.Module):
 
     @property
     def seq_len(self) -> int:
-        return self.n_patches + 5
+        return self.n_patches + (5 if self.genotyped else 3)
 
     # -- encoders
-    def _check(self, fmri: torch.Tensor, snp: torch.Tensor, clinical: torch.Tensor) -> None:
+    def _check(self, fmri: torch.Tensor, snp: torch.Tensor | None, clinical: torch.Tensor) -> None:
         if tuple(fmri.shape[1:]) != self.fmri_shape:
             raise ValueError(f"fmri must be [B, {', '.join(map(str, self.fmri_shape))}], got {tuple(fmri.shape)}")
-        if snp.dim() != 2 or snp.shape[1] != self.n_snps:
+        if (snp is None) == self.genotyped:
+            raise ValueError(
+                f"snp must be {'[B, ' + str(self.n_snps) + ']' if self.genotyped else 'None'} for this model"
+            )
+        if snp is not None and (snp.dim() != 2 or snp.shape[1] != self.n_snps):
             raise ValueError(f"snp must be [B, {self.n_snps}], got {tuple(snp.shape)}")
         if clinical.dim() != 2 or clinical.shape[1] != self.n_clinical:
             raise ValueError(f"clinical must be [B, {self.n_clinical}], got {tuple(clinical.shape)}")
@@ -243,35 +254,45 @@ class EMT(nn.Module):
         return self.clin_drop(F.gelu(self.clin_norm(self.clin_proj(x))))
 
     def tokens(
-        self, fmri: torch.Tensor, snp: torch.Tensor, clinical: torch.Tensor, present: torch.Tensor | None = None
+        self, fmri: torch.Tensor, snp: torch.Tensor | None, clinical: torch.Tensor, present: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The encoder's input sequence ``[B, N_patches + 5, d_model]``; ``present`` [B, 3]
-        (fMRI, SNPs, clinical; 0 = absent) swaps an absent modality's tokens for its learned one."""
+        """The encoder's input sequence ``[B, N_patches + 5, d_model]`` (``+ 3`` and ``snp`` None
+        without genotypes); ``present`` [B, 3] (fMRI, SNPs, clinical; 0 = absent) swaps an absent
+        modality's tokens for its learned one."""
         self._check(fmri, snp, clinical)
         patches = self.encode_fmri(fmri)
         b, dt = patches.shape[0], patches.dtype
-        snp_vec, clin_vec = self.encode_snp(snp).unsqueeze(1), self.encode_clinical(clinical).unsqueeze(1)
+        snp_vec = self.encode_snp(snp).unsqueeze(1) if self.genotyped else None
+        clin_vec = self.encode_clinical(clinical).unsqueeze(1)
         if present is not None and self.missing is not None:
             has = present.to(torch.bool)
             miss = self.missing.to(dt)
             patches = torch.where(has[:, 0, None, None], patches, miss[0])
-            snp_vec = torch.where(has[:, 1, None, None], snp_vec.to(dt), miss[1])
+            if snp_vec is not None:
+                snp_vec = torch.where(has[:, 1, None, None], snp_vec.to(dt), miss[1])
             clin_vec = torch.where(has[:, 2, None, None], clin_vec.to(dt), miss[2])
-        parts = [
-            self.tok_fmri.expand(b, -1, -1),
-            patches,
-            self.tok_snp.expand(b, -1, -1),
-            snp_vec,
-            self.tok_clin.expand(b, -1, -1),
-            clin_vec,
-        ]
+        snp_part = [self.tok_snp.expand(b, -1, -1), snp_vec] if snp_vec is not None else []
+        parts = [self.tok_fmri.expand(b, -1, -1), patches, *snp_part, self.tok_clin.expand(b, -1, -1), clin_vec]
         return torch.cat([t.to(dt) for t in parts], dim=1)
 
     def forward(
-        self, fmri: torch.Tensor, snp: torch.Tensor, clinical: torch.Tensor, present: torch.Tensor | None = None
+        self, fmri: torch.Tensor, snp: torch.Tensor | None, clinical: torch.Tensor, present: torch.Tensor | None = None
     ) -> torch.Tensor:
         h = self.encoder(self.tokens(fmri, snp, clinical, present))
         return self.head(h[:, 0]).squeeze(-1)
+
+
+class WithoutGenotypes(nn.Module):
+    """A network of a cohort without genotypes (built with ``n_snps`` 0: no SNP branch), called
+    without them: ``forward(fmri, clinical[, present])``, the inputs such a cohort's batches, the
+    bundle's schema and the exported models hold (by name and, for the exports, in that order)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, fmri: torch.Tensor, clinical: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(fmri, None, clinical, present)
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -281,7 +302,7 @@ def emt_flops_per_sample(model_cfg: EMTModelConfig, fmri_shape: Sequence[int], n
 
     With d = d_model, E = snp_embed_dim, F = d_ff, H = head_hidden,
     N = number of patches, P = voxels per patch * T, S = n_snps, C = n_clinical and
-    L = N + 5 tokens, the forward is
+    L = N + 5 tokens (N + 3 without genotypes), the forward is
 
     * patch embedding        2 N P d
     * SNP scores + projection 2 S E + 2 (S E) d  (scores: Linear(E, 1), no bias)
@@ -299,7 +320,7 @@ def emt_flops_per_sample(model_cfg: EMTModelConfig, fmri_shape: Sequence[int], n
     c = model_cfg
     n, p = token_layout(fmri_shape, c)
     d, e, f, h = c.d_model, c.snp_embed_dim, c.d_ff, c.head_hidden
-    seq = n + 5
+    seq = n + (5 if n_snps else 3)  # no SNP tokens without genotypes
     fwd = (
         2 * n * p * d
         + 2 * n_snps * e

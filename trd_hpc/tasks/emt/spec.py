@@ -21,8 +21,10 @@ class EMTTask:
     def __init__(self, cfg: EMTExperiment, cohort_root: str = ""):
         self.cfg = cfg
         self.root = cohort_root
+        if not cfg.cohort.n_snps:  # a cohort without genotypes: the model takes none (WithoutGenotypes)
+            self.input_names = ("fmri", "clinical")
         if getattr(cfg.cohort, "modality_mask", False):  # subjects may lack a modality
-            self.input_names = (*EMTTask.input_names, "present")
+            self.input_names = (*self.input_names, "present")
 
     def build_model(self) -> nn.Module:
         from trd_hpc.tasks.emt.baselines import build_emt_model
@@ -42,7 +44,9 @@ class EMTTask:
         clinical = batch["clinical"].to(device, non_blocking=True).to(dtype)
         check_finite("fmri", fmri, batch, self.root)
         check_finite("clinical", clinical, batch, self.root)
-        out = {"fmri": fmri, "snp": batch["snp"].to(device, non_blocking=True), "clinical": clinical}
+        out = {"fmri": fmri, "clinical": clinical}
+        if "snp" in self.input_names:
+            out["snp"] = batch["snp"].to(device, non_blocking=True)
         if "present" in batch:
             out["present"] = batch["present"].to(device, non_blocking=True)
         return out
@@ -89,7 +93,7 @@ def fit_random_forest(cfg: EMTExperiment, out_dir: Path) -> dict:
         xs, ys, ids = [], [], []
         for lo in range(0, len(ds), 32):
             b = ds.__getitems__(list(range(lo, min(lo + 32, len(ds)))))
-            x, names = emt_summary_features({k: b[k] for k in ("fmri", "snp", "clinical")}, cfg.cohort)
+            x, names = emt_summary_features({k: b[k] for k in ("fmri", "snp", "clinical") if k in b}, cfg.cohort)
             xs.append(np.asarray(x))
             ys.append(b["label"].numpy())
             ids.append(b["subject_id"].numpy())
@@ -142,7 +146,7 @@ def explain(bundle, model, inputs: dict) -> list[tuple[dict, dict]]:
     from trd_hpc.tasks.emt.explain import emt_attributions
 
     co = bundle.cfg.cohort
-    a = emt_attributions(model, inputs["fmri"], inputs["snp"], inputs["clinical"], present=inputs.get("present"))
+    a = emt_attributions(model, inputs["fmri"], inputs.get("snp"), inputs["clinical"], present=inputs.get("present"))
     snp_names = list(bundle.schema.get("snp_ids") or []) or [f"snp_{j:04d}" for j in range(co.n_snps)]
     out = []
     named = co.fmri_regions
