@@ -48,6 +48,10 @@ class IngestMapping:
     table_values: Callable[[Any, Any, Path], dict[str, np.ndarray]] = lambda spec, df, tpath: {}
     # (spec, values) -> {row: [what it lacks]}: values the spec needs that a row does not hold
     lacking: Callable[[Any, dict[str, np.ndarray]], dict[int, list[str]]] = lambda spec, values: {}
+    # (spec, values) -> {row: {modality}}: table modalities a row holds no value of at all (the
+    # EMT: every clinical column empty); under on_missing: keep that modality is absent for it
+    # (present 0), never imputed as if observed; otherwise the paper's own policy applies
+    absent_values: Callable[[Any, dict[str, np.ndarray]], dict[int, set[str]]] = lambda spec, values: {}
     # (spec, table path, values, kept rows) -> None; raises on what no policy can mend
     check: Callable[[Any, Path, dict[str, np.ndarray], np.ndarray], None] = lambda spec, tpath, values, keep: None
     # (spec, its folder, {source key: opened cohort-wide source}, {source key: each row's place

@@ -243,6 +243,12 @@ def _lacking(spec, m: IngestMapping, sources: dict, keys, images, label, label_c
             lacks.setdefault(int(i), []).append(f"no value in '{label_col}'")
     for i, what in m.lacking(spec, values).items():
         lacks.setdefault(int(i), []).extend(what)
+    if keep:
+        for i, gone in m.absent_values(spec, values).items():
+            absent.setdefault(int(i), set()).update(gone)
+        for i, gone in absent.items():
+            if set(m.modalities) <= gone:  # kept, it would hold nothing to predict from
+                lacks.setdefault(int(i), []).append(f"none of {', '.join(m.modalities)}")
     return lacks, rows
 
 

@@ -149,10 +149,21 @@ def _table_values(spec, df, tpath) -> dict[str, np.ndarray]:
     return {"clinical": np.stack(clinical, axis=1).astype(np.float32)}
 
 
+def _no_clinical(spec, values) -> dict[int, set[str]]:
+    """Rows whose clinical columns are all empty: under on_missing: keep, clinical is absent for
+    them (present 0, the EMT's missing token), rather than every value imputed as if observed."""
+    c = values.get("clinical")
+    if c is None or not c.shape[1]:
+        return {}
+    return {int(i): {"clinical"} for i in np.flatnonzero(np.isnan(c).all(axis=1))}
+
+
 def _check_clinical(spec, tpath, values, keep) -> None:
     if spec.clinical_missing != "error":
         return
     clinical = values["clinical"]
+    if spec.on_missing == "keep":  # a row with no clinical value at all is kept with clinical absent
+        keep = keep[~np.isnan(clinical[keep]).all(axis=1)]
     holes = [
         f"'{c}' on line(s) {T.lines(keep[np.isnan(clinical[keep, j])])}"
         for j, c in enumerate(spec.clinical_columns)
@@ -259,6 +270,9 @@ def _resolved_fields(spec, root, subj, sources) -> dict:
 
 def _record(cfg, s) -> dict:
     clinical = s.values["clinical"]
+    observed = (
+        np.ones(len(clinical), dtype=bool) if s.present is None else s.present[:, MODALITIES.index("clinical")] == 1
+    )
     rec = {"confounds": _confounds_record(cfg)} if cfg.confounds is not None else {}
     if cfg.atlas is not None:
         rec["atlas"] = {
@@ -280,11 +294,13 @@ def _record(cfg, s) -> dict:
             "sd": cfg.clinical_sd,
             "fitted_on": "train" if cfg.labelled else "all subjects (unlabelled cohort)",
             "missing": cfg.clinical_missing,
+            # cells filled with the mean, among subjects with clinical values (the others: absent)
             "imputed": {
-                c: int(np.isnan(clinical[:, j]).sum())
+                c: int(np.isnan(clinical[observed, j]).sum())
                 for j, c in enumerate(cfg.clinical_columns)
-                if np.isnan(clinical[:, j]).any()
+                if np.isnan(clinical[observed, j]).any()
             },
+            "absent": int((~observed).sum()),  # on_missing: keep, no clinical value at all: present 0
         },
     }
 
@@ -347,6 +363,7 @@ INGEST = IngestMapping(
     cohort_sources=(Source("genotypes", "genotypes", "plink1", fingerprint_field="genotypes_sha256"),),
     min_frames=lambda spec: spec.frames if spec.temporal == "crop" else None,
     table_values=_table_values,
+    absent_values=_no_clinical,
     check=_check_clinical,
     check_sources=_check_sources,
     screen=_screen,
