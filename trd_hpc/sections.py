@@ -118,6 +118,9 @@ class TrainConfig(Strict):
     plateau: PlateauConfig = Field(default_factory=PlateauConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: at epoch ends (and on signals) only
+    # Write RUN/ledger/: every trained sample's (epoch, step, subject id, padding) per rank and
+    # attempt, to audit what a run saw (an elastic resume trains on each subject once an epoch)
+    ledger: bool = False
     seed: int = 0
     deterministic: bool = True  # CPU runs are bit-reproducible, also across resume
     deepspeed_config: Optional[str] = None  # a JSON in configs/deepspeed/; optimiser/LR filled from here

@@ -15,6 +15,13 @@ in exactly the groups, of W*A processes without accumulation.
 
 Padding entries are yielded as ``-(position + 1)`` so the dataset can mark
 them (``is_pad``) and evaluation can drop them.
+
+Elastic resume: the epoch order depends on (seed, epoch) only, never on the world
+size, and step k of an epoch consumes entries [k*G, (k+1)*G) of it (G the global
+batch), so a checkpoint's position is one number, the entries consumed in all.  A
+run resumed at another world size (``resume_at``) continues the same epoch from that
+offset, its remaining entries striped over the new ranks: every subject of the epoch
+is trained on once, none twice (``tests/test_sampler_elastic.py`` keeps the ledger).
 """
 
 from __future__ import annotations
@@ -56,11 +63,13 @@ class ShardAwareSampler(Sampler[int]):
         self.batch_size = batch_size
         self.epoch = 0
         self.start = 0  # samples of this rank's epoch already consumed (resume)
-        v = num_replicas * self.accum  # virtual ranks
-        if drop_last:
-            self.per_rank = self.n // v * self.accum
-        else:
-            self.per_rank = math.ceil(self.n / v) * self.accum
+        self.offset = 0  # entries of the epoch order consumed at another world size (resume_at)
+
+    @property
+    def per_rank(self) -> int:
+        """Entries of this epoch (after ``offset``) for each rank, padding included."""
+        v, n = self.num_replicas * self.accum, self.n - self.offset  # virtual ranks, entries left
+        return n // v * self.accum if self.drop_last else math.ceil(n / v) * self.accum
 
     @classmethod
     def for_dataset(cls, dataset, **kw) -> "ShardAwareSampler":
@@ -69,6 +78,7 @@ class ShardAwareSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self.start = 0
+        self.offset = 0
 
     def epoch_order(self) -> np.ndarray:
         if not self.shuffle:
@@ -86,10 +96,10 @@ class ShardAwareSampler(Sampler[int]):
         return np.concatenate([blocks[i] for i in order]) if blocks else np.zeros(0, np.int64)
 
     def rank_indices(self) -> np.ndarray:
-        order = self.epoch_order()
-        total = self.per_rank * self.num_replicas
-        if total > self.n:
-            pads = np.resize(order, total - self.n)  # repeats the first entries (cyclically)
+        order = self.epoch_order()[self.offset :]
+        total, n = self.per_rank * self.num_replicas, len(order)
+        if total > n:
+            pads = np.resize(order, total - n)  # repeats the first entries (cyclically)
             order = np.concatenate([order, -(pads + 1)])
         else:
             order = order[:total]
@@ -112,16 +122,32 @@ class ShardAwareSampler(Sampler[int]):
         return self.per_rank - self.start
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "start": self.start, "seed": self.seed, "num_replicas": self.num_replicas}
+        return {
+            "epoch": self.epoch,
+            "start": self.start,
+            "seed": self.seed,
+            "num_replicas": self.num_replicas,
+            "offset": self.offset,
+            "consumed": self.consumed(),
+        }
+
+    def consumed(self) -> int:
+        """Entries of the epoch order consumed in all ranks: the offset this sampler started
+        from and ``start`` per process of each of its steps (striped global batches)."""
+        return min(self.n, self.offset + self.start * self.num_replicas)
 
     def resume_at(self, state: dict) -> None:
-        """Continue an epoch saved by a sampler of possibly another world size:
-        the same epoch, skipping as many samples per rank as were consumed in all."""
+        """Continue an epoch saved by a sampler of possibly another world size: the same
+        epoch, from the entry of its order where the saved run stopped."""
         self.epoch, self.seed = int(state["epoch"]), int(state["seed"])
-        consumed = int(state["start"]) * int(state.get("num_replicas", self.num_replicas))
-        self.start = min(consumed // self.num_replicas, self.per_rank)
+        if "consumed" in state:
+            consumed = int(state["consumed"])
+        else:  # a checkpoint written before the offset was recorded
+            consumed = int(state["start"]) * int(state.get("num_replicas", self.num_replicas))
+        self.offset, self.start = min(max(consumed, 0), self.n), 0
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
         self.start = int(state["start"])
         self.seed = int(state["seed"])
+        self.offset = int(state.get("offset", 0))

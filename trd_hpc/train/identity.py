@@ -27,6 +27,7 @@ RESUMABLE_CHANGES = (
     "data.prefetch_factor",
     "data.worker_type",
     "train.checkpoint_every_steps",
+    "train.ledger",
     "train.log_every_steps",
     "tracking.",
 )

@@ -33,6 +33,7 @@ from trd_hpc.tasks.base import FlopsEstimate, Task, merge_records
 from trd_hpc.train import checkpoint as ckpt
 from trd_hpc.train import distributed as D
 from trd_hpc.train import identity, signals
+from trd_hpc.train.ledger import Ledger
 from trd_hpc.train.plan import threads_per_process
 from trd_hpc.train.strategy import make_strategy
 
@@ -245,6 +246,7 @@ class Trainer:
         self.early = EarlyStopping(tc.early_stopping.mode, tc.early_stopping.patience, tie.mode if tie else None)
         self.best_state: dict | None = None
         self._peak = None
+        self._ledger = None  # train.ledger: this attempt's file, opened at its first step
 
     def _loader(self, split: str, sampler: ShardAwareSampler, batch_size: int | None = None):
         d = self.cfg.data
@@ -354,7 +356,14 @@ class Trainer:
             "identity": self.identity,
         }
 
+    def _log_ledger(self, epoch: int, batch: dict) -> None:
+        if self._ledger is None:  # this attempt's file, named by the step it started from
+            self._ledger = Ledger(self.run_dir, self.state.step - 1, self.info.world_size, self.info.rank)
+        self._ledger.write(epoch, self.state.step, batch)
+
     def save_checkpoint(self) -> Path:
+        if self._ledger is not None:  # every row up to this checkpoint is on disk before it
+            self._ledger.flush()
         # Every rank's RNG, and the epoch's records from every rank (rank 0 restores them all).
         gathered = D.all_gather_objects(self.info, (ckpt.capture_rng(), merge_records(self.state.epoch_records)))
         rngs = [g[0] for g in gathered]
@@ -482,6 +491,8 @@ class Trainer:
             faults.point("mid-step", self.state.step + 1)
             self.strategy.step()
             self.state.step += 1
+            if tc.ledger:
+                self._log_ledger(epoch, batch)
             bsz = len(batch["subject_id"])
             self.train_sampler.start += bsz
             samples += bsz
