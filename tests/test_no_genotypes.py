@@ -97,6 +97,15 @@ def test_an_ingested_cohort_without_genotypes_trains_predicts_and_says_so(tmp_pa
         "train.max_epochs=1", "eval.baselines=[]", "tracking.wandb=false",
     )  # fmt: skip
     _check_run(run, cohort, tmp_path, ["fmri", "clinical", *(["present"] if on_missing == "keep" else [])])
+    # straight from the subject folder, no genotypes asked for: the probabilities of ingest + predict
+    folder = tmp_path / "from-folder.tsv"
+    cli("predict", str(run), "--bids", str(spec.parent), "--out", str(folder), "--quiet")
+    got = pd.read_csv(folder, sep="\t")
+    want = pd.read_csv(tmp_path / f"{run.name}.csv")
+    id_col = next(c for c in got.columns if c in want.columns and "participant" in c)
+    both = want.merge(got, on=id_col, suffixes=("", "_folder"))
+    assert len(got) == N + 1 and len(both) == len(want) > 0  # every subject of the folder; the test split within
+    assert np.allclose(both["p_trd_raw"], both["p_trd_raw_folder"], rtol=0, atol=1e-7)  # as the two files round them
 
 
 def test_a_spec_selecting_snps_without_genotypes_is_refused(tmp_path):

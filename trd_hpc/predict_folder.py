@@ -68,8 +68,11 @@ def _spec_for(b, folder: Path, work: Path, labels: list[str] | None) -> Path:
     else:
         how["derivatives"] = f"{STUDY}/{how['derivatives']}"
     for src in m.cohort_sources:
-        d[src.key] = f"{STUDY}/{d[src.key]}"
-    if "snps" in d:  # the model's variants, in its order; QC was the training cohort's business
+        if d.get(src.key) is not None:  # a source the model was trained without (no genotypes) stays absent
+            d[src.key] = f"{STUDY}/{d[src.key]}"
+    if d.get("genotypes") is None:  # trained without genotypes: nothing to select
+        d.pop("snps", None)
+    elif "snps" in d:  # the model's variants, in its order; QC was the training cohort's business
         (work / "snps.txt").write_text("\n".join(co.snp_ids) + "\n")
         d["snps"] = {"ids": "snps.txt"}
     if d.get("atlas"):
