@@ -287,7 +287,9 @@ def _measure(cfg, root: Path, info, trainer, epochs: int, lightning: bool, compi
         if c_loop is not None:
             loops["compiled"] = c_loop
     print(f"bench train: {n_used} subjects, 1 warm-up + {epochs} timed epochs of {', '.join(loops)} ...", flush=True)
-    peaks = PeakMeter(info.device, linear_shapes(bare_model, task.inputs(batches[0], info.device, torch.float32)))
+    peaks = None  # a GPU's peak is its datasheet's (perf.peak_flops): nothing to measure between epochs
+    if info.device.type != "cuda":
+        peaks = PeakMeter(info.device, linear_shapes(bare_model, task.inputs(batches[0], info.device, torch.float32)))
     times = _time_loops(loops, epochs, peaks)
     light, sec = _time_lightning(lightning, fresh_model, task, batches, default_opt, info.device, clip, epochs)
     if sec is not None:
