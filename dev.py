@@ -75,7 +75,7 @@ def setup(all_parts: bool) -> None:
         pip("-e", f"{ROOT}[test]")
         _stamp("core").touch()
     if all_parts and not _stamp("all").exists():
-        pip("-e", f"{ROOT}[test,monai,tune,wandb,mlflow,submitit,bids,export,bench]")
+        pip("-e", f"{ROOT}[test,monai,tune,wandb,mlflow,submitit,bids,harmonize,export,bench]")
         # DeepSpeed's setup.py imports torch: build it against the torch above
         # (an isolated build would download a second, multi-GB torch).
         pip("setuptools", "wheel")

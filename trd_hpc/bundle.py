@@ -103,6 +103,8 @@ def shareable_config(cfg):
     changes: dict = {"data.cohort": Path(str(cfg.data.cohort)).name}
     if getattr(cfg.cohort, "resolved", None) is not None:
         changes.update({"cohort.resolved.root": "", "cohort.resolved.dropped": []})
+        if cfg.cohort.resolved.harmonization is not None:  # the bundle's own copy
+            changes["cohort.resolved.harmonization.file"] = "harmonization.npz"
     return derive(cfg, changes, "the bundle's shareable config")
 
 
@@ -176,6 +178,13 @@ def _preprocessing(cfg) -> dict:
             "method": "per volume: z-score, then rescaled to [0, 1]" if cfg.data.normalize_volumes else "none",
         }
         out["severity_max"] = float(co.severity_max)
+    rec = getattr(getattr(co, "resolved", None), "harmonization", None)
+    if rec is not None:
+        out["harmonization"] = {
+            "method": "ComBat per voxel before the loader's normalisation (trd_hpc.ingest.harmonize)",
+            **co.harmonize.model_dump(mode="json"),
+            **rec.model_dump(mode="json"),
+        }
     return out
 
 
@@ -365,6 +374,20 @@ def _copy_atlas(cfg, tmp: Path) -> list[str]:
     return out
 
 
+def _copy_harmonization(cfg, tmp: Path) -> list[str]:
+    """A harmonised cohort's ComBat estimates (no subject's data: per-voxel site and covariate
+    parameters), copied so new subjects of the fitted sites are corrected alike."""
+    rec = getattr(getattr(cfg.cohort, "resolved", None), "harmonization", None)
+    if rec is None:
+        return []
+    from trd_hpc.ingest.harmonize import FILE, content_sha256, read
+
+    if content_sha256(read(Path(rec.file))) != rec.sha256:
+        raise RunDirError(f"{rec.file}: the harmonisation estimates changed since the cohort was ingested")
+    shutil.copyfile(rec.file, tmp / FILE)
+    return [FILE]
+
+
 def write_bundle(run_dir: str | Path) -> Path:
     """(Re)write ``RUN_DIR/bundle/`` from the finished run; returns its path."""
     from trd_hpc.config import to_yaml
@@ -394,7 +417,7 @@ def write_bundle(run_dir: str | Path) -> Path:
         ] + (["calibrators.json"] if cal else [])
         if cal:
             atomic_write_json(tmp / "calibrators.json", cal)
-        files += _copy_atlas(cfg, tmp)
+        files += _copy_atlas(cfg, tmp) + _copy_harmonization(cfg, tmp)
         atomic_write_json(tmp / "preprocessing.json", _preprocessing(shared))
         atomic_write_json(tmp / "schema.json", _schema(shared))
         atomic_write_json(tmp / "metrics.json", shareable_metrics(metrics))
@@ -429,7 +452,15 @@ def write_bundle(run_dir: str | Path) -> Path:
 # ---------------------------------------------------------------- reading
 # Every file a loader reads; each must be listed in bundle.json with its sha256.
 REQUIRED = ("config.yaml", "model.pt", "preprocessing.json", "schema.json", "metrics.json")
-OPTIONAL = ("calibrators.json", "model_card.md", "model_card.json", "atlas.nii.gz", "atlas.nii", "atlas_labels.tsv")
+OPTIONAL = (
+    "calibrators.json",
+    "model_card.md",
+    "model_card.json",
+    "atlas.nii.gz",
+    "atlas.nii",
+    "atlas_labels.tsv",
+    "harmonization.npz",
+)
 
 
 def _sha256(data: bytes) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from trd_hpc.sections import Strict
 
@@ -94,6 +94,40 @@ class Confounds(Strict):
     t_r: Optional[float] = Field(None, gt=0)
 
 
+class Harmonize(Strict):
+    """ComBat site harmonisation of each subject's resampled volume, voxel by voxel
+    (trd_hpc.ingest.harmonize): the site's location and scale per voxel removed with
+    neuroCombat's empirical-Bayes estimates, the covariates' effects kept.
+
+    Fitted on the training split only; ``estimates:`` applies a fitted set instead (a
+    bundle's ``harmonization.npz``: what ``trd-hpc predict --bids`` does)."""
+
+    method: Literal["combat"] = "combat"
+    site_column: str  # the scanner or site of each subject
+    categorical: list[str] = Field(default_factory=list)  # covariates whose effects stay (sex, diagnosis)
+    continuous: list[str] = Field(default_factory=list)  # (age)
+    fit_on: str = "train"
+    estimates: Optional[str] = None  # relative to the spec's folder; None: fit them
+
+    @field_validator("fit_on")
+    @classmethod
+    def _train_only(cls, v: str) -> str:
+        if v != "train":
+            raise ValueError(
+                f"{v!r} is refused: only 'train'. Fitted on validation or test subjects, ComBat's site "
+                "estimates would carry their volumes into the training data and the scores measured on them "
+                "would no longer be held out"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "Harmonize":
+        both = set(self.categorical) & set(self.continuous)
+        if both or self.site_column in {*self.categorical, *self.continuous}:
+            raise ValueError(f"a column is named twice: {', '.join(sorted(both) or [self.site_column])}")
+        return self
+
+
 class IngestSpecBase(Strict):
     table: str  # .tsv or .csv, relative to the spec's folder
     id_column: str = "participant_id"
@@ -114,6 +148,14 @@ class IngestSpecBase(Strict):
     # table: tsv}); left out: the mapping's default (the table: by its suffix).
     # trd_hpc.ingest.readers lists the formats there are.
     formats: dict[str, str] = Field(default_factory=dict)
+    harmonize: Optional[Harmonize] = None  # ComBat across sites, fitted on the training split
+
+
+class HarmonizationFile(Strict):
+    file: str  # the cohort's harmonization.npz (a bundle's copy travels with the model)
+    sha256: str  # of the estimates' arrays (trd_hpc.ingest.harmonize.content_sha256)
+    fitted_on: str  # "train: N subjects", or the estimates file applied
+    sites: list[str]
 
 
 class Resolved(Strict):
@@ -123,6 +165,8 @@ class Resolved(Strict):
     table_sha256: str
     n_subjects: int = Field(ge=1)
     dropped: list[dict[str, str]] = Field(default_factory=list)  # {participant_id, reason}
+    # harmonize: the estimates the shards were written with (trd_hpc.ingest.harmonize.prepare)
+    harmonization: Optional[HarmonizationFile] = None
 
 
 def cohort_kind(default: str):

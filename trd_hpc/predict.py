@@ -55,10 +55,32 @@ def cohort_problems(b: Bundle, m) -> list[str]:
             out.append(f"no '{col['name']}' input (the model takes {', '.join(c['name'] for c in b.schema['inputs'])})")
         elif list(have.shape) != list(col["shape"]):
             out.append(f"'{col['name']}' is {tuple(have.shape)} per subject, the model takes {tuple(col['shape'])}")
+    out.extend(_harmonization_problems(b, co))
     hook = spec_for(b.cfg).cohort_mismatch
     if hook is not None and not out:
         out.extend(hook(b, co))
     return out
+
+
+def _harmonization_problems(b: Bundle, co) -> list[str]:
+    """A model trained on ComBat-harmonised volumes takes volumes harmonised with its
+    estimates, and only those (trd_hpc.ingest.harmonize)."""
+
+    def sha(c):
+        rec = getattr(getattr(c, "resolved", None), "harmonization", None)
+        return None if rec is None else rec.sha256
+
+    want, have = sha(b.cfg.cohort), sha(co)
+    if want == have:
+        return []
+    if have is None:
+        return [
+            "the model was trained on ComBat-harmonised volumes and this cohort's are not: ingest it with "
+            f"harmonize: {{estimates: {b.path / 'harmonization.npz'}, ...}} (predict --bids does that)"
+        ]
+    if want is None:
+        return ["this cohort's volumes are ComBat-harmonised; the model was trained on volumes that were not"]
+    return [f"this cohort was harmonised with other estimates ({have[:12]}) than the model's ({want[:12]})"]
 
 
 def part_name(out: Path, k: int, total: int) -> Path:

@@ -77,6 +77,12 @@ def _spec_for(b, folder: Path, work: Path, labels: list[str] | None) -> Path:
         d["snps"] = {"ids": "snps.txt"}
     if d.get("atlas"):
         d["atlas"] = _atlas_from_bundle(b, work)
+    if d.get("harmonize"):  # the training split's ComBat estimates, applied (never refitted)
+        from trd_hpc.bundle import _verified_bytes
+        from trd_hpc.ingest.harmonize import FILE
+
+        (work / FILE).write_bytes(_verified_bytes(b.path, FILE, b.meta))
+        d["harmonize"]["estimates"] = FILE
     spec = work / "spec.yaml"
     spec.write_text(yaml.safe_dump(d, sort_keys=False))
     return spec
@@ -109,6 +115,7 @@ def predict_folder(
     from trd_hpc.bundle import load_bundle
     from trd_hpc.data.generate import generate
     from trd_hpc.fsio import atomic_write_json, atomic_write_text
+    from trd_hpc.ingest.prepare import harmonized
     from trd_hpc.ingest.resolve import resolve
     from trd_hpc.predict import predict
 
@@ -122,7 +129,7 @@ def predict_folder(
     with tempfile.TemporaryDirectory(prefix="trd-predict-folder-") as tmp:
         work = Path(tmp)
         spec = _spec_for(b, folder, work, labels)
-        cfg = resolve(spec)
+        cfg = harmonized(resolve(spec), work / "cohort", progress=False)
         generate(cfg, work / "cohort", progress=False)
         res = predict(b.path, work / "cohort", out=work / "predictions.csv", progress=progress, device=device)
         import pandas as pd

@@ -52,6 +52,9 @@ def _ingest(a) -> int:
     if a.check:
         print("check: no problem found (nothing written)" if not a.report else "check: no problem found")
         return 0
+    from trd_hpc.ingest.prepare import harmonized
+
+    cfg = harmonized(cfg, Path(a.out), progress=not a.quiet, force=a.force)  # ComBat: fitted before any shard
     rc = _write(cfg, Path(a.out), a)
     if rc == 0:
         report.write(report.build(Path(a.spec), problems, cfg), Path(a.out))

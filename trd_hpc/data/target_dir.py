@@ -33,9 +33,9 @@ _SHARD = re.compile(r"^shard-[0-9]{5,}\.h5$")
 # What a cohort directory of this project holds; anything else makes a directory
 # without a matching cohort.json / manifest.json someone else's.
 _OWN = re.compile(
-    r"^(cohort\.json|manifest\.json|shard-[0-9]{5,}\.h5|\.shard-[0-9]{5,}\.(json|lock)|\.manifest\.lock|"
+    r"^(cohort\.json|manifest\.json|harmonization\.npz|shard-[0-9]{5,}\.h5|\.shard-[0-9]{5,}\.(json|lock)|\.manifest\.lock|"
     + re.escape(LOCK_FILE)
-    + r"|\.(cohort\.json|manifest\.json|shard-[0-9]{5,}\.h5|\.shard-[0-9]{5,}\.json)"
+    + r"|\.(cohort\.json|manifest\.json|harmonization\.npz|shard-[0-9]{5,}\.h5|\.shard-[0-9]{5,}\.json)"
     + TEMP_TAIL
     + ")$"
 )

@@ -353,6 +353,10 @@ def _collect(spec, root: Path, headers: bool = True, problems: Problems | None =
     labels_ok = label is not None
     label = label if labels_ok else unlabelled
     values = problems.attempt(m.table_values, spec, df, tpath)
+    if spec.harmonize is not None and values is not None:  # its site and covariate columns
+        from trd_hpc.ingest.harmonize import collect_values
+
+        collect_values(spec, m, df, tpath, problems, values)
     site = problems.attempt(_sites, spec, df, tpath)
     if spec.on_missing == "keep" and not m.modalities:
         problems.add(f"spec key 'on_missing': keep needs a model of several modalities; task {spec.task} has one")

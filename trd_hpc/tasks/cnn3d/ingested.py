@@ -11,6 +11,7 @@ import numpy as np
 
 from trd_hpc.data.kinds import CohortKind, Column
 from trd_hpc.errors import IngestError
+from trd_hpc.ingest import harmonize as H
 from trd_hpc.ingest import table as T
 from trd_hpc.ingest.images import fill
 from trd_hpc.ingest.kinds import labels_of, manifest_source, splits_of, trace_columns
@@ -36,7 +37,7 @@ def _make_subject(cfg: IngestedVolumeCohort, index: int, bulk_out: np.ndarray) -
     s = subjects(cfg)
     pid = s.participant_id[index]
     x, affine, source = image_reader(cfg).to_grid(s.image[index], pid, cfg.grid)
-    fill(bulk_out, x)
+    fill(bulk_out, H.subject(cfg, s, index, x))
     severity = s.values["severity"][index] if "severity" in s.values else np.nan
     return {
         "response": np.int64(s.label[index]),
@@ -71,7 +72,13 @@ def _lacking(spec, values) -> dict[int, list[str]]:
 
 
 def _resolved_fields(spec, root, subj, sources) -> dict:
-    """severity_max: the spec's (no severity above it), or the table's largest."""
+    """severity_max: the spec's (no severity above it), or the table's largest; the
+    harmonisation's sites and covariates checked (fitted later: harmonize.prepare)."""
+    from trd_hpc.ingest.resolve import inside
+
+    h = spec.harmonize
+    estimates = inside(root, h.estimates, "harmonize.estimates") if h is not None and h.estimates else None
+    H.check(spec, estimates, subj, labelled=spec.response_column is not None)
     severity = subj.values.get("severity")
     smax = spec.severity_max
     if smax is None:
@@ -103,8 +110,10 @@ INGEST = IngestMapping(
     split=held_out_test_and_folds,
     examples={"bids": _example},
     record=lambda cfg, s: {
-        "volume_normalisation": "stored as resampled; the loader z-scores then scales to [0, 1] per volume",
+        "volume_normalisation": "stored as resampled (then harmonised, when the spec asks); the loader "
+        "z-scores then scales to [0, 1] per volume",
         "severity_max": cfg.severity_max,
+        **({"harmonization": H.record(cfg)} if cfg.harmonize is not None else {}),
     },
 )
 
