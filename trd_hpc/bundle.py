@@ -528,7 +528,7 @@ def load_bundle(source: str | Path) -> Bundle:
     """A run directory (its ``bundle/``) or a bundle folder; BundleError naming the file."""
     import yaml
 
-    from trd_hpc.config import ConfigError, validate_experiment
+    from trd_hpc.config import ConfigError, safe_load_yaml, validate_experiment
 
     path = Path(source)
     if (path / DIR / "bundle.json").is_file():
@@ -563,7 +563,7 @@ def load_bundle(source: str | Path) -> Bundle:
     _check_listing(path, meta)
     try:
         text = _verified_bytes(path, "config.yaml", meta).decode()
-        cfg = validate_experiment(yaml.safe_load(text) or {}, str(path / "config.yaml"))
+        cfg = validate_experiment(safe_load_yaml(text) or {}, str(path / "config.yaml"))
     except UnicodeDecodeError:
         raise BundleError(f"{path / 'config.yaml'}: not UTF-8 text") from None
     except (ConfigError, yaml.YAMLError) as e:

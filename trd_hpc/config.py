@@ -204,12 +204,21 @@ def format_validation_error(err: ValidationError, root: type[BaseModel], source:
     return "\n".join(lines)
 
 
+# libyaml's safe loader where PyYAML was built with it: the same safe subset (no tags that
+# construct objects), 10x faster on a bundle's config (most of a small predict's start-up)
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def safe_load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506 (a safe loader)
+
+
 def _read_yaml(path: Path, what: str = "config file") -> dict:
     """A YAML mapping from ``path``; ConfigError naming the file when it is missing or not a mapping."""
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = safe_load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):

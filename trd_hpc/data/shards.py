@@ -445,6 +445,18 @@ class ShardReader:
         d = self.file[c.name]
         if d.id.get_create_plist().get_nfilters():
             return None
+        if hasattr(d.id, "chunk_iter"):  # HDF5 >= 1.12.3: every chunk in one call (a lookup each costs 15 us)
+            offs = np.full(self.n, -1, dtype=np.int64)
+            sizes_ok = [True]
+
+            def visit(info) -> None:
+                j = info.chunk_offset[0]
+                if 0 <= j < self.n and info.byte_offset is not None:
+                    offs[j] = info.byte_offset
+                    sizes_ok[0] &= info.size == self._nbytes[c.name]
+
+            d.id.chunk_iter(visit)
+            return offs.tolist() if sizes_ok[0] and (offs >= 0).all() else None
         offs = []
         for j in range(self.n):
             info = d.id.get_chunk_info_by_coord((j,) + (0,) * len(c.shape))
