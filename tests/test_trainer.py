@@ -246,10 +246,7 @@ def test_deepspeed_zero_runs_on_two_processes_and_resumes(tmp_path, emt_cohort_d
     assert "resumed from" in r.stdout
     assert metrics(part)["strategy"] == "deepspeed" and metrics(part)["world_size"] == 2
     assert_same_weights(weights(part), weights(full), exact=False, atol=1e-6)
-    # ZeRO partitions cannot be loaded by another number of processes: a clear error.
-    bad = run(train_cmd(part, emt_cohort_dir, *ds, "train.max_epochs=3", nproc=1, resume=True), check=False)
-    assert bad.returncode != 0
-    assert "ZeRO" in bad.stderr and "world size" in bad.stderr
+    # at another number of processes: tests/test_elastic_resume.py (-k elastic_zero2)
 
 
 def test_early_stopping_restores_the_best_epoch(tmp_path, emt_cohort_dir):

@@ -93,3 +93,42 @@ def initialize(model: torch.nn.Module, ds_config: dict):
 
 def engine_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def universal_info() -> dict:
+    """The client state DeepSpeed's ``ds_to_universal`` requires of a checkpoint (a model
+    without tensor or pipeline parallelism: its version key alone)."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+
+
+def to_universal(src: Path, dst: Path) -> None:
+    """``src`` (one tag's ZeRO partitions) as a universal checkpoint in ``dst``, through
+    DeepSpeed's own converter, in this process (its worker pools of 1)."""
+    import argparse
+    import contextlib
+    import io
+    import shutil
+
+    from deepspeed.checkpoint.ds_to_universal import main as convert
+
+    from trd_hpc.fsio import atomic_write_text
+
+    shutil.rmtree(dst, ignore_errors=True)  # a conversion killed half-way
+    args = argparse.Namespace(
+        input_folder=str(src),
+        output_folder=str(dst),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # its per-parameter progress lines
+        convert(args)
+    atomic_write_text(dst / "complete", "ok\n")

@@ -172,7 +172,12 @@ class DeepSpeedStrategy:
     def save(self, run_dir: Path, step: int, client: dict) -> Path:
         d = ckpt.checkpoint_dir(run_dir)
         name = ckpt.step_name(step, deepspeed=True)
-        self.engine.save_checkpoint(str(d), tag=name, client_state={"format": ckpt.FORMAT, **client})
+        from trd_hpc.train.deepspeed_engine import universal_info
+
+        # universal_info: what DeepSpeed's universal conversion needs to reload it at another size
+        self.engine.save_checkpoint(
+            str(d), tag=name, client_state={"format": ckpt.FORMAT, **client, **universal_info()}
+        )
         D.barrier(self.info)
         path = d / name
         if self.info.is_main:
@@ -200,18 +205,40 @@ class DeepSpeedStrategy:
                 f"{path / 'trainer.json'}: unreadable ({e}); not a complete DeepSpeed checkpoint"
             ) from None
         if meta["world_size"] != self.info.world_size and (meta.get("zero_stage") or 0) > 0:
-            raise TrainingError(
-                f"{path}: written by {meta['world_size']} processes with ZeRO stage {meta['zero_stage']}; "
-                f"ZeRO partitions do not reload at another world size ({self.info.world_size} now). "
-                f"Resume with {meta['world_size']} processes, or consolidate the weights with DeepSpeed's "
-                f"zero_to_fp32.py and start a new run from them."
+            client = self._load_universal(path, meta)
+        else:
+            _, client = self.engine.load_checkpoint(
+                str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
             )
-        _, client = self.engine.load_checkpoint(
-            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
         if client is None or client.get("format") != ckpt.FORMAT:
             raise TrainingError(f"{path}: DeepSpeed could not load this checkpoint as a {ckpt.FORMAT}")
         check(path, client["trainer"])
+        return client
+
+    def _load_universal(self, path: Path, meta: dict) -> dict | None:
+        """A ZeRO checkpoint of another world size: its partitions are converted once (rank 0)
+        into DeepSpeed's universal checkpoint, ``path/universal``, which every rank loads and
+        repartitions for the world size it has now."""
+        from trd_hpc.train import deepspeed_engine as dse
+
+        universal = path / "universal"
+        if self.info.is_main and not (universal / "complete").exists():
+            try:
+                dse.to_universal(path, universal)
+            except Exception as e:  # noqa: BLE001 (what DeepSpeed raises varies; the reason is kept)
+                raise TrainingError(
+                    f"{path}: written by {meta['world_size']} processes with ZeRO stage {meta['zero_stage']}; "
+                    f"converting it to a universal checkpoint for {self.info.world_size} failed ({e}). Resume "
+                    f"with {meta['world_size']} processes"
+                ) from e
+        D.barrier(self.info)
+        self.engine._config.load_universal_checkpoint = True  # this load only: later saves are ordinary
+        try:
+            _, client = self.engine.load_checkpoint(
+                str(path), tag="universal", load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        finally:
+            self.engine._config.load_universal_checkpoint = False
         return client
 
 
