@@ -256,15 +256,15 @@ def add_parsers(sub) -> None:
     c = sub.add_parser("cohort", help="inspect a cohort directory")
     csub = c.add_subparsers(dest="cohort_cmd", required=True, metavar="ACTION")
     v = verb(csub, "validate", _cohort_validate, help="check files against the manifest; exit 1 naming each bad file")
-    v.add_argument("dir")
+    v.add_argument("dir", help="cohort directory (holding manifest.json)")
     v.add_argument(
         "--quick",
         action="store_true",
         help="structure, sizes, shapes, attributes, ids and labels only; no voxel is read (no content checksums)",
     )
-    v.add_argument("--quiet", action="store_true")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
     i = verb(csub, "info", _cohort_info, help="print a summary of a cohort")
-    i.add_argument("dir")
+    i.add_argument("dir", help="cohort directory (holding manifest.json)")
 
     cf = sub.add_parser("config", help="show a resolved config")
     cfsub = cf.add_subparsers(dest="config_cmd", required=True, metavar="ACTION")

@@ -158,12 +158,12 @@ def add_parsers(sub) -> None:
         "cv_summary.json with the mean and sd of every metric.",
         epilog=EPILOG,
     )
-    cv.add_argument("config")
+    cv.add_argument("config", help="experiment YAML, or a packaged config by name (`trd-hpc config list`)")
     cv.add_argument("--out", required=True, help="directory for fold-K run directories and cv_summary.json")
     cv.add_argument("--folds", type=int, default=None, help="number of folds (must match cohort.split.folds)")
     cv.add_argument("--fold", type=int, default=None, help="train only this fold (a SLURM array task)")
     cv.add_argument("--aggregate", action="store_true", help="only write the summary of finished folds")
-    cv.add_argument("--quiet", action="store_true")
+    cv.add_argument("--quiet", action="store_true", help="no progress bars")
     add_generate(cv)
     add_overrides(cv)
 
@@ -176,11 +176,11 @@ def add_parsers(sub) -> None:
         "written into the run's config.yaml first; a baseline already trained in RUN_DIR/baselines/NAME is "
         "reused, a new one trained first.",
     )
-    ev.add_argument("run_dir")
-    ev.add_argument("--no-figures", action="store_true")
+    ev.add_argument("run_dir", help="run directory of a finished training (RUN_DIR/model.pt)")
+    ev.add_argument("--no-figures", action="store_true", help="metrics and bundle only, no figures (faster)")
     add_overrides(ev, "eval.* overrides of the run's config")
     rp = verb(sub, "report", _report, help="rewrite report.html of a run from its metrics and figures")
-    rp.add_argument("run_dir")
+    rp.add_argument("run_dir", help="run directory with metrics.json (RUN_DIR/report.html is written)")
 
     rep = verb(
         sub,

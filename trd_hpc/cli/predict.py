@@ -79,7 +79,12 @@ def add_parsers(sub) -> None:
         "torch.export.load(...).module() or onnxruntime.InferenceSession (see README, 'Using a trained model').",
     )
     e.add_argument("model", help="run directory (its bundle/) or bundle folder")
-    e.add_argument("--format", required=True, choices=["torchscript", "onnx", "pt2"])
+    e.add_argument(
+        "--format",
+        required=True,
+        choices=["torchscript", "onnx", "pt2"],
+        help="torchscript (torch.jit), onnx (checked with onnxruntime), pt2 (torch.export)",
+    )
     e.add_argument("--out", required=True, help="output file")
 
     p = verb(

@@ -42,14 +42,14 @@ def add_parsers(sub) -> None:
         "generate: the config's data.cohort)",
     )
     r = p.add_argument_group("resources (per job; one task per GPU or per CPU slot)")
-    r.add_argument("--nodes", type=int, default=1)
+    r.add_argument("--nodes", type=int, default=1, help="nodes per job (default 1)")
     r.add_argument("--tasks-per-node", type=int, default=1, help="DDP processes per node (train, cv)")
     r.add_argument("--gpus-per-node", type=int, default=None, help="default: none requested")
     r.add_argument("--cpus-per-task", type=int, default=1, help="also the torch threads per task (default 1)")
     r.add_argument("--mem-gb", type=float, default=None, help="memory per node (default: the cluster's)")
     r.add_argument("--time", type=int, default=240, metavar="MINUTES", help="time limit per attempt (default 240)")
-    r.add_argument("--partition", default=None)
-    r.add_argument("--account", default=None)
+    r.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default)")
+    r.add_argument("--account", default=None, help="SLURM account to charge (default: yours)")
     r.add_argument(
         "--slurm",
         action="append",
