@@ -620,3 +620,15 @@ def test_mlflow_records_a_training_run_offline_in_its_run_directory(tmp_path, em
     assert [r["val.loss"] for r in back.history] == pytest.approx([h["val.loss"] for h in history])
     r = cli("compare", str(copy), "--out", str(tmp_path / "cmp.png"))
     assert "its epochs read back from its csv log" in r.stderr, r.stderr
+
+
+def test_compare_writes_nothing_into_the_working_directory_unless_asked(tmp_path):
+    a = _fake_run(tmp_path / "runs", "a", [], 0.8)
+    b = _fake_run(tmp_path / "runs", "b", ["train.lr=0.002"], 0.7)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    r = cli("compare", str(a), str(b), cwd=cwd)
+    assert "learning curves: not drawn (--out FILE.png draws them)" in r.stdout, r.stdout
+    assert list(cwd.iterdir()) == []
+    r = cli("compare", str(a), str(b), "--out", "curves.png", cwd=cwd)
+    assert [p.name for p in cwd.iterdir()] == ["curves.png"]

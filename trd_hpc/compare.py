@@ -527,7 +527,7 @@ def _print_sync(runs: list[Run], lines: list[str], file) -> None:
 def compare(
     paths: Sequence[str | Path],
     group: str | None = None,
-    out: str | Path = "compare.png",
+    out: str | Path | None = None,
     metrics: Sequence[str] | None = None,
     file=None,
     use_rich: bool | None = None,
@@ -556,8 +556,8 @@ def compare(
     for target, what in ((csv_file, "csv"), (markdown_file, "markdown")):
         if target:
             _emit(target, texts[what], what, file)
-    png, panels = plot_curves(runs, Path(out))
-    print(f"learning curves: {png}", file=file)
+    png, panels = plot_curves(runs, Path(out)) if out is not None else (None, {})
+    print(f"learning curves: {png}" if png else "learning curves: not drawn (--out FILE.png draws them)", file=file)
     lines = sync_lines(runs)
     _print_sync(runs, lines, file)
     return {

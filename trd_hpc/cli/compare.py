@@ -32,7 +32,7 @@ def _compare(a) -> int:
     compare(
         a.runs,
         group=a.group,
-        out=a.out or "compare.png",
+        out=a.out,
         metrics=metrics,
         csv_file=a.csv,
         markdown_file=a.markdown,
@@ -54,8 +54,9 @@ def add_parsers(sub) -> None:
     c.add_argument("--group", default=None, help="only runs whose config has tracking.group == NAME")
     c.add_argument(
         "--out",
-        default="compare.png",
-        help="PNG for the learning curves, validation solid, training dashed, best epoch dotted (default: ./compare.png)",
+        default=None,
+        help="write the learning curves to this PNG: validation solid, training dashed, best epoch dotted "
+        "(default: none; nothing is written into the working directory unasked)",
     )
     c.add_argument(
         "--metrics",
