@@ -24,6 +24,21 @@ from trd_hpc.fsio import atomic_write_json
 ROUNDS = 3
 
 
+def _in_memory(b, cohort: Path):
+    """The bundle's model and task, and the cohort's batches read into memory."""
+    from trd_hpc.data.dataset import CohortDataset
+    from trd_hpc.tasks import make_task
+
+    model = b.build_model()
+    task = make_task(b.cfg, str(cohort))
+    ds = CohortDataset(cohort, "all", prepare_with=b.cfg.cohort, normalize_volumes=b.cfg.data.normalize_volumes)
+    bs = b.cfg.train.batch_size
+    batches = [ds.__getitems__(list(range(i, min(i + bs, len(ds))))) for i in range(0, len(ds), bs)]
+    batches = [{k: v.clone() for k, v in x.items()} for x in batches]
+    ds.close()
+    return model, task, batches, bs
+
+
 def measure(
     model_run: str | None = None,
     config: str | None = None,
@@ -35,10 +50,8 @@ def measure(
     from trd_hpc.bench.load import PeakRSS
     from trd_hpc.bundle import load_bundle
     from trd_hpc.config import derive, load_config
-    from trd_hpc.data.dataset import CohortDataset
     from trd_hpc.data.generate import generate
     from trd_hpc.predict import predict
-    from trd_hpc.tasks import make_task
 
     scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="trd-bench-predict-"))
     scratch.mkdir(parents=True, exist_ok=True)
@@ -77,13 +90,7 @@ def measure(
             peaks[n] = mem.peak
 
         # bare: the same forward over the same batches, already in memory
-        model = b.build_model()
-        task = make_task(b.cfg, str(big))
-        ds = CohortDataset(big, "all", prepare_with=b.cfg.cohort, normalize_volumes=b.cfg.data.normalize_volumes)
-        bs = b.cfg.train.batch_size
-        batches = [ds.__getitems__(list(range(i, min(i + bs, len(ds))))) for i in range(0, len(ds), bs)]
-        batches = [{k: v.clone() for k, v in x.items()} for x in batches]
-        ds.close()
+        model, task, batches, bs = _in_memory(b, big)
 
         def bare_forward() -> float:
             with torch.no_grad():

@@ -110,7 +110,6 @@ def universal_info() -> dict:
 def to_universal(src: Path, dst: Path) -> None:
     """``src`` (one tag's ZeRO partitions) as a universal checkpoint in ``dst``, through
     DeepSpeed's own converter, in this process (its worker pools of 1)."""
-    import argparse
     import contextlib
     import io
     import shutil
@@ -120,7 +119,9 @@ def to_universal(src: Path, dst: Path) -> None:
     from trd_hpc.fsio import atomic_write_text
 
     shutil.rmtree(dst, ignore_errors=True)  # a conversion killed half-way
-    args = argparse.Namespace(
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(  # the converter's parsed arguments
         input_folder=str(src),
         output_folder=str(dst),
         num_extract_workers=1,
