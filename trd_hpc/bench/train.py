@@ -207,19 +207,20 @@ def linear_shapes(model, batch_inputs: dict) -> list[tuple[int, int, int]]:
 
 
 class PeakMeter:
-    """The matmul rates measured during the benchmark: square, and the model's Linear shapes."""
+    """The matmul rates measured during the benchmark: square, and the model's Linear shapes,
+    in ``dtype`` (fp32 here; ``bench gpu`` measures a GPU in bf16, its training dtype)."""
 
-    def __init__(self, device, shapes: list[tuple[int, int, int]]):
-        self.device, self.shapes = device, shapes
+    def __init__(self, device, shapes: list[tuple[int, int, int]], dtype: torch.dtype = torch.float32):
+        self.device, self.shapes, self.dtype = device, shapes, dtype
         self.square: list[float] = []
         self.model: list[float] = []
 
     def __call__(self) -> None:
         from trd_hpc.train.perf import matmul_flops
 
-        self.square.append(matmul_flops(self.device))
+        self.square.append(matmul_flops(self.device, self.dtype))
         if self.shapes:
-            self.model.append(matmul_flops(self.device, shapes=self.shapes))
+            self.model.append(matmul_flops(self.device, self.dtype, shapes=self.shapes))
 
     def figures(self) -> dict:
         square = max(self.square)

@@ -1,4 +1,4 @@
-"""``trd-hpc bench generate|load|train|ingest|predict|faults|tune|scale``: each benchmark with its own options."""
+"""``trd-hpc bench generate|load|train|gpu|ingest|predict|faults|tune|scale``: each benchmark with its own options."""
 
 from __future__ import annotations
 
@@ -41,6 +41,12 @@ def _train(a) -> int:
         lightning=not a.no_lightning,
         compile=not a.no_compile,
     )
+
+
+def _gpu(a) -> int:
+    from trd_hpc.bench.gpu import measure
+
+    return measure(a.device, a.json, scratch_dir=a.dir)
 
 
 def _faults(a) -> int:
@@ -154,6 +160,37 @@ def _add_train(bsub) -> None:
     bt.add_argument("--epochs", type=int, default=3, help="timed epochs per loop after one warm-up (default 3)")
     bt.add_argument("--no-lightning", action="store_true", help="skip the Lightning Trainer")
     bt.add_argument("--no-compile", action="store_true", help="skip the torch.compile loop")
+
+
+def _add_gpu(bsub) -> None:
+    g = verb(
+        bsub,
+        "gpu",
+        _gpu,
+        help="one device check: precisions, data stall, MFU, DeepSpeed ZeRO-1/2, exact resume, into one JSON",
+        description="On one GPU (sized to finish in under 8 minutes), for the EMT and the 3-D CNN at "
+        "the papers' shapes (configs/emt.yaml, configs/cnn3d.yaml), measure with the trainer's own training epoch:\n"
+        "  * samples/s and peak device memory in bf16 autocast, fp16 autocast with GradScaler and fp32;\n"
+        "  * samples/s fed by the trainer's HDF5 loader (a cohort generated in --dir) over samples/s fed one batch\n"
+        "    kept on the device: the data stall;\n"
+        "  * MFU: achieved FLOP/s over a bf16 matmul measured in the same run at the model's own GEMM shapes\n"
+        "    and square (never above 100 %: measured again once, else null);\n"
+        "  * exact resume: a run killed after step 3 (TRD_FAULT) and resumed against an uninterrupted one\n"
+        "    (CPU: bit-identical; GPU: every weight tensor within 1e-5 of its max |weight|);\n"
+        "  * DeepSpeed ZeRO-1 and ZeRO-2 in this process (world size 1): samples/s, or why it cannot run.\n"
+        "--device cpu (what CI runs; auto without a GPU) uses the tiny configs, runs bf16/fp16 briefly and says\n"
+        "so, and takes a minute or two. The JSON (device, torch/CUDA versions, units, every stage's status,\n"
+        "a failed stage's traceback) is rewritten after each stage; a failed stage makes the exit status 1.\n"
+        "On a SLURM GPU node: sbatch slurm/bench_gpu.sh, or srun --gres=gpu:1 trd-hpc bench gpu --json gpu.json",
+    )
+    g.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto (default): CUDA when PyTorch sees a GPU, else the CPU mode; cuda without a GPU is an error",
+    )
+    g.add_argument("--json", default="bench_gpu.json", help="the figures' JSON file (default: bench_gpu.json)")
+    g.add_argument("--dir", default=None, help="scratch directory, kept (default: a temporary one, removed)")
 
 
 def _add_ingest(bsub) -> None:
@@ -273,5 +310,7 @@ def add_parsers(sub) -> None:
     b = sub.add_parser("bench", help="measure throughput against this machine's limits")
     bsub = b.add_subparsers(dest="what", required=True, metavar="BENCHMARK")
     # The order here is the order `trd-hpc bench --help` lists the benchmarks in.
-    for add in (_add_generate, _add_scale, _add_load, _add_train, _add_ingest, _add_predict, _add_faults, _add_tune):
+    for add in (
+        _add_generate, _add_scale, _add_load, _add_train, _add_gpu, _add_ingest, _add_predict, _add_faults, _add_tune,
+    ):  # fmt: skip
         add(bsub)
