@@ -205,6 +205,8 @@ def precision_stage(mb: ModelBench, precision: str, passes: int, meter_box: list
             "precision": trainer.precision,
             "autocast_dtype": str(trainer.autocast_dtype).replace("torch.", "") if trainer.autocast_dtype else None,
             "grad_scaler": trainer.strategy.scaler is not None,
+            # train.deterministic (the default) turns cuDNN's autotuner off: a GPU's figures are with it
+            "deterministic": trainer.tc.deterministic,
             "batch_size": mb.batch_size,
             "steps_per_pass": len(loader),
             "timed_passes": passes,
