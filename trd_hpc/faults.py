@@ -13,6 +13,7 @@ reaches that point, e.g.::
     TRD_FAULT=evaluate | report           at the start of the evaluation stage / the report
     TRD_FAULT=shard-subject:K:J           generate: writing subject J (0-based) of shard K
     TRD_FAULT=shard-write:K               generate: K-th shard of this process complete, not renamed
+    TRD_FAULT=tune-result:K               a sweep's driver, at the K-th trial result it received
 
 Several points may be given, comma-separated; the first reached fires.
 ``TRD_FAULT_KILL=self`` (default) sends SIGKILL to this process,
@@ -45,6 +46,7 @@ COUNTED = {
     "model-rename",
     "shard-write",
     "shard-rename",
+    "tune-result",
 }
 POINTS = (
     "after-step",
@@ -62,6 +64,7 @@ POINTS = (
     "shard-subject",
     "shard-write",
     "shard-rename",
+    "tune-result",
 )
 
 

@@ -19,7 +19,7 @@ def _tune(a) -> int:
         scheduler=a.scheduler,
         overrides=tuple(a.overrides or ()) + (("data.generate=true",) if a.generate else ()),
         resume=not a.no_resume,
-        spec_updates={"max_t": a.max_t, "num_samples": a.num_samples},
+        spec_updates={"max_t": a.max_t, "num_samples": a.num_samples, "seed": a.seed},
         verbose=0 if a.quiet else 1,
         progress=not a.quiet,
         min_nodes=a.min_nodes,
@@ -67,6 +67,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--scheduler", choices=["asha", "fifo"], default=None, help="replace the spec's scheduler")
     p.add_argument("--max-t", type=int, default=None, help="replace the spec's max_t (epochs per trial)")
     p.add_argument("--num-samples", type=int, default=None, help="replace the spec's num_samples")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="replace the spec's search seed (SLURM array tasks sharing an Optuna journal: one seed each, "
+        "e.g. --seed $SLURM_ARRAY_TASK_ID)",
+    )
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing sweep in --out")
     p.add_argument("--quiet", action="store_true", help="no Tune progress table")
     add_generate(p)

@@ -11,6 +11,13 @@ per-epoch metric that ranks trials whose ``metric`` is exactly equal, for the
 scheduler and for picking the best).  ``randint`` draws integers in
 ``low..high`` with both ends included.
 
+``search`` picks how trials are drawn (default: Ray's random/grid variant generator):
+``{algorithm: optuna, sampler: tpe, n_startup_trials: N}`` draws each new trial with
+Optuna's TPE, seeded with ``seed``, from the results of the trials before it (the first N at
+random); ``storage: journal, path: FILE`` keeps the study in Optuna's append-only journal
+file, which several ``trd-hpc tune`` processes (SLURM array tasks) share: each one's TPE sees
+every process's finished trials (``study_name`` names the study in the file).
+
 Everything is checked before Ray starts: the spec's own keys (pydantic; errors
 name the key), that each space key exists in the base config, and that samples
 of the space (every combination of the discrete values, the continuous ranges
@@ -147,6 +154,35 @@ def score(row: dict, metric: str, mode: str, tie: "TieBreaker | None") -> float 
     return float(v) + (1 if tie.mode == mode else -1) * _TIE_WEIGHT * squash
 
 
+OPTUNA_KEYS = ("sampler", "n_startup_trials", "storage", "path", "study_name")
+
+
+class Search(_Strict):
+    """How a sweep draws its trials' hyper-parameters (``search:`` in a spec)."""
+
+    algorithm: Literal["random", "optuna"] = "random"
+    sampler: Optional[Literal["tpe"]] = None  # optuna only; tpe when not given
+    n_startup_trials: Optional[int] = Field(None, ge=1)  # optuna: random draws before TPE models (default 10)
+    storage: Optional[Literal["memory", "journal"]] = None  # optuna: where the study lives (default memory)
+    path: Optional[str] = None  # journal: the study's journal file
+    study_name: Optional[str] = None  # journal: the study in that file (default: the spec's file name)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Search":
+        given = [k for k in OPTUNA_KEYS if getattr(self, k) is not None]
+        if self.algorithm == "random" and given:
+            raise ValueError(f"{given} are options of algorithm: optuna (the random search takes none)")
+        if self.storage == "journal" and not self.path:
+            raise ValueError("storage: journal needs 'path', the journal file the study is kept in")
+        if self.storage != "journal" and (self.path or self.study_name):
+            raise ValueError("'path' and 'study_name' name a shared study: they go with storage: journal")
+        return self
+
+    @property
+    def model_based(self) -> bool:
+        return self.algorithm == "optuna"
+
+
 class SweepSpec(_Strict):
     base: str
     metric: str
@@ -162,6 +198,7 @@ class SweepSpec(_Strict):
     overrides: Union[list[str], dict[str, Any]] = Field(default_factory=list)
     seed: int = 0
     tie_breaker: Optional[TieBreaker] = None
+    search: Optional[Search] = None  # None: Ray's random/grid variant generator
 
     @field_validator("metric")
     @classmethod
@@ -209,7 +246,23 @@ class SweepSpec(_Strict):
     def _check(self) -> "SweepSpec":
         if self.grace_period > self.max_t:
             raise ValueError(f"grace_period ({self.grace_period}) exceeds max_t ({self.max_t})")
+        grids = [k for k, p in self.space.items() if p.type == "grid"]
+        if self.model_based and grids:
+            raise ValueError(
+                f"search: optuna draws every trial from the space, and a grid ({', '.join(grids)}) is every "
+                f"value once: give those keys type: choice, or search: {{algorithm: random}}"
+            )
         return self
+
+    @property
+    def model_based(self) -> bool:
+        """Trials drawn by Optuna from the results so far (not by Ray's random/grid generator)."""
+        return self.search is not None and self.search.model_based
+
+    @property
+    def search_name(self) -> str:
+        """The search algorithm in words, for summaries: ``random`` or ``optuna-tpe``."""
+        return f"optuna-{self.search.sampler or 'tpe'}" if self.model_based else "random"
 
     @property
     def scheduler_metric(self) -> str:
@@ -320,8 +373,10 @@ class Sweep:
 
     def fingerprint(self, cohort: str) -> dict:
         """What must not change between a sweep and its resumption."""
+        # without a search section the spec dumps as before there was one: older sweeps still resume
+        exclude = {"base"} | ({"search"} if self.spec.search is None else set())
         return {
-            "spec": self.spec.model_dump(mode="json", exclude={"base"}),  # the base by content:
+            "spec": self.spec.model_dump(mode="json", exclude=exclude),  # the base by content:
             "base": self.trial_data({}, cohort=cohort, tracking_off=False),
         }
 

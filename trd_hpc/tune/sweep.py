@@ -1,8 +1,9 @@
 """``trd-hpc tune SPEC --out DIR``: a Ray Tune sweep of the shared trainer.
 
 One trial is one run of ``trd_hpc.experiment.train_run`` in ``DIR/sweep/<trial>/run``
-(``resume="auto"``), reporting once per epoch.  With ASHA a trial is stopped
-right after a report; its run directory keeps every finished epoch.
+(``resume="auto"``), reporting once per epoch (``trd_hpc.tune.trial``).  With ASHA a trial is
+stopped right after a report; its run directory keeps every finished epoch.  Trials are drawn by
+Ray's random/grid generator or by Optuna's TPE (``search:``, ``trd_hpc.tune.search``).
 
 Layout of DIR:
   sweep/                 Ray Tune's experiment (restored by the same command)
@@ -11,154 +12,43 @@ Layout of DIR:
     trial_<id>/tracking/   the driver's W&B / MLflow logs of the trial (trd_hpc.tune.tracking)
   sweep_spec.json        the checked spec and resolved base config (a rerun must match)
   sweep_state.json       finished true/false, trial counts, wall seconds over all invocations
+  rungs.json             ASHA's rung records and decisions (trd_hpc.tune.rungs)
   best.json              the best trial: metric value, epoch, params, run dir; sweep cost
   best_config.yaml       the best trial's full config (``trd-hpc train best_config.yaml --out X``)
 
-Resumption: the Tune checkpoint of a report is a marker holding the epoch just
-reported; the trainer's own checkpoints live in the run dir.  A restored trial
-resumes the trainer from its newest checkpoint (never repeating an epoch) and first
-reports the epochs the trainer finished but Tune had not received (a kill between the
-trainer's checkpoint and the report).
+Resumption: a restored trial resumes the trainer from its newest checkpoint (never repeating an
+epoch) and first reports the epochs the trainer finished but Tune had not received.  ASHA's rung
+records come back with the experiment (Ray's own restore loses them), so the requeued sweep
+stops the trials an uninterrupted one stops.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from trd_hpc.config import ConfigError, to_yaml, validate_experiment
+from trd_hpc import faults
+from trd_hpc.config import ConfigError, validate_experiment
 from trd_hpc.fsio import atomic_write_text
-from trd_hpc.rundir import RunDir
 from trd_hpc.train.plan import available_cpus
-from trd_hpc.tune.spec import SCORE_KEY, Sweep, dumps, load_spec, score
+from trd_hpc.tune.rungs import recorded_asha
+from trd_hpc.tune.search import numbered_trial_dirname, search_algorithm, study_counts
+from trd_hpc.tune.spec import Sweep, dumps, load_spec
+from trd_hpc.tune.summary import BEST_CONFIG, BEST_FILE, EXPERIMENT, format_result, summarize
 from trd_hpc.tune.tracking import tracking_callbacks
+from trd_hpc.tune.trial import read_json as _read_json
+from trd_hpc.tune.trial import trial_main
 
-EXPERIMENT = "sweep"
+# what the CLI and the launchers take from here
+__all__ = ["BEST_CONFIG", "BEST_FILE", "format_result", "prepare_cohort", "run_sweep", "start_ray", "unfinished_reason"]
+
 STATE_FILE = "sweep_state.json"
 SPEC_FILE = "sweep_spec.json"
-BEST_FILE = "best.json"
-BEST_CONFIG = "best_config.yaml"
-TRIAL_FILE = "trial.json"
-FAILED_FILE = "FAILED"
-PROGRESS_FILE = "progress.json"
 OBJECT_STORE_BYTES = 80 * 1024 * 1024
 RESOURCE_WAIT_S = 120  # on an existing cluster, how long to wait for nodes with a trial's resources
-
-
-# --------------------------------------------------------------------------- the trial
-def _history(run_dir: Path) -> list[dict]:
-    return RunDir(run_dir).history()
-
-
-def _scalars(row: dict) -> dict:
-    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def recorded_params(trial_dir: Path, params: dict) -> dict:
-    """The parameters this trial's run was started with, when it was started already.
-
-    A driver killed between Ray's snapshots can come back with the search algorithm's state
-    ahead of its trial list: the restored trial then gets the next sample, not the one its run
-    directory was trained with, and resuming that run would fail on the changed config every
-    time. The run on disk wins: it goes on with its own parameters, and trial.json keeps saying
-    which (the sweep's summaries read them from there)."""
-    info = _read_json(trial_dir / TRIAL_FILE)
-    old = (info or {}).get("params")
-    if old is None or old == params or not (trial_dir / "run" / "config.yaml").exists():
-        return params
-    print(
-        f"trial {trial_dir.name}: restored with {params}, but its run was started with {old}; continuing that run",
-        file=sys.stderr,
-        flush=True,
-    )
-    return dict(old)
-
-
-def trial_main(config: dict, ctx: dict) -> None:
-    """The Tune function trainable (``config``: the sampled dotted keys)."""
-    from ray import tune
-
-    from trd_hpc.experiment import train_run
-    from trd_hpc.train.trainer import TrainingError
-
-    tc = tune.get_context()
-    trial_dir = Path(ctx["exp_dir"]) / Path(tc.get_trial_dir()).name
-    run_dir = trial_dir / "run"
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    params = recorded_params(trial_dir, dict(config))
-    import ray
-
-    atomic_write_text(
-        trial_dir / TRIAL_FILE,
-        dumps(
-            {
-                "trial_id": tc.get_trial_id(),
-                "trial_name": tc.get_trial_name(),
-                "params": params,
-                "run_dir": str(run_dir),
-                # where it ran (last, if restored): on a multi-node cluster, which node
-                "host": socket.gethostname(),
-                "node_id": ray.get_runtime_context().get_node_id(),
-            }
-        ),
-    )
-    sweep: Sweep = ctx["sweep"]
-    cfg = validate_experiment(
-        sweep.trial_data(params, cohort=ctx["cohort"], threads=ctx["threads"]), f"trial {tc.get_trial_id()}"
-    )
-    spec = sweep.spec
-    metric = spec.metric
-    needed = [metric] + ([spec.tie_breaker.metric] if spec.tie_breaker else [])
-
-    reported = {"epoch": 0}
-    ck = tune.get_checkpoint()
-    if ck is not None:
-        with ck.as_directory() as d:
-            reported["epoch"] = int(json.loads((Path(d) / PROGRESS_FILE).read_text())["epoch"])
-
-    def report(row: dict) -> None:
-        for m in needed:
-            if m not in row:
-                raise ConfigError(
-                    f"metric '{m}' is not reported by the {cfg.task} trainer; it reports: "
-                    f"{', '.join(sorted(k for k in row if k.startswith(('val.', 'train.'))))}"
-                )
-        marker = Path(tempfile.mkdtemp(prefix="trd-tune-"))
-        try:
-            atomic_write_text(marker / PROGRESS_FILE, json.dumps({"epoch": int(row["epoch"]), "run_dir": str(run_dir)}))
-            reported["epoch"] = int(row["epoch"])
-            metrics = {**_scalars(row), "epoch": int(row["epoch"])}
-            if spec.tie_breaker:
-                metrics[SCORE_KEY] = score(row, metric, spec.mode, spec.tie_breaker)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(marker)))
-        finally:  # also when ASHA stops the trial inside report (SystemExit)
-            shutil.rmtree(marker, ignore_errors=True)
-
-    def on_epoch(trainer, row: dict) -> None:
-        for r in list(trainer.state.history):  # epochs finished before a restart come first
-            if r["epoch"] > reported["epoch"]:
-                report(r)
-
-    try:
-        train_run(cfg, run_dir, resume="auto", progress=False, on_epoch=on_epoch)
-    except TrainingError as e:  # e.g. a NaN loss at a high learning rate: the trial ends, the sweep goes on
-        atomic_write_text(trial_dir / FAILED_FILE, f"{e}\n")
-        print(f"trial {tc.get_trial_id()} failed: {e}", file=sys.stderr, flush=True)
-        return
-    for r in _history(run_dir):  # a restored trial whose trainer had already finished
-        if r["epoch"] > reported["epoch"]:
-            report(r)
-
-
-def _trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"
 
 
 # --------------------------------------------------------------------------- Ray
@@ -215,6 +105,7 @@ def _state_callback_class():
             self._base = float(st.get("wall_seconds", 0.0))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            faults.point("tune-result")  # TRD_FAULT=tune-result:K: the driver dies at its K-th result
             now = time.perf_counter()
             if self._t0 is None or now - self._last < 1.0:
                 return
@@ -228,94 +119,6 @@ def _state_callback_class():
 
 def _StateCallback(out_dir: str):
     return _state_callback_class()(out_dir)
-
-
-# --------------------------------------------------------------------------- summary
-def _read_json(p: Path) -> dict | None:
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def trial_summaries(out_dir: Path, sweep: Sweep) -> list[dict]:
-    """Per trial (from the run dirs, the record of what was trained): params, epochs, best value."""
-    metric, mode, max_t = sweep.spec.metric, sweep.spec.mode, sweep.spec.max_t
-    out = []
-    for tf in sorted((out_dir / EXPERIMENT).glob(f"*/{TRIAL_FILE}")):
-        info = _read_json(tf)
-        if info is None:
-            continue
-        run_dir = Path(info["run_dir"])
-        rows = _history(run_dir)
-        # the best epoch by the scheduler's ranking (the metric; the tie-breaker between equal values)
-        scored = [(score(r, metric, mode, sweep.spec.tie_breaker), r[metric], r["epoch"]) for r in rows]
-        scored = [t for t in scored if t[0] is not None]
-        best = (max if mode == "max" else min)(scored, key=lambda t: t[0]) if scored else (None, None, None)
-        failed = (tf.parent / FAILED_FILE).exists()
-        out.append(
-            {
-                "trial_id": info["trial_id"],
-                "params": info["params"],
-                "run_dir": str(run_dir),
-                "epochs": len(rows),
-                "epoch_list": [r["epoch"] for r in rows],
-                "best_score": best[0],
-                "best_value": best[1],
-                "best_epoch": best[2],
-                "failed": failed,
-                "stopped_early": (not failed) and 0 < len(rows) < max_t,
-            }
-        )
-    return out
-
-
-def summarize(out_dir: Path, sweep: Sweep, cohort: str, state: dict) -> dict:
-    trials = trial_summaries(out_dir, sweep)
-    spec = sweep.spec
-    scored = [t for t in trials if t["best_score"] is not None]
-    best = None
-    if scored:
-        key = (lambda t: t["best_score"]) if spec.mode == "max" else (lambda t: -t["best_score"])
-        best = max(scored, key=key)  # the first of equal values (trials sorted by id)
-    result = {
-        "metric": spec.metric,
-        "mode": spec.mode,
-        "scheduler": spec.scheduler,
-        "max_t": spec.max_t,
-        "tie_breaker": spec.tie_breaker.model_dump() if spec.tie_breaker else None,
-        "value": best["best_value"] if best else None,
-        "trial_id": best["trial_id"] if best else None,
-        "best_epoch": best["best_epoch"] if best else None,
-        "params": best["params"] if best else None,
-        "run_dir": best["run_dir"] if best else None,
-        "trial_epochs": sum(t["epochs"] for t in trials),
-        "num_trials": len(trials),
-        # trials that ran fewer than max_t epochs: stopped by ASHA (or the trainer's early stopping)
-        # once the sweep has finished, possibly just interrupted before
-        "stopped_early": sum(t["stopped_early"] for t in trials) if state.get("finished") else None,
-        "short_of_max_t": sum(t["stopped_early"] for t in trials),
-        "failed": sum(t["failed"] for t in trials),
-        "wall_seconds": state.get("wall_seconds", 0.0),
-        "finished": bool(state.get("finished")),
-        "spec": sweep.source,
-        "base": str(sweep.base_path),
-        "cohort": cohort,
-        "trials": [
-            {k: t[k] for k in ("trial_id", "params", "epochs", "best_value", "best_epoch", "failed")} for t in trials
-        ],
-    }
-    atomic_write_text(out_dir / BEST_FILE, dumps(result) + "\n")
-    if best is not None:
-        data = sweep.trial_data(best["params"], cohort=cohort, tracking_off=False)
-        cfg = validate_experiment(data, "best trial")
-        header = (
-            f"# Best trial {best['trial_id']} of the sweep {sweep.source} ({spec.scheduler}, {len(trials)} trials):\n"
-            f"# {spec.metric} = {best['best_value']:.6g} at epoch {best['best_epoch']}; run: {best['run_dir']}\n"
-            f"# Train it again: trd-hpc train {out_dir / BEST_CONFIG} --out RUN_DIR\n"
-        )
-        atomic_write_text(out_dir / BEST_CONFIG, header + to_yaml(cfg))
-    return result
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -338,11 +141,30 @@ def prepare_cohort(sweep: Sweep, progress: bool = True, generate: bool = False) 
     return cohort
 
 
+def _scheduler(spec, out_dir: Path) -> tuple[Any, list]:
+    """The Tuner's scheduler and the callbacks it needs: ASHA keeps its rungs with the experiment."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    if spec.scheduler != "asha":
+        return FIFOScheduler(), []
+    sched, records = recorded_asha(
+        out_dir,
+        time_attr="epoch",
+        max_t=spec.max_t,
+        grace_period=spec.grace_period,
+        reduction_factor=spec.reduction_factor,
+        brackets=1,
+    )
+    return sched, [records]
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
 def _make_tuner(sweep: Sweep, out_dir: Path, cohort: str, restoring: bool, verbose: int):
     """The sweep's Tuner: restored from ``out_dir`` when ``restoring``, else a new one."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     spec, exp_dir = sweep.spec, out_dir / EXPERIMENT
     ctx = {
@@ -353,19 +175,10 @@ def _make_tuner(sweep: Sweep, out_dir: Path, cohort: str, restoring: bool, verbo
     }
     resources = {k: v for k, v in spec.resources_per_trial.items()}
     trainable = tune.with_resources(tune.with_parameters(trial_main, ctx=ctx), resources)
-    if restoring:
+    if restoring:  # the scheduler, search state and callbacks come back from the experiment
         print(f"resuming the sweep in {exp_dir}", flush=True)
         return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
-    if spec.scheduler == "asha":
-        sched = ASHAScheduler(
-            time_attr="epoch",
-            max_t=spec.max_t,
-            grace_period=spec.grace_period,
-            reduction_factor=spec.reduction_factor,
-            brackets=1,
-        )
-    else:
-        sched = FIFOScheduler()
+    sched, sched_callbacks = _scheduler(spec, out_dir)
     return tune.Tuner(
         trainable,
         param_space=spec.param_space(),
@@ -374,9 +187,10 @@ def _make_tuner(sweep: Sweep, out_dir: Path, cohort: str, restoring: bool, verbo
             mode=spec.mode,
             scheduler=sched,
             num_samples=spec.num_samples,
-            search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent),
+            search_alg=search_algorithm(sweep, out_dir),
             reuse_actors=True,
-            trial_dirname_creator=_trial_dirname,
+            # Ray's ids of the random generator come back with its state; Optuna's do not
+            trial_dirname_creator=numbered_trial_dirname if spec.model_based else _trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=EXPERIMENT,
@@ -384,7 +198,9 @@ def _make_tuner(sweep: Sweep, out_dir: Path, cohort: str, restoring: bool, verbo
             stop={"epoch": spec.max_t},
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[_StateCallback(str(out_dir))]
+            # the rung records first: Ray restores callback states by their place in this list
+            callbacks=sched_callbacks
+            + [_StateCallback(str(out_dir))]
             + tracking_callbacks(sweep, out_dir, EXPERIMENT, cohort, ctx["threads"]),
             verbose=verbose,
         ),
@@ -492,7 +308,7 @@ def run_sweep(
             )
     state = _read_json(out_dir / STATE_FILE) or {"wall_seconds": 0.0, "invocations": 0}
     if resume and state.get("finished") and fp_file.exists():
-        return summarize(out_dir, sweep, cohort, state)  # nothing left to run
+        return summarize(out_dir, sweep, cohort, state, study_counts(sweep, out_dir))  # nothing left to run
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(fp_file, dumps(fingerprint) + "\n")
     state.update(
@@ -517,25 +333,7 @@ def run_sweep(
         }
     )
     _write_state(out_dir, state)
-    return summarize(out_dir, sweep, cohort, state)
-
-
-def format_result(res: dict) -> str:
-    v = res.get("value")
-    lines = [
-        f"best {res['metric']} = {v:.4f} (trial {res['trial_id']}, epoch {res['best_epoch']})"
-        if v is not None
-        else f"no trial reported {res['metric']} yet",
-        f"params: {res.get('params')}",
-        f"{res['num_trials']} trials, {res['trial_epochs']} trial-epochs, "
-        + (
-            f"{res['stopped_early']} stopped early, "
-            if res["finished"]
-            else f"{res['short_of_max_t']} not at max_t yet, "
-        )
-        + f"{res['failed']} failed, {res['wall_seconds']:.1f} s ({res['scheduler']}, max_t {res['max_t']})",
-    ]
-    return "\n".join(lines)
+    return summarize(out_dir, sweep, cohort, state, study_counts(sweep, out_dir))
 
 
 def unfinished_reason(out_dir: Path) -> tuple[str, int]:
