@@ -17,6 +17,7 @@ import yaml
 from tests.conftest import CONFIGS, cli
 from trd_hpc.ingest import harmonize as H
 from trd_hpc.ingest.example import ANATOMICAL, write_table
+from trd_hpc.tasks.cnn3d.example import cnn3d_folder
 
 N, SITES = 40, 4
 
@@ -74,9 +75,11 @@ def test_estimates_file_round_trips_and_a_damaged_or_pickled_one_is_refused(tmp_
 
 
 def _study(root, harmonize: dict | None = None, sites: int = SITES, **spec_extra):
-    """N subjects of nibabel's anatomical image with a site offset and scale, an age effect and
-    noise, written as real NIfTI files, with a table and a cnn3d spec."""
-    root.mkdir(parents=True)
+    """The cnn3d example folder (its spec) with N subjects of nibabel's anatomical image given a
+    site offset and scale, an age effect and noise, written as real NIfTI files, and a table
+    with their site and age."""
+    extra = {"harmonize": {"site_column": "site", "continuous": ["age"], **(harmonize or {})}, **spec_extra}
+    spec = cnn3d_folder(root, n=N, spec_extra={"subjects_per_shard": 16, **extra})
     src = nib.load(ANATOMICAL[0])
     base = np.asarray(src.dataobj, dtype=np.float32)
     rng = np.random.default_rng(3)
@@ -85,26 +88,12 @@ def _study(root, harmonize: dict | None = None, sites: int = SITES, **spec_extra
         k, cls = i % sites, i % 3
         age = 20 + (i * 7) % 50
         vol = base * (1 + 0.2 * k) + 15.0 * k + 0.3 * age + rng.normal(0, 4, base.shape).astype(np.float32)
-        p = root / f"sub-{i:02d}" / "anat" / f"sub-{i:02d}_T1w.nii"
-        p.parent.mkdir(parents=True)
-        nib.save(nib.Nifti1Image(vol.astype(np.float32), src.affine), p)
+        nib.save(
+            nib.Nifti1Image(vol.astype(np.float32), src.affine), root / f"sub-{i:02d}" / "anat" / f"sub-{i:02d}_T1w.nii"
+        )
         rows.append([f"sub-{i:02d}", ["non", "partial", "full"][cls], 20 + 30 * cls + i % 5, f"site{k}", age])
-    write_table(root / "participants.tsv", ["participant_id", "outcome", "madrs", "site", "age"], rows)
-    spec = {
-        "task": "cnn3d",
-        "table": "participants.tsv",
-        "response_column": "outcome",
-        "severity_column": "madrs",
-        "labels": ["non", "partial", "full"],
-        "severity_max": 100,
-        "volume": "sub-{id}/anat/sub-{id}_T1w.nii",
-        "grid": [24, 24, 8],
-        "subjects_per_shard": 16,
-        "harmonize": {"site_column": "site", "continuous": ["age"], **(harmonize or {})},
-        **spec_extra,
-    }
-    (root / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    return root / "spec.yaml"
+    write_table(root / "participants.csv", ["participant_id", "outcome", "madrs", "site", "age"], rows)
+    return spec
 
 
 def _volumes(cohort) -> dict[str, np.ndarray]:
@@ -137,7 +126,7 @@ def test_ingest_fits_on_the_training_split_only_and_the_shards_hold_the_harmonis
     est = H.read(cohort / "harmonization.npz")
     assert H.content_sha256(est) == rec["sha256"] == man["config"]["resolved"]["harmonization"]["sha256"]
     # each stored volume is its resampled image with the estimates applied
-    table = pd.read_csv(spec.parent / "participants.tsv", sep="\t").set_index("participant_id")
+    table = pd.read_csv(spec.parent / "participants.csv").set_index("participant_id")
     stored = _volumes(cohort)
     for pid in ("sub-03", "sub-10"):
         raw = NiftiReader().to_grid(spec.parent / pid / "anat" / f"{pid}_T1w.nii", pid, (24, 24, 8))[0]

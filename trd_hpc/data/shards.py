@@ -447,16 +447,15 @@ class ShardReader:
             return None
         if hasattr(d.id, "chunk_iter"):  # HDF5 >= 1.12.3: every chunk in one call (a lookup each costs 15 us)
             offs = np.full(self.n, -1, dtype=np.int64)
-            sizes_ok = [True]
+            sizes = np.zeros(self.n, dtype=np.int64)
 
             def visit(info) -> None:
                 j = info.chunk_offset[0]
                 if 0 <= j < self.n and info.byte_offset is not None:
-                    offs[j] = info.byte_offset
-                    sizes_ok[0] &= info.size == self._nbytes[c.name]
+                    offs[j], sizes[j] = info.byte_offset, info.size
 
             d.id.chunk_iter(visit)
-            return offs.tolist() if sizes_ok[0] and (offs >= 0).all() else None
+            return offs.tolist() if (offs >= 0).all() and (sizes == self._nbytes[c.name]).all() else None
         offs = []
         for j in range(self.n):
             info = d.id.get_chunk_info_by_coord((j,) + (0,) * len(c.shape))
